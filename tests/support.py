@@ -1,0 +1,142 @@
+"""Test support: a real wsserver under gunicorn on a free loopback port, and small clients.
+
+Nothing here is mocked: ``GunicornServer`` runs ``gunicorn -c python:wsserver.gunicorn_conf
+'wsserver:create_app()'`` as a subprocess with ``WSSERVER_*`` variables, waits for its
+health endpoint, and stops it by PID. Every wait has a deadline.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import requests
+import websocket
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02,
+             message: str = "condition") -> Any:
+    """Poll ``predicate`` until it returns a truthy value; fail the test after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {message}")
+        time.sleep(interval)
+
+
+class GunicornServer:
+    """One gunicorn master + worker serving wsserver on 127.0.0.1."""
+
+    def __init__(self, env: dict[str, str] | None = None, args: list[str] | None = None,
+                 threads: int = 64) -> None:
+        self.port = free_port()
+        self.env = dict(os.environ)
+        self.env.update({
+            "WSSERVER_HOST": "127.0.0.1",
+            "WSSERVER_PORT": str(self.port),
+            "WSSERVER_THREADS": str(threads),
+            "WSSERVER_HTTP_THREADS": "8",
+            "WSSERVER_LOG_LEVEL": "info",
+        })
+        self.env.update(env or {})
+        self.args = args or []
+        self.proc: subprocess.Popen | None = None
+        self.log_path = Path(f"/tmp/wsserver-test-{self.port}.log")
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/ws"
+
+    def start(self, timeout: float = 20.0) -> "GunicornServer":
+        cmd = [sys.executable, "-m", "gunicorn", "-c", "python:wsserver.gunicorn_conf",
+               *self.args, "wsserver:create_app()"]
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=self.env, stdout=self._log,
+                                     stderr=subprocess.STDOUT)
+        try:
+            wait_for(self._ready, timeout=timeout, interval=0.05, message="server start")
+        except AssertionError:
+            self.stop()
+            raise AssertionError("server did not start:\n" + self.log())
+        return self
+
+    def _ready(self) -> bool:
+        if self.proc is not None and self.proc.poll() is not None:
+            raise AssertionError(f"server exited with {self.proc.returncode}:\n{self.log()}")
+        try:
+            return requests.get(self.url + "/", timeout=1).status_code == 200
+        except requests.RequestException:
+            return False
+
+    def health(self) -> dict:
+        return requests.get(self.url + "/", timeout=5).json()
+
+    def worker_pid(self) -> int:
+        return int(self.health()["pid"])
+
+    def notify(self, body: Any, timeout: float = 5) -> requests.Response:
+        return requests.post(self.url + "/notify", json=body, timeout=timeout)
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def terminate(self, timeout: float = 20.0) -> int:
+        """SIGTERM the master and wait for it: returns its exit code."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout)
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
+        self._log.close()
+
+    def __enter__(self) -> "GunicornServer":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def connect(server: GunicornServer, timeout: float = 10.0, **kwargs: Any) -> websocket.WebSocket:
+    """A real WebSocket client (websocket-client) with a receive timeout."""
+    return websocket.create_connection(server.ws_url, timeout=timeout, **kwargs)
+
+
+def recv_json(ws: websocket.WebSocket) -> dict:
+    return json.loads(ws.recv())
+
+
+def thread_count(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/task"))

@@ -1,0 +1,134 @@
+"""The broadcaster thread: the thread-and-queue twin of the Go original's goroutine and channel.
+
+Publishers (``POST /notify``, client rebroadcasts) put already-encoded frames on a bounded
+``queue.Queue``; one thread, ``wsserver-broadcaster``, takes them off in order and writes
+them to every client. Why it is fast:
+
+* **encode once**: an item carries the frame bytes; every client is sent the same object;
+* **batch**: when several items are waiting, they go out together, and each client gets
+  the whole batch in one ``sendmsg`` (one system call per client per batch, not per message);
+* **never wait on a client**: writes are non-blocking (see :mod:`wsserver.connection`); a
+  client whose backlog passes its byte cap is dropped as a slow consumer, not waited for.
+
+Order: one queue, one consumer, so every client sees messages in the order they were queued.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+from .connection import Connection, SendResult
+from .hub import Hub
+
+__all__ = ["Broadcast", "Broadcaster"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Broadcast:
+    """One message to fan out: its frame bytes, encoded once, and when it was queued."""
+
+    frame: bytes
+    queued_at: float
+
+
+class Broadcaster:
+    """Owns the broadcast queue and the ``wsserver-broadcaster`` thread.
+
+    Thread-safety: ``submit`` may be called from any thread; ``start``/``stop`` from one
+    controlling thread. ``stop`` is idempotent and joins with a timeout.
+    """
+
+    def __init__(
+        self,
+        hub: Hub,
+        queue_size: int,
+        on_slow: Callable[[Connection], None],
+        max_batch: int = 64,
+    ) -> None:
+        self.queue: queue.Queue[Broadcast] = queue.Queue(maxsize=queue_size)
+        self._hub = hub
+        self._on_slow = on_slow
+        self._max_batch = max_batch
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.messages_out = 0
+        self.deliveries = 0
+
+    def submit(self, item: Broadcast, timeout: float) -> bool:
+        """Queue ``item``, waiting at most ``timeout`` seconds for room. False if still full
+        (or stopping): the caller answers 503 and nothing was accepted."""
+        if self._stop.is_set():
+            return False
+        try:
+            self.queue.put(item, timeout=timeout) if timeout > 0 else self.queue.put_nowait(item)
+        except queue.Full:
+            return False
+        return True
+
+    def start(self) -> None:
+        # daemon: the worker must be able to exit even if a stop() join timed out; normal
+        # shutdown stops and joins this thread first, after flushing the queue.
+        self._thread = threading.Thread(
+            target=self._run, name="wsserver-broadcaster", daemon=True
+        )
+        self._thread.start()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def stop(self, timeout: float) -> bool:
+        """Deliver what is queued, then end the thread. True if it ended within ``timeout``."""
+        self._stop.set()
+        thread = self._thread
+        if thread is None or thread is threading.current_thread():
+            return True
+        thread.join(timeout)
+        return not thread.is_alive()
+
+    def _run(self) -> None:
+        q = self.queue
+        while True:
+            try:
+                first = q.get(timeout=0.25)
+            except queue.Empty:
+                if self._stop.is_set():
+                    return
+                continue
+            batch = [first]
+            while len(batch) < self._max_batch:
+                try:
+                    batch.append(q.get_nowait())
+                except queue.Empty:
+                    break
+            try:
+                self._deliver(batch)
+            except Exception:  # a bug here must not silence every client
+                log.exception("broadcast of %d messages failed", len(batch))
+
+    def _deliver(self, batch: list[Broadcast]) -> None:
+        frames = [item.frame for item in batch]
+        total = sum(map(len, frames))
+        slow = []
+        clients = self._hub.snapshot()
+        for conn in clients:
+            if conn.send_frames(frames, total) == SendResult.SLOW:
+                slow.append(conn)
+        self.messages_out += len(batch)
+        self.deliveries += len(batch) * (len(clients) - len(slow))
+        for conn in slow:
+            self._on_slow(conn)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "delivered %d messages to %d clients, oldest queued %.1f ms ago",
+                len(batch),
+                len(clients),
+                (time.monotonic() - batch[0].queued_at) * 1000,
+            )

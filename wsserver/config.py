@@ -1,0 +1,253 @@
+"""Settings: one frozen object built from defaults, then ``WSSERVER_*`` environment
+variables, then explicit overrides (command-line flags, test fixtures).
+
+Why one table: the same settings are read by the gunicorn config module (bind, threads),
+by the app factory and by ``wsserver check-config``; declaring each setting once, with its
+parser and its documentation, keeps the three (and the README table) from drifting apart.
+A bad value raises :class:`SettingsError` naming the variable, so the server refuses to
+start instead of running with a surprise.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
+
+__all__ = ["ENV_PREFIX", "SETTINGS", "Setting", "Settings", "SettingsError", "load_settings"]
+
+ENV_PREFIX = "WSSERVER_"
+
+
+class SettingsError(ValueError):
+    """A setting has a value the server cannot run with; the message names it."""
+
+
+def _parse_bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("expected one of on/off, true/false, yes/no, 1/0")
+
+
+def _int_in(low: int, high: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        value = int(text.strip())
+        if not low <= value <= high:
+            raise ValueError(f"expected an integer from {low} to {high}")
+        return value
+
+    return parse
+
+
+def _float_in(low: float, high: float) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        value = float(text.strip())
+        if not low <= value <= high:
+            raise ValueError(f"expected a number from {low} to {high}")
+        return value
+
+    return parse
+
+
+def _choice(*options: str) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        value = text.strip().lower()
+        if value not in options:
+            raise ValueError("expected one of " + ", ".join(options))
+        return value
+
+    return parse
+
+
+def _host(text: str) -> str:
+    value = text.strip()
+    if not value or any(c.isspace() for c in value):
+        raise ValueError("expected a host name or IP address")
+    return value
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One setting: its attribute name, how to parse its environment text, its doc."""
+
+    name: str
+    parse: Callable[[str], Any]
+    default: Any
+    doc: str
+
+    @property
+    def env(self) -> str:
+        return ENV_PREFIX + self.name.upper()
+
+
+MiB = 1024 * 1024
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("host", _host, "0.0.0.0", "Interface to listen on."),
+    Setting("port", _int_in(0, 65535), 8080, "TCP port (0 picks a free one)."),
+    Setting(
+        "env",
+        _choice("development", "production"),
+        "development",
+        "`development` keeps the original's openness (client rebroadcast on).",
+    ),
+    Setting(
+        "rebroadcast",
+        _parse_bool,
+        None,
+        "Rebroadcast what a client sends to every client, as the original did. "
+        "Default: on in development, off in production.",
+    ),
+    Setting("queue_size", _int_in(1, 1_000_000), 256, "Broadcast queue capacity (messages)."),
+    Setting(
+        "enqueue_timeout",
+        _float_in(0.0, 30.0),
+        0.5,
+        "Seconds `POST /notify` waits for room in a full queue before answering 503.",
+    ),
+    Setting(
+        "max_body_size", _int_in(64, 64 * MiB), 64 * 1024, "Largest `POST /notify` body (bytes); over it: 413."
+    ),
+    Setting(
+        "max_message_size",
+        _int_in(16, 1024 * MiB),
+        64 * 1024,
+        "Largest message a client may send (bytes); over it the connection is closed with 1009.",
+    ),
+    Setting(
+        "client_buffer",
+        _int_in(1024, 1024 * MiB),
+        1 * MiB,
+        "Bytes queued for one client before it is dropped as a slow consumer (close 1008).",
+    ),
+    Setting("ping_interval", _float_in(0.05, 3600.0), 25.0, "Seconds between keepalive pings."),
+    Setting(
+        "ping_timeout",
+        _float_in(0.05, 3600.0),
+        20.0,
+        "Seconds a peer has to show life after a ping before it is closed (1011).",
+    ),
+    Setting(
+        "close_timeout",
+        _float_in(0.05, 60.0),
+        2.0,
+        "Seconds to wait for a peer's close reply (and for our last bytes to drain).",
+    ),
+    Setting(
+        "shutdown_timeout",
+        _float_in(0.1, 300.0),
+        5.0,
+        "Seconds SIGTERM may spend flushing the queue and closing clients with 1001.",
+    ),
+    Setting(
+        "threads",
+        _int_in(4, 100_000),
+        1100,
+        "gunicorn threads per worker: each open WebSocket holds one for its life.",
+    ),
+    Setting(
+        "http_threads",
+        _int_in(1, 10_000),
+        32,
+        "Threads kept back from WebSockets so `GET /` and `POST /notify` always answer.",
+    ),
+    Setting(
+        "max_connections",
+        _int_in(0, 1_000_000),
+        0,
+        "WebSockets per worker; 0 means `threads - http_threads`. Over it: HTTP 503 before the upgrade.",
+    ),
+    Setting("workers", _int_in(1, 64), 1, "gunicorn worker processes (more than 1 needs a broker)."),
+    Setting(
+        "log_level",
+        _choice("debug", "info", "warning", "error"),
+        "info",
+        "Log level of the server's own loggers and gunicorn's error log.",
+    ),
+)
+
+_BY_NAME = {s.name: s for s in SETTINGS}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The effective, validated settings. Frozen: built once at start, shared by every thread.
+
+    Fields mirror :data:`SETTINGS` one to one (defaults and docs live there).
+    """
+
+    host: str
+    port: int
+    env: str
+    rebroadcast: bool
+    queue_size: int
+    enqueue_timeout: float
+    max_body_size: int
+    max_message_size: int
+    client_buffer: int
+    ping_interval: float
+    ping_timeout: float
+    close_timeout: float
+    shutdown_timeout: float
+    threads: int
+    http_threads: int
+    max_connections: int
+    workers: int
+    log_level: str
+
+    @property
+    def connection_budget(self) -> int:
+        """WebSockets this worker accepts: never more than the threads left after HTTP's share."""
+        room = max(self.threads - self.http_threads, 0)
+        return min(self.max_connections, room) if self.max_connections else room
+
+    def public_items(self) -> list[tuple[str, Any]]:
+        """(environment name, value) pairs for display; no setting here is secret yet."""
+        return [(s.env, getattr(self, s.name)) for s in SETTINGS]
+
+
+def load_settings(
+    environ: Mapping[str, str] | None = None, overrides: Mapping[str, Any] | None = None
+) -> Settings:
+    """Build :class:`Settings` from defaults, ``WSSERVER_*`` variables, then ``overrides``.
+
+    Overrides are already-typed values (flags, tests) keyed by attribute name; ``None`` means
+    "not given". Raises :class:`SettingsError` naming the first bad variable.
+    """
+    environ = os.environ if environ is None else environ
+    values: dict[str, Any] = {s.name: s.default for s in SETTINGS}
+    for setting in SETTINGS:
+        raw = environ.get(setting.env)
+        if raw is None or raw.strip() == "":
+            continue
+        try:
+            values[setting.name] = setting.parse(raw)
+        except ValueError as exc:
+            raise SettingsError(f"{setting.env}={raw!r} is not valid: {exc}") from None
+    for name, value in (overrides or {}).items():
+        if name not in _BY_NAME:
+            raise SettingsError(f"unknown setting {name!r}")
+        if value is not None:
+            values[name] = value
+    if values.get("rebroadcast") is None:
+        values["rebroadcast"] = values.get("env", "development") == "development"
+    settings = Settings(**values)
+    _check_consistency(settings)
+    return settings
+
+
+def _check_consistency(settings: Settings) -> None:
+    if settings.http_threads >= settings.threads:
+        raise SettingsError(
+            f"{ENV_PREFIX}HTTP_THREADS={settings.http_threads} must be below "
+            f"{ENV_PREFIX}THREADS={settings.threads}: no thread would be left for WebSockets"
+        )
+    if settings.workers > 1:
+        raise SettingsError(
+            f"{ENV_PREFIX}WORKERS={settings.workers}: several workers would each hold a part of "
+            "the audience and a notification would reach only one part; run one worker until a "
+            "broker (Redis) is configured"
+        )

@@ -1,0 +1,53 @@
+"""HTTP errors as JSON: every error the HTTP API answers has a body ``{"error": ..., "code": ...}``.
+
+Why a module: Flask's default error pages are HTML; scripts and REST clients that POST
+notifications need a status they can branch on and a reason they can log. One handler turns
+every ``HTTPException`` (404, 405, 413, ...) and every unexpected exception into that shape.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from flask import Flask, Response, jsonify
+from werkzeug.exceptions import HTTPException
+
+__all__ = ["init_app", "json_error"]
+
+log = logging.getLogger(__name__)
+
+_CODES = {
+    400: "bad_request",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "body_too_large",
+    415: "unsupported_media_type",
+    500: "internal_error",
+    503: "unavailable",
+}
+
+
+def json_error(status: int, code: str, reason: str) -> Response:
+    response = jsonify({"error": reason, "code": code})
+    response.status_code = status
+    return response
+
+
+def init_app(app: Flask) -> None:
+    @app.errorhandler(HTTPException)
+    def _http_error(exc: HTTPException) -> Response:
+        status = exc.code or 500
+        reason = exc.description or exc.name
+        if status == 413:
+            limit = app.config.get("MAX_CONTENT_LENGTH")
+            reason = f"request body is over the {limit}-byte limit"
+        response = json_error(status, _CODES.get(status, "http_error"), reason)
+        for name, value in exc.get_headers():
+            if name.lower() == "allow":
+                response.headers["Allow"] = value
+        return response
+
+    @app.errorhandler(Exception)
+    def _unexpected(exc: Exception) -> Response:
+        log.exception("unhandled error")
+        return json_error(500, "internal_error", "internal server error")

@@ -1,0 +1,119 @@
+"""The gunicorn configuration wsserver ships: ``gunicorn -c python:wsserver.gunicorn_conf
+'wsserver:create_app()'`` (this is what ``wsserver serve`` runs).
+
+Why each choice (measured traps, see docs/design.md):
+
+* ``gthread``: every WebSocket holds one pool thread for its life, so ``threads`` is the
+  connection capacity plus ``WSSERVER_HTTP_THREADS`` kept for HTTP; the app refuses upgrades
+  past that budget with 503, so ``GET /`` and ``POST /notify`` always find a thread;
+* ``worker_connections`` well above ``threads``: at or below it gthread turns keep-alive off;
+* no control socket: gunicorn 27 shares one path machine-wide, parallel servers collide;
+* SIGTERM: gunicorn would wait ``graceful_timeout`` on open WebSockets and ``worker_exit``
+  runs after that, too late; ``post_worker_init`` chains the signal to close clients with
+  1001 first;
+* one worker: until a broker exists, a second worker would hold half the audience.
+
+Users may add their own flags (``-b``, ``--threads``, ``-w``...); hooks read the final
+values from gunicorn's config, not from here.
+"""
+
+from __future__ import annotations
+
+import resource
+import signal
+import sys
+import threading
+
+from wsserver.config import SettingsError, load_settings
+
+try:
+    _settings = load_settings()
+except SettingsError as _exc:
+    sys.stderr.write(f"wsserver: {_exc}\n")
+    raise SystemExit(2) from None
+
+bind = [f"[{_settings.host}]:{_settings.port}" if ":" in _settings.host else f"{_settings.host}:{_settings.port}"]
+worker_class = "gthread"
+workers = _settings.workers
+threads = _settings.threads
+worker_connections = _settings.threads + 1000
+keepalive = 5
+timeout = 30
+graceful_timeout = int(_settings.shutdown_timeout) + 5
+loglevel = _settings.log_level
+control_socket_disable = True
+errorlog = "-"
+
+_THREAD_STACK = 512 * 1024
+
+
+def on_starting(server):  # noqa: ANN001 - gunicorn hook signature
+    """Refuse a configuration that would silently lose messages or hang HTTP."""
+    cfg = server.cfg
+    if cfg.workers > 1:
+        sys.stderr.write(
+            f"wsserver: refusing to start {cfg.workers} workers: each would hold part of the "
+            "audience and a notification would reach only that part. Run one worker "
+            "(raise --threads for more connections).\n"
+        )
+        raise SystemExit(2)
+    if cfg.worker_class_str not in ("gthread", "gunicorn.workers.gthread.ThreadWorker"):
+        server.log.warning(
+            "wsserver: worker class %r is not gthread; WebSockets need a thread each",
+            cfg.worker_class_str,
+        )
+    if cfg.worker_connections <= cfg.threads:
+        server.log.warning(
+            "wsserver: --worker-connections (%d) <= --threads (%d) turns HTTP keep-alive off",
+            cfg.worker_connections,
+            cfg.threads,
+        )
+    _raise_open_files_limit(cfg.worker_connections + 256, server.log)
+
+
+def post_fork(server, worker):  # noqa: ANN001
+    # A WebSocket thread's stack stays shallow; a smaller reservation keeps 10k threads
+    # cheap in address space (resident memory is what they touch either way).
+    threading.stack_size(_THREAD_STACK)
+
+
+def post_worker_init(worker):  # noqa: ANN001
+    """Start the delivery threads in the worker and hook SIGTERM for a 1001 goodbye."""
+    service = _find_service(worker.wsgi)
+    if service is None:
+        worker.log.warning("wsserver: the app has no wsserver service; hooks not installed")
+        return
+    service.limit_connections(worker.cfg.threads)
+    service.ensure_started()
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def on_sigterm(signum, frame):  # noqa: ANN001
+        threading.Thread(target=service.shutdown, name="wsserver-shutdown", daemon=True).start()
+        if callable(previous):
+            previous(signum, frame)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    signal.siginterrupt(signal.SIGTERM, False)
+
+
+def _find_service(app):  # noqa: ANN001, ANN202
+    extensions = getattr(app, "extensions", None)
+    return extensions.get("wsserver") if isinstance(extensions, dict) else None
+
+
+def _raise_open_files_limit(wanted: int, log) -> None:  # noqa: ANN001
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError) as exc:
+            log.warning("wsserver: could not raise the open-files limit to %d: %s", target, exc)
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        log.warning(
+            "wsserver: open-files limit %d is below the %d sockets this worker may hold; "
+            "raise it (ulimit -n, LimitNOFILE=) for that many connections",
+            soft,
+            wanted,
+        )

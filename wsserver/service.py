@@ -1,0 +1,201 @@
+"""The notification service: one object per app that owns the hub, the broadcaster and the
+flusher, and knows how to start them (after gunicorn forks) and stop them (on SIGTERM).
+
+Why lazy start: threads started in ``create_app`` would be started in gunicorn's master
+under ``--preload`` and would not survive the fork. ``ensure_started`` runs in the worker
+(from the gunicorn hook in :mod:`wsserver.gunicorn_conf`, or on the first request when the
+app is served some other way) and restarts the threads if the process id changed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from typing import Union
+
+from .broadcaster import Broadcast, Broadcaster
+from .config import Settings
+from .connection import Connection
+from .flusher import Flusher
+from .frames import OP_BINARY, OP_TEXT, encode_frame
+from .hub import Hub
+from .protocol import CLOSE_GOING_AWAY, Notification, encode_json_frame
+
+__all__ = ["NotificationService", "Published"]
+
+log = logging.getLogger(__name__)
+
+
+class Published:
+    """What ``publish`` accepted: the message id and how many clients it was queued for."""
+
+    __slots__ = ("id", "clients")
+
+    def __init__(self, message_id: str, clients: int) -> None:
+        self.id = message_id
+        self.clients = clients
+
+
+class NotificationService:
+    """Per-app state (``app.extensions["wsserver"]``).
+
+    Thread-safety: ``publish`` and the connection callbacks are called from many request
+    threads; counters are guarded by ``_lock``; start/shutdown are idempotent.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.hub = Hub(settings.connection_budget)
+        self.flusher: Flusher | None = None
+        self.broadcaster: Broadcaster | None = None
+        self._lock = threading.Lock()
+        self._pid: int | None = None
+        self._seq = 0
+        self._shutdown_started = False
+        self.started_at = time.time()
+        self.slow_consumers = 0
+        self.rejected_full = 0
+        self.connections_total = 0
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def ensure_started(self) -> None:
+        """Start the flusher and broadcaster threads in this process, once."""
+        pid = os.getpid()
+        if self._pid == pid:
+            return
+        with self._lock:
+            if self._pid == pid:
+                return
+            self.flusher = Flusher()
+            self.broadcaster = Broadcaster(self.hub, self.settings.queue_size, self._drop_slow)
+            self.flusher.start()
+            self.broadcaster.start()
+            self._pid = pid
+            log.info(
+                "wsserver started in pid %d: %d WebSocket connections at most, queue %d, "
+                "rebroadcast %s, env %s",
+                pid,
+                self.hub.capacity,
+                self.settings.queue_size,
+                "on" if self.settings.rebroadcast else "off",
+                self.settings.env,
+            )
+
+    def limit_connections(self, worker_threads: int) -> None:
+        """Size the connection budget from the threads the worker really has (a user's
+        ``--threads`` flag may differ from ``WSSERVER_THREADS``)."""
+        room = max(worker_threads - self.settings.http_threads, 1)
+        cap = self.settings.max_connections
+        self.hub.set_capacity(min(cap, room) if cap else room)
+
+    @property
+    def healthy(self) -> bool:
+        """Liveness: the delivery threads run (or have not been needed yet)."""
+        if self._pid != os.getpid():
+            return True
+        b, f = self.broadcaster, self.flusher
+        return bool(b and b.alive and f)
+
+    def shutdown(self) -> None:
+        """Stop taking clients, deliver what is queued, close every client with 1001, wait
+        (bounded) for them to go. Idempotent; safe from any thread."""
+        with self._lock:
+            if self._shutdown_started:
+                return
+            self._shutdown_started = True
+        deadline = time.monotonic() + self.settings.shutdown_timeout
+        clients = self.hub.stop_accepting()
+        log.info("shutting down: flushing the queue, then closing %d clients", len(clients))
+        if self.broadcaster is not None:
+            if not self.broadcaster.stop(max(deadline - time.monotonic(), 0.1) / 2):
+                log.warning("broadcast queue not flushed in time")
+        for conn in self.hub.snapshot():
+            conn.close(CLOSE_GOING_AWAY, "server shutting down")
+        while self.hub.count() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        stragglers = self.hub.snapshot()
+        for conn in stragglers:
+            conn.abort()
+        if stragglers:
+            log.warning("%d clients did not answer the close in time; cut", len(stragglers))
+        if self.flusher is not None:
+            self.flusher.stop()
+
+    # -- publishing ------------------------------------------------------------------------
+
+    def next_message_id(self) -> str:
+        with self._lock:
+            self._seq += 1
+            return str(self._seq)
+
+    def publish(self, notification: Notification) -> Published | None:
+        """Queue ``notification`` for every connected client. None when the queue stayed
+        full for ``enqueue_timeout`` (nothing was accepted: answer 503)."""
+        self.ensure_started()
+        message_id = self.next_message_id()
+        frame = encode_json_frame(notification.envelope(message_id))
+        clients = self.hub.count()
+        if not self._submit(frame):
+            return None
+        return Published(message_id, clients)
+
+    def _submit(self, frame: bytes) -> bool:
+        assert self.broadcaster is not None
+        if self.broadcaster.submit(Broadcast(frame, time.monotonic()), self.settings.enqueue_timeout):
+            return True
+        with self._lock:
+            self.rejected_full += 1
+        return False
+
+    @property
+    def queue_depth(self) -> int:
+        return self.broadcaster.queue.qsize() if self.broadcaster else 0
+
+    # -- connection callbacks --------------------------------------------------------------
+
+    def new_connection(self, sock, remote: str) -> Connection:  # type: ignore[no-untyped-def]
+        self.ensure_started()
+        assert self.flusher is not None
+        with self._lock:
+            self.connections_total += 1
+        return Connection(self.hub.next_id(), sock, remote, self.settings.client_buffer, self.flusher)
+
+    def on_client_message(self, conn: Connection, payload: Union[str, bytes]) -> None:
+        """A complete message from a client: the original's rebroadcast to everybody."""
+        if not self.settings.rebroadcast:
+            conn.send(
+                encode_json_frame(
+                    {
+                        "type": "error",
+                        "code": "rebroadcast_disabled",
+                        "reason": "this server does not relay client messages",
+                    }
+                )
+            )
+            return
+        if isinstance(payload, str):
+            frame = encode_frame(OP_TEXT, payload.encode("utf-8"))
+        else:
+            frame = encode_frame(OP_BINARY, payload)
+        if not self._submit(frame):
+            conn.send(
+                encode_json_frame(
+                    {"type": "error", "code": "queue_full", "reason": "server busy; message not relayed"}
+                )
+            )
+
+    def _drop_slow(self, conn: Connection) -> None:
+        """Broadcaster callback: ``conn`` passed its buffer cap and has close 1008 queued."""
+        if self.hub.remove(conn):
+            with self._lock:
+                self.slow_consumers += 1
+            log.warning(
+                "client %d (%s) dropped as a slow consumer: over %d bytes behind",
+                conn.id,
+                conn.remote,
+                self.settings.client_buffer,
+            )
+        conn.wake()
