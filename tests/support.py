@@ -140,3 +140,97 @@ def recv_json(ws: websocket.WebSocket) -> dict:
 
 def thread_count(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/task"))
+
+
+class RawClient:
+    """A WebSocket client on a bare socket: the handshake and frames done by hand, so tests
+    control exactly what is sent (or not read) and see exactly what arrives."""
+
+    def __init__(self, server: GunicornServer, path: str = "/ws", rcvbuf: int | None = None,
+                 headers: dict[str, str] | None = None, timeout: float = 10.0) -> None:
+        import base64
+
+        self.sock = socket.socket()
+        if rcvbuf:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        self.sock.settimeout(timeout)
+        self.sock.connect(("127.0.0.1", server.port))
+        key = base64.b64encode(os.urandom(16)).decode()
+        extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
+        self.sock.sendall(
+            (f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\nUpgrade: websocket\r\n"
+             f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+             f"Sec-WebSocket-Version: 13\r\n{extra}\r\n").encode())
+        self.buf = b""
+        while b"\r\n\r\n" not in self.buf:
+            chunk = self.sock.recv(4096)
+            if not chunk:
+                raise ConnectionError("closed during handshake")
+            self.buf += chunk
+        head, self.buf = self.buf.split(b"\r\n\r\n", 1)
+        self.response_head = head.decode("latin-1")
+        self.status = int(self.response_head.split()[1])
+
+    def send_frame(self, opcode: int, payload: bytes = b"", fin: bool = True,
+                   rsv: int = 0) -> None:
+        import struct
+
+        first = (0x80 if fin else 0) | (rsv << 4) | opcode
+        mask = os.urandom(4)
+        n = len(payload)
+        if n < 126:
+            header = struct.pack("!BB", first, 0x80 | n)
+        elif n < 65536:
+            header = struct.pack("!BBH", first, 0x80 | 126, n)
+        else:
+            header = struct.pack("!BBQ", first, 0x80 | 127, n)
+        masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+        self.sock.sendall(header + mask + masked)
+
+    def send_text(self, text: str) -> None:
+        self.send_frame(0x1, text.encode())
+
+    def _need(self, n: int) -> None:
+        while len(self.buf) < n:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise EOFError("connection closed by server")
+            self.buf += chunk
+
+    def recv_frame(self) -> tuple[int, bytes]:
+        """(opcode, payload) of the next server frame (server frames are never masked)."""
+        import struct
+
+        self._need(2)
+        b0, b1 = self.buf[0], self.buf[1]
+        assert b1 & 0x80 == 0, "server frames must not be masked"
+        assert b0 & 0x70 == 0, "no RSV bits: nothing is negotiated"
+        n, pos = b1 & 0x7F, 2
+        if n == 126:
+            self._need(4)
+            n, pos = struct.unpack("!H", self.buf[2:4])[0], 4
+        elif n == 127:
+            self._need(10)
+            n, pos = struct.unpack("!Q", self.buf[2:10])[0], 10
+        self._need(pos + n)
+        payload = self.buf[pos:pos + n]
+        self.buf = self.buf[pos + n:]
+        return b0 & 0x0F, payload
+
+    def recv_until(self, opcode: int) -> tuple[int, bytes]:
+        while True:
+            op, payload = self.recv_frame()
+            if op == opcode:
+                return op, payload
+
+    def close(self) -> None:
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+
+def close_code(payload: bytes) -> int | None:
+    import struct
+
+    return struct.unpack("!H", payload[:2])[0] if len(payload) >= 2 else None

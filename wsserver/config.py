@@ -123,6 +123,13 @@ SETTINGS: tuple[Setting, ...] = (
         1 * MiB,
         "Bytes queued for one client before it is dropped as a slow consumer (close 1008).",
     ),
+    Setting(
+        "send_buffer",
+        _int_in(0, 64 * MiB),
+        256 * 1024,
+        "Kernel send buffer per WebSocket (SO_SNDBUF, bytes); 0 leaves the kernel's autotuning. "
+        "Bounds what a stalled client holds in the kernel, on top of WSSERVER_CLIENT_BUFFER.",
+    ),
     Setting("ping_interval", _float_in(0.05, 3600.0), 25.0, "Seconds between keepalive pings."),
     Setting(
         "ping_timeout",
@@ -188,6 +195,7 @@ class Settings:
     max_body_size: int
     max_message_size: int
     client_buffer: int
+    send_buffer: int
     ping_interval: float
     ping_timeout: float
     close_timeout: float

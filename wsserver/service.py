@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import threading
 import time
 from typing import Union
@@ -161,6 +162,8 @@ class NotificationService:
         assert self.flusher is not None
         with self._lock:
             self.connections_total += 1
+        if self.settings.send_buffer:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.settings.send_buffer)
         return Connection(self.hub.next_id(), sock, remote, self.settings.client_buffer, self.flusher)
 
     def on_client_message(self, conn: Connection, payload: Union[str, bytes]) -> None:
