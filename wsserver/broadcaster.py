@@ -32,10 +32,12 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Broadcast:
-    """One message to fan out: its frame bytes, encoded once, and when it was queued."""
+    """One message to fan out: its frame bytes, encoded once, when it was queued, and the
+    room whose subscribers get it (None: every client)."""
 
     frame: bytes
     queued_at: float
+    room: str | None = None
 
 
 class Broadcaster:
@@ -52,7 +54,7 @@ class Broadcaster:
         on_slow: Callable[[Connection], None],
         max_batch: int = 64,
     ) -> None:
-        self.queue: queue.Queue[Broadcast] = queue.Queue(maxsize=queue_size)
+        self.queue: queue.Queue[Broadcast | tuple[Broadcast, ...]] = queue.Queue(maxsize=queue_size)
         self._hub = hub
         self._on_slow = on_slow
         self._max_batch = max_batch
@@ -61,8 +63,9 @@ class Broadcaster:
         self.messages_out = 0
         self.deliveries = 0
 
-    def submit(self, item: Broadcast, timeout: float) -> bool:
-        """Queue ``item``, waiting at most ``timeout`` seconds for room. False if still full
+    def submit(self, item: Broadcast | tuple[Broadcast, ...], timeout: float) -> bool:
+        """Queue ``item`` (or several that must be accepted together: one notification to
+        several rooms), waiting at most ``timeout`` seconds for room. False if still full
         (or stopping): the caller answers 503 and nothing was accepted."""
         if self._stop.is_set():
             return False
@@ -102,10 +105,17 @@ class Broadcaster:
                 if self._stop.is_set():
                     return
                 continue
-            batch = [first]
-            while len(batch) < self._max_batch:
+            batch: list[Broadcast] = []
+            item = first
+            while True:
+                if isinstance(item, Broadcast):
+                    batch.append(item)
+                else:
+                    batch.extend(item)
+                if len(batch) >= self._max_batch:
+                    break
                 try:
-                    batch.append(q.get_nowait())
+                    item = q.get_nowait()
                 except queue.Empty:
                     break
             try:
@@ -114,21 +124,33 @@ class Broadcaster:
                 log.exception("broadcast of %d messages failed", len(batch))
 
     def _deliver(self, batch: list[Broadcast]) -> None:
-        frames = [item.frame for item in batch]
+        """Send a batch, grouping consecutive items with the same audience: each group is
+        one shared frame list and one write per client, and groups go out in queue order."""
+        start = 0
+        while start < len(batch):
+            room = batch[start].room
+            end = start + 1
+            while end < len(batch) and batch[end].room == room:
+                end += 1
+            clients = self._hub.snapshot() if room is None else self._hub.members(room)
+            if clients:
+                self._send(batch[start:end], clients)
+            self.messages_out += end - start
+            start = end
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "delivered %d messages, oldest queued %.1f ms ago",
+                len(batch),
+                (time.monotonic() - batch[0].queued_at) * 1000,
+            )
+
+    def _send(self, items: list[Broadcast], clients: list[Connection]) -> None:
+        frames = [item.frame for item in items]
         total = sum(map(len, frames))
         slow = []
-        clients = self._hub.snapshot()
         for conn in clients:
             if conn.send_frames(frames, total) == SendResult.SLOW:
                 slow.append(conn)
-        self.messages_out += len(batch)
-        self.deliveries += len(batch) * (len(clients) - len(slow))
+        self.deliveries += len(items) * (len(clients) - len(slow))
         for conn in slow:
             self._on_slow(conn)
-        if log.isEnabledFor(logging.DEBUG):
-            log.debug(
-                "delivered %d messages to %d clients, oldest queued %.1f ms ago",
-                len(batch),
-                len(clients),
-                (time.monotonic() - batch[0].queued_at) * 1000,
-            )

@@ -130,6 +130,24 @@ SETTINGS: tuple[Setting, ...] = (
         "Kernel send buffer per WebSocket (SO_SNDBUF, bytes); 0 leaves the kernel's autotuning. "
         "Bounds what a stalled client holds in the kernel, on top of WSSERVER_CLIENT_BUFFER.",
     ),
+    Setting(
+        "max_rooms_per_connection",
+        _int_in(1, 100_000),
+        100,
+        "Rooms one connection may be in; past it: error frame `too_many_rooms`.",
+    ),
+    Setting(
+        "max_invalid_commands",
+        _int_in(1, 1_000_000),
+        20,
+        "Invalid commands in a row a client may send (each gets an error frame) before close 1008.",
+    ),
+    Setting(
+        "max_batch",
+        _int_in(1, 10_000),
+        100,
+        "Notifications in one `POST /notify` batch (a JSON list); more: 413.",
+    ),
     Setting("ping_interval", _float_in(0.05, 3600.0), 25.0, "Seconds between keepalive pings."),
     Setting(
         "ping_timeout",
@@ -196,6 +214,9 @@ class Settings:
     max_message_size: int
     client_buffer: int
     send_buffer: int
+    max_rooms_per_connection: int
+    max_invalid_commands: int
+    max_batch: int
     ping_interval: float
     ping_timeout: float
     close_timeout: float

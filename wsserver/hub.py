@@ -1,8 +1,10 @@
-"""The hub: the registry of connected clients, and nothing else.
+"""The hub: the registry of connected clients and of their rooms, and nothing else.
 
-A dict guarded by a ``threading.RLock``, as the design card asks. Readers never iterate the
-dict itself: they take a snapshot (a list copied under the lock) and do their socket I/O
-after releasing it, so no write, however slow, is ever done while holding the lock.
+A dict guarded by a ``threading.RLock``, as the design card asks, plus a dict per room.
+Readers never iterate the dicts themselves: they take a snapshot (a list copied under the
+lock, cached until membership changes) and do their socket I/O after releasing it, so no
+write, however slow, is ever done while holding the lock. All counts are read under the
+lock, so they are exact at the moment they are read.
 """
 
 from __future__ import annotations
@@ -13,23 +15,31 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from .connection import Connection
 
-__all__ = ["Hub"]
+__all__ = ["Hub", "RoomLimitReached"]
+
+
+class RoomLimitReached(Exception):
+    """The connection is already in as many rooms as it may join."""
 
 
 class Hub:
-    """Connected clients by id.
+    """Connected clients by id, and room members by room.
 
     Thread-safety: every method takes ``_lock`` (re-entrant, so a caller holding it for a
-    compound read may call back in). No method does I/O.
+    compound read may call back in). No method does I/O. A connection's ``rooms`` set is
+    only changed here, under the lock.
     """
 
-    def __init__(self, capacity: int) -> None:
+    def __init__(self, capacity: int, max_rooms_per_connection: int = 100) -> None:
         self._lock = threading.RLock()
         self._clients: dict[int, Connection] = {}
+        self._rooms: dict[str, dict[int, Connection]] = {}
         self._capacity = capacity
+        self._max_rooms = max_rooms_per_connection
         self._accepting = True
         self._next_id = 0
         self._snapshot: list[Connection] | None = None
+        self._room_snapshots: dict[str, list[Connection]] = {}
 
     def next_id(self) -> int:
         with self._lock:
@@ -46,12 +56,44 @@ class Hub:
             return True
 
     def remove(self, conn: Connection) -> bool:
-        """Forget ``conn``; True if it was registered. Idempotent."""
+        """Forget ``conn`` and its subscriptions; True if it was registered. Idempotent."""
         with self._lock:
+            for room in list(conn.rooms):
+                self._leave_locked(conn, room)
             if self._clients.pop(conn.id, None) is None:
                 return False
             self._snapshot = None
             return True
+
+    def subscribe(self, conn: Connection, room: str) -> bool:
+        """Add ``conn`` to ``room``; False if it was already in it. Raises
+        :class:`RoomLimitReached`; ignored for a connection no longer registered."""
+        with self._lock:
+            if conn.id not in self._clients or room in conn.rooms:
+                return False
+            if len(conn.rooms) >= self._max_rooms:
+                raise RoomLimitReached(room)
+            conn.rooms.add(room)
+            self._rooms.setdefault(room, {})[conn.id] = conn
+            self._room_snapshots.pop(room, None)
+            return True
+
+    def unsubscribe(self, conn: Connection, room: str) -> bool:
+        """Take ``conn`` out of ``room``; False if it was not in it."""
+        with self._lock:
+            if room not in conn.rooms:
+                return False
+            self._leave_locked(conn, room)
+            return True
+
+    def _leave_locked(self, conn: Connection, room: str) -> None:
+        conn.rooms.discard(room)
+        members = self._rooms.get(room)
+        if members is not None:
+            members.pop(conn.id, None)
+            if not members:
+                del self._rooms[room]
+        self._room_snapshots.pop(room, None)
 
     def snapshot(self) -> list[Connection]:
         """The connected clients now, as a list the caller may use without the lock.
@@ -65,9 +107,31 @@ class Hub:
                 snap = self._snapshot = list(self._clients.values())
             return snap
 
+    def members(self, room: str) -> list[Connection]:
+        """The subscribers of ``room`` now (cached like :meth:`snapshot`; do not mutate)."""
+        with self._lock:
+            snap = self._room_snapshots.get(room)
+            if snap is None:
+                members = self._rooms.get(room)
+                snap = list(members.values()) if members else []
+                if members:
+                    self._room_snapshots[room] = snap
+            return snap
+
     def count(self) -> int:
         with self._lock:
             return len(self._clients)
+
+    def room_counts(self) -> dict[str, int]:
+        """Subscribers per room, all read at one instant."""
+        with self._lock:
+            return {room: len(members) for room, members in self._rooms.items()}
+
+    def totals(self) -> tuple[int, int, int]:
+        """(clients, rooms, subscriptions), read at one instant."""
+        with self._lock:
+            subs = sum(len(m) for m in self._rooms.values())
+            return len(self._clients), len(self._rooms), subs
 
     def has_room(self) -> bool:
         """Whether another client would be accepted now (checked before the upgrade)."""

@@ -11,6 +11,7 @@ client's (it carries the HTTP status and a machine-readable code); anything else
 from __future__ import annotations
 
 import json
+import re
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -22,26 +23,38 @@ __all__ = [
     "CLOSE_INTERNAL_ERROR",
     "CLOSE_MESSAGE_TOO_BIG",
     "CLOSE_NORMAL",
+    "CLOSE_POLICY_VIOLATION",
     "CLOSE_PROTOCOL_ERROR",
     "CLOSE_SLOW_CONSUMER",
     "CLOSE_TRY_AGAIN_LATER",
     "BadRequest",
+    "Command",
+    "CommandError",
     "Notification",
     "encode_json_frame",
+    "error_frame",
+    "parse_command",
     "parse_notification",
     "parse_notify_body",
+    "parse_room_list",
+    "validate_room",
 ]
 
 # Close codes the server sends, with the reason text that goes with each (docs/protocol.md).
 CLOSE_NORMAL = 1000
 CLOSE_GOING_AWAY = 1001  # server shutting down: reconnect (with backoff)
 CLOSE_PROTOCOL_ERROR = 1002  # the peer broke RFC 6455: fix the client
+CLOSE_POLICY_VIOLATION = 1008  # e.g. "too many invalid commands": fix the client
 CLOSE_SLOW_CONSUMER = 1008  # reason "slow consumer": the client fell a buffer behind
 CLOSE_MESSAGE_TOO_BIG = 1009  # inbound message over WSSERVER_MAX_MESSAGE_SIZE
 CLOSE_INTERNAL_ERROR = 1011  # keepalive timeout or a server fault: reconnect
 CLOSE_TRY_AGAIN_LATER = 1013  # server over capacity: reconnect later
 
 EVENT_MAX_LENGTH = 256
+ROOM_MAX_LENGTH = 128
+ROOMS_PER_NOTIFICATION = 100
+# letters, digits and _ . : @ / - ; must start with a letter or digit
+_ROOM_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:@/-]*\Z")
 
 
 class BadRequest(ValueError):
@@ -56,11 +69,13 @@ class BadRequest(ValueError):
 
 @dataclass(frozen=True)
 class Notification:
-    """A validated notification, as a publisher sent it."""
+    """A validated notification, as a publisher sent it. ``rooms`` is None for everybody
+    (the original behaviour), else the rooms whose subscribers receive it."""
 
     event: str
     message: str
     data: Any
+    rooms: tuple[str, ...] | None = None
 
     def envelope(self, message_id: str, room: str | None = None, ts: int | None = None) -> dict:
         """The object clients receive: the original's fields plus ``room``, ``id`` and ``ts``."""
@@ -72,6 +87,82 @@ class Notification:
             "id": message_id,
             "ts": int(time.time() * 1000) if ts is None else ts,
         }
+
+
+class CommandError(ValueError):
+    """A client command is wrong; ``code`` is machine-readable, ``str()`` is for humans."""
+
+    def __init__(self, code: str, reason: str) -> None:
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class Command:
+    """A client command over /ws: ``subscribe``, ``unsubscribe`` or ``ping``."""
+
+    type: str
+    room: str | None = None
+    since: str | None = None
+
+
+def validate_room(room: Any) -> str:
+    """A room name, or :class:`CommandError` (``invalid_room``) saying what is wrong."""
+    if not isinstance(room, str):
+        raise CommandError("invalid_room", f"a room name is a string, got {_json_type(room)}")
+    if not 1 <= len(room) <= ROOM_MAX_LENGTH or not _ROOM_RE.match(room):
+        raise CommandError(
+            "invalid_room",
+            f"room names are 1 to {ROOM_MAX_LENGTH} characters: letters, digits and _ . : @ / -, "
+            "starting with a letter or digit",
+        )
+    return room
+
+
+def parse_room_list(text: str) -> tuple[str, ...]:
+    """The ``rooms`` query parameter of /ws (``a,b``): validated, duplicates removed."""
+    rooms = [r for r in (part.strip() for part in text.split(",")) if r]
+    return tuple(dict.fromkeys(validate_room(r) for r in rooms))
+
+
+def parse_command(text: str) -> Command | None:
+    """A client text frame as a command, or None when it is not one (then it is the
+    original's free-form message, rebroadcast if enabled).
+
+    A command is a JSON object with a ``type``; anything else is not a command. A command
+    that is malformed raises :class:`CommandError` (the client gets an error frame)."""
+    if not text.startswith("{"):
+        stripped = text.lstrip()
+        if not stripped.startswith("{"):
+            return None
+    try:
+        obj = json.loads(text)
+    except ValueError:
+        return None
+    if not isinstance(obj, dict) or "type" not in obj:
+        return None
+    kind = obj["type"]
+    if kind == "ping":
+        return Command("ping")
+    if kind in ("subscribe", "unsubscribe"):
+        if "room" not in obj:
+            raise CommandError("missing_room", f"'{kind}' needs a 'room'")
+        room = validate_room(obj["room"])
+        since = obj.get("since")
+        if since is not None and not isinstance(since, str):
+            raise CommandError("invalid_since", "'since' is a message id string")
+        return Command(kind, room, since if kind == "subscribe" else None)
+    if not isinstance(kind, str):
+        raise CommandError("invalid_command", "'type' must be a string")
+    raise CommandError(
+        "unknown_command", f"unknown command type {kind[:64]!r}; expected subscribe, unsubscribe or ping"
+    )
+
+
+def error_frame(code: str, reason: str) -> bytes:
+    """The error frame a client gets for a bad command (the connection stays open)."""
+    return encode_json_frame({"type": "error", "code": code, "reason": reason})
 
 
 def parse_notify_body(body: bytes) -> Any:
@@ -111,7 +202,27 @@ def parse_notification(obj: Any) -> Notification:
         raise BadRequest(
             400, "invalid_message", f"field 'message' must be a string, got {_json_type(message)}"
         )
-    return Notification(event=event, message=message, data=obj.get("data"))
+    return Notification(event=event, message=message, data=obj.get("data"), rooms=_rooms_of(obj))
+
+
+def _rooms_of(obj: dict) -> tuple[str, ...] | None:
+    room, rooms = obj.get("room"), obj.get("rooms")
+    if room is not None and rooms is not None:
+        raise BadRequest(400, "invalid_room", "give 'room' or 'rooms', not both")
+    try:
+        if room is not None:
+            return (validate_room(room),)
+        if rooms is None:
+            return None
+        if not isinstance(rooms, list) or not rooms:
+            raise BadRequest(400, "invalid_room", "'rooms' must be a non-empty list of room names")
+        if len(rooms) > ROOMS_PER_NOTIFICATION:
+            raise BadRequest(
+                400, "invalid_room", f"at most {ROOMS_PER_NOTIFICATION} rooms per notification"
+            )
+        return tuple(dict.fromkeys(validate_room(r) for r in rooms))
+    except CommandError as exc:
+        raise BadRequest(400, exc.code, exc.reason) from None
 
 
 def encode_json_frame(obj: Any) -> bytes:

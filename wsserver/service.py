@@ -21,8 +21,17 @@ from .config import Settings
 from .connection import Connection
 from .flusher import Flusher
 from .frames import OP_BINARY, OP_TEXT, encode_frame
-from .hub import Hub
-from .protocol import CLOSE_GOING_AWAY, Notification, encode_json_frame
+from .hub import Hub, RoomLimitReached
+from .protocol import (
+    CLOSE_GOING_AWAY,
+    CLOSE_POLICY_VIOLATION,
+    Command,
+    CommandError,
+    Notification,
+    encode_json_frame,
+    error_frame,
+    parse_command,
+)
 
 __all__ = ["NotificationService", "Published"]
 
@@ -30,12 +39,13 @@ log = logging.getLogger(__name__)
 
 
 class Published:
-    """What ``publish`` accepted: the message id and how many clients it was queued for."""
+    """What ``publish`` accepted: the message id per target (``None`` is everybody) and how
+    many deliveries were queued (a client in two target rooms counts twice)."""
 
-    __slots__ = ("id", "clients")
+    __slots__ = ("ids", "clients")
 
-    def __init__(self, message_id: str, clients: int) -> None:
-        self.id = message_id
+    def __init__(self, ids: dict[str | None, str], clients: int) -> None:
+        self.ids = ids
         self.clients = clients
 
 
@@ -48,12 +58,13 @@ class NotificationService:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.hub = Hub(settings.connection_budget)
+        self.hub = Hub(settings.connection_budget, settings.max_rooms_per_connection)
         self.flusher: Flusher | None = None
         self.broadcaster: Broadcaster | None = None
         self._lock = threading.Lock()
         self._pid: int | None = None
-        self._seq = 0
+        self._seq: dict[str | None, int] = {}  # last message id per room (None: everybody)
+        self._publish_lock = threading.Lock()
         self._shutdown_started = False
         self.started_at = time.time()
         self.slow_consumers = 0
@@ -127,29 +138,60 @@ class NotificationService:
 
     # -- publishing ------------------------------------------------------------------------
 
-    def next_message_id(self) -> str:
-        with self._lock:
-            self._seq += 1
-            return str(self._seq)
-
     def publish(self, notification: Notification) -> Published | None:
-        """Queue ``notification`` for every connected client. None when the queue stayed
-        full for ``enqueue_timeout`` (nothing was accepted: answer 503)."""
+        """Queue ``notification`` for its audience: one message per target room, each with
+        the next id of that room. None when the queue stayed full for ``enqueue_timeout``:
+        nothing was accepted (answer 503) and no id was used up.
+
+        Why a lock around numbering and queueing: ids must reach clients in increasing
+        order per room, so a later id may not overtake an earlier one into the queue."""
         self.ensure_started()
-        message_id = self.next_message_id()
-        frame = encode_json_frame(notification.envelope(message_id))
-        clients = self.hub.count()
-        if not self._submit(frame):
-            return None
-        return Published(message_id, clients)
+        assert self.broadcaster is not None
+        targets: tuple[str | None, ...] = notification.rooms or (None,)
+        timeout = self.settings.enqueue_timeout
+        deadline = time.monotonic() + timeout
+        if not self._publish_lock.acquire(timeout=timeout):
+            return self._rejected()
+        try:
+            ids = {room: str(self._seq.get(room, 0) + 1) for room in targets}
+            now_ms = int(time.time() * 1000)
+            queued_at = time.monotonic()
+            items = tuple(
+                Broadcast(
+                    encode_json_frame(notification.envelope(ids[room], room, now_ms)),
+                    queued_at,
+                    room,
+                )
+                for room in targets
+            )
+            left = max(deadline - time.monotonic(), 0.0)
+            if not self.broadcaster.submit(items[0] if len(items) == 1 else items, left):
+                return self._rejected()
+            for room in targets:
+                self._seq[room] = int(ids[room])
+        finally:
+            self._publish_lock.release()
+        if notification.rooms is None:
+            clients = self.hub.count()
+        else:
+            counts = self.hub.room_counts()
+            clients = sum(counts.get(room, 0) for room in notification.rooms)
+        return Published(ids, clients)
+
+    def _rejected(self) -> None:
+        with self._lock:
+            self.rejected_full += 1
+        return None
 
     def _submit(self, frame: bytes) -> bool:
         assert self.broadcaster is not None
         if self.broadcaster.submit(Broadcast(frame, time.monotonic()), self.settings.enqueue_timeout):
             return True
-        with self._lock:
-            self.rejected_full += 1
+        self._rejected()
         return False
+
+    def rooms(self) -> dict[str, int]:
+        return self.hub.room_counts()
 
     @property
     def queue_depth(self) -> int:
@@ -167,16 +209,21 @@ class NotificationService:
         return Connection(self.hub.next_id(), sock, remote, self.settings.client_buffer, self.flusher)
 
     def on_client_message(self, conn: Connection, payload: Union[str, bytes]) -> None:
-        """A complete message from a client: the original's rebroadcast to everybody."""
+        """A complete message from a client: a command (a JSON object with a ``type``), or
+        the original's free-form message, rebroadcast to everybody if enabled."""
+        if isinstance(payload, str):
+            try:
+                command = parse_command(payload)
+            except CommandError as exc:
+                self._command_failed(conn, exc.code, exc.reason)
+                return
+            if command is not None:
+                conn.invalid_commands = 0
+                self._run_command(conn, command)
+                return
         if not self.settings.rebroadcast:
             conn.send(
-                encode_json_frame(
-                    {
-                        "type": "error",
-                        "code": "rebroadcast_disabled",
-                        "reason": "this server does not relay client messages",
-                    }
-                )
+                error_frame("rebroadcast_disabled", "this server does not relay client messages")
             )
             return
         if isinstance(payload, str):
@@ -184,11 +231,47 @@ class NotificationService:
         else:
             frame = encode_frame(OP_BINARY, payload)
         if not self._submit(frame):
-            conn.send(
-                encode_json_frame(
-                    {"type": "error", "code": "queue_full", "reason": "server busy; message not relayed"}
-                )
-            )
+            conn.send(error_frame("queue_full", "server busy; message not relayed"))
+
+    def subscribe(self, conn: Connection, room: str) -> None:
+        """Join ``room`` (idempotent); raises :class:`CommandError` past the room limit."""
+        try:
+            self.hub.subscribe(conn, room)
+        except RoomLimitReached:
+            raise CommandError(
+                "too_many_rooms",
+                f"a connection may be in at most {self.settings.max_rooms_per_connection} rooms",
+            ) from None
+
+    def _run_command(self, conn: Connection, command: Command) -> None:
+        if command.type == "ping":
+            conn.send(encode_json_frame({"type": "pong"}))
+            return
+        room = command.room
+        assert room is not None
+        if command.type == "subscribe":
+            try:
+                self.subscribe(conn, room)
+            except CommandError as exc:
+                self._command_failed(conn, exc.code, exc.reason)
+                return
+            reply: dict = {"type": "subscribed", "room": room}
+            if command.since is not None:
+                # no history is kept yet: nothing can be replayed, say so
+                reply.update(recovered=False, missed=0)
+            conn.send(encode_json_frame(reply))
+        else:
+            self.hub.unsubscribe(conn, room)
+            conn.send(encode_json_frame({"type": "unsubscribed", "room": room}))
+
+    def _command_failed(self, conn: Connection, code: str, reason: str) -> None:
+        """Answer a bad command with an error frame; a client that keeps sending bad
+        commands (past ``max_invalid_commands`` in a row) is closed with 1008."""
+        conn.invalid_commands += 1
+        if conn.invalid_commands > self.settings.max_invalid_commands:
+            conn.close(CLOSE_POLICY_VIOLATION, "too many invalid commands")
+            return
+        conn.send(error_frame(code, reason))
 
     def _drop_slow(self, conn: Connection) -> None:
         """Broadcaster callback: ``conn`` passed its buffer cap and has close 1008 queued."""

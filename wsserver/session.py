@@ -13,6 +13,14 @@ The thread returns, and the gunicorn thread is freed, when:
   ``close_timeout`` passes;
 * the peer shows no sign of life for ``ping_timeout`` after a ping (half-open TCP);
 * the socket fails or ends (reset, EOF).
+
+Order: the client's own messages come back to it through the broadcaster thread, so a pong
+or close frame written straight away could overtake the echo of a message the client sent
+before its ping or close (and a close would make that echo be dropped, or be delivered to
+the next client to connect once this one has left the hub). Each relayed message is
+therefore registered with the connection before it is handed over
+(:meth:`~wsserver.connection.Connection.expect_echo`), and pongs and close frames are sent
+*in order*: behind those echoes, for at most ``close_timeout`` each.
 """
 
 from __future__ import annotations
@@ -27,7 +35,7 @@ from wsproto.events import BytesMessage, CloseConnection, Ping, TextMessage
 from wsproto.utilities import LocalProtocolError
 
 from .connection import Connection
-from .frames import OP_CLOSE, OP_PING, OP_PONG, encode_frame
+from .frames import OP_CLOSE, OP_PING, OP_PONG, FrameMatch, encode_frame
 from .protocol import CLOSE_INTERNAL_ERROR, CLOSE_MESSAGE_TOO_BIG
 
 if TYPE_CHECKING:
@@ -56,6 +64,8 @@ def run_session(
     poller = select.poll()
     poller.register(sock, select.POLLIN)
     max_size = settings.max_message_size
+    # how long a pong or close frame may wait for the echo of an earlier message
+    hold_limit = settings.close_timeout
 
     now = time.monotonic()
     next_ping = now + settings.ping_interval
@@ -69,13 +79,19 @@ def run_session(
     try:
         while True:
             now = time.monotonic()
-            if conn.close_sent and close_deadline is None:
+            held_since = conn.held_since
+            if held_since is not None and now >= held_since + hold_limit:
+                conn.release_held()  # the echo is late or lost: stop holding frames for it
+                held_since = None
+            if conn.closing and close_deadline is None:
                 close_deadline = now + settings.close_timeout
+                if not conn.close_sent:
+                    close_deadline += hold_limit  # our close waits for an echo first
             if close_deadline is not None and now >= close_deadline:
                 why, peer_unresponsive = "no close reply", True
                 break
             if life_deadline is not None and now >= life_deadline:
-                conn.close(CLOSE_INTERNAL_ERROR, "keepalive ping timeout")
+                conn.close(CLOSE_INTERNAL_ERROR, "keepalive ping timeout", in_order=True)
                 why, peer_unresponsive = "keepalive timeout", True
                 break
             if now >= next_ping and close_deadline is None:
@@ -83,8 +99,11 @@ def run_session(
                 next_ping = now + settings.ping_interval
                 if life_deadline is None:
                     life_deadline = now + settings.ping_timeout
+            hold_deadline = None if held_since is None else held_since + hold_limit
             wake_at = min(
-                t for t in (next_ping, life_deadline, close_deadline) if t is not None
+                t
+                for t in (next_ping, life_deadline, close_deadline, hold_deadline)
+                if t is not None
             )
             if not poller.poll(max(wake_at - now, 0.0) * 1000 + 1):
                 continue
@@ -105,27 +124,29 @@ def run_session(
             done = False
             for event in proto.events():
                 if isinstance(event, (TextMessage, BytesMessage)):
-                    if conn.close_sent:
+                    if conn.closing:
                         continue  # closing: what the peer still sends is discarded
                     chunk = event.data
                     size += _size_of(chunk)
                     if size > max_size:
-                        conn.close(CLOSE_MESSAGE_TOO_BIG, f"message over {max_size} bytes")
+                        conn.close(
+                            CLOSE_MESSAGE_TOO_BIG, f"message over {max_size} bytes", in_order=True
+                        )
                         parts, size = [], 0
                         continue
                     parts.append(chunk)
                     if event.message_finished:
                         message = _join(parts)
+                        _deliver(conn, message, size, settings.rebroadcast, on_message)
                         parts, size = [], 0
-                        on_message(conn, message)
                 elif isinstance(event, Ping):
-                    conn.send(encode_frame(OP_PONG, bytes(event.payload)))
+                    conn.send_in_order(encode_frame(OP_PONG, bytes(event.payload)))
                 elif isinstance(event, CloseConnection):
                     if proto.state is ConnectionState.OPEN:
                         # wsproto could not parse the peer's bytes: fail the connection
-                        conn.close(event.code, event.reason or "protocol error")
+                        conn.close(event.code, event.reason or "protocol error", in_order=True)
                         why = f"protocol error {event.code}"
-                    elif not conn.close_sent:
+                    elif not conn.closing:
                         _reply_to_close(conn, event.code)
                         why = f"peer closed {event.code}"
                     else:
@@ -143,12 +164,40 @@ def run_session(
     return why
 
 
+def _deliver(
+    conn: Connection,
+    message: Payload,
+    size: int,
+    relayed: bool,
+    on_message: Callable[[Connection, Payload], None],
+) -> None:
+    """Hand a complete message to the service, registering its echo first when it may be
+    relayed back to this client.
+
+    ``on_message`` either relays the message (its frame comes back to us through the
+    broadcaster, maybe before this call returns, hence registering first) or answers this
+    client directly with ``conn.send`` (a command, relay off, queue full): a direct answer
+    means no echo is coming, so the expectation is withdrawn."""
+    if not relayed:
+        on_message(conn, message)
+        return
+    match = FrameMatch(message, size)
+    conn.expect_echo(match)
+    replies = conn.replies
+    try:
+        on_message(conn, message)
+    finally:
+        if conn.replies != replies:
+            conn.cancel_echo(match)
+
+
 def _reply_to_close(conn: Connection, code: int | None) -> None:
-    """Echo the peer's close code (RFC 6455 section 5.5.1); none for a bare close."""
+    """Echo the peer's close code (RFC 6455 section 5.5.1); none for a bare close. The reply
+    follows the echoes of the messages the peer sent before its close."""
     if code is None or code == 1005:
-        conn.send_close_frame(encode_frame(OP_CLOSE, b""))
+        conn.send_close_frame(encode_frame(OP_CLOSE, b""), in_order=True)
     else:
-        conn.send_close_frame(encode_frame(OP_CLOSE, code.to_bytes(2, "big")))
+        conn.send_close_frame(encode_frame(OP_CLOSE, code.to_bytes(2, "big")), in_order=True)
 
 
 def _size_of(chunk: Payload) -> int:

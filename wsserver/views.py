@@ -10,10 +10,11 @@ import os
 from typing import Any
 
 from flask import Blueprint, Response, current_app, jsonify, request
+from werkzeug.exceptions import ClientDisconnected, RequestEntityTooLarge
 
 from .errors import json_error
 from .protocol import BadRequest, parse_notification, parse_notify_body
-from .service import NotificationService
+from .service import NotificationService, Published
 
 __all__ = ["bp"]
 
@@ -28,10 +29,13 @@ def _service() -> NotificationService:
 def health() -> Any:
     service = _service()
     healthy = service.healthy
+    clients, rooms, subscriptions = service.hub.totals()
     body = {
         "status": "ok" if healthy else "unhealthy",
         "service": "ws",
-        "clients": service.hub.count(),
+        "clients": clients,
+        "rooms": rooms,
+        "subscriptions": subscriptions,
         "capacity": service.hub.capacity,
         "queue": service.queue_depth,
         "accepting": service.hub.accepting,
@@ -40,18 +44,95 @@ def health() -> Any:
     return jsonify(body), 200 if healthy else 503
 
 
+def _read_body(limit: int) -> bytes:
+    """The request body; over ``limit`` bytes raises 413 (``RequestEntityTooLarge``).
+
+    Why not ``request.get_data()`` alone: a Content-Length over the limit is refused by
+    Werkzeug before anything is read, but a chunked body (no Content-Length) is read through
+    a stream capped at exactly ``limit`` bytes that stops there *without* an error. The body
+    was silently cut and parsed: a 400 "not valid JSON" instead of 413, or, when the first
+    ``limit`` bytes happen to be a valid object, an oversized notification accepted. gunicorn
+    terminates chunked input itself (``wsgi.input_terminated``), so reading one byte past
+    the limit from the raw stream tells "exactly the limit" from "over it". A body cut off
+    or malformed mid-way is a 400, as Werkzeug's own stream reports it.
+    """
+    if request.content_length is None and request.environ.get("wsgi.input_terminated"):
+        try:
+            data = request.input_stream.read(limit + 1)
+        except (OSError, ValueError):
+            raise ClientDisconnected() from None
+        if len(data) > limit:
+            raise RequestEntityTooLarge()
+        return data
+    return request.get_data(cache=False)
+
+
 @bp.post("/notify")
 def notify() -> Any:
+    """Publish one notification (a JSON object) or a batch (a JSON list, answered per item)."""
     service = _service()
     try:
-        notification = parse_notification(parse_notify_body(request.get_data(cache=False)))
+        body = parse_notify_body(_read_body(service.settings.max_body_size))
+        if isinstance(body, list):
+            return _notify_batch(service, body)
+        notification = parse_notification(body)
     except BadRequest as exc:
         return json_error(exc.status, exc.code, exc.reason)
     published = service.publish(notification)
     if published is None:
-        response: Response = json_error(
-            503, "queue_full", "the broadcast queue is full; retry shortly"
+        return _queue_full()
+    return jsonify(_accepted(published))
+
+
+def _notify_batch(service: NotificationService, items: list) -> Any:
+    if not items:
+        raise BadRequest(400, "empty_batch", "a batch needs at least one notification")
+    if len(items) > service.settings.max_batch:
+        raise BadRequest(
+            413, "batch_too_large", f"at most {service.settings.max_batch} notifications per batch"
         )
-        response.headers["Retry-After"] = "1"
-        return response
-    return jsonify({"status": "ok", "id": published.id, "clients": published.clients})
+    results: list[dict] = []
+    for item in items:
+        try:
+            published = service.publish(parse_notification(item))
+        except BadRequest as exc:
+            results.append({"status": "error", "code": exc.code, "error": exc.reason})
+            continue
+        if published is None:
+            results.append(
+                {"status": "error", "code": "queue_full", "error": "the broadcast queue is full"}
+            )
+        else:
+            results.append(_accepted(published))
+    accepted = sum(1 for r in results if r["status"] == "ok")
+    if accepted == 0 and all(r["code"] == "queue_full" for r in results):
+        return _queue_full()
+    status = "ok" if accepted == len(results) else ("error" if not accepted else "partial")
+    return jsonify({"status": status, "accepted": accepted, "results": results})
+
+
+def _accepted(published: Published) -> dict:
+    """One accepted notification: its id (the first target's), per-room ids, deliveries."""
+    ids = published.ids
+    body: dict = {"status": "ok", "id": next(iter(ids.values())), "clients": published.clients}
+    if None not in ids:
+        body["ids"] = ids
+    return body
+
+
+def _queue_full() -> Response:
+    response = json_error(503, "queue_full", "the broadcast queue is full; retry shortly")
+    response.headers["Retry-After"] = "1"
+    return response
+
+
+@bp.get("/rooms")
+def rooms() -> Any:
+    """Rooms with subscribers and their counts, read at one instant."""
+    counts = _service().rooms()
+    return jsonify(
+        {
+            "rooms": [{"room": name, "clients": n} for name, n in sorted(counts.items())],
+            "count": len(counts),
+        }
+    )

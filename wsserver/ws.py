@@ -10,11 +10,11 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from flask import Flask, current_app, request
+from flask import Flask, current_app, g, request
 from flask_sock import Sock
 
 from .errors import json_error
-from .protocol import CLOSE_TRY_AGAIN_LATER
+from .protocol import CLOSE_TRY_AGAIN_LATER, CommandError, parse_room_list
 from .service import NotificationService
 from .session import run_session
 from .transport import Transport, server_options, strip_compression_offer
@@ -44,17 +44,32 @@ def init_app(app: Flask) -> None:
             )
             response.headers["Retry-After"] = "5"
             return response
+        try:
+            rooms = parse_room_list(request.args.get("rooms", ""))
+        except CommandError as exc:
+            return json_error(400, exc.code, f"?rooms=: {exc.reason}")
+        if len(rooms) > service.settings.max_rooms_per_connection:
+            return json_error(
+                400,
+                "too_many_rooms",
+                f"a connection may be in at most {service.settings.max_rooms_per_connection} rooms",
+            )
+        g.wsserver_rooms = rooms
         strip_compression_offer(request.environ)
         return None
 
     @sock.route("/ws", endpoint=WS_ENDPOINT)
     def websocket(ws: Any) -> None:
         service: NotificationService = current_app.extensions["wsserver"]
-        serve_connection(service, Transport(ws), request.remote_addr or "?")
+        rooms = g.get("wsserver_rooms", ())
+        serve_connection(service, Transport(ws), request.remote_addr or "?", rooms)
 
 
-def serve_connection(service: NotificationService, transport: Transport, remote: str) -> None:
-    """Register the client, run its session on this thread, and always clean up."""
+def serve_connection(
+    service: NotificationService, transport: Transport, remote: str, rooms: tuple[str, ...] = ()
+) -> None:
+    """Register the client (in its connect-time rooms), run its session on this thread,
+    and always clean up."""
     conn = service.new_connection(transport.sock, remote)
     if not service.hub.add(conn):
         # lost a race for the last slot (or shutting down): refuse politely
@@ -66,6 +81,8 @@ def serve_connection(service: NotificationService, transport: Transport, remote:
     log.debug("client %d connected from %s", conn.id, remote)
     why = "error"
     try:
+        for room in rooms:
+            service.subscribe(conn, room)
         why = run_session(transport, conn, service.settings, service.on_client_message)
     except Exception:
         log.exception("client %d: session failed", conn.id)
