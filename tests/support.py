@@ -55,6 +55,8 @@ class GunicornServer:
             "WSSERVER_THREADS": str(threads),
             "WSSERVER_HTTP_THREADS": "8",
             "WSSERVER_LOG_LEVEL": "info",
+            # the suite's default, as ./scripts/serve's; production tests say so explicitly
+            "WSSERVER_ENV": "development",
         })
         self.env.update(env or {})
         self.args = args or []
@@ -170,6 +172,17 @@ class RawClient:
         head, self.buf = self.buf.split(b"\r\n\r\n", 1)
         self.response_head = head.decode("latin-1")
         self.status = int(self.response_head.split()[1])
+
+    def http_body(self) -> bytes:
+        """The body of a refused upgrade (a plain HTTP response), read to Content-Length."""
+        length = 0
+        for line in self.response_head.split("\r\n")[1:]:
+            name, _, value = line.partition(":")
+            if name.strip().lower() == "content-length":
+                length = int(value.strip())
+        self._need(length)
+        body, self.buf = self.buf[:length], self.buf[length:]
+        return body
 
     def send_frame(self, opcode: int, payload: bytes = b"", fin: bool = True,
                    rsv: int = 0) -> None:

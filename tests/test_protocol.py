@@ -63,7 +63,8 @@ def test_text_frame_is_utf8():
 def test_settings_from_environment_and_overrides():
     s = load_settings({"WSSERVER_PORT": "9000", "WSSERVER_ENV": "production"}, {"queue_size": 8})
     assert (s.port, s.env, s.queue_size, s.rebroadcast) == (9000, "production", 8, False)
-    assert load_settings({}).rebroadcast is True
+    assert load_settings({}).env == "production" and load_settings({}).rebroadcast is False
+    assert load_settings({"WSSERVER_ENV": "development"}).rebroadcast is True
     assert load_settings({"WSSERVER_ENV": "production", "WSSERVER_REBROADCAST": "on"}).rebroadcast
 
 

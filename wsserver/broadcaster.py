@@ -32,12 +32,13 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Broadcast:
-    """One message to fan out: its frame bytes, encoded once, when it was queued, and the
-    room whose subscribers get it (None: every client)."""
+    """One message to fan out: its frame bytes, encoded once, when it was queued, and who
+    gets it: a room's subscribers, one user's connections, or (both None) every client."""
 
     frame: bytes
     queued_at: float
     room: str | None = None
+    user: str | None = None
 
 
 class Broadcaster:
@@ -128,11 +129,16 @@ class Broadcaster:
         one shared frame list and one write per client, and groups go out in queue order."""
         start = 0
         while start < len(batch):
-            room = batch[start].room
+            room, user = batch[start].room, batch[start].user
             end = start + 1
-            while end < len(batch) and batch[end].room == room:
+            while end < len(batch) and batch[end].room == room and batch[end].user == user:
                 end += 1
-            clients = self._hub.snapshot() if room is None else self._hub.members(room)
+            if user is not None:
+                clients = self._hub.user_connections(user)
+            elif room is not None:
+                clients = self._hub.members(room)
+            else:
+                clients = self._hub.snapshot()
             if clients:
                 self._send(batch[start:end], clients)
             self.messages_out += end - start

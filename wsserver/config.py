@@ -69,14 +69,34 @@ def _host(text: str) -> str:
     return value
 
 
+def _list(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+def _pem(text: str) -> str:
+    value = text.strip()
+    if value.startswith("-----BEGIN"):
+        return value
+    try:
+        with open(value, encoding="ascii") as f:
+            pem = f.read().strip()
+    except OSError as exc:
+        raise ValueError(f"neither PEM text nor a readable PEM file ({exc.strerror})") from None
+    if not pem.startswith("-----BEGIN"):
+        raise ValueError("the file does not hold a PEM key")
+    return pem
+
+
 @dataclass(frozen=True)
 class Setting:
-    """One setting: its attribute name, how to parse its environment text, its doc."""
+    """One setting: its attribute name, how to parse its environment text, its doc, and
+    whether its value is a secret (never printed, never logged)."""
 
     name: str
     parse: Callable[[str], Any]
     default: Any
     doc: str
+    secret: bool = False
 
     @property
     def env(self) -> str:
@@ -91,8 +111,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "env",
         _choice("development", "production"),
-        "development",
-        "`development` keeps the original's openness (client rebroadcast on).",
+        "production",
+        "`production`: closed defaults (same-origin WebSockets, `/notify` from loopback or with "
+        "an API key, no rebroadcast). `development`: the original's openness.",
     ),
     Setting(
         "rebroadcast",
@@ -100,6 +121,54 @@ SETTINGS: tuple[Setting, ...] = (
         None,
         "Rebroadcast what a client sends to every client, as the original did. "
         "Default: on in development, off in production.",
+    ),
+    Setting(
+        "allowed_origins",
+        _list,
+        (),
+        "Origins allowed to open WebSockets and call the API from a browser (comma-separated; "
+        "`https://*.example.com` matches subdomains; `*` only in development). Empty: same "
+        "origin only (production), any (development).",
+    ),
+    Setting(
+        "api_keys",
+        _list,
+        (),
+        "Publisher keys (comma-separated, several for rotation): when set, `POST /notify` needs "
+        "`Authorization: Bearer <key>`. Unset: production takes `/notify` from loopback only.",
+        secret=True,
+    ),
+    Setting(
+        "jwt_secret",
+        str,
+        "",
+        "HS256 secret: when set, `/ws` needs a token (`?token=` or `Authorization: Bearer`).",
+        secret=True,
+    ),
+    Setting(
+        "jwt_public_key",
+        _pem,
+        "",
+        "RS256/ES256 public key (PEM text, or a path to a PEM file): as WSSERVER_JWT_SECRET.",
+    ),
+    Setting(
+        "private_room_prefix",
+        str,
+        "private-",
+        "Rooms named with this prefix need the token's `rooms` claim to join.",
+    ),
+    Setting(
+        "max_connections_per_ip",
+        _int_in(0, 1_000_000),
+        0,
+        "WebSockets one client address may hold in this worker (0: no limit); over it: HTTP 429.",
+    ),
+    Setting(
+        "rate_limit",
+        _float_in(0.0, 1_000_000.0),
+        0.0,
+        "Messages per second one connection may send (bursts of twice that); over it: close "
+        "1008. 0: no limit.",
     ),
     Setting("queue_size", _int_in(1, 1_000_000), 256, "Broadcast queue capacity (messages)."),
     Setting(
@@ -208,6 +277,13 @@ class Settings:
     port: int
     env: str
     rebroadcast: bool
+    allowed_origins: tuple[str, ...]
+    api_keys: tuple[str, ...]
+    jwt_secret: str
+    jwt_public_key: str
+    private_room_prefix: str
+    max_connections_per_ip: int
+    rate_limit: float
     queue_size: int
     enqueue_timeout: float
     max_body_size: int
@@ -233,9 +309,21 @@ class Settings:
         room = max(self.threads - self.http_threads, 0)
         return min(self.max_connections, room) if self.max_connections else room
 
+    @property
+    def development(self) -> bool:
+        return self.env == "development"
+
     def public_items(self) -> list[tuple[str, Any]]:
-        """(environment name, value) pairs for display; no setting here is secret yet."""
-        return [(s.env, getattr(self, s.name)) for s in SETTINGS]
+        """(environment name, value) pairs for display, secrets masked."""
+        return [(s.env, _masked(s, getattr(self, s.name))) for s in SETTINGS]
+
+
+def _masked(setting: Setting, value: Any) -> Any:
+    if not setting.secret or not value:
+        return value
+    if isinstance(value, tuple):
+        return f"({len(value)} set, hidden)"
+    return "(set, hidden)"
 
 
 def load_settings(
@@ -262,13 +350,35 @@ def load_settings(
         if value is not None:
             values[name] = value
     if values.get("rebroadcast") is None:
-        values["rebroadcast"] = values.get("env", "development") == "development"
+        values["rebroadcast"] = values["env"] == "development"
     settings = Settings(**values)
     _check_consistency(settings)
     return settings
 
 
 def _check_consistency(settings: Settings) -> None:
+    if "*" in settings.allowed_origins and not settings.development:
+        raise SettingsError(
+            f"{ENV_PREFIX}ALLOWED_ORIGINS='*' is allowed only with {ENV_PREFIX}ENV=development: "
+            "in production list the origins (wildcards like https://*.example.com are fine)"
+        )
+    for origin in settings.allowed_origins:
+        if origin != "*" and "://" not in origin:
+            raise SettingsError(
+                f"{ENV_PREFIX}ALLOWED_ORIGINS entry {origin!r} is not an origin "
+                "(scheme://host[:port], e.g. https://app.example.com)"
+            )
+    if settings.jwt_secret and settings.jwt_public_key:
+        raise SettingsError(
+            f"set {ENV_PREFIX}JWT_SECRET or {ENV_PREFIX}JWT_PUBLIC_KEY, not both"
+        )
+    if settings.jwt_public_key:
+        from .auth import load_public_key
+
+        try:
+            load_public_key(settings.jwt_public_key)
+        except ValueError as exc:
+            raise SettingsError(f"{ENV_PREFIX}JWT_PUBLIC_KEY: {exc}") from None
     if settings.http_threads >= settings.threads:
         raise SettingsError(
             f"{ENV_PREFIX}HTTP_THREADS={settings.http_threads} must be below "

@@ -35,7 +35,7 @@ import socket
 import threading
 import time
 from collections import deque
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from .frames import FrameMatch, close_frame
 from .protocol import CLOSE_SLOW_CONSUMER
@@ -89,6 +89,8 @@ class Connection:
         "replies",
         "slow",
         "rooms",
+        "user",
+        "identity",
         "invalid_commands",
         "frames_out",
         "bytes_out",
@@ -126,6 +128,8 @@ class Connection:
         self.replies = 0  # frames written with send(): see wsserver.session
         self.slow = False
         self.rooms: set[str] = set()  # changed only by the Hub, under its lock
+        self.user: str | None = None  # the token's subject; fixed before the Hub sees it
+        self.identity: Any = None  # the verified token (auth.Identity); the own thread swaps it
         self.invalid_commands = 0  # touched only by the connection's own thread
         self.frames_out = 0
         self.bytes_out = 0

@@ -11,6 +11,7 @@ import logging
 
 from flask import Flask, Response, jsonify
 from werkzeug.exceptions import HTTPException
+from werkzeug.routing import WebsocketMismatch
 
 __all__ = ["init_app", "json_error"]
 
@@ -38,7 +39,9 @@ def init_app(app: Flask) -> None:
     def _http_error(exc: HTTPException) -> Response:
         status = exc.code or 500
         reason = exc.description or exc.name
-        if status == 413:
+        if isinstance(exc, WebsocketMismatch):
+            reason = "this endpoint takes a WebSocket upgrade (Upgrade: websocket), not a plain request"
+        elif status == 413:
             limit = app.config.get("MAX_CONTENT_LENGTH")
             reason = f"request body is over the {limit}-byte limit"
         response = json_error(status, _CODES.get(status, "http_error"), reason)

@@ -43,6 +43,8 @@ graceful_timeout = int(_settings.shutdown_timeout) + 5
 loglevel = _settings.log_level
 control_socket_disable = True
 errorlog = "-"
+# the path without the query string: connection tokens travel in ?token= and must not be logged
+access_log_format = '%(h)s "%(m)s %(U)s %(H)s" %(s)s %(b)s %(L)ss "%(a)s"'
 
 _THREAD_STACK = 512 * 1024
 

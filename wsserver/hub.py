@@ -30,10 +30,15 @@ class Hub:
     only changed here, under the lock.
     """
 
-    def __init__(self, capacity: int, max_rooms_per_connection: int = 100) -> None:
+    def __init__(
+        self, capacity: int, max_rooms_per_connection: int = 100, max_per_address: int = 0
+    ) -> None:
         self._lock = threading.RLock()
         self._clients: dict[int, Connection] = {}
         self._rooms: dict[str, dict[int, Connection]] = {}
+        self._users: dict[str, dict[int, Connection]] = {}
+        self._per_address: dict[str, int] = {}
+        self._max_per_address = max_per_address
         self._capacity = capacity
         self._max_rooms = max_rooms_per_connection
         self._accepting = True
@@ -47,11 +52,18 @@ class Hub:
             return self._next_id
 
     def add(self, conn: Connection) -> bool:
-        """Register ``conn``; False when full or shutting down (the caller refuses it)."""
+        """Register ``conn`` (and index it by user and address); False when full, over the
+        per-address limit, or shutting down (the caller refuses it)."""
         with self._lock:
             if not self._accepting or len(self._clients) >= self._capacity:
                 return False
+            held = self._per_address.get(conn.remote, 0)
+            if self._max_per_address and held >= self._max_per_address:
+                return False
             self._clients[conn.id] = conn
+            self._per_address[conn.remote] = held + 1
+            if conn.user is not None:
+                self._users.setdefault(conn.user, {})[conn.id] = conn
             self._snapshot = None
             return True
 
@@ -62,8 +74,30 @@ class Hub:
                 self._leave_locked(conn, room)
             if self._clients.pop(conn.id, None) is None:
                 return False
+            held = self._per_address.get(conn.remote, 1) - 1
+            if held > 0:
+                self._per_address[conn.remote] = held
+            else:
+                self._per_address.pop(conn.remote, None)
+            if conn.user is not None:
+                mine = self._users.get(conn.user)
+                if mine is not None:
+                    mine.pop(conn.id, None)
+                    if not mine:
+                        del self._users[conn.user]
             self._snapshot = None
             return True
+
+    def address_has_room(self, address: str) -> bool:
+        """Whether ``address`` may open another connection (checked before the upgrade)."""
+        with self._lock:
+            return not self._max_per_address or self._per_address.get(address, 0) < self._max_per_address
+
+    def user_connections(self, user: str) -> list[Connection]:
+        """The connections of ``user`` now (a fresh list)."""
+        with self._lock:
+            mine = self._users.get(user)
+            return list(mine.values()) if mine else []
 
     def subscribe(self, conn: Connection, room: str) -> bool:
         """Add ``conn`` to ``room``; False if it was already in it. Raises

@@ -26,6 +26,7 @@ __all__ = [
     "CLOSE_POLICY_VIOLATION",
     "CLOSE_PROTOCOL_ERROR",
     "CLOSE_SLOW_CONSUMER",
+    "CLOSE_TOKEN_EXPIRED",
     "CLOSE_TRY_AGAIN_LATER",
     "BadRequest",
     "Command",
@@ -49,9 +50,11 @@ CLOSE_SLOW_CONSUMER = 1008  # reason "slow consumer": the client fell a buffer b
 CLOSE_MESSAGE_TOO_BIG = 1009  # inbound message over WSSERVER_MAX_MESSAGE_SIZE
 CLOSE_INTERNAL_ERROR = 1011  # keepalive timeout or a server fault: reconnect
 CLOSE_TRY_AGAIN_LATER = 1013  # server over capacity: reconnect later
+CLOSE_TOKEN_EXPIRED = 4001  # the connection token expired: get a new token, reconnect
 
 EVENT_MAX_LENGTH = 256
 ROOM_MAX_LENGTH = 128
+USER_MAX_LENGTH = 256
 ROOMS_PER_NOTIFICATION = 100
 # letters, digits and _ . : @ / - ; must start with a letter or digit
 _ROOM_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:@/-]*\Z")
@@ -76,10 +79,12 @@ class Notification:
     message: str
     data: Any
     rooms: tuple[str, ...] | None = None
+    user: str | None = None
 
     def envelope(self, message_id: str, room: str | None = None, ts: int | None = None) -> dict:
-        """The object clients receive: the original's fields plus ``room``, ``id`` and ``ts``."""
-        return {
+        """The object clients receive: the original's fields plus ``room``, ``id`` and ``ts``
+        (and ``user`` when it was sent to one user's connections)."""
+        env = {
             "event": self.event,
             "message": self.message,
             "data": self.data,
@@ -87,6 +92,9 @@ class Notification:
             "id": message_id,
             "ts": int(time.time() * 1000) if ts is None else ts,
         }
+        if self.user is not None:
+            env["user"] = self.user
+        return env
 
 
 class CommandError(ValueError):
@@ -105,6 +113,7 @@ class Command:
     type: str
     room: str | None = None
     since: str | None = None
+    token: str | None = None
 
 
 def validate_room(room: Any) -> str:
@@ -145,6 +154,11 @@ def parse_command(text: str) -> Command | None:
     kind = obj["type"]
     if kind == "ping":
         return Command("ping")
+    if kind == "refresh":
+        token = obj.get("token")
+        if not isinstance(token, str) or not token:
+            raise CommandError("missing_token", "'refresh' needs a 'token' string")
+        return Command("refresh", token=token)
     if kind in ("subscribe", "unsubscribe"):
         if "room" not in obj:
             raise CommandError("missing_room", f"'{kind}' needs a 'room'")
@@ -156,7 +170,7 @@ def parse_command(text: str) -> Command | None:
     if not isinstance(kind, str):
         raise CommandError("invalid_command", "'type' must be a string")
     raise CommandError(
-        "unknown_command", f"unknown command type {kind[:64]!r}; expected subscribe, unsubscribe or ping"
+        "unknown_command", f"unknown command type {kind[:64]!r}; expected subscribe, unsubscribe, ping or refresh"
     )
 
 
@@ -202,7 +216,15 @@ def parse_notification(obj: Any) -> Notification:
         raise BadRequest(
             400, "invalid_message", f"field 'message' must be a string, got {_json_type(message)}"
         )
-    return Notification(event=event, message=message, data=obj.get("data"), rooms=_rooms_of(obj))
+    rooms, user = _rooms_of(obj), obj.get("user")
+    if user is not None:
+        if not isinstance(user, str) or not 1 <= len(user) <= USER_MAX_LENGTH:
+            raise BadRequest(
+                400, "invalid_user", f"field 'user' must be a string of 1 to {USER_MAX_LENGTH} characters"
+            )
+        if rooms is not None:
+            raise BadRequest(400, "invalid_user", "give 'user' or 'room'/'rooms', not both")
+    return Notification(event=event, message=message, data=obj.get("data"), rooms=rooms, user=user)
 
 
 def _rooms_of(obj: dict) -> tuple[str, ...] | None:

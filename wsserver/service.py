@@ -16,6 +16,7 @@ import threading
 import time
 from typing import Union
 
+from .auth import AccessDenied, AccessPolicy, Identity
 from .broadcaster import Broadcast, Broadcaster
 from .config import Settings
 from .connection import Connection
@@ -58,7 +59,12 @@ class NotificationService:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.hub = Hub(settings.connection_budget, settings.max_rooms_per_connection)
+        self.hub = Hub(
+            settings.connection_budget,
+            settings.max_rooms_per_connection,
+            settings.max_connections_per_ip,
+        )
+        self.policy = AccessPolicy(settings)
         self.flusher: Flusher | None = None
         self.broadcaster: Broadcaster | None = None
         self._lock = threading.Lock()
@@ -95,6 +101,7 @@ class NotificationService:
                 "on" if self.settings.rebroadcast else "off",
                 self.settings.env,
             )
+            log.info("security: %s", self.policy.describe())
 
     def limit_connections(self, worker_threads: int) -> None:
         """Size the connection budget from the threads the worker really has (a user's
@@ -148,12 +155,15 @@ class NotificationService:
         self.ensure_started()
         assert self.broadcaster is not None
         targets: tuple[str | None, ...] = notification.rooms or (None,)
+        user = notification.user
         timeout = self.settings.enqueue_timeout
         deadline = time.monotonic() + timeout
         if not self._publish_lock.acquire(timeout=timeout):
             return self._rejected()
         try:
-            ids = {room: str(self._seq.get(room, 0) + 1) for room in targets}
+            # ids count per audience: per room, per user ("user:<sub>"), or the everybody stream
+            keys = {room: (f"user:{user}" if user is not None else room) for room in targets}
+            ids = {room: str(self._seq.get(keys[room], 0) + 1) for room in targets}
             now_ms = int(time.time() * 1000)
             queued_at = time.monotonic()
             items = tuple(
@@ -161,6 +171,7 @@ class NotificationService:
                     encode_json_frame(notification.envelope(ids[room], room, now_ms)),
                     queued_at,
                     room,
+                    user,
                 )
                 for room in targets
             )
@@ -168,10 +179,12 @@ class NotificationService:
             if not self.broadcaster.submit(items[0] if len(items) == 1 else items, left):
                 return self._rejected()
             for room in targets:
-                self._seq[room] = int(ids[room])
+                self._seq[keys[room]] = int(ids[room])
         finally:
             self._publish_lock.release()
-        if notification.rooms is None:
+        if user is not None:
+            clients = len(self.hub.user_connections(user))
+        elif notification.rooms is None:
             clients = self.hub.count()
         else:
             counts = self.hub.room_counts()
@@ -199,14 +212,17 @@ class NotificationService:
 
     # -- connection callbacks --------------------------------------------------------------
 
-    def new_connection(self, sock, remote: str) -> Connection:  # type: ignore[no-untyped-def]
+    def new_connection(self, sock, remote: str, identity: Identity | None = None) -> Connection:  # type: ignore[no-untyped-def]
         self.ensure_started()
         assert self.flusher is not None
         with self._lock:
             self.connections_total += 1
         if self.settings.send_buffer:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.settings.send_buffer)
-        return Connection(self.hub.next_id(), sock, remote, self.settings.client_buffer, self.flusher)
+        conn = Connection(self.hub.next_id(), sock, remote, self.settings.client_buffer, self.flusher)
+        if identity is not None:
+            conn.identity, conn.user = identity, identity.user
+        return conn
 
     def on_client_message(self, conn: Connection, payload: Union[str, bytes]) -> None:
         """A complete message from a client: a command (a JSON object with a ``type``), or
@@ -234,7 +250,10 @@ class NotificationService:
             conn.send(error_frame("queue_full", "server busy; message not relayed"))
 
     def subscribe(self, conn: Connection, room: str) -> None:
-        """Join ``room`` (idempotent); raises :class:`CommandError` past the room limit."""
+        """Join ``room`` (idempotent); raises :class:`CommandError` for a private room the
+        connection's token does not grant, or past the room limit."""
+        if not self.policy.may_join(conn.identity, room):
+            raise CommandError("room_forbidden", f"joining {room!r} needs a token that grants it")
         try:
             self.hub.subscribe(conn, room)
         except RoomLimitReached:
@@ -246,6 +265,14 @@ class NotificationService:
     def _run_command(self, conn: Connection, command: Command) -> None:
         if command.type == "ping":
             conn.send(encode_json_frame({"type": "pong"}))
+            return
+        if command.type == "refresh":
+            try:
+                conn.identity = self.policy.refresh(conn.identity, command.token)
+            except AccessDenied as exc:
+                self._command_failed(conn, exc.code, exc.reason)
+                return
+            conn.send(encode_json_frame({"type": "refreshed", "exp": int(conn.identity.expires_at)}))
             return
         room = command.room
         assert room is not None

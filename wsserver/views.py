@@ -12,6 +12,7 @@ from typing import Any
 from flask import Blueprint, Response, current_app, jsonify, request
 from werkzeug.exceptions import ClientDisconnected, RequestEntityTooLarge
 
+from .auth import AccessDenied
 from .errors import json_error
 from .protocol import BadRequest, parse_notification, parse_notify_body
 from .service import NotificationService, Published
@@ -19,6 +20,9 @@ from .service import NotificationService, Published
 __all__ = ["bp"]
 
 bp = Blueprint("api", __name__)
+
+
+_PUBLISHER_ENDPOINTS = {"api.notify", "api.rooms"}
 
 
 def _service() -> NotificationService:
@@ -65,6 +69,37 @@ def _read_body(limit: int) -> bytes:
             raise RequestEntityTooLarge()
         return data
     return request.get_data(cache=False)
+
+
+@bp.before_request
+def _check_publisher() -> Any:
+    """Write endpoints, and the room listing (room names can say who is active), need a
+    publisher: an API key when keys are configured, else loopback in production."""
+    if request.method == "OPTIONS" or request.endpoint not in _PUBLISHER_ENDPOINTS:
+        return None
+    try:
+        _service().policy.check_publisher(request.headers.get("Authorization"), request.remote_addr)
+    except AccessDenied as exc:
+        response = json_error(exc.status, exc.code, exc.reason)
+        if exc.status == 401:
+            response.headers["WWW-Authenticate"] = 'Bearer realm="wsserver"'
+        return response
+    return None
+
+
+@bp.after_app_request
+def _cors(response: Response) -> Response:
+    """CORS for the HTTP API, for allowed origins only (WSSERVER_ALLOWED_ORIGINS; any origin
+    in development). Preflights (OPTIONS) get the methods and headers a publisher needs."""
+    allowed = _service().policy.cors_origin(request.headers.get("Origin"))
+    if allowed is not None and request.endpoint != "websocket":
+        response.headers["Access-Control-Allow-Origin"] = allowed
+        response.vary.add("Origin")
+        if request.method == "OPTIONS":
+            response.headers["Access-Control-Allow-Methods"] = "GET, POST, OPTIONS"
+            response.headers["Access-Control-Allow-Headers"] = "Authorization, Content-Type"
+            response.headers["Access-Control-Max-Age"] = "600"
+    return response
 
 
 @bp.post("/notify")

@@ -1,8 +1,8 @@
 """The ``/ws`` endpoint: checks before the upgrade, then one session per connection.
 
 simple-websocket answers the handshake before a flask-sock route body runs, so anything that
-must be refused with a plain HTTP status (capacity now; origin and auth later) is checked in
-a ``before_request`` hook on this endpoint.
+must be refused with a plain HTTP status (origin, token, rooms, limits) is checked in a
+``before_request`` hook on this endpoint: the client gets a 4xx/503 and no WebSocket.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from typing import Any
 from flask import Flask, current_app, g, request
 from flask_sock import Sock
 
+from .auth import AccessDenied, Identity, token_from
 from .errors import json_error
 from .protocol import CLOSE_TRY_AGAIN_LATER, CommandError, parse_room_list
 from .service import NotificationService
@@ -36,41 +37,67 @@ def init_app(app: Flask) -> None:
             return None
         service: NotificationService = current_app.extensions["wsserver"]
         service.ensure_started()
-        if not service.hub.has_room():
-            response = json_error(
-                503,
-                "server_full",
-                "no room for another WebSocket on this worker; retry later",
-            )
-            response.headers["Retry-After"] = "5"
-            return response
         try:
-            rooms = parse_room_list(request.args.get("rooms", ""))
-        except CommandError as exc:
-            return json_error(400, exc.code, f"?rooms=: {exc.reason}")
-        if len(rooms) > service.settings.max_rooms_per_connection:
-            return json_error(
-                400,
-                "too_many_rooms",
-                f"a connection may be in at most {service.settings.max_rooms_per_connection} rooms",
-            )
-        g.wsserver_rooms = rooms
+            g.wsserver_identity, g.wsserver_rooms = check_upgrade(service)
+        except AccessDenied as exc:
+            response = json_error(exc.status, exc.code, exc.reason)
+            if exc.status == 401:
+                response.headers["WWW-Authenticate"] = 'Bearer realm="wsserver"'
+            elif exc.status in (429, 503):
+                response.headers["Retry-After"] = "5"
+            return response
         strip_compression_offer(request.environ)
         return None
 
     @sock.route("/ws", endpoint=WS_ENDPOINT)
     def websocket(ws: Any) -> None:
         service: NotificationService = current_app.extensions["wsserver"]
-        rooms = g.get("wsserver_rooms", ())
-        serve_connection(service, Transport(ws), request.remote_addr or "?", rooms)
+        serve_connection(
+            service,
+            Transport(ws),
+            request.remote_addr or "?",
+            g.get("wsserver_rooms", ()),
+            g.get("wsserver_identity"),
+        )
+
+
+def check_upgrade(service: NotificationService) -> tuple[Identity | None, tuple[str, ...]]:
+    """Everything that can refuse a WebSocket before the handshake, in order: origin (403),
+    token (401), rooms (400/403), this address's share (429), this worker's budget (503).
+    Returns the verified identity and the connect-time rooms."""
+    policy = service.policy
+    if not policy.origin_allowed(request.headers.get("Origin"), request.host):
+        raise AccessDenied(403, "origin_forbidden", "this origin may not open WebSockets here")
+    identity = policy.authenticate(
+        token_from(request.headers.get("Authorization"), request.args.get("token"))
+    )
+    try:
+        rooms = parse_room_list(request.args.get("rooms", ""))
+    except CommandError as exc:
+        raise AccessDenied(400, exc.code, f"?rooms=: {exc.reason}") from None
+    limit = service.settings.max_rooms_per_connection
+    if len(rooms) > limit:
+        raise AccessDenied(400, "too_many_rooms", f"a connection may be in at most {limit} rooms")
+    for room in rooms:
+        if not policy.may_join(identity, room):
+            raise AccessDenied(403, "room_forbidden", f"joining {room!r} needs a token that grants it")
+    if not service.hub.address_has_room(request.remote_addr or "?"):
+        raise AccessDenied(429, "too_many_connections", "too many WebSockets from this address")
+    if not service.hub.has_room():
+        raise AccessDenied(503, "server_full", "no room for another WebSocket on this worker; retry later")
+    return identity, rooms
 
 
 def serve_connection(
-    service: NotificationService, transport: Transport, remote: str, rooms: tuple[str, ...] = ()
+    service: NotificationService,
+    transport: Transport,
+    remote: str,
+    rooms: tuple[str, ...] = (),
+    identity: Identity | None = None,
 ) -> None:
     """Register the client (in its connect-time rooms), run its session on this thread,
     and always clean up."""
-    conn = service.new_connection(transport.sock, remote)
+    conn = service.new_connection(transport.sock, remote, identity)
     if not service.hub.add(conn):
         # lost a race for the last slot (or shutting down): refuse politely
         conn.close(CLOSE_TRY_AGAIN_LATER, "server full or restarting")

@@ -1,0 +1,125 @@
+"""Access rules, unit by unit (no server): origins, publisher keys, tokens, room grants."""
+
+from __future__ import annotations
+
+import time
+
+import jwt
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+from wsserver.auth import AccessDenied, AccessPolicy
+from wsserver.config import SettingsError, load_settings
+
+
+def policy(**env: str) -> AccessPolicy:
+    return AccessPolicy(load_settings({f"WSSERVER_{k.upper()}": v for k, v in env.items()}))
+
+
+def test_production_origins_same_origin_and_listed_with_wildcards():
+    p = policy(env="production", allowed_origins="https://app.example.com,https://*.example.org")
+    assert p.origin_allowed(None, "ws.example.com")  # not a browser
+    assert p.origin_allowed("https://ws.example.com", "ws.example.com")  # same origin
+    assert p.origin_allowed("http://127.0.0.1:8080", "127.0.0.1:8080")
+    assert not p.origin_allowed("http://127.0.0.1:9999", "127.0.0.1:8080")
+    assert p.origin_allowed("https://app.example.com", "ws.example.com")
+    assert p.origin_allowed("https://a.b.example.org", "ws.example.com")
+    assert not p.origin_allowed("https://example.org.evil.com", "ws.example.com")
+    assert not p.origin_allowed("http://x.example.org", "ws.example.com"), "scheme matters"
+    assert not p.origin_allowed("https://evil.com", "ws.example.com")
+    assert p.cors_origin("https://app.example.com") == "https://app.example.com"
+    assert p.cors_origin("https://evil.com") is None
+
+
+def test_development_allows_any_origin_and_star_is_development_only():
+    assert policy(env="development").origin_allowed("https://anything.test", "x")
+    with pytest.raises(SettingsError, match="WSSERVER_ALLOWED_ORIGINS"):
+        load_settings({"WSSERVER_ALLOWED_ORIGINS": "*"})
+    with pytest.raises(SettingsError, match="not an origin"):
+        load_settings({"WSSERVER_ALLOWED_ORIGINS": "example.com"})
+
+
+def test_publishers_loopback_in_production_keys_when_configured():
+    p = policy(env="production")
+    p.check_publisher(None, "127.0.0.1")
+    p.check_publisher(None, "::1")
+    with pytest.raises(AccessDenied) as info:
+        p.check_publisher(None, "10.1.2.3")
+    assert info.value.status == 403
+    keyed = policy(env="development", api_keys="old-key,new-key")
+    keyed.check_publisher("Bearer new-key", "10.1.2.3")
+    keyed.check_publisher("bearer old-key", "10.1.2.3")
+    for header, code in ((None, "missing_api_key"), ("Bearer nope", "invalid_api_key"),
+                         ("Basic new-key", "missing_api_key"), ("Bearer ", "missing_api_key")):
+        with pytest.raises(AccessDenied) as info:
+            keyed.check_publisher(header, "127.0.0.1")
+        assert info.value.status == 401 and info.value.code == code
+        assert "new-key" not in info.value.reason and "old-key" not in info.value.reason
+
+
+def test_hs256_tokens():
+    p = policy(jwt_secret="s3cret")
+    good = jwt.encode({"sub": "u1", "exp": time.time() + 60, "rooms": ["private-a", "private-team-*"]},
+                      "s3cret", algorithm="HS256")
+    ident = p.authenticate(good)
+    assert ident.user == "u1"
+    assert p.may_join(ident, "private-a") and p.may_join(ident, "private-team-7")
+    assert not p.may_join(ident, "private-b") and p.may_join(ident, "public")
+    assert not p.may_join(None, "private-a")
+    cases = {
+        "missing_token": None,
+        "token_expired": jwt.encode({"sub": "u", "exp": time.time() - 5}, "s3cret", algorithm="HS256"),
+        "invalid_token": jwt.encode({"sub": "u", "exp": time.time() + 60}, "other", algorithm="HS256"),
+    }
+    for code, token in cases.items():
+        with pytest.raises(AccessDenied) as info:
+            p.authenticate(token)
+        assert info.value.status == 401 and info.value.code == code
+    for bad in ("garbage", good[:-3] + "abc", jwt.encode({"sub": "u"}, "s3cret", algorithm="HS256"),
+                jwt.encode({"exp": time.time() + 60}, "s3cret", algorithm="HS256"),
+                jwt.encode({"sub": "u", "exp": time.time() + 60}, "s3cret", algorithm="HS512")):
+        with pytest.raises(AccessDenied) as info:
+            p.authenticate(bad)
+        assert info.value.code == "invalid_token"
+        assert "s3cret" not in info.value.reason
+
+
+@pytest.mark.parametrize("kind", ["rsa", "ec"])
+def test_public_key_tokens(kind, tmp_path):
+    if kind == "rsa":
+        private = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        alg = "RS256"
+    else:
+        private = ec.generate_private_key(ec.SECP256R1())
+        alg = "ES256"
+    pem = private.public_key().public_bytes(serialization.Encoding.PEM,
+                                            serialization.PublicFormat.SubjectPublicKeyInfo).decode()
+    key_file = tmp_path / "key.pem"
+    key_file.write_text(pem)
+    for value in (pem, str(key_file)):
+        p = policy(jwt_public_key=value)
+        token = jwt.encode({"sub": "u2", "exp": time.time() + 60}, private, algorithm=alg)
+        assert p.authenticate(token).user == "u2"
+        forged = jwt.encode({"sub": "u2", "exp": time.time() + 60}, "pem-as-secret", algorithm="HS256")
+        with pytest.raises(AccessDenied):
+            p.authenticate(forged)
+    with pytest.raises(SettingsError, match="WSSERVER_JWT_PUBLIC_KEY"):
+        load_settings({"WSSERVER_JWT_PUBLIC_KEY": "/nonexistent.pem"})
+
+
+def test_refresh_keeps_the_user():
+    p = policy(jwt_secret="k")
+    first = p.authenticate(jwt.encode({"sub": "u", "exp": time.time() + 5}, "k", algorithm="HS256"))
+    later = p.refresh(first, jwt.encode({"sub": "u", "exp": time.time() + 500}, "k", algorithm="HS256"))
+    assert later.expires_at > first.expires_at
+    with pytest.raises(AccessDenied) as info:
+        p.refresh(first, jwt.encode({"sub": "v", "exp": time.time() + 500}, "k", algorithm="HS256"))
+    assert info.value.code == "user_mismatch"
+
+
+def test_secrets_are_masked_for_display():
+    s = load_settings({"WSSERVER_API_KEYS": "abc,def", "WSSERVER_JWT_SECRET": "topsecret"})
+    shown = dict(s.public_items())
+    assert "abc" not in str(shown) and "topsecret" not in str(shown)
+    assert policy(api_keys="abc").describe().count("abc") == 0

@@ -1,0 +1,184 @@
+"""Security end to end under gunicorn: every refusal path, answered before the handshake with
+a plain HTTP status, and the production defaults."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import jwt
+import pytest
+import requests
+import websocket
+
+from support import GunicornServer, RawClient, close_code, connect, recv_json, wait_for
+
+SECRET = "a-test-secret-that-is-long-enough-for-hs256"
+API_KEY = "pk-test-0123456789"
+
+
+def token(sub: str = "alice", ttl: float = 60, rooms: list | None = None, key: str = SECRET) -> str:
+    claims = {"sub": sub, "exp": int(time.time() + ttl)}
+    if rooms is not None:
+        claims["rooms"] = rooms
+    return jwt.encode(claims, key, algorithm="HS256")
+
+
+@pytest.fixture(scope="module")
+def secured():
+    """Production mode with every protection configured."""
+    env = {
+        "WSSERVER_ENV": "production",
+        "WSSERVER_ALLOWED_ORIGINS": "https://app.example.com,https://*.example.org",
+        "WSSERVER_API_KEYS": f"old-key-000,{API_KEY}",
+        "WSSERVER_JWT_SECRET": SECRET,
+        "WSSERVER_MAX_CONNECTIONS_PER_IP": "6",
+    }
+    with GunicornServer(env=env) as srv:
+        yield srv
+
+
+def refused(server, path: str = "/ws", headers: dict | None = None) -> tuple[int, dict, str]:
+    client = RawClient(server, path=path, headers=headers)
+    try:
+        return client.status, json.loads(client.http_body() or b"{}"), client.response_head
+    finally:
+        client.close()
+
+
+def publish(server, body, key: str | None = API_KEY) -> requests.Response:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    return requests.post(server.url + "/notify", json=body, headers=headers, timeout=5)
+
+
+def test_foreign_origin_gets_403_before_the_handshake(secured):
+    status, body, _ = refused(secured, f"/ws?token={token()}", {"Origin": "https://evil.example.com"})
+    assert status == 403 and body["code"] == "origin_forbidden"
+    for origin in ("https://app.example.com", "https://x.example.org", f"http://127.0.0.1:{secured.port}"):
+        client = RawClient(secured, path=f"/ws?token={token()}", headers={"Origin": origin})
+        assert client.status == 101, origin
+        client.close()
+
+
+@pytest.mark.parametrize("make,code", [
+    (lambda: None, "missing_token"),
+    (lambda: token(ttl=-10), "token_expired"),
+    (lambda: token(key="some-other-secret-some-other-secret"), "invalid_token"),
+    (lambda: token()[:-4] + "AAAA", "invalid_token"),
+    (lambda: "not.a.jwt", "invalid_token"),
+])
+def test_bad_tokens_get_401_before_the_handshake(secured, make, code):
+    tok = make()
+    status, body, head = refused(secured, "/ws" + (f"?token={tok}" if tok else ""))
+    assert status == 401 and body["code"] == code
+    assert "www-authenticate: bearer" in head.lower()
+    if tok:
+        assert tok not in json.dumps(body)
+
+
+def test_token_in_query_or_header_and_room_grants(secured):
+    by_header = RawClient(secured, headers={"Authorization": f"Bearer {token('bob')}"})
+    assert by_header.status == 101
+    by_header.close()
+    status, body, _ = refused(secured, f"/ws?token={token()}&rooms=private-ops")
+    assert status == 403 and body["code"] == "room_forbidden"
+    ws = websocket.create_connection(
+        f"{secured.ws_url}?token={token(rooms=['private-team-*'])}&rooms=private-team-1", timeout=10)
+    try:
+        ws.send(json.dumps({"type": "subscribe", "room": "private-ops"}))
+        reply = recv_json(ws)
+        assert reply["type"] == "error" and reply["code"] == "room_forbidden"
+        ws.send(json.dumps({"type": "subscribe", "room": "private-team-2"}))
+        assert recv_json(ws) == {"type": "subscribed", "room": "private-team-2"}
+        ws.send(json.dumps({"type": "subscribe", "room": "lobby"}))
+        assert recv_json(ws) == {"type": "subscribed", "room": "lobby"}
+        assert publish(secured, {"event": "t", "room": "private-team-1"}).status_code == 200
+        assert recv_json(ws)["room"] == "private-team-1"
+    finally:
+        ws.close()
+
+
+def test_notify_to_a_user_reaches_all_and_only_their_connections(secured):
+    alice = [websocket.create_connection(f"{secured.ws_url}?token={token('alice')}", timeout=10) for _ in range(2)]
+    bob = websocket.create_connection(f"{secured.ws_url}?token={token('bob')}", timeout=3)
+    try:
+        wait_for(lambda: secured.health()["clients"] >= 3)
+        r = publish(secured, {"event": "dm", "message": "for alice", "user": "alice"})
+        assert r.status_code == 200 and r.json()["clients"] == 2
+        for ws in alice:
+            got = recv_json(ws)
+            assert got["user"] == "alice" and got["message"] == "for alice" and got["room"] is None
+        assert publish(secured, {"event": "all"}).status_code == 200
+        assert recv_json(bob)["event"] == "all", "bob got nothing before the broadcast"
+    finally:
+        for ws in alice + [bob]:
+            ws.close()
+
+
+def test_publisher_keys(secured):
+    for key, code in ((None, "missing_api_key"), ("wrong", "invalid_api_key")):
+        r = publish(secured, {"event": "x"}, key=key)
+        assert r.status_code == 401 and r.json()["code"] == code
+        assert r.headers["WWW-Authenticate"].startswith("Bearer")
+    assert publish(secured, {"event": "x"}).status_code == 200
+    assert publish(secured, {"event": "x"}, key="old-key-000").status_code == 200, "rotation"
+    assert requests.get(secured.url + "/rooms", timeout=5).status_code == 401
+    assert requests.get(secured.url + "/", timeout=5).status_code == 200, "health stays open"
+
+
+def test_cors_for_allowed_origins_only(secured):
+    pre = requests.options(secured.url + "/notify", headers={
+        "Origin": "https://app.example.com", "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization,content-type"}, timeout=5)
+    assert pre.status_code in (200, 204)
+    assert pre.headers["Access-Control-Allow-Origin"] == "https://app.example.com"
+    assert "authorization" in pre.headers["Access-Control-Allow-Headers"].lower()
+    assert "POST" in pre.headers["Access-Control-Allow-Methods"]
+    evil = requests.options(secured.url + "/notify", headers={
+        "Origin": "https://evil.com", "Access-Control-Request-Method": "POST"}, timeout=5)
+    assert "Access-Control-Allow-Origin" not in evil.headers
+    r = requests.post(secured.url + "/notify", json={"event": "c"},
+                      headers={"Origin": "https://app.example.com", "Authorization": f"Bearer {API_KEY}"}, timeout=5)
+    assert r.headers["Access-Control-Allow-Origin"] == "https://app.example.com"
+
+
+def test_connections_per_address_limit(secured):
+    wait_for(lambda: secured.health()["clients"] == 0)
+    held = [RawClient(secured, path=f"/ws?token={token()}") for _ in range(6)]
+    try:
+        assert all(c.status == 101 for c in held)
+        status, body, head = refused(secured, f"/ws?token={token()}")
+        assert status == 429 and body["code"] == "too_many_connections"
+        assert "retry-after" in head.lower()
+    finally:
+        for c in held:
+            c.close()
+    wait_for(lambda: secured.health()["clients"] == 0)
+    again = RawClient(secured, path=f"/ws?token={token()}")
+    assert again.status == 101
+    again.close()
+
+
+def test_secrets_and_tokens_never_reach_the_log(secured):
+    tok = token("carol")
+    refused(secured, f"/ws?token={tok}x")
+    publish(secured, {"event": "x"}, key="leaked-candidate-key")
+    log = secured.log()
+    assert "security:" in log, "the posture is logged at start"
+    for secret in (SECRET, API_KEY, "old-key-000", tok, "leaked-candidate-key"):
+        assert secret not in log
+
+
+def test_production_defaults_without_configuration(make_server):
+    server = make_server({"WSSERVER_ENV": "production"})
+    assert server.notify({"event": "from loopback"}).status_code == 200
+    status, body, _ = refused(server, "/ws", {"Origin": "https://elsewhere.example"})
+    assert status == 403
+    ws = connect(server)  # websocket-client sends this server's own origin
+    try:
+        ws.send("free text")
+        reply = recv_json(ws)
+        assert reply["type"] == "error" and reply["code"] == "rebroadcast_disabled"
+    finally:
+        ws.close()
+    assert "rebroadcast off" in server.log()

@@ -1,0 +1,259 @@
+"""Who may do what: origins, publisher keys, connection tokens, room permissions.
+
+Pure decisions over header values and claims, so the rules are tested without a server and
+the views and the ``/ws`` hook share one definition. Every refusal is an :class:`AccessDenied`
+carrying the HTTP status and a machine-readable code; its text never contains a secret or a
+token (they are never logged either).
+
+Modes (``WSSERVER_ENV``):
+
+* ``production`` (default): WebSocket upgrades only from the server's own origin unless
+  ``WSSERVER_ALLOWED_ORIGINS`` lists more; ``POST /notify`` only from loopback unless API
+  keys are configured (then only with a key);
+* ``development``: any origin, ``/notify`` from anywhere; still, configured keys and token
+  secrets are always enforced.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import time
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+import jwt
+
+from .config import Settings
+
+__all__ = ["AccessDenied", "AccessPolicy", "Identity", "load_public_key", "token_from"]
+
+
+class AccessDenied(Exception):
+    """A request is refused: ``status`` (401/403), ``code``, and a reason safe to show."""
+
+    def __init__(self, status: int, code: str, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.code = code
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class Identity:
+    """What a verified connection token says: the user, until when, and which private rooms
+    (exact names, or prefixes written with a trailing ``*``) the user may join."""
+
+    user: str
+    expires_at: float  # epoch seconds
+    rooms: tuple[str, ...] = ()
+
+    def may_join(self, room: str) -> bool:
+        for pattern in self.rooms:
+            if pattern.endswith("*"):
+                if room.startswith(pattern[:-1]):
+                    return True
+            elif room == pattern:
+                return True
+        return False
+
+
+def load_public_key(pem: str) -> Any:
+    """The verification key from PEM text; ValueError if it is not an RSA or EC public key."""
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+    from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
+    try:
+        key = load_pem_public_key(pem.encode("ascii"))
+    except (ValueError, TypeError, UnicodeEncodeError) as exc:
+        raise ValueError(f"not a PEM public key ({exc.__class__.__name__})") from None
+    if not isinstance(key, (rsa.RSAPublicKey, ec.EllipticCurvePublicKey)):
+        raise ValueError("only RSA (RS256) and EC (ES256) public keys are supported")
+    return key
+
+
+class AccessPolicy:
+    """The access rules of one server, built once from its settings. Stateless; thread-safe."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.development = settings.development
+        self._origins = tuple(o.rstrip("/").lower() for o in settings.allowed_origins)
+        self._any_origin = self.development and (not self._origins or "*" in self._origins)
+        self._keys = tuple(k.encode("utf-8") for k in settings.api_keys)
+        self._private_prefix = settings.private_room_prefix
+        if settings.jwt_secret:
+            self._jwt_key: Any = settings.jwt_secret
+            self._jwt_algorithms = ["HS256"]
+        elif settings.jwt_public_key:
+            self._jwt_key = load_public_key(settings.jwt_public_key)
+            from cryptography.hazmat.primitives.asymmetric import rsa
+
+            self._jwt_algorithms = ["RS256"] if isinstance(self._jwt_key, rsa.RSAPublicKey) else ["ES256"]
+        else:
+            self._jwt_key = None
+            self._jwt_algorithms = []
+
+    # -- posture -----------------------------------------------------------------------------
+
+    @property
+    def tokens_required(self) -> bool:
+        return self._jwt_key is not None
+
+    def describe(self) -> str:
+        """The effective security posture, for the start-up log: no secret in it."""
+        origins = "any" if self._any_origin else ", ".join(("same origin",) + self._origins)
+        if self._keys:
+            publish = f"with an API key ({len(self._keys)} configured)"
+        elif self.development:
+            publish = "from anywhere (development, no API keys)"
+        else:
+            publish = "from loopback only (no API keys configured)"
+        tokens = (
+            f"required ({self._jwt_algorithms[0]})" if self._jwt_key is not None else "not required"
+        )
+        return f"WebSocket origins: {origins}; POST /notify: {publish}; connection tokens: {tokens}"
+
+    # -- origins -----------------------------------------------------------------------------
+
+    def origin_allowed(self, origin: str | None, host: str | None) -> bool:
+        """May a browser page from ``origin`` open a WebSocket here? Requests without an
+        Origin header (scripts, servers) are not browsers and cannot be forged by a page."""
+        if origin is None:
+            return True
+        origin = origin.rstrip("/").lower()
+        if self._any_origin:
+            return True
+        if host and _same_origin(origin, host.lower()):
+            return True
+        return self._listed(origin)
+
+    def cors_origin(self, origin: str | None) -> str | None:
+        """The value for Access-Control-Allow-Origin, or None for no CORS headers."""
+        if not origin:
+            return None
+        if self._any_origin:
+            return origin
+        return origin if self._listed(origin.rstrip("/").lower()) else None
+
+    def _listed(self, origin: str) -> bool:
+        for allowed in self._origins:
+            if allowed == origin:
+                return True
+            if "://*." in allowed:
+                scheme, _, suffix = allowed.partition("://*.")
+                if origin.startswith(scheme + "://") and origin.endswith("." + suffix):
+                    return True
+        return False
+
+    # -- publishers --------------------------------------------------------------------------
+
+    def check_publisher(self, authorization: str | None, remote_addr: str | None) -> None:
+        """Raise :class:`AccessDenied` unless this request may publish."""
+        if self._keys:
+            presented = _bearer(authorization)
+            if presented is None:
+                raise AccessDenied(401, "missing_api_key", "send Authorization: Bearer <api key>")
+            candidate = presented.encode("utf-8", "surrogateescape")
+            # compare with every key, always: the time taken says nothing about which matched
+            matched = False
+            for key in self._keys:
+                matched |= hmac.compare_digest(candidate, key)
+            if not matched:
+                raise AccessDenied(401, "invalid_api_key", "the API key is not valid")
+            return
+        if self.development or _is_loopback(remote_addr):
+            return
+        raise AccessDenied(
+            403,
+            "publish_forbidden",
+            "publishing is allowed from loopback only until API keys are configured "
+            "(WSSERVER_API_KEYS)",
+        )
+
+    # -- connection tokens -------------------------------------------------------------------
+
+    def authenticate(self, token: str | None) -> Identity | None:
+        """Verify a connection token. None when tokens are not configured (anonymous
+        connections); :class:`AccessDenied` (401) for a missing, malformed, badly signed or
+        expired token."""
+        if self._jwt_key is None:
+            return None
+        if not token:
+            raise AccessDenied(401, "missing_token", "a token is required (?token= or Authorization: Bearer)")
+        try:
+            claims = jwt.decode(
+                token,
+                self._jwt_key,
+                algorithms=self._jwt_algorithms,
+                options={"require": ["exp", "sub"]},
+            )
+        except jwt.ExpiredSignatureError:
+            raise AccessDenied(401, "token_expired", "the token has expired") from None
+        except jwt.InvalidSignatureError:
+            raise AccessDenied(401, "invalid_token", "the token's signature is not valid") from None
+        except jwt.MissingRequiredClaimError as exc:
+            raise AccessDenied(401, "invalid_token", f"the token has no '{exc.claim}' claim") from None
+        except jwt.PyJWTError:
+            raise AccessDenied(401, "invalid_token", "the token is malformed or not valid") from None
+        sub, rooms = claims.get("sub"), claims.get("rooms", [])
+        if not isinstance(sub, str) or not sub:
+            raise AccessDenied(401, "invalid_token", "the token's 'sub' claim must be a non-empty string")
+        if not isinstance(rooms, list) or not all(isinstance(r, str) for r in rooms):
+            raise AccessDenied(401, "invalid_token", "the token's 'rooms' claim must be a list of strings")
+        return Identity(user=sub, expires_at=float(claims["exp"]), rooms=tuple(rooms))
+
+    def refresh(self, identity: Identity | None, token: str | None) -> Identity:
+        """A new token for the same user (the ``refresh`` command); AccessDenied otherwise."""
+        if identity is None:
+            raise AccessDenied(400, "tokens_not_used", "this server does not use connection tokens")
+        renewed = self.authenticate(token)
+        assert renewed is not None
+        if renewed.user != identity.user:
+            raise AccessDenied(403, "user_mismatch", "a refreshed token must be for the same user")
+        return renewed
+
+    def may_join(self, identity: Identity | None, room: str) -> bool:
+        """Public rooms: anyone. Private rooms (the configured prefix): the token's claim."""
+        if not room.startswith(self._private_prefix):
+            return True
+        return identity is not None and identity.may_join(room) and identity.expires_at > time.time()
+
+
+def token_from(authorization: str | None, query_token: str | None) -> str | None:
+    """A connection token from ``?token=`` or ``Authorization: Bearer``."""
+    return query_token or _bearer(authorization)
+
+
+def _bearer(authorization: str | None) -> str | None:
+    if not authorization:
+        return None
+    scheme, _, value = authorization.strip().partition(" ")
+    if scheme.lower() != "bearer" or not value.strip():
+        return None
+    return value.strip()
+
+
+def _is_loopback(addr: str | None) -> bool:
+    if not addr:
+        return False
+    try:
+        return ipaddress.ip_address(addr.split("%", 1)[0]).is_loopback
+    except ValueError:
+        return False
+
+
+def _same_origin(origin: str, host: str) -> bool:
+    """Origin ``scheme://host[:port]`` names this server, as the request's Host header does.
+
+    Host carries no scheme and, behind a TLS-terminating proxy, gunicorn sees plain http, so
+    the host names must match and, when Host names a port, the origin's port too."""
+    parts = urlsplit(origin)
+    if not parts.hostname or parts.scheme not in ("http", "https"):
+        return False
+    host_parts = urlsplit("//" + host)
+    if parts.hostname != host_parts.hostname:
+        return False
+    if host_parts.port is None:
+        return True
+    return (parts.port or {"http": 80, "https": 443}[parts.scheme]) == host_parts.port
