@@ -20,7 +20,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Tuple, Union
 
 from .connection import Connection, SendResult
 from .hub import Hub
@@ -39,6 +39,18 @@ class Broadcast:
     queued_at: float
     room: str | None = None
     user: str | None = None
+    order: tuple | None = None  # the message id as a comparable key (see brokers)
+
+
+class Task:
+    """Work that must happen in the broadcaster thread, in queue order: a recovery replays
+    history and joins the room between two fan-outs, so no live message slips between."""
+
+    def run(self, broadcaster: Broadcaster) -> None:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+QueueItem = Union[Broadcast, Tuple[Broadcast, ...], Task]
 
 
 class Broadcaster:
@@ -55,7 +67,7 @@ class Broadcaster:
         on_slow: Callable[[Connection], None],
         max_batch: int = 64,
     ) -> None:
-        self.queue: queue.Queue[Broadcast | tuple[Broadcast, ...]] = queue.Queue(maxsize=queue_size)
+        self.queue: queue.Queue[QueueItem] = queue.Queue(maxsize=queue_size)
         self._hub = hub
         self._on_slow = on_slow
         self._max_batch = max_batch
@@ -63,8 +75,12 @@ class Broadcaster:
         self._thread: threading.Thread | None = None
         self.messages_out = 0
         self.deliveries = 0
+        # conn id -> {room: order of the last message replayed to it}: live copies of those
+        # messages, still in the queue behind a recovery, are not sent again. Broadcaster
+        # thread only.
+        self._replayed: dict[int, dict[str, tuple]] = {}
 
-    def submit(self, item: Broadcast | tuple[Broadcast, ...], timeout: float) -> bool:
+    def submit(self, item: QueueItem, timeout: float) -> bool:
         """Queue ``item`` (or several that must be accepted together: one notification to
         several rooms), waiting at most ``timeout`` seconds for room. False if still full
         (or stopping): the caller answers 503 and nothing was accepted."""
@@ -105,24 +121,46 @@ class Broadcaster:
             except queue.Empty:
                 if self._stop.is_set():
                     return
+                if self._replayed:  # marks of clients that left before going live
+                    for conn_id in [c for c in self._replayed if not self._hub.has(c)]:
+                        del self._replayed[conn_id]
                 continue
             batch: list[Broadcast] = []
-            item = first
-            while True:
+            item: QueueItem | None = first
+            while item is not None:
                 if isinstance(item, Broadcast):
                     batch.append(item)
-                else:
+                elif isinstance(item, tuple):
                     batch.extend(item)
+                else:
+                    self._deliver_safely(batch)
+                    batch = []
+                    self._run_task(item)
                 if len(batch) >= self._max_batch:
                     break
                 try:
                     item = q.get_nowait()
                 except queue.Empty:
-                    break
-            try:
-                self._deliver(batch)
-            except Exception:  # a bug here must not silence every client
-                log.exception("broadcast of %d messages failed", len(batch))
+                    item = None
+            self._deliver_safely(batch)
+
+    def _deliver_safely(self, batch: list[Broadcast]) -> None:
+        if not batch:
+            return
+        try:
+            self._deliver(batch)
+        except Exception:  # a bug here must not silence every client
+            log.exception("broadcast of %d messages failed", len(batch))
+
+    def _run_task(self, task: Task) -> None:
+        try:
+            task.run(self)
+        except Exception:
+            log.exception("broadcaster task %r failed", task)
+
+    def mark_replayed(self, conn_id: int, room: str, order: tuple) -> None:
+        """Broadcaster thread only: ``conn`` was sent ``room``'s history up to ``order``."""
+        self._replayed.setdefault(conn_id, {})[room] = order
 
     def _deliver(self, batch: list[Broadcast]) -> None:
         """Send a batch, grouping consecutive items with the same audience: each group is
@@ -154,9 +192,29 @@ class Broadcaster:
         frames = [item.frame for item in items]
         total = sum(map(len, frames))
         slow = []
+        replayed = self._replayed
         for conn in clients:
-            if conn.send_frames(frames, total) == SendResult.SLOW:
+            if replayed and conn.id in replayed:
+                result = self._send_after_replay(conn, items)
+            else:
+                result = conn.send_frames(frames, total)
+            if result == SendResult.SLOW:
                 slow.append(conn)
         self.deliveries += len(items) * (len(clients) - len(slow))
         for conn in slow:
             self._on_slow(conn)
+
+    def _send_after_replay(self, conn: Connection, items: list[Broadcast]) -> int:
+        """Skip what ``conn`` was already replayed; forget the mark once past it."""
+        marks = self._replayed[conn.id]
+        keep = []
+        for item in items:
+            mark = marks.get(item.room) if item.room is not None else None
+            if mark is not None and item.order is not None:
+                if item.order <= mark:
+                    continue
+                del marks[item.room]
+            keep.append(item.frame)
+        if not marks:
+            del self._replayed[conn.id]
+        return conn.send_frames(keep) if keep else SendResult.OK

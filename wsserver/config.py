@@ -170,6 +170,27 @@ SETTINGS: tuple[Setting, ...] = (
         "Messages per second one connection may send (bursts of twice that); over it: close "
         "1008. 0: no limit.",
     ),
+    Setting(
+        "redis_url",
+        str,
+        "",
+        "Redis for several workers/hosts and durable-ish history (e.g. redis://127.0.0.1:6379/0). "
+        "Unset: the embedded in-memory broker (one worker).",
+        secret=True,
+    ),
+    Setting("redis_prefix", str, "wsserver", "Prefix of every Redis key and channel wsserver uses."),
+    Setting(
+        "history_size",
+        _int_in(0, 1_000_000),
+        100,
+        "Messages kept per room (and per user, and for everybody) for recovery; 0: none.",
+    ),
+    Setting(
+        "history_ttl",
+        _float_in(1.0, 30 * 86400.0),
+        300.0,
+        "Seconds a message stays in history.",
+    ),
     Setting("queue_size", _int_in(1, 1_000_000), 256, "Broadcast queue capacity (messages)."),
     Setting(
         "enqueue_timeout",
@@ -254,7 +275,7 @@ SETTINGS: tuple[Setting, ...] = (
         0,
         "WebSockets per worker; 0 means `threads - http_threads`. Over it: HTTP 503 before the upgrade.",
     ),
-    Setting("workers", _int_in(1, 64), 1, "gunicorn worker processes (more than 1 needs a broker)."),
+    Setting("workers", _int_in(1, 64), 1, "gunicorn worker processes (more than 1 needs WSSERVER_REDIS_URL)."),
     Setting(
         "log_level",
         _choice("debug", "info", "warning", "error"),
@@ -284,6 +305,10 @@ class Settings:
     private_room_prefix: str
     max_connections_per_ip: int
     rate_limit: float
+    redis_url: str
+    redis_prefix: str
+    history_size: int
+    history_ttl: float
     queue_size: int
     enqueue_timeout: float
     max_body_size: int
@@ -384,9 +409,9 @@ def _check_consistency(settings: Settings) -> None:
             f"{ENV_PREFIX}HTTP_THREADS={settings.http_threads} must be below "
             f"{ENV_PREFIX}THREADS={settings.threads}: no thread would be left for WebSockets"
         )
-    if settings.workers > 1:
+    if settings.workers > 1 and not settings.redis_url:
         raise SettingsError(
             f"{ENV_PREFIX}WORKERS={settings.workers}: several workers would each hold a part of "
-            "the audience and a notification would reach only one part; run one worker until a "
-            "broker (Redis) is configured"
+            "the audience and a notification would reach only one part; configure "
+            f"{ENV_PREFIX}REDIS_URL or run one worker"
         )

@@ -11,7 +11,8 @@ Why each choice (measured traps, see docs/design.md):
 * SIGTERM: gunicorn would wait ``graceful_timeout`` on open WebSockets and ``worker_exit``
   runs after that, too late; ``post_worker_init`` chains the signal to close clients with
   1001 first;
-* one worker: until a broker exists, a second worker would hold half the audience.
+* one worker unless ``WSSERVER_REDIS_URL`` is set: without a shared broker a second worker
+  would hold half the audience; with Redis unreachable at start, the master refuses to start.
 
 Users may add their own flags (``-b``, ``--threads``, ``-w``...); hooks read the final
 values from gunicorn's config, not from here.
@@ -52,13 +53,25 @@ _THREAD_STACK = 512 * 1024
 def on_starting(server):  # noqa: ANN001 - gunicorn hook signature
     """Refuse a configuration that would silently lose messages or hang HTTP."""
     cfg = server.cfg
-    if cfg.workers > 1:
+    if cfg.workers > 1 and not _settings.redis_url:
         sys.stderr.write(
             f"wsserver: refusing to start {cfg.workers} workers: each would hold part of the "
-            "audience and a notification would reach only that part. Run one worker "
-            "(raise --threads for more connections).\n"
+            "audience and a notification would reach only that part. Set WSSERVER_REDIS_URL "
+            "(workers then share one audience through Redis), or run one worker and raise "
+            "--threads for more connections.\n"
         )
         raise SystemExit(2)
+    if _settings.redis_url:
+        from wsserver.brokers.redis import check_redis
+
+        try:
+            check_redis(_settings.redis_url)
+        except Exception as exc:  # noqa: BLE001 - any failure to reach Redis stops the start
+            sys.stderr.write(
+                f"wsserver: Redis at WSSERVER_REDIS_URL is unreachable ({exc.__class__.__name__}: "
+                f"{_redact(str(exc))}); not starting. Start Redis or fix the URL.\n"
+            )
+            raise SystemExit(3) from None
     if cfg.worker_class_str not in ("gthread", "gunicorn.workers.gthread.ThreadWorker"):
         server.log.warning(
             "wsserver: worker class %r is not gthread; WebSockets need a thread each",
@@ -96,6 +109,14 @@ def post_worker_init(worker):  # noqa: ANN001
 
     signal.signal(signal.SIGTERM, on_sigterm)
     signal.siginterrupt(signal.SIGTERM, False)
+
+
+def _redact(text: str) -> str:
+    """Error text without the URL's password."""
+    from urllib.parse import urlsplit
+
+    password = urlsplit(_settings.redis_url).password
+    return text.replace(password, "***") if password else text
 
 
 def _find_service(app):  # noqa: ANN001, ANN202

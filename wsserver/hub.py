@@ -152,6 +152,10 @@ class Hub:
                     self._room_snapshots[room] = snap
             return snap
 
+    def has(self, conn_id: int) -> bool:
+        with self._lock:
+            return conn_id in self._clients
+
     def count(self) -> int:
         with self._lock:
             return len(self._clients)

@@ -96,6 +96,16 @@ class Notification:
             env["user"] = self.user
         return env
 
+    def envelope_prefix(self, room: str | None, ts: int) -> str:
+        """The envelope's JSON text up to the id's value: ``prefix + id + '"}'`` is the whole
+        envelope. Brokers number messages after this is built (Redis stream ids are made in
+        Redis), so the id is the only part left to fill in."""
+        env = self.envelope("", room, ts)
+        del env["id"]
+        text = json.dumps(env, ensure_ascii=False, separators=(",", ":"))
+        return text[:-1] + ',"id":"'
+
+
 
 class CommandError(ValueError):
     """A client command is wrong; ``code`` is machine-readable, ``str()`` is for humans."""

@@ -1,5 +1,5 @@
-"""The notification service: one object per app that owns the hub, the broadcaster and the
-flusher, and knows how to start them (after gunicorn forks) and stop them (on SIGTERM).
+"""The notification service: one object per app that owns the hub, the broker, the broadcaster
+and the flusher, and knows how to start them (after gunicorn forks) and stop them (on SIGTERM).
 
 Why lazy start: threads started in ``create_app`` would be started in gunicorn's master
 under ``--preload`` and would not survive the fork. ``ensure_started`` runs in the worker
@@ -17,7 +17,8 @@ import time
 from typing import Union
 
 from .auth import AccessDenied, AccessPolicy, Identity
-from .broadcaster import Broadcast, Broadcaster
+from .broadcaster import Broadcaster, Task
+from .brokers import Broker, BrokerUnavailable, Outgoing, make_broker
 from .config import Settings
 from .connection import Connection
 from .flusher import Flusher
@@ -34,7 +35,7 @@ from .protocol import (
     parse_command,
 )
 
-__all__ = ["NotificationService", "Published"]
+__all__ = ["BrokerUnavailable", "NotificationService", "Published"]
 
 log = logging.getLogger(__name__)
 
@@ -69,8 +70,7 @@ class NotificationService:
         self.broadcaster: Broadcaster | None = None
         self._lock = threading.Lock()
         self._pid: int | None = None
-        self._seq: dict[str | None, int] = {}  # last message id per room (None: everybody)
-        self._publish_lock = threading.Lock()
+        self.broker: Broker = make_broker(settings)
         self._shutdown_started = False
         self.started_at = time.time()
         self.slow_consumers = 0
@@ -91,6 +91,9 @@ class NotificationService:
             self.broadcaster = Broadcaster(self.hub, self.settings.queue_size, self._drop_slow)
             self.flusher.start()
             self.broadcaster.start()
+            if self._pid is not None:  # forked after a start: the broker is the parent's
+                self.broker = make_broker(self.settings)
+            self.broker.start(self.broadcaster, self.hub)
             self._pid = pid
             log.info(
                 "wsserver started in pid %d: %d WebSocket connections at most, queue %d, "
@@ -102,6 +105,12 @@ class NotificationService:
                 self.settings.env,
             )
             log.info("security: %s", self.policy.describe())
+            log.info(
+                "broker: %s; history %d messages for %gs",
+                self.broker.kind,
+                self.settings.history_size,
+                self.settings.history_ttl,
+            )
 
     def limit_connections(self, worker_threads: int) -> None:
         """Size the connection budget from the threads the worker really has (a user's
@@ -112,11 +121,18 @@ class NotificationService:
 
     @property
     def healthy(self) -> bool:
-        """Liveness: the delivery threads run (or have not been needed yet)."""
+        """Liveness: the delivery threads (and the broker's listener) run, or have not been
+        needed yet. A worker whose Redis listener died is not healthy: it would serve a deaf
+        audience."""
         if self._pid != os.getpid():
             return True
         b, f = self.broadcaster, self.flusher
-        return bool(b and b.alive and f)
+        return bool(b and b.alive and f and self.broker.alive)
+
+    @property
+    def ready(self) -> bool:
+        """Readiness: healthy, taking clients, and the broker connected."""
+        return self.healthy and self.hub.accepting and (self._pid != os.getpid() or self.broker.ready)
 
     def shutdown(self) -> None:
         """Stop taking clients, deliver what is queued, close every client with 1001, wait
@@ -128,6 +144,7 @@ class NotificationService:
         deadline = time.monotonic() + self.settings.shutdown_timeout
         clients = self.hub.stop_accepting()
         log.info("shutting down: flushing the queue, then closing %d clients", len(clients))
+        self.broker.stop()
         if self.broadcaster is not None:
             if not self.broadcaster.stop(max(deadline - time.monotonic(), 0.1) / 2):
                 log.warning("broadcast queue not flushed in time")
@@ -146,62 +163,33 @@ class NotificationService:
     # -- publishing ------------------------------------------------------------------------
 
     def publish(self, notification: Notification) -> Published | None:
-        """Queue ``notification`` for its audience: one message per target room, each with
-        the next id of that room. None when the queue stayed full for ``enqueue_timeout``:
-        nothing was accepted (answer 503) and no id was used up.
-
-        Why a lock around numbering and queueing: ids must reach clients in increasing
-        order per room, so a later id may not overtake an earlier one into the queue."""
+        """Publish ``notification`` to its audience through the broker: one message per
+        target room, each numbered by that room's history. None when the local queue stayed
+        full for ``enqueue_timeout`` (nothing was accepted: answer 503); raises
+        :class:`BrokerUnavailable` when the broker cannot take it (also a 503)."""
         self.ensure_started()
-        assert self.broadcaster is not None
         targets: tuple[str | None, ...] = notification.rooms or (None,)
-        user = notification.user
-        timeout = self.settings.enqueue_timeout
-        deadline = time.monotonic() + timeout
-        if not self._publish_lock.acquire(timeout=timeout):
+        now_ms = int(time.time() * 1000)
+        messages = tuple(
+            Outgoing(room, notification.user, notification.envelope_prefix(room, now_ms))
+            for room in targets
+        )
+        ids = self.broker.publish(messages, self.settings.enqueue_timeout)
+        if ids is None:
             return self._rejected()
-        try:
-            # ids count per audience: per room, per user ("user:<sub>"), or the everybody stream
-            keys = {room: (f"user:{user}" if user is not None else room) for room in targets}
-            ids = {room: str(self._seq.get(keys[room], 0) + 1) for room in targets}
-            now_ms = int(time.time() * 1000)
-            queued_at = time.monotonic()
-            items = tuple(
-                Broadcast(
-                    encode_json_frame(notification.envelope(ids[room], room, now_ms)),
-                    queued_at,
-                    room,
-                    user,
-                )
-                for room in targets
-            )
-            left = max(deadline - time.monotonic(), 0.0)
-            if not self.broadcaster.submit(items[0] if len(items) == 1 else items, left):
-                return self._rejected()
-            for room in targets:
-                self._seq[keys[room]] = int(ids[room])
-        finally:
-            self._publish_lock.release()
-        if user is not None:
-            clients = len(self.hub.user_connections(user))
+        if notification.user is not None:
+            clients = len(self.hub.user_connections(notification.user))
         elif notification.rooms is None:
             clients = self.hub.count()
         else:
             counts = self.hub.room_counts()
             clients = sum(counts.get(room, 0) for room in notification.rooms)
-        return Published(ids, clients)
+        return Published(dict(zip(targets, ids)), clients)
 
     def _rejected(self) -> None:
         with self._lock:
             self.rejected_full += 1
         return None
-
-    def _submit(self, frame: bytes) -> bool:
-        assert self.broadcaster is not None
-        if self.broadcaster.submit(Broadcast(frame, time.monotonic()), self.settings.enqueue_timeout):
-            return True
-        self._rejected()
-        return False
 
     def rooms(self) -> dict[str, int]:
         return self.hub.room_counts()
@@ -246,21 +234,38 @@ class NotificationService:
             frame = encode_frame(OP_TEXT, payload.encode("utf-8"))
         else:
             frame = encode_frame(OP_BINARY, payload)
-        if not self._submit(frame):
+        if not self.broker.relay(frame, self.settings.enqueue_timeout):
+            self._rejected()
             conn.send(error_frame("queue_full", "server busy; message not relayed"))
 
     def subscribe(self, conn: Connection, room: str) -> None:
         """Join ``room`` (idempotent); raises :class:`CommandError` for a private room the
         connection's token does not grant, or past the room limit."""
-        if not self.policy.may_join(conn.identity, room):
-            raise CommandError("room_forbidden", f"joining {room!r} needs a token that grants it")
+        self._check_join(conn, room)
         try:
             self.hub.subscribe(conn, room)
         except RoomLimitReached:
-            raise CommandError(
-                "too_many_rooms",
-                f"a connection may be in at most {self.settings.max_rooms_per_connection} rooms",
-            ) from None
+            raise self._room_limit() from None
+
+    def _check_join(self, conn: Connection, room: str) -> None:
+        if not self.policy.may_join(conn.identity, room):
+            raise CommandError("room_forbidden", f"joining {room!r} needs a token that grants it")
+
+    def _room_limit(self) -> CommandError:
+        return CommandError(
+            "too_many_rooms",
+            f"a connection may be in at most {self.settings.max_rooms_per_connection} rooms",
+        )
+
+    def resume(self, conn: Connection, room: str, since: str) -> None:
+        """Join ``room`` after replaying what ``conn`` missed since id ``since``. Runs as a
+        task in the broadcaster thread, between two fan-outs, so the replay and the live
+        stream meet with no gap and no duplicate (see :class:`Resume`). Raises
+        :class:`CommandError` if the room is forbidden or the queue stays full."""
+        self._check_join(conn, room)
+        assert self.broadcaster is not None
+        if not self.broadcaster.submit(Resume(self, conn, room, since), self.settings.enqueue_timeout):
+            raise CommandError("busy", "the server is too busy to resume now; retry")
 
     def _run_command(self, conn: Connection, command: Command) -> None:
         if command.type == "ping":
@@ -278,15 +283,14 @@ class NotificationService:
         assert room is not None
         if command.type == "subscribe":
             try:
+                if command.since is not None:
+                    self.resume(conn, room, command.since)  # the task replies
+                    return
                 self.subscribe(conn, room)
             except CommandError as exc:
                 self._command_failed(conn, exc.code, exc.reason)
                 return
-            reply: dict = {"type": "subscribed", "room": room}
-            if command.since is not None:
-                # no history is kept yet: nothing can be replayed, say so
-                reply.update(recovered=False, missed=0)
-            conn.send(encode_json_frame(reply))
+            conn.send(encode_json_frame({"type": "subscribed", "room": room}))
         else:
             self.hub.unsubscribe(conn, room)
             conn.send(encode_json_frame({"type": "unsubscribed", "room": room}))
@@ -312,3 +316,41 @@ class NotificationService:
                 self.settings.client_buffer,
             )
         conn.wake()
+
+
+class Resume(Task):
+    """Replay a room's history after ``since`` to one client, then join it to the room.
+
+    Run by the broadcaster thread: every message already queued ahead of this task was
+    delivered before it (the client was not yet a member, so it got none of them), and the
+    history read here contains all of them; messages queued behind it reach the client live.
+    A message both in history and still queued behind the task (published between the two)
+    is marked replayed so the broadcaster skips its live copy for this client."""
+
+    def __init__(self, service: NotificationService, conn: Connection, room: str, since: str) -> None:
+        self.service, self.conn, self.room, self.since = service, conn, room, since
+
+    def run(self, broadcaster: Broadcaster) -> None:
+        service, conn, room = self.service, self.conn, self.room
+        if not service.hub.has(conn.id):
+            return
+        try:
+            recovery = service.broker.history(room, self.since)
+        except BrokerUnavailable:
+            conn.send(error_frame("history_unavailable", "history cannot be read now; retry"))
+            return
+        try:
+            service.hub.subscribe(conn, room)
+        except RoomLimitReached:
+            exc = service._room_limit()
+            conn.send(error_frame(exc.code, exc.reason))
+            return
+        missed = len(recovery.frames) if recovery.recovered else 0
+        conn.send(
+            encode_json_frame(
+                {"type": "subscribed", "room": room, "recovered": recovery.recovered, "missed": missed}
+            )
+        )
+        if missed:
+            conn.send_frames([frame for _, frame in recovery.frames])
+            broadcaster.mark_replayed(conn.id, room, recovery.frames[-1][0])

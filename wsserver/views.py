@@ -15,7 +15,7 @@ from werkzeug.exceptions import ClientDisconnected, RequestEntityTooLarge
 from .auth import AccessDenied
 from .errors import json_error
 from .protocol import BadRequest, parse_notification, parse_notify_body
-from .service import NotificationService, Published
+from .service import BrokerUnavailable, NotificationService, Published
 
 __all__ = ["bp"]
 
@@ -31,11 +31,15 @@ def _service() -> NotificationService:
 
 @bp.get("/")
 def health() -> Any:
+    """The original's health shape plus totals. ``status``: ``ok``; ``degraded`` while the
+    broker is unreachable (200: the worker lives, but publishing answers 503); ``unhealthy``
+    (503) when a delivery thread died."""
     service = _service()
     healthy = service.healthy
     clients, rooms, subscriptions = service.hub.totals()
-    body = {
-        "status": "ok" if healthy else "unhealthy",
+    status = "ok" if service.ready or not service.hub.accepting else "degraded"
+    body: dict = {
+        "status": status if healthy else "unhealthy",
         "service": "ws",
         "clients": clients,
         "rooms": rooms,
@@ -44,8 +48,32 @@ def health() -> Any:
         "queue": service.queue_depth,
         "accepting": service.hub.accepting,
         "pid": os.getpid(),
+        "broker": {"kind": service.broker.kind, "connected": service.broker.ready},
     }
+    cluster = service.broker.cluster()
+    if cluster is not None:
+        body["cluster"] = cluster
     return jsonify(body), 200 if healthy else 503
+
+
+@bp.get("/healthz")
+def healthz() -> Any:
+    """Liveness, for an orchestrator: restart this worker when 503."""
+    healthy = _service().healthy
+    return jsonify({"status": "ok" if healthy else "unhealthy"}), 200 if healthy else 503
+
+
+@bp.get("/readyz")
+def readyz() -> Any:
+    """Readiness, for a load balancer: send traffic here only when 200."""
+    service = _service()
+    ready = service.ready
+    body = {
+        "status": "ready" if ready else "not_ready",
+        "accepting": service.hub.accepting,
+        "broker": service.broker.ready,
+    }
+    return jsonify(body), 200 if ready else 503
 
 
 def _read_body(limit: int) -> bytes:
@@ -113,7 +141,10 @@ def notify() -> Any:
         notification = parse_notification(body)
     except BadRequest as exc:
         return json_error(exc.status, exc.code, exc.reason)
-    published = service.publish(notification)
+    try:
+        published = service.publish(notification)
+    except BrokerUnavailable:
+        return _broker_down()
     if published is None:
         return _queue_full()
     return jsonify(_accepted(published))
@@ -133,6 +164,11 @@ def _notify_batch(service: NotificationService, items: list) -> Any:
         except BadRequest as exc:
             results.append({"status": "error", "code": exc.code, "error": exc.reason})
             continue
+        except BrokerUnavailable:
+            results.append(
+                {"status": "error", "code": "broker_unavailable", "error": "the broker is unreachable"}
+            )
+            continue
         if published is None:
             results.append(
                 {"status": "error", "code": "queue_full", "error": "the broadcast queue is full"}
@@ -142,6 +178,8 @@ def _notify_batch(service: NotificationService, items: list) -> Any:
     accepted = sum(1 for r in results if r["status"] == "ok")
     if accepted == 0 and all(r["code"] == "queue_full" for r in results):
         return _queue_full()
+    if accepted == 0 and all(r["code"] == "broker_unavailable" for r in results):
+        return _broker_down()
     status = "ok" if accepted == len(results) else ("error" if not accepted else "partial")
     return jsonify({"status": status, "accepted": accepted, "results": results})
 
@@ -157,6 +195,14 @@ def _accepted(published: Published) -> dict:
 
 def _queue_full() -> Response:
     response = json_error(503, "queue_full", "the broadcast queue is full; retry shortly")
+    response.headers["Retry-After"] = "1"
+    return response
+
+
+def _broker_down() -> Response:
+    response = json_error(
+        503, "broker_unavailable", "the message broker is unreachable; nothing was published"
+    )
     response.headers["Retry-After"] = "1"
     return response
 

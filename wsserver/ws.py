@@ -58,6 +58,7 @@ def init_app(app: Flask) -> None:
             request.remote_addr or "?",
             g.get("wsserver_rooms", ()),
             g.get("wsserver_identity"),
+            request.args.get("since") or None,
         )
 
 
@@ -75,6 +76,8 @@ def check_upgrade(service: NotificationService) -> tuple[Identity | None, tuple[
         rooms = parse_room_list(request.args.get("rooms", ""))
     except CommandError as exc:
         raise AccessDenied(400, exc.code, f"?rooms=: {exc.reason}") from None
+    if request.args.get("since") and len(rooms) != 1:
+        raise AccessDenied(400, "invalid_since", "?since= resumes one room: give exactly one in ?rooms=")
     limit = service.settings.max_rooms_per_connection
     if len(rooms) > limit:
         raise AccessDenied(400, "too_many_rooms", f"a connection may be in at most {limit} rooms")
@@ -94,6 +97,7 @@ def serve_connection(
     remote: str,
     rooms: tuple[str, ...] = (),
     identity: Identity | None = None,
+    since: str | None = None,
 ) -> None:
     """Register the client (in its connect-time rooms), run its session on this thread,
     and always clean up."""
@@ -108,8 +112,11 @@ def serve_connection(
     log.debug("client %d connected from %s", conn.id, remote)
     why = "error"
     try:
-        for room in rooms:
-            service.subscribe(conn, room)
+        if since is not None:
+            service.resume(conn, rooms[0], since)  # replies subscribed/recovered, then replays
+        else:
+            for room in rooms:
+                service.subscribe(conn, room)
         why = run_session(transport, conn, service.settings, service.on_client_message)
     except Exception:
         log.exception("client %d: session failed", conn.id)

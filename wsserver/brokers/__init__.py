@@ -1,0 +1,138 @@
+"""Brokers: where a published message goes between ``POST /notify`` and the broadcaster.
+
+* :class:`~wsserver.brokers.memory.MemoryBroker` (the embedded default): one process; ids,
+  history and delivery all in this worker.
+* :class:`~wsserver.brokers.redis.RedisBroker` (``WSSERVER_REDIS_URL``): every worker on every
+  host publishes through Redis (a stream per audience for ids and history, one pub/sub channel
+  for delivery), so a notification posted to any worker reaches every client, once, in order.
+
+Both give each message an id that increases within its audience (a room, a user, or
+everybody), keep the last ``WSSERVER_HISTORY_SIZE`` messages of each audience for
+``WSSERVER_HISTORY_TTL`` seconds, and answer :meth:`Broker.history` the same way, so the
+same test suite runs against both (tests/test_brokers.py).
+
+Exceptions::
+
+    Exception
+    └── BrokerUnavailable   the message could not be stored/published (answer 503)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from ..frames import OP_TEXT, encode_frame
+
+if TYPE_CHECKING:
+    from ..broadcaster import Broadcaster
+    from ..config import Settings
+    from ..hub import Hub
+
+__all__ = [
+    "Broker",
+    "BrokerUnavailable",
+    "Outgoing",
+    "Recovery",
+    "audience_key",
+    "envelope_frame",
+    "make_broker",
+    "order_of",
+]
+
+
+class BrokerUnavailable(Exception):
+    """The broker cannot take the message now; nothing was published."""
+
+
+@dataclass(frozen=True)
+class Outgoing:
+    """One message to publish: its audience and its envelope up to (not including) the id,
+    as produced by :meth:`wsserver.protocol.Notification.envelope_prefix`."""
+
+    room: str | None
+    user: str | None
+    prefix: str
+
+
+@dataclass(frozen=True)
+class Recovery:
+    """What history can give a client resuming after ``since``: ``recovered`` is True only
+    when nothing after ``since`` has been lost; then ``frames`` holds every message after it,
+    in order, as (order, frame bytes). When False, nothing is replayed."""
+
+    recovered: bool
+    frames: list[tuple[tuple, bytes]] = field(default_factory=list)
+
+
+def audience_key(room: str | None, user: str | None) -> str:
+    """The history/id stream a message belongs to."""
+    if user is not None:
+        return "u:" + user
+    if room is not None:
+        return "r:" + room
+    return "*"
+
+
+def envelope_frame(prefix: str, message_id: str) -> bytes:
+    """The text frame of a finished envelope: the prefix, the id, the closing brace."""
+    return encode_frame(OP_TEXT, (prefix + message_id + '"}').encode("utf-8"))
+
+
+def order_of(message_id: str) -> tuple | None:
+    """An id as a comparable key: ``"42"`` (memory) → (42,), ``"1700-3"`` (Redis) → (1700, 3).
+    None for something that is not an id of either form."""
+    parts = message_id.split("-")
+    if not 1 <= len(parts) <= 2 or not all(p.isdigit() and len(p) < 20 for p in parts):
+        return None
+    return tuple(int(p) for p in parts)
+
+
+class Broker:
+    """The interface both brokers implement. Thread-safety: every method may be called from
+    any thread; ``start``/``stop`` from the controlling thread."""
+
+    kind = "abstract"
+
+    def start(self, broadcaster: Broadcaster, hub: Hub) -> None:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def publish(self, messages: tuple[Outgoing, ...], timeout: float) -> list[str] | None:
+        """Publish atomically (all or none); the ids, in order. None when the local queue
+        stayed full for ``timeout`` (memory); raises :class:`BrokerUnavailable`."""
+        raise NotImplementedError
+
+    def relay(self, frame: bytes, timeout: float) -> bool:
+        """A client's free-form message (already a frame) to every client everywhere."""
+        raise NotImplementedError
+
+    def history(self, room: str, since: str) -> Recovery:
+        """Messages of ``room`` after id ``since``; raises :class:`BrokerUnavailable`."""
+        raise NotImplementedError
+
+    @property
+    def ready(self) -> bool:
+        """Connected and delivering (readiness)."""
+        raise NotImplementedError
+
+    @property
+    def alive(self) -> bool:
+        """The broker's own threads run (liveness)."""
+        raise NotImplementedError
+
+    def cluster(self) -> dict | None:
+        """Totals across every worker (clients, per-room counts, workers), or None."""
+        return None
+
+
+def make_broker(settings: Settings) -> Broker:
+    if settings.redis_url:
+        from .redis import RedisBroker
+
+        return RedisBroker(settings)
+    from .memory import MemoryBroker
+
+    return MemoryBroker(settings)

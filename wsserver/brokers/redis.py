@@ -1,0 +1,285 @@
+"""The Redis broker: any number of workers on any number of hosts form one service.
+
+Publishing is one Lua script, atomic in Redis: for each target audience it appends the message
+to that audience's stream (``XADD``, capped at ``WSSERVER_HISTORY_SIZE`` entries and trimmed to
+``WSSERVER_HISTORY_TTL``; the stream id *is* the message id), then ``PUBLISH``es it on one
+channel every worker listens to. One channel and an atomic script mean every worker sees
+messages in the order the streams numbered them: in order per room, on every worker.
+
+Each worker runs a listener thread (``wsserver-redis-listener``, redis-py ``PubSub`` with a
+1 s read timeout) that hands messages to its broadcaster, reconnects with backoff and
+re-subscribes after Redis restarts, and every 2 s reports this worker's counts under a key
+that expires, so ``GET /`` can add up the cluster and a dead worker's numbers disappear.
+
+While Redis is down, ``publish`` raises :class:`BrokerUnavailable` (``POST /notify`` answers
+503: nothing is accepted that cannot be delivered), ``ready`` is False (``/readyz`` 503).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from typing import TYPE_CHECKING, Any
+
+import redis
+
+from ..broadcaster import Broadcast
+from . import Broker, BrokerUnavailable, Outgoing, Recovery, audience_key, envelope_frame, order_of
+
+if TYPE_CHECKING:
+    from ..broadcaster import Broadcaster
+    from ..config import Settings
+    from ..hub import Hub
+
+__all__ = ["RedisBroker", "check_redis"]
+
+log = logging.getLogger(__name__)
+
+# KEYS: one stream per message. ARGV: channel, maxlen, ttl_ms, then a meta string per message.
+# Returns the ids. A message on the channel is "<id> <meta>"; a relayed raw frame is "!<frame>".
+_PUBLISH = """
+local channel, maxlen, ttl = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local now = redis.call('TIME')
+local horizon = (tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)) - ttl
+local ids = {}
+for i, key in ipairs(KEYS) do
+  local meta = ARGV[3 + i]
+  local id = redis.call('XADD', key, 'MAXLEN', maxlen, '*', 'm', meta)
+  redis.call('XTRIM', key, 'MINID', horizon)
+  redis.call('PEXPIRE', key, ttl)
+  redis.call('PUBLISH', channel, id .. ' ' .. meta)
+  ids[i] = id
+end
+return ids
+"""
+
+_REPORT_EVERY = 2.0
+_REPORT_TTL_MS = 6000
+
+
+def check_redis(url: str, timeout: float = 2.0) -> None:
+    """Raise ``redis.RedisError``/``OSError`` unless Redis at ``url`` answers a PING."""
+    client = redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
+    try:
+        client.ping()
+    finally:
+        client.close()
+
+
+class RedisBroker(Broker):
+    """Thread-safety: redis-py clients are thread-safe (a connection pool); the listener's
+    PubSub object is used by the listener thread only."""
+
+    kind = "redis"
+
+    def __init__(self, settings: Settings) -> None:
+        self._url = settings.redis_url
+        self._prefix = settings.redis_prefix
+        self._channel = f"{self._prefix}:bus"
+        self._maxlen = settings.history_size
+        self._ttl_ms = max(int(settings.history_ttl * 1000), 1)
+        self._redis = redis.Redis.from_url(
+            self._url, socket_timeout=2.0, socket_connect_timeout=2.0
+        )
+        self._script = self._redis.register_script(_PUBLISH)
+        self._worker = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self._stop = threading.Event()
+        self._connected = False
+        self._thread: threading.Thread | None = None
+        self._broadcaster: Broadcaster | None = None
+        self._hub: Hub | None = None
+        self.reconnects = 0
+        self.errors = 0
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def start(self, broadcaster: Broadcaster, hub: Hub) -> None:
+        self._broadcaster, self._hub = broadcaster, hub
+        # daemon: a hung Redis socket must not keep the worker from exiting; stop() ends it
+        self._thread = threading.Thread(
+            target=self._listen, name="wsserver-redis-listener", daemon=True
+        )
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(3.0)
+        try:
+            self._redis.delete(self._worker_key)
+            self._redis.zrem(self._workers_key, self._worker)
+        except (redis.RedisError, OSError):
+            pass
+        self._redis.close()
+
+    @property
+    def ready(self) -> bool:
+        return self._connected and self.alive
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    # -- publishing ------------------------------------------------------------------------
+
+    def publish(self, messages: tuple[Outgoing, ...], timeout: float) -> list[str] | None:
+        keys = [self._stream(audience_key(m.room, m.user)) for m in messages]
+        metas = [json.dumps([m.room, m.user, m.prefix], ensure_ascii=False) for m in messages]
+        try:
+            ids = self._script(keys=keys, args=[self._channel, self._maxlen, self._ttl_ms, *metas])
+        except (redis.RedisError, OSError) as exc:
+            self.errors += 1
+            raise BrokerUnavailable(f"redis: {exc.__class__.__name__}") from None
+        return [i.decode() if isinstance(i, bytes) else str(i) for i in ids]
+
+    def relay(self, frame: bytes, timeout: float) -> bool:
+        try:
+            self._redis.publish(self._channel, b"!" + frame)
+        except (redis.RedisError, OSError):
+            self.errors += 1
+            return False
+        return True
+
+    def history(self, room: str, since: str) -> Recovery:
+        if order_of(since) is None or "-" not in since:
+            return Recovery(False)
+        key = self._stream(audience_key(room, None))
+        try:
+            pipe = self._redis.pipeline(transaction=True)
+            pipe.xrange(key, since, since)
+            pipe.xrange(key, "(" + since, "+")
+            pipe.xinfo_stream(key)
+            exact, after, info = pipe.execute()
+        except redis.ResponseError:  # no such stream (expired, or Redis restarted)
+            return Recovery(False)
+        except (redis.RedisError, OSError) as exc:
+            self.errors += 1
+            raise BrokerUnavailable(f"redis: {exc.__class__.__name__}") from None
+        last_order = order_of(_text(info.get("last-generated-id", b"")))
+        wanted = order_of(since)
+        if last_order is None or wanted is None or wanted > last_order:
+            return Recovery(False)  # an id this stream never gave out
+        deleted = info.get("max-deleted-entry-id")
+        if deleted is not None:  # Redis 7: exactly what trimming removed
+            lost = (order_of(_text(deleted)) or (0, 0)) > wanted
+        else:  # Redis 6.2: only an entry still present vouches for what follows it
+            lost = not exact and wanted != last_order
+        if lost:
+            return Recovery(False)
+        frames = []
+        for entry_id, fields in after:
+            mid = entry_id.decode()
+            _room, _user, prefix = json.loads(fields[b"m"])
+            frames.append((order_of(mid), envelope_frame(prefix, mid)))
+        return Recovery(True, frames)
+
+    def cluster(self) -> dict | None:
+        """Sum of every live worker's last report (each expires after 6 s)."""
+        try:
+            now_ms = int(time.time() * 1000)
+            self._redis.zremrangebyscore(self._workers_key, "-inf", now_ms)
+            workers = [w.decode() for w in self._redis.zrange(self._workers_key, 0, -1)]
+            pipe = self._redis.pipeline(transaction=False)
+            for worker in workers:
+                pipe.hgetall(f"{self._prefix}:worker:{worker}")
+            reports = pipe.execute()
+        except (redis.RedisError, OSError):
+            return None
+        clients, rooms, live = 0, {}, 0
+        for report in reports:
+            if not report:
+                continue
+            live += 1
+            clients += int(report.get(b"clients", 0))
+            for room, n in json.loads(report.get(b"rooms", b"{}")).items():
+                rooms[room] = rooms.get(room, 0) + n
+        return {"workers": live, "clients": clients, "rooms": rooms}
+
+    # -- the listener thread ---------------------------------------------------------------
+
+    def _stream(self, key: str) -> str:
+        return f"{self._prefix}:h:{key}"
+
+    @property
+    def _worker_key(self) -> str:
+        return f"{self._prefix}:worker:{self._worker}"
+
+    @property
+    def _workers_key(self) -> str:
+        return f"{self._prefix}:workers"
+
+    def _listen(self) -> None:
+        pubsub: Any = None
+        backoff = 0.1
+        next_report = 0.0
+        while not self._stop.is_set():
+            try:
+                if pubsub is None:
+                    pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
+                    pubsub.subscribe(self._channel)
+                    if not self._connected:
+                        log.info("redis: listening on %s", self._channel)
+                    self._connected = True
+                    backoff = 0.1
+                message = pubsub.get_message(timeout=1.0)
+                if message is not None and message.get("type") == "message":
+                    self._deliver(message["data"])
+                if time.monotonic() >= next_report:
+                    self._report()
+                    next_report = time.monotonic() + _REPORT_EVERY
+            except (redis.RedisError, OSError) as exc:
+                if self._connected:
+                    log.warning("redis: connection lost (%s); reconnecting", exc.__class__.__name__)
+                self._connected = False
+                self.errors += 1
+                if pubsub is not None:
+                    try:
+                        pubsub.close()
+                    except (redis.RedisError, OSError):
+                        pass
+                    pubsub = None
+                self.reconnects += 1
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, 2.0)
+            except Exception:  # a bad message must not kill the listener
+                log.exception("redis: listener error")
+        if pubsub is not None:
+            try:
+                pubsub.close()
+            except (redis.RedisError, OSError):
+                pass
+
+    def _deliver(self, data: bytes) -> None:
+        assert self._broadcaster is not None
+        if data[:1] == b"!":
+            item = Broadcast(data[1:], time.monotonic())
+        else:
+            head, _, meta = data.partition(b" ")
+            mid = head.decode()
+            room, user, prefix = json.loads(meta)
+            item = Broadcast(envelope_frame(prefix, mid), time.monotonic(), room, user, order_of(mid))
+        # never drop what Redis accepted: wait for room in the local queue
+        while not self._broadcaster.submit(item, 1.0):
+            if self._stop.is_set():
+                return
+
+    def _report(self) -> None:
+        assert self._hub is not None
+        clients, _rooms, _subs = self._hub.totals()
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.hset(
+            self._worker_key,
+            mapping={"clients": clients, "rooms": json.dumps(self._hub.room_counts())},
+        )
+        pipe.pexpire(self._worker_key, _REPORT_TTL_MS)
+        pipe.zadd(self._workers_key, {self._worker: int(time.time() * 1000) + _REPORT_TTL_MS})
+        pipe.execute()
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

@@ -1,0 +1,196 @@
+/*
+ * wsserver.js: a small browser client for wsserver (docs/protocol.md). No dependencies, no
+ * build step, ES2017. Load it with a classic <script src="/static/wsserver.js"> and use
+ * window.WsserverClient (under CommonJS it is also module.exports).
+ *
+ *   const client = new WsserverClient("wss://notify.example.com/ws", {rooms: ["orders"]});
+ *   client.on("message", (n) => console.log(n.room, n.id, n.event, n.message, n.data));
+ *   client.subscribe("chat");
+ *
+ * Options: rooms (joined at every (re)connect), token (sent as ?token=; browsers cannot set
+ * headers on a WebSocket), backoffInitial / backoffMax (reconnect delays, ms).
+ * Events (on/off): open; close (code, reason); state ("connecting", "open", "reconnecting",
+ * "closed"); message (every notification object); reply (every command reply: subscribed,
+ * unsubscribed, pong, error...); error (a socket error, or an "error" reply); raw (any other
+ * frame, e.g. a rebroadcast free-form message: string or Blob).
+ */
+(function (root) {
+  "use strict";
+
+  // Close codes that mean "fix the client": reconnecting the same way would fail again.
+  // 1008 is fatal only for "too many invalid commands" (1008 "slow consumer" may reconnect).
+  const FATAL_CODES = [1002, 1007, 1009, 4001];
+  const isFatal = (code, reason) =>
+    FATAL_CODES.indexOf(code) >= 0 || (code === 1008 && reason === "too many invalid commands");
+
+  class WsserverClient {
+    constructor(url, options) {
+      const opts = options || {};
+      this.url = url;
+      this.token = opts.token || null;
+      this.backoffInitial = opts.backoffInitial > 0 ? opts.backoffInitial : 500;
+      this.backoffMax = opts.backoffMax > 0 ? opts.backoffMax : 30000;
+      this.rooms = new Set(opts.rooms || []); // rooms to (re)join on every connect
+      this.lastIds = {}; // room -> id of the last notification seen there (for "since")
+      this.state = "closed";
+      this._handlers = {};
+      this._ws = null;
+      this._attempt = 0; // failed connects in a row: drives the backoff
+      this._timer = null;
+      this._stopped = false;
+      this._onOnline = () => this._retryNow();
+      if (root.addEventListener) root.addEventListener("online", this._onOnline);
+      // connect on the next tick, so handlers attached right after `new` see every event
+      this._timer = setTimeout(() => this._connect(), 0);
+    }
+
+    on(name, fn) {
+      (this._handlers[name] = this._handlers[name] || []).push(fn);
+      return this;
+    }
+
+    off(name, fn) {
+      const list = this._handlers[name] || [];
+      const i = list.indexOf(fn);
+      if (i >= 0) list.splice(i, 1);
+      return this;
+    }
+
+    // Join a room now (if connected) and after every reconnect.
+    subscribe(room) {
+      this.rooms.add(room);
+      this._sendSubscribe(room);
+    }
+
+    // Leave a room and forget its position (a later subscribe starts from "now").
+    unsubscribe(room) {
+      this.rooms.delete(room);
+      delete this.lastIds[room];
+      this.send({type: "unsubscribe", room: room});
+    }
+
+    ping() {
+      return this.send({type: "ping"});
+    }
+
+    // Send a command object (or a string/binary free-form message); false when not open.
+    send(data) {
+      if (!this._ws || this._ws.readyState !== 1) return false;
+      const plain = Object.prototype.toString.call(data) === "[object Object]";
+      this._ws.send(plain ? JSON.stringify(data) : data);
+      return true;
+    }
+
+    // Close for good: no reconnect after this.
+    close(code, reason) {
+      this._stopped = true;
+      clearTimeout(this._timer);
+      if (root.removeEventListener) root.removeEventListener("online", this._onOnline);
+      if (this._ws) this._ws.close(code || 1000, reason || "");
+      else this._setState("closed");
+    }
+
+    _emit(name, ...args) {
+      for (const fn of (this._handlers[name] || []).slice()) {
+        try {
+          fn.apply(this, args);
+        } catch (err) {
+          setTimeout(() => { throw err; }, 0); // a handler's bug must not break the client
+        }
+      }
+    }
+
+    _setState(state) {
+      if (state === this.state) return;
+      this.state = state;
+      this._emit("state", state);
+    }
+
+    _connect() {
+      if (this._stopped) return;
+      this._setState(this.state === "closed" ? "connecting" : "reconnecting");
+      let url = this.url;
+      if (this.token) url += (url.indexOf("?") >= 0 ? "&" : "?") + "token=" + encodeURIComponent(this.token);
+      let ws;
+      try {
+        ws = new WebSocket(url);
+      } catch (err) { // a malformed URL: retrying cannot help
+        this._stopped = true;
+        this._emit("error", err);
+        this._setState("closed");
+        return;
+      }
+      this._ws = ws;
+      ws.onopen = () => {
+        this._attempt = 0;
+        this._setState("open");
+        this._emit("open");
+        for (const room of this.rooms) this._sendSubscribe(room);
+      };
+      ws.onmessage = (ev) => this._receive(ev.data);
+      ws.onerror = (ev) => this._emit("error", ev);
+      ws.onclose = (ev) => {
+        if (this._ws !== ws) return;
+        this._ws = null;
+        this._emit("close", ev.code, ev.reason);
+        if (this._stopped || isFatal(ev.code, ev.reason)) {
+          this._stopped = true;
+          this._setState("closed");
+        } else {
+          this._scheduleReconnect();
+        }
+      };
+    }
+
+    // Exponential backoff with "equal jitter": a random delay in [d/2, d], d doubling per
+    // failed attempt up to backoffMax, so a restarted server is not hit by every tab at once.
+    _scheduleReconnect() {
+      const d = Math.min(this.backoffMax, this.backoffInitial * Math.pow(2, this._attempt));
+      this._attempt += 1;
+      this._setState("reconnecting");
+      clearTimeout(this._timer);
+      this._timer = setTimeout(() => this._connect(), d / 2 + Math.random() * d / 2);
+    }
+
+    // The network came back: skip the rest of the backoff wait.
+    _retryNow() {
+      if (this._stopped || this._ws || this.state !== "reconnecting") return;
+      clearTimeout(this._timer);
+      this._connect();
+    }
+
+    _sendSubscribe(room) {
+      const cmd = {type: "subscribe", room: room};
+      if (this.lastIds[room] !== undefined) cmd.since = this.lastIds[room]; // resume
+      return this.send(cmd);
+    }
+
+    _receive(data) {
+      let obj = null;
+      if (typeof data === "string") {
+        try {
+          obj = JSON.parse(data);
+        } catch (err) {
+          obj = null;
+        }
+      }
+      if (obj === null || typeof obj !== "object" || Array.isArray(obj)) {
+        this._emit("raw", data);
+      } else if (typeof obj.type === "string" && !("event" in obj)) {
+        this._emit("reply", obj);
+        if (obj.type === "error") this._emit("error", obj);
+      } else if (typeof obj.event === "string" && "id" in obj) {
+        // ids are opaque strings; the last one seen in a room is where to resume from
+        if (obj.room !== null && obj.room !== undefined && this.rooms.has(obj.room)) {
+          this.lastIds[obj.room] = obj.id;
+        }
+        this._emit("message", obj);
+      } else {
+        this._emit("raw", data);
+      }
+    }
+  }
+
+  root.WsserverClient = WsserverClient;
+  if (typeof module === "object" && module && module.exports) module.exports = WsserverClient;
+})(typeof self !== "undefined" ? self : this);
