@@ -164,11 +164,10 @@ class RedisBroker(Broker):
         wanted = order_of(since)
         if last_order is None or wanted is None or wanted > last_order:
             return Recovery(False)  # an id this stream never gave out
-        deleted = info.get("max-deleted-entry-id")
-        if deleted is not None:  # Redis 7: exactly what trimming removed
-            lost = (order_of(_text(deleted)) or (0, 0)) > wanted
-        else:  # Redis 6.2: only an entry still present vouches for what follows it
-            lost = not exact and wanted != last_order
+        # trimming removes entries from the head, in order: while `since` itself is still
+        # there, everything after it is too (a stream id says nothing of its successor, so a
+        # trimmed `since` cannot vouch for the next entry, unless it was the last one)
+        lost = not exact and wanted != last_order
         if lost:
             return Recovery(False)
         frames = []
