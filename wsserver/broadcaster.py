@@ -22,6 +22,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Tuple, Union
 
+from . import metrics
 from .connection import Connection, SendResult
 from .hub import Hub
 
@@ -143,6 +144,7 @@ class Broadcaster:
                 except queue.Empty:
                     item = None
             self._deliver_safely(batch)
+            metrics.QUEUE_DEPTH.set(q.qsize())
 
     def _deliver_safely(self, batch: list[Broadcast]) -> None:
         if not batch:
@@ -180,6 +182,7 @@ class Broadcaster:
             if clients:
                 self._send(batch[start:end], clients)
             self.messages_out += end - start
+            metrics.MESSAGES_OUT.inc(end - start)
             start = end
         if log.isEnabledFor(logging.DEBUG):
             log.debug(
@@ -200,7 +203,13 @@ class Broadcaster:
                 result = conn.send_frames(frames, total)
             if result == SendResult.SLOW:
                 slow.append(conn)
-        self.deliveries += len(items) * (len(clients) - len(slow))
+        delivered = len(clients) - len(slow)
+        self.deliveries += len(items) * delivered
+        metrics.DELIVERIES.inc(len(items) * delivered)
+        metrics.BYTES_OUT.inc(total * delivered)
+        written = time.monotonic()
+        for item in items:
+            metrics.DELIVERY_LATENCY.observe(written - item.queued_at)
         for conn in slow:
             self._on_slow(conn)
 

@@ -20,12 +20,22 @@ values from gunicorn's config, not from here.
 
 from __future__ import annotations
 
+import os
 import resource
+import shutil
 import signal
 import sys
+import tempfile
 import threading
 
-from wsserver.config import SettingsError, load_settings
+# prometheus_client's multiprocess mode: every worker writes its metrics under this directory
+# and /metrics in any worker adds them up. prometheus_client picks its mode when first
+# imported, so this comes before importing wsserver (which imports it).
+_METRICS_DIR_OWNED = "PROMETHEUS_MULTIPROC_DIR" not in os.environ
+if _METRICS_DIR_OWNED:
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="wsserver-metrics-")
+
+from wsserver.config import SettingsError, load_settings  # noqa: E402
 
 try:
     _settings = load_settings()
@@ -48,6 +58,7 @@ errorlog = "-"
 access_log_format = '%(h)s "%(m)s %(U)s %(H)s" %(s)s %(b)s %(L)ss "%(a)s"'
 
 _THREAD_STACK = 512 * 1024
+
 
 
 def on_starting(server):  # noqa: ANN001 - gunicorn hook signature
@@ -109,6 +120,17 @@ def post_worker_init(worker):  # noqa: ANN001
 
     signal.signal(signal.SIGTERM, on_sigterm)
     signal.siginterrupt(signal.SIGTERM, False)
+
+
+def child_exit(server, worker):  # noqa: ANN001
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)
+
+
+def on_exit(server):  # noqa: ANN001
+    if _METRICS_DIR_OWNED:
+        shutil.rmtree(os.environ["PROMETHEUS_MULTIPROC_DIR"], ignore_errors=True)
 
 
 def _redact(text: str) -> str:

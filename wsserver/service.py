@@ -16,6 +16,7 @@ import threading
 import time
 from typing import Union
 
+from . import metrics
 from .auth import AccessDenied, AccessPolicy, Identity
 from .broadcaster import Broadcaster, Task
 from .brokers import Broker, BrokerUnavailable, Outgoing, make_broker
@@ -174,7 +175,11 @@ class NotificationService:
             Outgoing(room, notification.user, notification.envelope_prefix(room, now_ms))
             for room in targets
         )
-        ids = self.broker.publish(messages, self.settings.enqueue_timeout)
+        try:
+            ids = self.broker.publish(messages, self.settings.enqueue_timeout)
+        except BrokerUnavailable:
+            metrics.PUBLISH_REJECTED.labels("broker_unavailable").inc()
+            raise
         if ids is None:
             return self._rejected()
         if notification.user is not None:
@@ -189,6 +194,7 @@ class NotificationService:
     def _rejected(self) -> None:
         with self._lock:
             self.rejected_full += 1
+        metrics.PUBLISH_REJECTED.labels("queue_full").inc()
         return None
 
     def rooms(self) -> dict[str, int]:
@@ -205,6 +211,7 @@ class NotificationService:
         assert self.flusher is not None
         with self._lock:
             self.connections_total += 1
+        metrics.CONNECTIONS_OPENED.inc()
         if self.settings.send_buffer:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.settings.send_buffer)
         conn = Connection(self.hub.next_id(), sock, remote, self.settings.client_buffer, self.flusher)
@@ -215,6 +222,7 @@ class NotificationService:
     def on_client_message(self, conn: Connection, payload: Union[str, bytes]) -> None:
         """A complete message from a client: a command (a JSON object with a ``type``), or
         the original's free-form message, rebroadcast to everybody if enabled."""
+        metrics.MESSAGES_IN.inc()
         if isinstance(payload, str):
             try:
                 command = parse_command(payload)
@@ -309,6 +317,7 @@ class NotificationService:
         if self.hub.remove(conn):
             with self._lock:
                 self.slow_consumers += 1
+            metrics.SLOW_CONSUMERS.inc()
             log.warning(
                 "client %d (%s) dropped as a slow consumer: over %d bytes behind",
                 conn.id,

@@ -12,6 +12,7 @@ from typing import Any
 from flask import Blueprint, Response, current_app, jsonify, request
 from werkzeug.exceptions import ClientDisconnected, RequestEntityTooLarge
 
+from . import metrics
 from .auth import AccessDenied
 from .errors import json_error
 from .protocol import BadRequest, parse_notification, parse_notify_body
@@ -54,6 +55,12 @@ def health() -> Any:
     if cluster is not None:
         body["cluster"] = cluster
     return jsonify(body), 200 if healthy else 503
+
+
+@bp.get("/metrics")
+def prometheus_metrics() -> Response:
+    """Prometheus exposition (every worker's values added up under several workers)."""
+    return Response(metrics.render(), mimetype=metrics.CONTENT_TYPE_LATEST)
 
 
 @bp.get("/healthz")

@@ -14,6 +14,7 @@ from flask import Flask, current_app, g, request
 from flask_sock import Sock
 
 from .auth import AccessDenied, Identity, token_from
+from . import metrics
 from .errors import json_error
 from .protocol import CLOSE_TRY_AGAIN_LATER, CommandError, parse_room_list
 from .service import NotificationService
@@ -110,6 +111,7 @@ def serve_connection(
         conn.detach()
         return
     log.debug("client %d connected from %s", conn.id, remote)
+    metrics.CONNECTIONS.inc()
     why = "error"
     try:
         if since is not None:
@@ -123,5 +125,6 @@ def serve_connection(
         conn.abort()
     finally:
         service.hub.remove(conn)
+        metrics.CONNECTIONS.dec()
         conn.detach()
         log.debug("client %d disconnected: %s", conn.id, why)

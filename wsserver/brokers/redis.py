@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import redis
 
+from .. import metrics
 from ..broadcaster import Broadcast
 from . import Broker, BrokerUnavailable, Outgoing, Recovery, audience_key, envelope_frame, order_of
 
@@ -134,6 +135,7 @@ class RedisBroker(Broker):
             ids = self._script(keys=keys, args=[self._channel, self._maxlen, self._ttl_ms, *metas])
         except (redis.RedisError, OSError) as exc:
             self.errors += 1
+            metrics.BROKER_ERRORS.inc()
             raise BrokerUnavailable(f"redis: {exc.__class__.__name__}") from None
         return [i.decode() if isinstance(i, bytes) else str(i) for i in ids]
 
@@ -142,6 +144,7 @@ class RedisBroker(Broker):
             self._redis.publish(self._channel, b"!" + frame)
         except (redis.RedisError, OSError):
             self.errors += 1
+            metrics.BROKER_ERRORS.inc()
             return False
         return True
 
@@ -159,6 +162,7 @@ class RedisBroker(Broker):
             return Recovery(False)
         except (redis.RedisError, OSError) as exc:
             self.errors += 1
+            metrics.BROKER_ERRORS.inc()
             raise BrokerUnavailable(f"redis: {exc.__class__.__name__}") from None
         last_order = order_of(_text(info.get("last-generated-id", b"")))
         wanted = order_of(since)
@@ -236,6 +240,7 @@ class RedisBroker(Broker):
                     log.warning("redis: connection lost (%s); reconnecting", exc.__class__.__name__)
                 self._connected = False
                 self.errors += 1
+                metrics.BROKER_ERRORS.inc()
                 if pubsub is not None:
                     try:
                         pubsub.close()
@@ -243,6 +248,7 @@ class RedisBroker(Broker):
                         pass
                     pubsub = None
                 self.reconnects += 1
+                metrics.BROKER_RECONNECTS.inc()
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, 2.0)
             except Exception:  # a bad message must not kill the listener

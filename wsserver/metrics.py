@@ -1,0 +1,78 @@
+"""Prometheus metrics (prometheus_client), served at ``GET /metrics``.
+
+Why module-level objects: a prometheus_client metric registers itself in the process-wide
+registry when created and may be created only once per process, whatever the number of apps;
+the metric objects are the one place where process state is the right model. Under several
+gunicorn workers, prometheus_client's multiprocess mode adds every worker's values up: the
+shipped gunicorn config points ``PROMETHEUS_MULTIPROC_DIR`` at a fresh directory before any
+worker starts, and marks dead workers' files.
+
+Hot paths pay one ``inc``/``observe`` per batch or per client message, not per delivery.
+"""
+
+from __future__ import annotations
+
+import os
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+__all__ = [
+    "BROKER_ERRORS",
+    "BROKER_RECONNECTS",
+    "BYTES_OUT",
+    "CONNECTIONS",
+    "CONNECTIONS_OPENED",
+    "CONTENT_TYPE_LATEST",
+    "DELIVERIES",
+    "DELIVERY_LATENCY",
+    "MESSAGES_IN",
+    "MESSAGES_OUT",
+    "PUBLISH_REJECTED",
+    "QUEUE_DEPTH",
+    "SLOW_CONSUMERS",
+    "render",
+]
+
+# prometheus_client chose its storage when imported (just above): follow the same choice
+_MULTIPROCESS = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+
+CONNECTIONS = Gauge(
+    "wsserver_connections", "Open WebSocket connections", multiprocess_mode="livesum"
+)
+CONNECTIONS_OPENED = Counter("wsserver_connections_opened", "WebSocket connections accepted")
+MESSAGES_IN = Counter("wsserver_messages_in", "Complete messages received from clients")
+MESSAGES_OUT = Counter("wsserver_messages_out", "Messages fanned out by the broadcaster")
+DELIVERIES = Counter("wsserver_deliveries", "Messages written to clients (message x client)")
+BYTES_OUT = Counter("wsserver_bytes_out", "Bytes of broadcast frames queued to clients")
+QUEUE_DEPTH = Gauge(
+    "wsserver_queue_depth", "Messages waiting in the broadcast queue", multiprocess_mode="livesum"
+)
+SLOW_CONSUMERS = Counter("wsserver_slow_consumers", "Clients dropped as slow consumers (1008)")
+PUBLISH_REJECTED = Counter(
+    "wsserver_publish_rejected", "Publishes refused with 503", ["reason"]
+)
+BROKER_ERRORS = Counter("wsserver_broker_errors", "Broker (Redis) operations that failed")
+BROKER_RECONNECTS = Counter("wsserver_broker_reconnects", "Broker listener reconnections")
+DELIVERY_LATENCY = Histogram(
+    "wsserver_delivery_latency_seconds",
+    "Time from a message being queued to its frames being written to every client",
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
+)
+
+
+def render() -> bytes:
+    """The exposition text: this process's metrics, or every worker's in multiprocess mode."""
+    if _MULTIPROCESS:
+        from prometheus_client import multiprocess
+
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        return generate_latest(registry)
+    return generate_latest()
