@@ -14,7 +14,15 @@ import os
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
-__all__ = ["ENV_PREFIX", "SETTINGS", "Setting", "Settings", "SettingsError", "load_settings"]
+__all__ = [
+    "ENV_PREFIX",
+    "SETTINGS",
+    "Setting",
+    "Settings",
+    "SettingsError",
+    "load_settings",
+    "settings_markdown",
+]
 
 ENV_PREFIX = "WSSERVER_"
 
@@ -349,6 +357,23 @@ def _masked(setting: Setting, value: Any) -> Any:
     if isinstance(value, tuple):
         return f"({len(value)} set, hidden)"
     return "(set, hidden)"
+
+
+def settings_markdown() -> str:
+    """The README's settings table, generated from :data:`SETTINGS` (a test keeps them equal)."""
+    rows = ["| variable | default | meaning |", "| --- | --- | --- |"]
+    for setting in SETTINGS:
+        default = setting.default
+        if setting.name == "rebroadcast":
+            shown = "on in development, off in production"
+        elif default in ((), ""):
+            shown = "(unset)"
+        else:
+            if isinstance(default, float) and default.is_integer():
+                default = int(default)
+            shown = f"`{default}`"
+        rows.append(f"| `{setting.env}` | {shown} | {setting.doc} |")
+    return "\n".join(rows) + "\n"
 
 
 def load_settings(
