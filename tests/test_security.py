@@ -182,3 +182,41 @@ def test_production_defaults_without_configuration(make_server):
     finally:
         ws.close()
     assert "rebroadcast off" in server.log()
+
+
+def test_inbound_rate_limit_closes_with_1008(make_server):
+    server = make_server({"WSSERVER_ENV": "development", "WSSERVER_RATE_LIMIT": "5"})
+    client = RawClient(server)
+    try:
+        for _ in range(40):  # a burst far over 2 s worth at 5/s
+            client.send_text(json.dumps({"type": "ping"}))
+        frames = []
+        while not frames or frames[-1][0] != 0x8:
+            frames.append(client.recv_frame())
+        pongs = [p for op, p in frames if op == 0x1]
+        assert 5 <= len(pongs) <= 12, len(pongs)
+        assert close_code(frames[-1][1]) == 1008 and b"rate limit" in frames[-1][1]
+    finally:
+        client.close()
+
+
+def test_token_expiry_closes_with_4001_unless_refreshed(make_server):
+    server = make_server({"WSSERVER_ENV": "development", "WSSERVER_JWT_SECRET": SECRET})
+    refreshed = websocket.create_connection(f"{server.ws_url}?token={token('dave', ttl=2)}", timeout=10)
+    expiring = RawClient(server, path=f"/ws?token={token('erin', ttl=2)}")
+    try:
+        refreshed.send(json.dumps({"type": "refresh", "token": token("dave", ttl=120)}))
+        reply = recv_json(refreshed)
+        assert reply["type"] == "refreshed" and reply["exp"] > time.time() + 60
+        refreshed.send(json.dumps({"type": "refresh", "token": token("mallory", ttl=120)}))
+        assert recv_json(refreshed)["code"] == "user_mismatch"
+        started = time.monotonic()
+        op, payload = expiring.recv_until(0x8)
+        assert close_code(payload) == 4001 and b"token expired" in payload
+        assert time.monotonic() - started < 6
+        # the refreshed connection outlives the first token
+        assert server.notify({"event": "after"}).status_code == 200
+        assert recv_json(refreshed)["event"] == "after"
+    finally:
+        refreshed.close()
+        expiring.close()

@@ -36,7 +36,12 @@ from wsproto.utilities import LocalProtocolError
 
 from .connection import Connection
 from .frames import OP_CLOSE, OP_PING, OP_PONG, FrameMatch, encode_frame
-from .protocol import CLOSE_INTERNAL_ERROR, CLOSE_MESSAGE_TOO_BIG
+from .protocol import (
+    CLOSE_INTERNAL_ERROR,
+    CLOSE_MESSAGE_TOO_BIG,
+    CLOSE_POLICY_VIOLATION,
+    CLOSE_TOKEN_EXPIRED,
+)
 
 if TYPE_CHECKING:
     from .config import Settings
@@ -73,6 +78,9 @@ def run_session(
     close_deadline: float | None = None
     parts: list[Payload] = []
     size = 0
+    # inbound rate limit: a token bucket of 2 s worth of messages, refilled at `rate` per second
+    rate = settings.rate_limit
+    allowance, refilled = 2 * rate, now
     peer_unresponsive = False
     why = "closed"
 
@@ -94,6 +102,10 @@ def run_session(
                 conn.close(CLOSE_INTERNAL_ERROR, "keepalive ping timeout", in_order=True)
                 why, peer_unresponsive = "keepalive timeout", True
                 break
+            token_deadline = _token_deadline(conn, now)
+            if token_deadline is not None and now >= token_deadline and not conn.closing:
+                conn.close(CLOSE_TOKEN_EXPIRED, "token expired", in_order=True)
+                continue
             if now >= next_ping and close_deadline is None:
                 conn.send(_PING)
                 next_ping = now + settings.ping_interval
@@ -102,7 +114,7 @@ def run_session(
             hold_deadline = None if held_since is None else held_since + hold_limit
             wake_at = min(
                 t
-                for t in (next_ping, life_deadline, close_deadline, hold_deadline)
+                for t in (next_ping, life_deadline, close_deadline, hold_deadline, token_deadline)
                 if t is not None
             )
             if not poller.poll(max(wake_at - now, 0.0) * 1000 + 1):
@@ -136,9 +148,16 @@ def run_session(
                         continue
                     parts.append(chunk)
                     if event.message_finished:
-                        message = _join(parts)
-                        _deliver(conn, message, size, settings.rebroadcast, on_message)
+                        message, message_size = _join(parts), size
                         parts, size = [], 0
+                        if rate:
+                            allowance = min(2 * rate, allowance + (now - refilled) * rate)
+                            refilled = now
+                            if allowance < 1:
+                                conn.close(CLOSE_POLICY_VIOLATION, "rate limit exceeded", in_order=True)
+                                continue
+                            allowance -= 1
+                        _deliver(conn, message, message_size, settings.rebroadcast, on_message)
                 elif isinstance(event, Ping):
                     conn.send_in_order(encode_frame(OP_PONG, bytes(event.payload)))
                 elif isinstance(event, CloseConnection):
@@ -189,6 +208,14 @@ def _deliver(
     finally:
         if conn.replies != replies:
             conn.cancel_echo(match)
+
+
+def _token_deadline(conn: Connection, now: float) -> float | None:
+    """When the connection's token expires, on the monotonic clock (None: no token)."""
+    identity = conn.identity
+    if identity is None:
+        return None
+    return now + (identity.expires_at - time.time())
 
 
 def _reply_to_close(conn: Connection, code: int | None) -> None:
