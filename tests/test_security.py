@@ -220,3 +220,19 @@ def test_token_expiry_closes_with_4001_unless_refreshed(make_server):
     finally:
         refreshed.close()
         expiring.close()
+
+
+def test_a_silent_half_sent_request_is_dropped_and_http_still_answers(make_server):
+    server = make_server({"WSSERVER_ENV": "development", "WSSERVER_HANDSHAKE_TIMEOUT": "1"})
+    import socket
+
+    loris = socket.create_connection(("127.0.0.1", server.port), timeout=15)
+    try:
+        loris.sendall(b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n")  # and never more
+        started = time.monotonic()
+        assert requests.get(server.url + "/", timeout=5).status_code == 200
+        assert loris.recv(100) == b"", "the server dropped the silent client"
+        assert time.monotonic() - started < 8
+    finally:
+        loris.close()
+    assert "Traceback" not in server.log()

@@ -199,6 +199,13 @@ SETTINGS: tuple[Setting, ...] = (
         300.0,
         "Seconds a message stays in history.",
     ),
+    Setting(
+        "handshake_timeout",
+        _float_in(0.5, 300.0),
+        10.0,
+        "Seconds a client may stay silent while sending its HTTP request (the upgrade "
+        "included) before the connection is dropped: slow-loris clients cannot pin threads.",
+    ),
     Setting("queue_size", _int_in(1, 1_000_000), 256, "Broadcast queue capacity (messages)."),
     Setting(
         "enqueue_timeout",
@@ -313,6 +320,7 @@ class Settings:
     private_room_prefix: str
     max_connections_per_ip: int
     rate_limit: float
+    handshake_timeout: float
     redis_url: str
     redis_prefix: str
     history_size: int

@@ -20,10 +20,13 @@ values from gunicorn's config, not from here.
 
 from __future__ import annotations
 
+import logging
 import os
 import resource
 import shutil
 import signal
+import socket
+import struct
 import sys
 import tempfile
 import threading
@@ -104,7 +107,9 @@ def post_fork(server, worker):  # noqa: ANN001
 
 
 def post_worker_init(worker):  # noqa: ANN001
-    """Start the delivery threads in the worker and hook SIGTERM for a 1001 goodbye."""
+    """Start the delivery threads in the worker, bound request reads, and hook SIGTERM for
+    a 1001 goodbye."""
+    _bound_request_reads(worker, _settings.handshake_timeout)
     service = _find_service(worker.wsgi)
     if service is None:
         worker.log.warning("wsserver: the app has no wsserver service; hooks not installed")
@@ -139,6 +144,37 @@ def _redact(text: str) -> str:
 
     password = urlsplit(_settings.redis_url).password
     return text.replace(password, "***") if password else text
+
+
+def _bound_request_reads(worker, seconds: float) -> None:  # noqa: ANN001
+    """gthread reads a request's head with blocking ``recv`` calls that have no timeout, so a
+    client that sends its headers slowly, or stops half-way, pins a pool thread for good.
+    Accepted sockets inherit ``SO_RCVTIMEO`` from the listener: each read then gives up after
+    ``seconds`` of silence and gunicorn drops the connection. Reads of an open WebSocket are
+    unaffected: the session reads only what ``poll`` says has arrived."""
+    whole = int(seconds)
+    value = struct.pack("ll", whole, int((seconds - whole) * 1_000_000))
+    for listener in worker.sockets:
+        try:
+            listener.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, value)
+        except (OSError, AttributeError) as exc:
+            worker.log.warning("wsserver: cannot bound request reads: %s", exc)
+    worker.log.error_log.addFilter(_ReadTimeoutFilter())
+
+
+class _ReadTimeoutFilter(logging.Filter):
+    """gunicorn logs a read that timed out as a socket error with a traceback; it is the
+    handshake timeout doing its job, so say that in one line instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, BlockingIOError) and "Socket error" in str(record.msg):
+            record.msg = "wsserver: a client sent no request data for WSSERVER_HANDSHAKE_TIMEOUT; dropped"
+            record.args = ()
+            record.exc_info = None
+            record.exc_text = None
+            record.levelno, record.levelname = logging.INFO, "INFO"
+        return True
 
 
 def _find_service(app):  # noqa: ANN001, ANN202
