@@ -292,6 +292,19 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting("workers", _int_in(1, 64), 1, "gunicorn worker processes (more than 1 needs WSSERVER_REDIS_URL)."),
     Setting(
+        "console",
+        _parse_bool,
+        False,
+        "Serve the live console page at `/console` in production too (always on in development).",
+    ),
+    Setting(
+        "log_format",
+        _choice("text", "json"),
+        "text",
+        "`text` lines, or `json`: one JSON object per line (ts, level, logger, pid, message), "
+        "for the server's and gunicorn's logs.",
+    ),
+    Setting(
         "log_level",
         _choice("debug", "info", "warning", "error"),
         "info",
@@ -342,7 +355,9 @@ class Settings:
     http_threads: int
     max_connections: int
     workers: int
+    console: bool
     log_level: str
+    log_format: str
 
     @property
     def connection_budget(self) -> int:

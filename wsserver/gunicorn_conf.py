@@ -39,6 +39,7 @@ if _METRICS_DIR_OWNED:
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="wsserver-metrics-")
 
 from wsserver.config import SettingsError, load_settings  # noqa: E402
+from wsserver.logs import gunicorn_logconfig  # noqa: E402
 
 try:
     _settings = load_settings()
@@ -55,6 +56,7 @@ keepalive = 5
 timeout = 30
 graceful_timeout = int(_settings.shutdown_timeout) + 5
 loglevel = _settings.log_level
+logconfig_dict = gunicorn_logconfig(_settings.log_level, _settings.log_format) or {}
 control_socket_disable = True
 errorlog = "-"
 # the path without the query string: connection tokens travel in ?token= and must not be logged
