@@ -46,8 +46,9 @@ class GunicornServer:
     """One gunicorn master + worker serving wsserver on 127.0.0.1."""
 
     def __init__(self, env: dict[str, str] | None = None, args: list[str] | None = None,
-                 threads: int = 64) -> None:
-        self.port = free_port()
+                 threads: int = 64, port: int | None = None) -> None:
+        # ``port``: reuse a known port (a restart test); by default a free one
+        self.port = port or free_port()
         self.env = dict(os.environ)
         self.env.update({
             "WSSERVER_HOST": "127.0.0.1",

@@ -7,12 +7,11 @@ thread is started here (see :mod:`wsserver.service` for why).
 
 from __future__ import annotations
 
-import logging
 from typing import Any, Mapping
 
 from flask import Flask
 
-from . import errors, views, ws
+from . import console, errors, logs, views, ws
 from .config import Settings, load_settings
 from .service import NotificationService
 
@@ -26,22 +25,10 @@ def create_app(config: Mapping[str, Any] | Settings | None = None) -> Flask:
     app = Flask("wsserver")
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_size
     app.config["WSSERVER_SETTINGS"] = settings
-    _configure_logging(settings.log_level)
+    logs.configure(settings.log_level, settings.log_format)
     app.extensions["wsserver"] = NotificationService(settings)
     errors.init_app(app)
     app.register_blueprint(views.bp)
     ws.init_app(app)
+    console.init_app(app)
     return app
-
-
-def _configure_logging(level: str) -> None:
-    """Give the ``wsserver`` loggers a stderr handler (gunicorn configures only its own),
-    unless the host application already set one up."""
-    logger = logging.getLogger("wsserver")
-    logger.setLevel(level.upper())
-    if not logger.handlers and not logging.getLogger().handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(
-            logging.Formatter("[%(asctime)s] [%(process)d] [%(levelname)s] %(name)s: %(message)s")
-        )
-        logger.addHandler(handler)

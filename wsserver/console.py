@@ -38,8 +38,9 @@ def enabled(settings: Any) -> bool:
 
 
 def init_app(app: Flask) -> None:
-    """Register ``GET /console`` when the app's settings enable it; otherwise do nothing."""
-    if enabled(app.config["WSSERVER_SETTINGS"]):
+    """Register ``GET /console`` when the app's settings enable it; otherwise do nothing.
+    Calling it again on the same app does nothing either."""
+    if enabled(app.config["WSSERVER_SETTINGS"]) and bp.name not in app.blueprints:
         app.register_blueprint(bp)
 
 

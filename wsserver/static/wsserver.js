@@ -110,7 +110,9 @@
       if (this._stopped) return;
       this._setState(this.state === "closed" ? "connecting" : "reconnecting");
       let url = this.url;
-      if (this.token) url += (url.indexOf("?") >= 0 ? "&" : "?") + "token=" + encodeURIComponent(this.token);
+      if (this.token) {
+        url += (url.indexOf("?") >= 0 ? "&" : "?") + "token=" + encodeURIComponent(this.token);
+      }
       let ws;
       try {
         ws = new WebSocket(url);
@@ -122,12 +124,13 @@
       }
       this._ws = ws;
       ws.onopen = () => {
+        if (this._ws !== ws) return; // closed by close() before it opened
         this._attempt = 0;
         this._setState("open");
         this._emit("open");
         for (const room of this.rooms) this._sendSubscribe(room);
       };
-      ws.onmessage = (ev) => this._receive(ev.data);
+      ws.onmessage = (ev) => this._ws === ws && this._receive(ev.data);
       ws.onerror = (ev) => this._emit("error", ev);
       ws.onclose = (ev) => {
         if (this._ws !== ws) return;
