@@ -80,8 +80,8 @@ def envelope_frame(prefix: str, message_id: str) -> bytes:
 
 
 def order_of(message_id: str) -> tuple | None:
-    """An id as a comparable key: ``"42"`` (memory) → (42,), ``"1700-3"`` (Redis) → (1700, 3).
-    None for something that is not an id of either form."""
+    """An id (``"<ms>-<n>"``, from either broker) as a comparable key: ``"1700-3"`` →
+    (1700, 3). None for anything else."""
     parts = message_id.split("-")
     if not 1 <= len(parts) <= 2 or not all(p.isdigit() and len(p) < 20 for p in parts):
         return None

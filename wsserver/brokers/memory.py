@@ -1,6 +1,9 @@
 """The embedded broker: one process, nothing to install.
 
-Ids are consecutive integers per audience; history is a ring buffer per audience (the last
+Ids are ``<boot>-<n>``: ``n`` counts up by one per audience (a jump shows a gap) and ``boot``
+is the broker's start time in milliseconds, so an id from before a restart is never mistaken
+for one of this run (and ids still increase across restarts). History is a ring buffer per
+audience (the last
 ``WSSERVER_HISTORY_SIZE`` messages, each kept ``WSSERVER_HISTORY_TTL`` seconds). Publishing
 numbers the message, hands it to this worker's broadcaster and records it, all under one lock,
 so ids reach clients in order and a recovery (which reads history under the same lock) sees
@@ -15,7 +18,7 @@ from collections import deque
 from typing import TYPE_CHECKING
 
 from ..broadcaster import Broadcast
-from . import Broker, Outgoing, Recovery, audience_key, envelope_frame
+from . import Broker, Outgoing, Recovery, audience_key, envelope_frame, order_of
 
 if TYPE_CHECKING:
     from ..broadcaster import Broadcaster
@@ -37,6 +40,7 @@ class MemoryBroker(Broker):
         self._seq: dict[str, int] = {}
         self._history: dict[str, deque[tuple[int, bytes, float]]] = {}
         self._broadcaster: Broadcaster | None = None
+        self._boot = int(time.time() * 1000)
 
     def start(self, broadcaster: Broadcaster, hub: Hub) -> None:
         self._broadcaster = broadcaster
@@ -61,9 +65,9 @@ class MemoryBroker(Broker):
             now = time.monotonic()
             keys = [audience_key(m.room, m.user) for m in messages]
             numbers = [self._seq.get(k, 0) + 1 for k in keys]
-            frames = [envelope_frame(m.prefix, str(n)) for m, n in zip(messages, numbers)]
+            frames = [envelope_frame(m.prefix, self._id(n)) for m, n in zip(messages, numbers)]
             items = tuple(
-                Broadcast(frame, now, m.room, m.user, (n,))
+                Broadcast(frame, now, m.room, m.user, (self._boot, n))
                 for m, n, frame in zip(messages, numbers, frames)
             )
             left = max(deadline - time.monotonic(), 0.0)
@@ -76,7 +80,7 @@ class MemoryBroker(Broker):
                     if ring is None:
                         ring = self._history[key] = deque(maxlen=self._size)
                     ring.append((n, frame, now))
-            return [str(n) for n in numbers]
+            return [self._id(n) for n in numbers]
         finally:
             self._lock.release()
 
@@ -84,10 +88,14 @@ class MemoryBroker(Broker):
         assert self._broadcaster is not None
         return self._broadcaster.submit(Broadcast(frame, time.monotonic()), timeout)
 
+    def _id(self, n: int) -> str:
+        return f"{self._boot}-{n}"
+
     def history(self, room: str, since: str) -> Recovery:
-        if not since.isdigit():
-            return Recovery(False)
-        wanted = int(since)
+        order = order_of(since)
+        if order is None or len(order) != 2 or order[0] != self._boot:
+            return Recovery(False)  # not an id of this run (an earlier run's, or made up)
+        wanted = order[1]
         key = audience_key(room, None)
         with self._lock:
             last = self._seq.get(key, 0)
@@ -102,4 +110,4 @@ class MemoryBroker(Broker):
             kept = [(n, frame) for n, frame, at in ring if at >= horizon]
             if not kept or kept[0][0] > wanted + 1:
                 return Recovery(False)  # the message after `since` is gone already
-            return Recovery(True, [((n,), frame) for n, frame in kept if n > wanted])
+            return Recovery(True, [((self._boot, n), frame) for n, frame in kept if n > wanted])
