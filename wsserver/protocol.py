@@ -157,7 +157,7 @@ def parse_command(text: str) -> Command | None:
             return None
     try:
         obj = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
     if not isinstance(obj, dict) or "type" not in obj:
         return None
@@ -198,9 +198,23 @@ def parse_notify_body(body: bytes) -> Any:
     if not text.strip():
         raise BadRequest(400, "invalid_json", "body is empty; expected a JSON object")
     try:
-        return json.loads(text)
+        obj = json.loads(text, parse_constant=_reject_constant)
+        # the envelope must encode back to UTF-8 JSON: refuse lone surrogates ("\ud800"),
+        # and numbers JSON cannot carry (1e400 parses as infinity)
+        json.dumps(obj, ensure_ascii=False, allow_nan=False).encode("utf-8")
+    except RecursionError:
+        raise BadRequest(400, "invalid_json", "body is nested too deeply") from None
+    except UnicodeEncodeError:
+        raise BadRequest(
+            400, "invalid_json", "body has a string that is not valid Unicode (a lone surrogate)"
+        ) from None
     except ValueError as exc:
         raise BadRequest(400, "invalid_json", f"body is not valid JSON: {exc}") from None
+    return obj
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
 
 
 def parse_notification(obj: Any) -> Notification:
