@@ -4,6 +4,8 @@
 flags override ``WSSERVER_*`` variables by being turned into them, so gunicorn's config
 module, the app factory and ``check-config`` all see one set of values.
 ``wsserver check-config`` prints the effective settings, or the first bad one.
+``wsserver notify`` and ``wsserver listen`` publish and subscribe from a shell, through
+:mod:`wsserver.client` (imported only by them: the server does not need requests).
 """
 
 from __future__ import annotations
@@ -63,6 +65,230 @@ def _check_config(_: argparse.Namespace) -> int:
     return 0
 
 
+# -- client commands: notify and listen (wsserver.client) ------------------------------------
+
+DEFAULT_CLIENT_URL = "http://127.0.0.1:8080"
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("expected a whole number of 1 or more")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError("expected a number of seconds above 0")
+    return value
+
+
+def _add_client_commands(sub: argparse._SubParsersAction) -> None:
+    notify = sub.add_parser(
+        "notify",
+        help="publish a notification (POST /notify)",
+        description="Publish one notification given by flags, or, without --event, the JSON "
+        "object or list (a batch) read from stdin: echo '{\"event\":\"x\"}' | wsserver notify. "
+        "Prints the server's JSON answer. Exit status: 0 accepted (a batch may still hold "
+        "per-item errors, listed on stderr), 1 refused or unreachable (code and reason on "
+        "stderr), 2 usage error.",
+    )
+    notify.add_argument("--url", default=DEFAULT_CLIENT_URL, help="server base URL (%(default)s)")
+    notify.add_argument(
+        "--api-key",
+        default=os.environ.get("WSSERVER_API_KEY") or None,
+        help="publisher key, sent as Authorization: Bearer (default: $WSSERVER_API_KEY)",
+    )
+    notify.add_argument("--event", help="event name; without it the notification is read from stdin")
+    notify.add_argument("--message", help="human-readable text")
+    notify.add_argument("--data", metavar="JSON", help="any JSON value, passed through to clients")
+    notify.add_argument(
+        "--room", action="append", dest="rooms", metavar="ROOM",
+        help="target room (repeat for several); none: everybody",
+    )
+    notify.add_argument("--user", help="target one user's connections (token subject)")
+    notify.add_argument(
+        "--timeout", type=_positive_float, default=5.0, help="seconds per request (%(default)s)"
+    )
+    notify.add_argument(
+        "--retries", type=int, default=5,
+        help="retries on 503 (after Retry-After) and connection errors (%(default)s)",
+    )
+    notify.set_defaults(func=_notify)
+
+    listen = sub.add_parser(
+        "listen",
+        help="print notifications as JSON lines (GET /ws)",
+        description="Connect to the server's WebSocket, subscribe to the rooms and print each "
+        "notification as one JSON line on stdout; progress goes to stderr. Reconnects (with "
+        "backoff) and resumes after disconnects. Runs until --count notifications, --timeout "
+        "seconds or Ctrl-C. Exit status: 0 done (or interrupted), 1 the server refused the "
+        "subscription, or --timeout passed before --count notifications or before any "
+        "connection, 2 usage error.",
+    )
+    listen.add_argument(
+        "--url", default=DEFAULT_CLIENT_URL,
+        help="server base URL (%(default)s); http->ws, https->wss, path /ws",
+    )
+    listen.add_argument(
+        "--room", action="append", dest="rooms", default=[], metavar="ROOM",
+        help="room to subscribe to (repeat for several); notifications to everybody always arrive",
+    )
+    listen.add_argument(
+        "--token",
+        default=os.environ.get("WSSERVER_TOKEN") or None,
+        help="connection token (JWT), sent as Authorization: Bearer (default: $WSSERVER_TOKEN)",
+    )
+    listen.add_argument("--since", metavar="ID", help="resume the one --room after this message id")
+    listen.add_argument("--count", type=_positive_int, help="exit after this many notifications")
+    listen.add_argument("--timeout", type=_positive_float, help="exit after this many seconds")
+    listen.set_defaults(func=_listen)
+
+
+def _usage_error(command: str, message: str) -> int:
+    print(f"wsserver {command}: error: {message}", file=sys.stderr)
+    return 2
+
+
+def _notify(args: argparse.Namespace) -> int:
+    import json
+
+    from .client import Publisher, PublishError, WsserverError
+
+    body: object = None
+    if args.event is None:
+        given = [f for f in ("message", "data", "rooms", "user") if getattr(args, f) is not None]
+        if given:
+            return _usage_error(
+                "notify", f"--{given[0]} needs --event (or give the whole notification on stdin)"
+            )
+        if sys.stdin is None or sys.stdin.isatty():
+            return _usage_error("notify", "give --event, or a JSON notification on stdin")
+        text = sys.stdin.read()
+        if not text.strip():
+            return _usage_error("notify", "stdin is empty: expected a JSON object or list")
+        try:
+            body = json.loads(text)
+        except ValueError as exc:
+            return _usage_error("notify", f"stdin is not valid JSON: {exc}")
+        if not isinstance(body, (dict, list)):
+            return _usage_error("notify", "stdin must hold a JSON object or a list of objects")
+    data = None
+    if args.data is not None:
+        try:
+            data = json.loads(args.data)
+        except ValueError as exc:
+            return _usage_error("notify", f"--data is not valid JSON: {exc}")
+    try:
+        publisher = Publisher(args.url, api_key=args.api_key, timeout=args.timeout,
+                              retries=max(args.retries, 0))
+    except ValueError as exc:
+        return _usage_error("notify", str(exc))
+    try:
+        with publisher:
+            if body is not None:
+                answer = publisher.publish_body(body)
+            else:
+                rooms = list(dict.fromkeys(args.rooms or ()))
+                answer = publisher.publish(
+                    args.event,
+                    message=args.message,
+                    data=data,
+                    room=rooms[0] if len(rooms) == 1 else None,
+                    rooms=rooms if len(rooms) > 1 else None,
+                    user=args.user,
+                )
+    except PublishError as exc:
+        status = exc.status if exc.status is not None else "no answer"
+        print(f"wsserver notify: {status} {exc.code}: {exc.reason}", file=sys.stderr)
+        return 1
+    except WsserverError as exc:
+        print(f"wsserver notify: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(answer))
+    for i, result in enumerate(answer.get("results") or ()):
+        if isinstance(result, dict) and result.get("status") != "ok":
+            print(
+                f"wsserver notify: item {i}: {result.get('code')}: {result.get('error')}",
+                file=sys.stderr,
+            )
+    return 0
+
+
+def _listen(args: argparse.Namespace) -> int:
+    import json
+
+    from .client import Subscriber, SubscriptionError, http_to_ws_url
+
+    try:
+        ws_url = http_to_ws_url(args.url)
+    except ValueError as exc:
+        return _usage_error("listen", str(exc))
+    rooms = list(dict.fromkeys(args.rooms))
+    if args.since is not None and len(rooms) != 1:
+        return _usage_error("listen", "--since resumes one room: give exactly one --room")
+
+    def say(text: str) -> None:
+        print(f"wsserver listen: {text}", file=sys.stderr, flush=True)
+
+    def on_state(state: str) -> None:
+        if state == "connecting":
+            if subscriber.last_failure is None:
+                say(f"connecting to {ws_url}")
+            else:
+                say(f"reconnecting to {ws_url} ({subscriber.last_failure})")
+        elif state == "ready":
+            where = ", ".join(subscriber.rooms) or "no rooms (notifications to everybody only)"
+            say(f"connected to {ws_url}, subscribed to {where}")
+        elif state == "closed" and not stopping:
+            close = subscriber.last_close
+            why = f" ({close[0]} {close[1]})".rstrip() if close else ""
+            say(f"disconnected{why}; reconnecting")
+
+    def on_gap(room: str | None, reply: dict) -> None:
+        what = f"room {room}" if room is not None else "notifications to everybody"
+        say(f"warning: {what}: notifications may have been missed (not recoverable: {json.dumps(reply)})")
+
+    def on_error(err: SubscriptionError) -> None:
+        if err.room is not None:  # one room refused; fatal errors are reported below
+            say(f"warning: {err}")
+
+    stopping = False
+    try:
+        subscriber = Subscriber(ws_url, rooms=rooms, token=args.token, since=args.since,
+                                on_state=on_state, on_gap=on_gap, on_error=on_error)
+    except ValueError as exc:
+        return _usage_error("listen", str(exc))
+    received = 0
+    try:
+        try:
+            for notification in subscriber.messages(timeout=args.timeout):
+                print(json.dumps(notification, ensure_ascii=False), flush=True)
+                received += 1
+                if args.count is not None and received >= args.count:
+                    break
+        except SubscriptionError as exc:
+            say(f"the server refused the subscription: {exc}")
+            return 1
+        except BrokenPipeError:  # `wsserver listen | head -1`: the reader left, a normal end
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            return 0
+        finally:
+            stopping = True
+            subscriber.stop()
+    except KeyboardInterrupt:
+        return 0
+    if args.count is not None and received < args.count:
+        say(f"timed out after {args.timeout}s with {received} of {args.count} notifications")
+        return 1
+    if subscriber.connects == 0:
+        say(f"gave up after {args.timeout}s: could not connect to {ws_url}")
+        return 1
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="wsserver", description="Real-time notification service (WebSocket fan-out)."
@@ -86,6 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     check = sub.add_parser("check-config", help="print the effective settings and exit")
     check.set_defaults(func=_check_config)
+    _add_client_commands(sub)
     return parser
 
 

@@ -46,7 +46,8 @@ import socket
 import threading
 import time
 from collections import deque
-from typing import Any, Callable, Dict, Iterable, Iterator, Mapping, Optional, Union
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any, Callable, Union
 from urllib.parse import urlsplit, urlunsplit
 
 import requests
@@ -55,8 +56,8 @@ import websocket
 __all__ = [
     "AuthError",
     "InvalidNotification",
-    "Publisher",
     "PublishError",
+    "Publisher",
     "Subscriber",
     "SubscriptionError",
     "Unavailable",
@@ -69,8 +70,8 @@ log = logging.getLogger("wsserver.client")
 DEFAULT_HTTP_URL = "http://127.0.0.1:8080"
 DEFAULT_WS_URL = "ws://127.0.0.1:8080/ws"
 
-Notification = Dict[str, Any]
-Token = Union[str, Callable[[], str], None]
+Notification = dict[str, Any]
+Token = Union[str, Callable[[], str], None]  # a runtime alias: Union for Python 3.9
 
 
 # -- errors --------------------------------------------------------------------------------------
@@ -376,6 +377,9 @@ CLOSE_TOKEN_EXPIRED = 4001
 # HTTP statuses of a refused handshake worth retrying (with Retry-After when given)
 _RETRY_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
 
+# error frames answering a subscribe that are worth a retry (the room stays wanted)
+_TRANSIENT_COMMAND_ERRORS = frozenset({"busy", "history_unavailable", "queue_full"})
+
 _STOPPED = object()  # end-of-stream marker in the message queue
 
 
@@ -446,7 +450,7 @@ class Subscriber:
         backoff_initial: float = 0.5,
         backoff_max: float = 30,
         *,
-        on_gap: Callable[[Optional[str], dict], Any] | None = None,
+        on_gap: Callable[[str | None, dict], Any] | None = None,
         on_state: Callable[[str], Any] | None = None,
         on_error: Callable[[SubscriptionError], Any] | None = None,
         connect_timeout: float = 10.0,
@@ -480,13 +484,16 @@ class Subscriber:
         self.state = "new"
         self.error: SubscriptionError | None = None
         self.last_close: tuple[int, str] | None = None  # (code, reason) of the last close seen
-        self.gaps: deque[tuple[Optional[str], dict]] = deque(maxlen=100)
+        self.gaps: deque[tuple[str | None, dict]] = deque(maxlen=100)
         self.connects = 0  # successful handshakes so far
+        self.last_failure: str | None = None  # why the last connection attempt or connection ended
 
-        self._lock = threading.Lock()  # guards _ws, _pending, _rooms, _last_ids, _resync
+        # guards _ws, _rooms, _last_ids, _outbox, _inflight, _retrying
+        self._lock = threading.Lock()
         self._ws: websocket.WebSocket | None = None
-        self._pending: deque[tuple[str, str]] = deque()  # (command, room) awaiting a reply
-        self._resync: set[str] = set()  # rooms whose next id may jump (history not recovered)
+        self._outbox: deque[tuple[str, str]] = deque()  # (command, room) not sent yet
+        self._inflight: deque[tuple[str, str, bool]] = deque()  # (command, room, since?) sent
+        self._retrying: dict[str, int] = {}  # room -> attempts, while a retry timer runs
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=max_pending)
         self._stopping = threading.Event()
         self._ready = threading.Event()
@@ -515,9 +522,9 @@ class Subscriber:
     def start(self) -> Subscriber:
         """Start the background thread (idempotent while running). Returns self."""
         with self._lock:
+            if self._done.is_set() or (self._thread is None and self._stopping.is_set()):
+                raise RuntimeError("a stopped Subscriber cannot be restarted; make a new one")
             if self._thread is not None:
-                if self._done.is_set() and not self._thread.is_alive():
-                    raise RuntimeError("a stopped Subscriber cannot be restarted; make a new one")
                 return self
             self._thread = threading.Thread(
                 target=self._run, name="wsserver-subscriber", daemon=True
@@ -536,17 +543,19 @@ class Subscriber:
             try:
                 if ws.connected:
                     ws.send_close(1000, b"client stopping")
-            except Exception:  # noqa: BLE001 - already broken: the abort below does it
-                self._abort(ws)
+            except (OSError, websocket.WebSocketException):
+                self._abort(ws)  # already broken: cut it so the reader wakes up
         if thread is None:
             self._finish()
             return True
         if thread is threading.current_thread():
             return False  # called from a callback: the thread ends when the callback returns
-        thread.join(timeout / 2)
+        deadline = time.monotonic() + timeout
+        # a healthy server answers a close in milliseconds; do not let a slow one hold us
+        thread.join(min(timeout / 2, 1.0))
         if thread.is_alive() and ws is not None:
             self._abort(ws)  # no close reply in time: cut the socket to wake the reader
-        thread.join(timeout / 2)
+        thread.join(max(deadline - time.monotonic(), 0.0))
         return not thread.is_alive()
 
     def wait_ready(self, timeout: float | None = None) -> bool:
@@ -571,18 +580,19 @@ class Subscriber:
                 self._last_ids[room] = since
             if room not in self._rooms:
                 self._rooms.append(room)
-            ws = self._ws
-        if ws is not None and ws.connected:
-            self._send_command(ws, "subscribe", room)
+            if self._ws is not None and self._ws.connected:
+                self._outbox.append(("subscribe", room))
+                self._pump_locked(self._ws)
 
     def unsubscribe(self, room: str) -> None:
         """Leave ``room`` now and stop joining it on reconnect."""
         with self._lock:
             if room in self._rooms:
                 self._rooms.remove(room)
-            ws = self._ws
-        if ws is not None and ws.connected:
-            self._send_command(ws, "unsubscribe", room)
+            self._retrying.pop(room, None)
+            if self._ws is not None and self._ws.connected:
+                self._outbox.append(("unsubscribe", room))
+                self._pump_locked(self._ws)
 
     def messages(self, timeout: float | None = None) -> Iterator[Notification]:
         """Iterate over notifications (starting the subscriber if needed) for at most
@@ -591,7 +601,8 @@ class Subscriber:
         it. Only when there is no ``on_message`` callback."""
         if self.on_message is not None:
             raise RuntimeError("messages() is for subscribers without an on_message callback")
-        self.start()
+        if self._thread is None and not self._stopping.is_set():
+            self.start()
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             left = None if deadline is None else deadline - time.monotonic()
@@ -633,6 +644,7 @@ class Subscriber:
                     self._session(ws, reconnect=self.connects > 1)
                 except _Retry as retry:
                     log.info("wsserver subscriber: %s", retry)
+                    self.last_failure = str(retry)
                     hint = retry.delay
                 except SubscriptionError as fatal:
                     self._fail(fatal)
@@ -656,7 +668,7 @@ class Subscriber:
                     delay = max(delay, min(hint, self.backoff_max))
                 if self._stopping.wait(delay):
                     return
-        except Exception:  # noqa: BLE001 - a bug here must end the stream visibly, not hang it
+        except Exception:
             log.exception("wsserver subscriber thread failed")
             self._fail(SubscriptionError("internal error in the subscriber (see the log)"))
         finally:
@@ -664,7 +676,13 @@ class Subscriber:
 
     def _connect(self) -> websocket.WebSocket:
         """One handshake. Raises _Retry (transient) or SubscriptionError (fatal)."""
-        token = self.token() if callable(self.token) else self.token
+        if callable(self.token):
+            try:
+                token = self.token()
+            except Exception as exc:  # noqa: BLE001 - the token service may be down: retry
+                raise _Retry(f"the token callable failed: {exc!r}") from None
+        else:
+            token = self.token
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         ws = websocket.WebSocket(enable_multithread=True)
         with self._lock:
@@ -706,11 +724,11 @@ class Subscriber:
         ws.settimeout(self.keepalive)
         self._set_state("open")
         with self._lock:
-            rooms = list(self._rooms)
-            self._pending.clear()
+            self._inflight.clear()
+            self._retrying.clear()
+            self._outbox = deque(("subscribe", room) for room in self._rooms)
+            self._pump_locked(ws)
             no_resume = self._last_ids.get(None) if reconnect else None
-        for room in rooms:
-            self._send_command(ws, "subscribe", room)
         if no_resume is not None:
             self._gap(None, {"type": "reconnected", "room": None, "recovered": False,
                              "since": no_resume})
@@ -767,21 +785,12 @@ class Subscriber:
             self._on_reply(obj)
 
     def _on_notification(self, n: Notification) -> None:
+        # ids are opaque (docs/protocol.md: "<boot ms>-<n>" in memory, stream ids with Redis):
+        # the last one is kept to be sent back as ``since``; gaps are the server's to report
         room, msg_id = n.get("room"), n.get("id")
-        jumped: tuple[str, str] | None = None
-        with self._lock:
-            prev = self._last_ids.get(room)
-            if isinstance(msg_id, str):
-                if room is not None and prev is not None and room not in self._resync:
-                    if _int(msg_id) is not None and _int(prev) is not None:
-                        if _int(msg_id) != _int(prev) + 1:  # type: ignore[operator]
-                            jumped = (prev, msg_id)
-                if room is not None:
-                    self._resync.discard(room)
+        if isinstance(msg_id, str):
+            with self._lock:
                 self._last_ids[room] = msg_id
-        if jumped is not None:
-            self._gap(room, {"type": "gap", "room": room, "recovered": False,
-                             "after": jumped[0], "id": jumped[1]})
         if self.on_message is not None:
             self._call(self.on_message, n)
             return
@@ -796,41 +805,80 @@ class Subscriber:
         kind = reply.get("type")
         if kind not in ("subscribed", "unsubscribed", "error"):
             return  # pong, refreshed, future replies
+        room = reply.get("room")
         with self._lock:
-            command = self._pending.popleft() if self._pending else None
-            if kind == "error" and command is not None and command[0] == "subscribe":
-                if command[1] in self._rooms:
-                    self._rooms.remove(command[1])  # would fail the same way on every reconnect
+            # replies come in command order (see _pump_locked), so the oldest in-flight
+            # command is the one answered; error frames carry no room, hence the order
+            command = self._inflight.popleft() if self._inflight else None
+            if command is not None and kind != "error" and command[1] != room:
+                log.debug("wsserver subscriber: reply %r while %r was expected", reply, command)
+            failed = command[1] if (kind == "error" and command is not None) else None
+            transient = kind == "error" and reply.get("code") in _TRANSIENT_COMMAND_ERRORS
+            if failed is not None and command is not None and command[0] == "subscribe":
+                if transient and failed in self._rooms:
+                    self._retry_subscribe_locked(failed)
+                elif failed in self._rooms:
+                    self._rooms.remove(failed)  # would fail the same way on every reconnect
+            if kind == "subscribed" and isinstance(room, str):
+                self._retrying.pop(room, None)
+            ws = self._ws
+            if ws is not None:
+                self._pump_locked(ws)
         if kind == "subscribed" and reply.get("recovered") is False:
-            room = reply.get("room")
-            with self._lock:
-                self._resync.add(room)
             self._gap(room, reply)
-        elif kind == "error":
-            room = command[1] if command is not None else None
+        elif kind == "error" and not transient:
             err = SubscriptionError(
-                str(reply.get("reason", "")), code=reply.get("code"), room=room or "?"
+                str(reply.get("reason", "")), code=reply.get("code"), room=failed or "?"
             )
             log.warning("wsserver subscriber: %s", err)
             if self.on_error is not None:
                 self._call(self.on_error, err)
 
-    def _send_command(self, ws: websocket.WebSocket, kind: str, room: str) -> None:
-        command: dict[str, Any] = {"type": kind, "room": room}
-        with self._lock:
+    def _pump_locked(self, ws: websocket.WebSocket) -> None:
+        """Send what the outbox holds, keeping replies attributable (holds ``_lock``).
+
+        Replies to plain commands come back in the order sent, but a ``subscribe`` with
+        ``since`` is answered later, from the server's broadcaster (after reading history),
+        and error frames do not say which command they answer. So a ``since`` subscribe is
+        sent only when nothing else is in flight, and nothing else is sent while it is: at
+        any time the oldest in-flight command is the one the next reply answers. Costs one
+        round trip per resumed room on reconnect."""
+        while self._outbox and not self._stopping.is_set():
+            kind, room = self._outbox[0]
             since = self._last_ids.get(room) if kind == "subscribe" else None
+            if self._inflight and (since is not None or self._inflight[-1][2]):
+                return
+            self._outbox.popleft()
+            command: dict[str, Any] = {"type": kind, "room": room}
             if since is not None:
                 command["since"] = since
-            # append and send under one lock: replies come in the order commands were sent
-            self._pending.append((kind, room))
+            self._inflight.append((kind, room, since is not None))
             try:
                 ws.send(json.dumps(command))
             except (OSError, websocket.WebSocketException):
-                pass  # the reader sees the broken connection and reconnects
+                return  # the reader sees the broken connection and reconnects
+
+    def _retry_subscribe_locked(self, room: str) -> None:
+        """The server was busy (or its history store down): subscribe again after a backoff,
+        on this connection if it is still the current one."""
+        attempt = self._retrying.get(room, 0)
+        self._retrying[room] = attempt + 1
+        ws = self._ws
+        delay = max(0.05, _backoff(attempt, self.backoff_initial, self.backoff_max))
+
+        def again() -> None:
+            with self._lock:
+                if self._ws is ws and ws is not None and ws.connected and room in self._retrying:
+                    self._outbox.append(("subscribe", room))
+                    self._pump_locked(ws)
+
+        timer = threading.Timer(delay, again)
+        timer.name, timer.daemon = "wsserver-subscriber-retry", True
+        timer.start()
 
     def _check_ready(self) -> bool:
         with self._lock:
-            ready = not self._pending
+            ready = not (self._outbox or self._inflight or self._retrying)
         if ready and not self._ready.is_set():
             self._healthy = True
             self._ready.set()
@@ -881,12 +929,5 @@ class Subscriber:
     def _call(fn: Callable[..., Any], *args: Any) -> None:
         try:
             fn(*args)
-        except Exception:  # noqa: BLE001 - a callback's bug must not end the subscription
+        except Exception:
             log.exception("wsserver subscriber: callback %r failed", fn)
-
-
-def _int(text: str) -> int | None:
-    try:
-        return int(text)
-    except (TypeError, ValueError):
-        return None

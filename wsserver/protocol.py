@@ -184,9 +184,13 @@ def parse_command(text: str) -> Command | None:
     )
 
 
-def error_frame(code: str, reason: str) -> bytes:
-    """The error frame a client gets for a bad command (the connection stays open)."""
-    return encode_json_frame({"type": "error", "code": code, "reason": reason})
+def error_frame(code: str, reason: str, room: str | None = None) -> bytes:
+    """The error frame a client gets for a bad command (the connection stays open); it names
+    the room when the command named one, so a client can tell which command failed."""
+    frame: dict = {"type": "error", "code": code, "reason": reason}
+    if room is not None:
+        frame["room"] = room
+    return encode_json_frame(frame)
 
 
 def parse_notify_body(body: bytes) -> Any:

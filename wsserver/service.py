@@ -40,6 +40,10 @@ __all__ = ["BrokerUnavailable", "NotificationService", "Published"]
 
 log = logging.getLogger(__name__)
 
+# error codes that report the server's state, not a client mistake: they never count towards
+# WSSERVER_MAX_INVALID_COMMANDS
+SERVER_SIDE_ERRORS = frozenset({"busy", "history_unavailable", "queue_full"})
+
 
 class Published:
     """What ``publish`` accepted: the message id per target (``None`` is everybody) and how
@@ -296,21 +300,26 @@ class NotificationService:
                     return
                 self.subscribe(conn, room)
             except CommandError as exc:
-                self._command_failed(conn, exc.code, exc.reason)
+                if exc.code in SERVER_SIDE_ERRORS:  # our overload, not the client's mistake
+                    conn.send(error_frame(exc.code, exc.reason, room))
+                else:
+                    self._command_failed(conn, exc.code, exc.reason, room)
                 return
             conn.send(encode_json_frame({"type": "subscribed", "room": room}))
         else:
             self.hub.unsubscribe(conn, room)
             conn.send(encode_json_frame({"type": "unsubscribed", "room": room}))
 
-    def _command_failed(self, conn: Connection, code: str, reason: str) -> None:
+    def _command_failed(
+        self, conn: Connection, code: str, reason: str, room: str | None = None
+    ) -> None:
         """Answer a bad command with an error frame; a client that keeps sending bad
         commands (past ``max_invalid_commands`` in a row) is closed with 1008."""
         conn.invalid_commands += 1
         if conn.invalid_commands > self.settings.max_invalid_commands:
             conn.close(CLOSE_POLICY_VIOLATION, "too many invalid commands")
             return
-        conn.send(error_frame(code, reason))
+        conn.send(error_frame(code, reason, room))
 
     def _drop_slow(self, conn: Connection) -> None:
         """Broadcaster callback: ``conn`` passed its buffer cap and has close 1008 queued."""
@@ -346,13 +355,13 @@ class Resume(Task):
         try:
             recovery = service.broker.history(room, self.since)
         except BrokerUnavailable:
-            conn.send(error_frame("history_unavailable", "history cannot be read now; retry"))
+            conn.send(error_frame("history_unavailable", "history cannot be read now; retry", room))
             return
         try:
             service.hub.subscribe(conn, room)
         except RoomLimitReached:
             exc = service._room_limit()
-            conn.send(error_frame(exc.code, exc.reason))
+            conn.send(error_frame(exc.code, exc.reason, room))
             return
         missed = len(recovery.frames) if recovery.recovered else 0
         conn.send(
