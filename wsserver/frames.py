@@ -85,7 +85,11 @@ class FrameMatch:
         self.tail = tail
 
     def matches(self, frame: bytes) -> bool:
-        return len(frame) == self.length and frame.startswith(self.head) and frame.endswith(self.tail)
+        return (
+            len(frame) == self.length
+            and frame.startswith(self.head)
+            and frame.endswith(self.tail)
+        )
 
 
 def close_frame(code: int, reason: str = "") -> bytes:

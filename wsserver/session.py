@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import select
+import socket
 import time
 from typing import TYPE_CHECKING, Callable, Union
 
@@ -52,6 +53,7 @@ __all__ = ["run_session"]
 log = logging.getLogger(__name__)
 
 _RECV_BYTES = 65536
+_LINGER_BYTES = 1 << 20  # what a closed peer may still send before we cut the connection
 _PING = encode_frame(OP_PING, b"")
 
 Payload = Union[str, bytes]
@@ -151,13 +153,15 @@ def run_session(
                         message, message_size = _join(parts), size
                         parts, size = [], 0
                         if rate:
-                            allowance = min(2 * rate, allowance + (now - refilled) * rate)
-                            refilled = now
+                            arrived = time.monotonic()
+                            allowance = min(2 * rate, allowance + (arrived - refilled) * rate)
+                            refilled = arrived
                             if allowance < 1:
                                 conn.close(CLOSE_POLICY_VIOLATION, "rate limit exceeded", in_order=True)
                                 continue
                             allowance -= 1
-                        _deliver(conn, message, message_size, settings.rebroadcast, on_message)
+                        relayed = settings.rebroadcast
+                        _deliver(conn, message, message_size, relayed, on_message)
                 elif isinstance(event, Ping):
                     conn.send_in_order(encode_frame(OP_PONG, bytes(event.payload)))
                 elif isinstance(event, CloseConnection):
@@ -175,12 +179,45 @@ def run_session(
             if done:
                 break
     finally:
-        conn.drain(settings.close_timeout)
+        drained = conn.drain(settings.close_timeout)
         transport.release()
-        if peer_unresponsive or conn.slow:
+        if peer_unresponsive or conn.slow or not drained:
             # no graceful half-close for a peer that is not listening: gunicorn would linger
             conn.abort()
+        elif not _await_peer_close(sock, settings.close_timeout):
+            conn.abort()  # the peer keeps its side open: cut it here, not in gunicorn
     return why
+
+
+def _await_peer_close(sock: socket.socket, timeout: float) -> bool:
+    """End the TCP connection the way RFC 6455 section 7.1.1 asks, on this thread: half-close
+    (our FIN follows our last frame), then read and discard until the peer's FIN. True when
+    it came (or the socket is gone); False after ``timeout`` or ``_LINGER_BYTES``.
+
+    Why here: gunicorn does the same half-close and drain once the route returns, but on its
+    main thread, blocking for up to two seconds, so a peer that answers the close handshake
+    and keeps its side open would stall every accept and keep-alive request meanwhile. After
+    this, gunicorn's drain sees end of input at once (or a cut socket)."""
+    try:
+        sock.shutdown(socket.SHUT_WR)
+    except OSError:
+        return True
+    poller = select.poll()
+    poller.register(sock, select.POLLIN)
+    deadline = time.monotonic() + timeout
+    drained = 0
+    while drained < _LINGER_BYTES:
+        left = deadline - time.monotonic()
+        if left <= 0 or not poller.poll(left * 1000 + 1):
+            return False
+        try:
+            data = sock.recv(_RECV_BYTES)
+        except OSError:
+            return True
+        if not data:
+            return True
+        drained += len(data)
+    return False
 
 
 def _deliver(
