@@ -11,6 +11,7 @@ Every read has a socket timeout; "nothing more arrives" is a bounded read that t
 from __future__ import annotations
 
 import base64
+import json
 import os
 import socket
 import struct
@@ -516,3 +517,25 @@ def test_autobahn_quick_mode(make_server, tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     assert summary and summary[-1].startswith("autobahn: ") and " 0 failed" in summary[-1]
     assert not any(line.startswith("close ") for line in summary), result.stdout
+
+
+def test_resume_in_development_does_not_hold_the_next_pong(make_server):
+    """A subscribe with since is answered from the broadcaster thread; it must not make the
+    session wait for an echo that never comes (pongs and close replies would lag)."""
+    import time as _time
+
+    from support import RawClient
+
+    server = make_server({"WSSERVER_ENV": "development", "WSSERVER_CLOSE_TIMEOUT": "2"})
+    client = RawClient(server)
+    try:
+        client.send_frame(0x1, json.dumps({"type": "subscribe", "room": "r", "since": "1-1"}).encode())
+        op, payload = client.recv_frame()
+        assert json.loads(payload)["type"] == "subscribed"
+        started = _time.monotonic()
+        client.send_frame(0x9, b"hi")
+        op, payload = client.recv_until(0xA)
+        assert payload == b"hi"
+        assert _time.monotonic() - started < 1.0, "the pong waited for a phantom echo"
+    finally:
+        client.close()

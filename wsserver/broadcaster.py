@@ -73,6 +73,10 @@ class Broadcaster:
         self._on_slow = on_slow
         self._max_batch = max_batch
         self._stop = threading.Event()
+        # submit's "not stopped? then put" and the thread's "stopped and empty? then exit" are
+        # each done under this lock, so nothing is accepted after the last look at the queue
+        self._closing = threading.Lock()
+        self._closed = False
         self._thread: threading.Thread | None = None
         self.messages_out = 0
         self.deliveries = 0
@@ -85,13 +89,17 @@ class Broadcaster:
         """Queue ``item`` (or several that must be accepted together: one notification to
         several rooms), waiting at most ``timeout`` seconds for room. False if still full
         (or stopping): the caller answers 503 and nothing was accepted."""
-        if self._stop.is_set():
-            return False
-        try:
-            self.queue.put(item, timeout=timeout) if timeout > 0 else self.queue.put_nowait(item)
-        except queue.Full:
-            return False
-        return True
+        with self._closing:
+            if self._closed or self._stop.is_set():
+                return False
+            try:
+                if timeout > 0:
+                    self.queue.put(item, timeout=timeout)
+                else:
+                    self.queue.put_nowait(item)
+            except queue.Full:
+                return False
+            return True
 
     def start(self) -> None:
         # daemon: the worker must be able to exit even if a stop() join timed out; normal
@@ -121,7 +129,11 @@ class Broadcaster:
                 first = q.get(timeout=0.25)
             except queue.Empty:
                 if self._stop.is_set():
-                    return
+                    with self._closing:
+                        if self.queue.empty():
+                            self._closed = True
+                            return
+                    continue
                 if self._replayed:  # marks of clients that left before going live
                     for conn_id in [c for c in self._replayed if not self._hub.has(c)]:
                         del self._replayed[conn_id]

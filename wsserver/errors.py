@@ -28,6 +28,12 @@ _CODES = {
 }
 
 
+# Errors of the request's own socket: a client that resets or closes while we read or write
+# it is not a server fault, so it must not log a traceback at ERROR level (one per client
+# that vanishes during the WebSocket handshake buries real errors in the log).
+_CLIENT_GONE = (BrokenPipeError, ConnectionAbortedError, ConnectionResetError)
+
+
 def json_error(status: int, code: str, reason: str) -> Response:
     response = jsonify({"error": reason, "code": code})
     response.status_code = status
@@ -52,5 +58,10 @@ def init_app(app: Flask) -> None:
 
     @app.errorhandler(Exception)
     def _unexpected(exc: Exception) -> Response:
+        if isinstance(exc, _CLIENT_GONE):
+            # the client vanished mid-request (e.g. a TCP reset while simple-websocket writes
+            # the 101): nothing failed on our side, and nobody is left to read an answer
+            log.debug("client went away mid-request: %s", exc)
+            return json_error(400, "client_disconnected", "the client closed the connection")
         log.exception("unhandled error")
         return json_error(500, "internal_error", "internal server error")

@@ -34,6 +34,7 @@ __all__ = [
     "Notification",
     "encode_json_frame",
     "error_frame",
+    "is_command",
     "parse_command",
     "parse_notification",
     "parse_notify_body",
@@ -182,6 +183,14 @@ def parse_command(text: str) -> Command | None:
     raise CommandError(
         "unknown_command", f"unknown command type {kind[:64]!r}; expected subscribe, unsubscribe, ping or refresh"
     )
+
+
+def is_command(text: str) -> bool:
+    """Whether a client text frame is a command (valid or not), i.e. never rebroadcast."""
+    try:
+        return parse_command(text) is not None
+    except CommandError:
+        return True
 
 
 def error_frame(code: str, reason: str, room: str | None = None) -> bytes:

@@ -42,6 +42,7 @@ from .protocol import (
     CLOSE_MESSAGE_TOO_BIG,
     CLOSE_POLICY_VIOLATION,
     CLOSE_TOKEN_EXPIRED,
+    is_command,
 )
 
 if TYPE_CHECKING:
@@ -169,6 +170,8 @@ def run_session(
                         # wsproto could not parse the peer's bytes: fail the connection
                         conn.close(event.code, event.reason or "protocol error", in_order=True)
                         why = f"protocol error {event.code}"
+                        # RFC 6455 7.1.7: fail the connection, do not wait for the peer
+                        peer_unresponsive = True
                     elif not conn.closing:
                         _reply_to_close(conn, event.code)
                         why = f"peer closed {event.code}"
@@ -182,11 +185,23 @@ def run_session(
         drained = conn.drain(settings.close_timeout)
         transport.release()
         if peer_unresponsive or conn.slow or not drained:
-            # no graceful half-close for a peer that is not listening: gunicorn would linger
+            # no graceful half-close for a peer that is not listening (or has failed the
+            # protocol): gunicorn would linger on it
+            _discard_pending_input(sock)
             conn.abort()
         elif not _await_peer_close(sock, settings.close_timeout):
             conn.abort()  # the peer keeps its side open: cut it here, not in gunicorn
     return why
+
+
+def _discard_pending_input(sock: socket.socket) -> None:
+    """Read away what already arrived, without waiting: closing a socket with unread input
+    makes the kernel send a reset, which can destroy our close frame still in flight."""
+    try:
+        while sock.recv(_RECV_BYTES, socket.MSG_DONTWAIT):
+            pass
+    except OSError:
+        pass
 
 
 def _await_peer_close(sock: socket.socket, timeout: float) -> bool:
@@ -233,8 +248,9 @@ def _deliver(
     ``on_message`` either relays the message (its frame comes back to us through the
     broadcaster, maybe before this call returns, hence registering first) or answers this
     client directly with ``conn.send`` (a command, relay off, queue full): a direct answer
-    means no echo is coming, so the expectation is withdrawn."""
-    if not relayed:
+    means no echo is coming, so the expectation is withdrawn. Commands are never relayed
+    (and a resume is answered from the broadcaster thread), so they register nothing."""
+    if not relayed or (isinstance(message, str) and is_command(message)):
         on_message(conn, message)
         return
     match = FrameMatch(message, size)
