@@ -9,8 +9,8 @@ import uuid
 
 import pytest
 import redis
-
 from support import wait_for
+
 from wsserver.broadcaster import Broadcaster
 from wsserver.brokers import Outgoing, make_broker, order_of
 from wsserver.config import load_settings

@@ -23,7 +23,6 @@ import types
 from pathlib import Path
 
 import pytest
-
 from support import ROOT, GunicornServer
 
 CHROMIUM = "/usr/bin/chromium"

@@ -21,7 +21,6 @@ from pathlib import Path
 
 import pytest
 import requests
-
 from support import GunicornServer
 
 OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA

@@ -8,8 +8,8 @@ import socket
 import struct
 
 import pytest
-
 from support import wait_for
+
 from wsserver.connection import Connection, SendResult
 from wsserver.flusher import Flusher
 from wsserver.frames import OP_TEXT, encode_frame

@@ -11,7 +11,6 @@ import threading
 import time
 
 import requests
-
 from support import RawClient, close_code, connect, thread_count, wait_for
 
 OP_TEXT, OP_CLOSE, OP_PING, OP_PONG = 0x1, 0x8, 0x9, 0xA

@@ -14,7 +14,6 @@ import subprocess
 import pytest
 import requests
 import websocket
-
 from support import ROOT, free_port, wait_for
 
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from support import ROOT
+
 from wsserver.config import settings_markdown
 
 

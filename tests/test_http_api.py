@@ -14,10 +14,9 @@ import threading
 import time
 
 import pytest
+import rawws
 import requests
 import websocket
-
-import rawws
 from support import connect, recv_json, wait_for
 
 DEFAULT_LIMIT = 64 * 1024

@@ -22,10 +22,9 @@ import time
 from pathlib import Path
 
 import pytest
+import rawws
 import requests
 import websocket
-
-import rawws
 from support import ROOT, GunicornServer, connect, free_port, wait_for
 
 CLOSE = {"Connection": "close"}  # no kept-alive sockets: they make gunicorn linger on stop

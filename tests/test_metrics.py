@@ -8,7 +8,6 @@ import uuid
 import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
-
 from support import GunicornServer, connect, recv_json, wait_for
 
 

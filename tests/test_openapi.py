@@ -25,7 +25,6 @@ import jwt  # noqa: E402
 import websocket  # noqa: E402
 from schemathesis.checks import not_a_server_error  # noqa: E402
 from schemathesis.config import SchemathesisConfig  # noqa: E402
-
 from support import ROOT, GunicornServer  # noqa: E402
 
 SPEC = ROOT / "docs" / "openapi.yaml"

@@ -6,7 +6,6 @@ import json
 
 import requests
 import websocket
-
 from support import connect, recv_json, wait_for
 
 

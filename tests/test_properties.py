@@ -8,9 +8,15 @@ import json
 import requests
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
 from support import GunicornServer
-from wsserver.protocol import BadRequest, CommandError, parse_command, parse_notification, parse_notify_body
+
+from wsserver.protocol import (
+    BadRequest,
+    CommandError,
+    parse_command,
+    parse_notification,
+    parse_notify_body,
+)
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=40),

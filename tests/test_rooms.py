@@ -8,7 +8,6 @@ import threading
 
 import pytest
 import requests
-
 from support import RawClient, close_code, connect, recv_json, wait_for
 
 

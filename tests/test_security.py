@@ -10,7 +10,6 @@ import jwt
 import pytest
 import requests
 import websocket
-
 from support import GunicornServer, RawClient, close_code, connect, recv_json, wait_for
 
 SECRET = "a-test-secret-that-is-long-enough-for-hs256"

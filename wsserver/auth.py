@@ -89,7 +89,9 @@ class AccessPolicy:
             self._jwt_key = load_public_key(settings.jwt_public_key)
             from cryptography.hazmat.primitives.asymmetric import rsa
 
-            self._jwt_algorithms = ["RS256"] if isinstance(self._jwt_key, rsa.RSAPublicKey) else ["ES256"]
+            self._jwt_algorithms = (
+                ["RS256"] if isinstance(self._jwt_key, rsa.RSAPublicKey) else ["ES256"]
+            )
         else:
             self._jwt_key = None
             self._jwt_algorithms = []
@@ -180,7 +182,9 @@ class AccessPolicy:
         if self._jwt_key is None:
             return None
         if not token:
-            raise AccessDenied(401, "missing_token", "a token is required (?token= or Authorization: Bearer)")
+            raise AccessDenied(
+                401, "missing_token", "a token is required (?token= or Authorization: Bearer)"
+            )
         try:
             claims = jwt.decode(
                 token,
@@ -193,14 +197,22 @@ class AccessPolicy:
         except jwt.InvalidSignatureError:
             raise AccessDenied(401, "invalid_token", "the token's signature is not valid") from None
         except jwt.MissingRequiredClaimError as exc:
-            raise AccessDenied(401, "invalid_token", f"the token has no '{exc.claim}' claim") from None
+            raise AccessDenied(
+                401, "invalid_token", f"the token has no '{exc.claim}' claim"
+            ) from None
         except jwt.PyJWTError:
-            raise AccessDenied(401, "invalid_token", "the token is malformed or not valid") from None
+            raise AccessDenied(
+                401, "invalid_token", "the token is malformed or not valid"
+            ) from None
         sub, rooms = claims.get("sub"), claims.get("rooms", [])
         if not isinstance(sub, str) or not sub:
-            raise AccessDenied(401, "invalid_token", "the token's 'sub' claim must be a non-empty string")
+            raise AccessDenied(
+                401, "invalid_token", "the token's 'sub' claim must be a non-empty string"
+            )
         if not isinstance(rooms, list) or not all(isinstance(r, str) for r in rooms):
-            raise AccessDenied(401, "invalid_token", "the token's 'rooms' claim must be a list of strings")
+            raise AccessDenied(
+                401, "invalid_token", "the token's 'rooms' claim must be a list of strings"
+            )
         return Identity(user=sub, expires_at=float(claims["exp"]), rooms=tuple(rooms))
 
     def refresh(self, identity: Identity | None, token: str | None) -> Identity:
@@ -217,7 +229,9 @@ class AccessPolicy:
         """Public rooms: anyone. Private rooms (the configured prefix): the token's claim."""
         if not room.startswith(self._private_prefix):
             return True
-        return identity is not None and identity.may_join(room) and identity.expires_at > time.time()
+        return (
+            identity is not None and identity.may_join(room) and identity.expires_at > time.time()
+        )
 
 
 def token_from(authorization: str | None, query_token: str | None) -> str | None:

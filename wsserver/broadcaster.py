@@ -104,9 +104,7 @@ class Broadcaster:
     def start(self) -> None:
         # daemon: the worker must be able to exit even if a stop() join timed out; normal
         # shutdown stops and joins this thread first, after flushing the queue.
-        self._thread = threading.Thread(
-            target=self._run, name="wsserver-broadcaster", daemon=True
-        )
+        self._thread = threading.Thread(target=self._run, name="wsserver-broadcaster", daemon=True)
         self._thread.start()
 
     @property
@@ -230,11 +228,12 @@ class Broadcaster:
         marks = self._replayed[conn.id]
         keep = []
         for item in items:
-            mark = marks.get(item.room) if item.room is not None else None
-            if mark is not None and item.order is not None:
+            room = item.room
+            mark = marks.get(room) if room is not None else None
+            if room is not None and mark is not None and item.order is not None:
                 if item.order <= mark:
                     continue
-                del marks[item.room]
+                del marks[room]
             keep.append(item.frame)
         if not marks:
             del self._replayed[conn.id]

@@ -89,7 +89,7 @@ def _add_client_commands(sub: argparse._SubParsersAction) -> None:
         "notify",
         help="publish a notification (POST /notify)",
         description="Publish one notification given by flags, or, without --event, the JSON "
-        "object or list (a batch) read from stdin: echo '{\"event\":\"x\"}' | wsserver notify. "
+        'object or list (a batch) read from stdin: echo \'{"event":"x"}\' | wsserver notify. '
         "Prints the server's JSON answer. Exit status: 0 accepted (a batch may still hold "
         "per-item errors, listed on stderr), 1 refused or unreachable (code and reason on "
         "stderr), 2 usage error.",
@@ -100,11 +100,16 @@ def _add_client_commands(sub: argparse._SubParsersAction) -> None:
         default=os.environ.get("WSSERVER_API_KEY") or None,
         help="publisher key, sent as Authorization: Bearer (default: $WSSERVER_API_KEY)",
     )
-    notify.add_argument("--event", help="event name; without it the notification is read from stdin")
+    notify.add_argument(
+        "--event", help="event name; without it the notification is read from stdin"
+    )
     notify.add_argument("--message", help="human-readable text")
     notify.add_argument("--data", metavar="JSON", help="any JSON value, passed through to clients")
     notify.add_argument(
-        "--room", action="append", dest="rooms", metavar="ROOM",
+        "--room",
+        action="append",
+        dest="rooms",
+        metavar="ROOM",
         help="target room (repeat for several); none: everybody",
     )
     notify.add_argument("--user", help="target one user's connections (token subject)")
@@ -112,7 +117,9 @@ def _add_client_commands(sub: argparse._SubParsersAction) -> None:
         "--timeout", type=_positive_float, default=5.0, help="seconds per request (%(default)s)"
     )
     notify.add_argument(
-        "--retries", type=int, default=5,
+        "--retries",
+        type=int,
+        default=5,
         help="retries on 503 (after Retry-After) and connection errors (%(default)s)",
     )
     notify.set_defaults(func=_notify)
@@ -128,11 +135,16 @@ def _add_client_commands(sub: argparse._SubParsersAction) -> None:
         "connection, 2 usage error.",
     )
     listen.add_argument(
-        "--url", default=DEFAULT_CLIENT_URL,
+        "--url",
+        default=DEFAULT_CLIENT_URL,
         help="server base URL (%(default)s); http->ws, https->wss, path /ws",
     )
     listen.add_argument(
-        "--room", action="append", dest="rooms", default=[], metavar="ROOM",
+        "--room",
+        action="append",
+        dest="rooms",
+        default=[],
+        metavar="ROOM",
         help="room to subscribe to (repeat for several); notifications to everybody always arrive",
     )
     listen.add_argument(
@@ -181,8 +193,9 @@ def _notify(args: argparse.Namespace) -> int:
         except ValueError as exc:
             return _usage_error("notify", f"--data is not valid JSON: {exc}")
     try:
-        publisher = Publisher(args.url, api_key=args.api_key, timeout=args.timeout,
-                              retries=max(args.retries, 0))
+        publisher = Publisher(
+            args.url, api_key=args.api_key, timeout=args.timeout, retries=max(args.retries, 0)
+        )
     except ValueError as exc:
         return _usage_error("notify", str(exc))
     try:
@@ -248,7 +261,10 @@ def _listen(args: argparse.Namespace) -> int:
 
     def on_gap(room: str | None, reply: dict) -> None:
         what = f"room {room}" if room is not None else "notifications to everybody"
-        say(f"warning: {what}: notifications may have been missed (not recoverable: {json.dumps(reply)})")
+        say(
+            f"warning: {what}: notifications may have been missed "
+            f"(not recoverable: {json.dumps(reply)})"
+        )
 
     def on_error(err: SubscriptionError) -> None:
         if err.room is not None:  # one room refused; fatal errors are reported below
@@ -256,8 +272,15 @@ def _listen(args: argparse.Namespace) -> int:
 
     stopping = False
     try:
-        subscriber = Subscriber(ws_url, rooms=rooms, token=args.token, since=args.since,
-                                on_state=on_state, on_gap=on_gap, on_error=on_error)
+        subscriber = Subscriber(
+            ws_url,
+            rooms=rooms,
+            token=args.token,
+            since=args.since,
+            on_state=on_state,
+            on_gap=on_gap,
+            on_error=on_error,
+        )
     except ValueError as exc:
         return _usage_error("listen", str(exc))
     received = 0

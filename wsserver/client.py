@@ -136,9 +136,12 @@ class SubscriptionError(WsserverError):
         room: str | None = None,
     ) -> None:
         where = (
-            f"close {close_code}" if close_code is not None
-            else f"HTTP {status}" if status is not None
-            else f"room {room!r}" if room is not None
+            f"close {close_code}"
+            if close_code is not None
+            else f"HTTP {status}"
+            if status is not None
+            else f"room {room!r}"
+            if room is not None
             else "subscription"
         )
         super().__init__(f"{where}{' ' + code if code else ''}: {reason}")
@@ -310,7 +313,8 @@ class Publisher:
             except requests.exceptions.ConnectionError as exc:  # also ConnectTimeout
                 if last:
                     raise Unavailable(
-                        None, "unreachable",
+                        None,
+                        "unreachable",
                         f"no connection to {self.url} after {attempts} attempts: {exc}",
                     ) from exc
                 self._wait(_backoff(attempt, self.backoff_initial, self.backoff_max))
@@ -318,7 +322,8 @@ class Publisher:
             except requests.exceptions.Timeout as exc:
                 # sent, but no answer: retrying could publish twice, so the caller decides
                 raise Unavailable(
-                    None, "timeout",
+                    None,
+                    "timeout",
                     f"no answer within {self.timeout}s; the notification may have been published",
                 ) from exc
             status = resp.status_code
@@ -651,9 +656,9 @@ class Subscriber:
                     return
                 finally:
                     with self._lock:
-                        ws, self._ws = self._ws, None
-                    if ws is not None:
-                        self._abort(ws)
+                        current, self._ws = self._ws, None
+                    if current is not None:
+                        self._abort(current)
                         ws.shutdown()
                     self._ready.clear()
                     if self.state not in ("connecting",):
@@ -676,6 +681,7 @@ class Subscriber:
 
     def _connect(self) -> websocket.WebSocket:
         """One handshake. Raises _Retry (transient) or SubscriptionError (fatal)."""
+        token: str | None
         if callable(self.token):
             try:
                 token = self.token()
@@ -690,9 +696,7 @@ class Subscriber:
         if self._stopping.is_set():
             raise _Retry("stopping")
         try:
-            ws.connect(
-                self.url, timeout=self.connect_timeout, header=headers, suppress_origin=True
-            )
+            ws.connect(self.url, timeout=self.connect_timeout, header=headers, suppress_origin=True)
         except websocket.WebSocketBadStatusException as exc:
             status = exc.status_code
             code, reason = self._refusal(exc)
@@ -730,8 +734,9 @@ class Subscriber:
             self._pump_locked(ws)
             no_resume = self._last_ids.get(None) if reconnect else None
         if no_resume is not None:
-            self._gap(None, {"type": "reconnected", "room": None, "recovered": False,
-                             "since": no_resume})
+            self._gap(
+                None, {"type": "reconnected", "room": None, "recovered": False, "since": no_resume}
+            )
         self._check_ready()
         ping_out = False
         while True:
@@ -889,8 +894,11 @@ class Subscriber:
 
     def _gap(self, room: str | None, info: dict) -> None:
         self.gaps.append((room, info))
-        log.info("wsserver subscriber: possible gap in %s: %s",
-                 "the room-less stream" if room is None else f"room {room!r}", info)
+        log.info(
+            "wsserver subscriber: possible gap in %s: %s",
+            "the room-less stream" if room is None else f"room {room!r}",
+            info,
+        )
         if self.on_gap is not None:
             self._call(self.on_gap, room, info)
 

@@ -186,7 +186,9 @@ SETTINGS: tuple[Setting, ...] = (
         "Unset: the embedded in-memory broker (one worker).",
         secret=True,
     ),
-    Setting("redis_prefix", str, "wsserver", "Prefix of every Redis key and channel wsserver uses."),
+    Setting(
+        "redis_prefix", str, "wsserver", "Prefix of every Redis key and channel wsserver uses."
+    ),
     Setting(
         "history_size",
         _int_in(0, 1_000_000),
@@ -214,7 +216,10 @@ SETTINGS: tuple[Setting, ...] = (
         "Seconds `POST /notify` waits for room in a full queue before answering 503.",
     ),
     Setting(
-        "max_body_size", _int_in(64, 64 * MiB), 64 * 1024, "Largest `POST /notify` body (bytes); over it: 413."
+        "max_body_size",
+        _int_in(64, 64 * MiB),
+        64 * 1024,
+        "Largest `POST /notify` body (bytes); over it: 413.",
     ),
     Setting(
         "max_message_size",
@@ -288,9 +293,15 @@ SETTINGS: tuple[Setting, ...] = (
         "max_connections",
         _int_in(0, 1_000_000),
         0,
-        "WebSockets per worker; 0 means `threads - http_threads`. Over it: HTTP 503 before the upgrade.",
+        "WebSockets per worker; 0 means `threads - http_threads`. "
+        "Over it: HTTP 503 before the upgrade.",
     ),
-    Setting("workers", _int_in(1, 64), 1, "gunicorn worker processes (more than 1 needs WSSERVER_REDIS_URL)."),
+    Setting(
+        "workers",
+        _int_in(1, 64),
+        1,
+        "gunicorn worker processes (more than 1 needs WSSERVER_REDIS_URL).",
+    ),
     Setting(
         "console",
         _parse_bool,
@@ -442,9 +453,7 @@ def _check_consistency(settings: Settings) -> None:
                 "(scheme://host[:port], e.g. https://app.example.com)"
             )
     if settings.jwt_secret and settings.jwt_public_key:
-        raise SettingsError(
-            f"set {ENV_PREFIX}JWT_SECRET or {ENV_PREFIX}JWT_PUBLIC_KEY, not both"
-        )
+        raise SettingsError(f"set {ENV_PREFIX}JWT_SECRET or {ENV_PREFIX}JWT_PUBLIC_KEY, not both")
     if settings.jwt_public_key:
         from .auth import load_public_key
 

@@ -6,9 +6,10 @@ through :meth:`Connection.send_frames` under ``_lock``, so frames never interlea
 partially written frame is always finished before the next one starts.
 
 Why never block: writes use ``MSG_DONTWAIT``. What the kernel does not take stays in
-``_pending`` (whole frames, plus how far the first one got) and the :class:`~wsserver.flusher.Flusher`
-finishes it when the socket becomes writable. All pending frames go out in one ``sendmsg``
-call, which is what makes a batch of broadcasts cost one system call per client.
+``_pending`` (whole frames, plus how far the first one got) and the
+:class:`~wsserver.flusher.Flusher` finishes it when the socket becomes writable. All
+pending frames go out in one ``sendmsg`` call, which is what makes a batch of broadcasts
+cost one system call per client.
 
 Why a byte cap: a client that stops reading must not grow our memory or slow anyone else.
 Once ``_pending`` exceeds ``buffer_limit`` the client is a *slow consumer*: what is queued

@@ -46,7 +46,9 @@ def init_app(app: Flask) -> None:
         status = exc.code or 500
         reason = exc.description or exc.name
         if isinstance(exc, WebsocketMismatch):
-            reason = "this endpoint takes a WebSocket upgrade (Upgrade: websocket), not a plain request"
+            reason = (
+                "this endpoint takes a WebSocket upgrade (Upgrade: websocket), not a plain request"
+            )
         elif status == 413:
             limit = app.config.get("MAX_CONTENT_LENGTH")
             reason = f"request body is over the {limit}-byte limit"

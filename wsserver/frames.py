@@ -86,9 +86,7 @@ class FrameMatch:
 
     def matches(self, frame: bytes) -> bool:
         return (
-            len(frame) == self.length
-            and frame.startswith(self.head)
-            and frame.endswith(self.tail)
+            len(frame) == self.length and frame.startswith(self.head) and frame.endswith(self.tail)
         )
 
 

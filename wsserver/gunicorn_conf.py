@@ -47,7 +47,11 @@ except SettingsError as _exc:
     sys.stderr.write(f"wsserver: {_exc}\n")
     raise SystemExit(2) from None
 
-bind = [f"[{_settings.host}]:{_settings.port}" if ":" in _settings.host else f"{_settings.host}:{_settings.port}"]
+bind = [
+    f"[{_settings.host}]:{_settings.port}"
+    if ":" in _settings.host
+    else f"{_settings.host}:{_settings.port}"
+]
 worker_class = "gthread"
 workers = _settings.workers
 threads = _settings.threads
@@ -63,7 +67,6 @@ errorlog = "-"
 access_log_format = '%(h)s "%(m)s %(U)s %(H)s" %(s)s %(b)s %(L)ss "%(a)s"'
 
 _THREAD_STACK = 512 * 1024
-
 
 
 def on_starting(server):  # noqa: ANN001 - gunicorn hook signature
@@ -171,7 +174,9 @@ class _ReadTimeoutFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
         if isinstance(exc, BlockingIOError) and "Socket error" in str(record.msg):
-            record.msg = "wsserver: a client sent no request data for WSSERVER_HANDSHAKE_TIMEOUT; dropped"
+            record.msg = (
+                "wsserver: a client sent no request data for WSSERVER_HANDSHAKE_TIMEOUT; dropped"
+            )
             record.args = ()
             record.exc_info = None
             record.exc_text = None

@@ -91,7 +91,10 @@ class Hub:
     def address_has_room(self, address: str) -> bool:
         """Whether ``address`` may open another connection (checked before the upgrade)."""
         with self._lock:
-            return not self._max_per_address or self._per_address.get(address, 0) < self._max_per_address
+            return (
+                not self._max_per_address
+                or self._per_address.get(address, 0) < self._max_per_address
+            )
 
     def user_connections(self, user: str) -> list[Connection]:
         """The connections of ``user`` now (a fresh list)."""

@@ -55,9 +55,7 @@ QUEUE_DEPTH = Gauge(
     "wsserver_queue_depth", "Messages waiting in the broadcast queue", multiprocess_mode="livesum"
 )
 SLOW_CONSUMERS = Counter("wsserver_slow_consumers", "Clients dropped as slow consumers (1008)")
-PUBLISH_REJECTED = Counter(
-    "wsserver_publish_rejected", "Publishes refused with 503", ["reason"]
-)
+PUBLISH_REJECTED = Counter("wsserver_publish_rejected", "Publishes refused with 503", ["reason"])
 BROKER_ERRORS = Counter("wsserver_broker_errors", "Broker (Redis) operations that failed")
 BROKER_RECONNECTS = Counter("wsserver_broker_reconnects", "Broker listener reconnections")
 DELIVERY_LATENCY = Histogram(

@@ -107,7 +107,6 @@ class Notification:
         return text[:-1] + ',"id":"'
 
 
-
 class CommandError(ValueError):
     """A client command is wrong; ``code`` is machine-readable, ``str()`` is for humans."""
 
@@ -181,7 +180,8 @@ def parse_command(text: str) -> Command | None:
     if not isinstance(kind, str):
         raise CommandError("invalid_command", "'type' must be a string")
     raise CommandError(
-        "unknown_command", f"unknown command type {kind[:64]!r}; expected subscribe, unsubscribe, ping or refresh"
+        "unknown_command",
+        f"unknown command type {kind[:64]!r}; expected subscribe, unsubscribe, ping or refresh",
     )
 
 
@@ -234,14 +234,14 @@ def parse_notification(obj: Any) -> Notification:
     """Validate one decoded notification object. Unknown fields are ignored, as the
     original (Go's ``json.Unmarshal``) ignored them, so existing publishers keep working."""
     if not isinstance(obj, dict):
-        raise BadRequest(
-            400, "not_an_object", f"expected a JSON object, got {_json_type(obj)}"
-        )
+        raise BadRequest(400, "not_an_object", f"expected a JSON object, got {_json_type(obj)}")
     event = obj.get("event")
     if event is None:
         raise BadRequest(400, "missing_event", "field 'event' is required")
     if not isinstance(event, str):
-        raise BadRequest(400, "invalid_event", f"field 'event' must be a string, got {_json_type(event)}")
+        raise BadRequest(
+            400, "invalid_event", f"field 'event' must be a string, got {_json_type(event)}"
+        )
     if not event or len(event) > EVENT_MAX_LENGTH:
         raise BadRequest(
             400, "invalid_event", f"field 'event' must be 1 to {EVENT_MAX_LENGTH} characters"
@@ -257,7 +257,9 @@ def parse_notification(obj: Any) -> Notification:
     if user is not None:
         if not isinstance(user, str) or not 1 <= len(user) <= USER_MAX_LENGTH:
             raise BadRequest(
-                400, "invalid_user", f"field 'user' must be a string of 1 to {USER_MAX_LENGTH} characters"
+                400,
+                "invalid_user",
+                f"field 'user' must be a string of 1 to {USER_MAX_LENGTH} characters",
             )
         if rooms is not None:
             raise BadRequest(400, "invalid_user", "give 'user' or 'room'/'rooms', not both")

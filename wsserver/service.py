@@ -137,7 +137,9 @@ class NotificationService:
     @property
     def ready(self) -> bool:
         """Readiness: healthy, taking clients, and the broker connected."""
-        return self.healthy and self.hub.accepting and (self._pid != os.getpid() or self.broker.ready)
+        return (
+            self.healthy and self.hub.accepting and (self._pid != os.getpid() or self.broker.ready)
+        )
 
     def shutdown(self) -> None:
         """Stop taking clients, deliver what is queued, close every client with 1001, wait
@@ -185,7 +187,8 @@ class NotificationService:
             metrics.PUBLISH_REJECTED.labels("broker_unavailable").inc()
             raise
         if ids is None:
-            return self._rejected()
+            self._rejected()
+            return None
         if notification.user is not None:
             clients = len(self.hub.user_connections(notification.user))
         elif notification.rooms is None:
@@ -218,7 +221,9 @@ class NotificationService:
         metrics.CONNECTIONS_OPENED.inc()
         if self.settings.send_buffer:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.settings.send_buffer)
-        conn = Connection(self.hub.next_id(), sock, remote, self.settings.client_buffer, self.flusher)
+        conn = Connection(
+            self.hub.next_id(), sock, remote, self.settings.client_buffer, self.flusher
+        )
         if identity is not None:
             conn.identity, conn.user = identity, identity.user
         return conn
@@ -276,7 +281,9 @@ class NotificationService:
         :class:`CommandError` if the room is forbidden or the queue stays full."""
         self._check_join(conn, room)
         assert self.broadcaster is not None
-        if not self.broadcaster.submit(Resume(self, conn, room, since), self.settings.enqueue_timeout):
+        if not self.broadcaster.submit(
+            Resume(self, conn, room, since), self.settings.enqueue_timeout
+        ):
             raise CommandError("busy", "the server is too busy to resume now; retry")
 
     def _run_command(self, conn: Connection, command: Command) -> None:
@@ -289,7 +296,9 @@ class NotificationService:
             except AccessDenied as exc:
                 self._command_failed(conn, exc.code, exc.reason)
                 return
-            conn.send(encode_json_frame({"type": "refreshed", "exp": int(conn.identity.expires_at)}))
+            conn.send(
+                encode_json_frame({"type": "refreshed", "exp": int(conn.identity.expires_at)})
+            )
             return
         room = command.room
         assert room is not None
@@ -345,7 +354,9 @@ class Resume(Task):
     A message both in history and still queued behind the task (published between the two)
     is marked replayed so the broadcaster skips its live copy for this client."""
 
-    def __init__(self, service: NotificationService, conn: Connection, room: str, since: str) -> None:
+    def __init__(
+        self, service: NotificationService, conn: Connection, room: str, since: str
+    ) -> None:
         self.service, self.conn, self.room, self.since = service, conn, room, since
 
     def run(self, broadcaster: Broadcaster) -> None:
@@ -366,7 +377,12 @@ class Resume(Task):
         missed = len(recovery.frames) if recovery.recovered else 0
         conn.send(
             encode_json_frame(
-                {"type": "subscribed", "room": room, "recovered": recovery.recovered, "missed": missed}
+                {
+                    "type": "subscribed",
+                    "room": room,
+                    "recovered": recovery.recovered,
+                    "missed": missed,
+                }
             )
         )
         if missed:

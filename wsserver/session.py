@@ -141,7 +141,8 @@ def run_session(
                 if isinstance(event, (TextMessage, BytesMessage)):
                     if conn.closing:
                         continue  # closing: what the peer still sends is discarded
-                    chunk = event.data
+                    raw = event.data
+                    chunk: Payload = bytes(raw) if isinstance(raw, bytearray) else raw
                     size += _size_of(chunk)
                     if size > max_size:
                         conn.close(
@@ -158,7 +159,9 @@ def run_session(
                             allowance = min(2 * rate, allowance + (arrived - refilled) * rate)
                             refilled = arrived
                             if allowance < 1:
-                                conn.close(CLOSE_POLICY_VIOLATION, "rate limit exceeded", in_order=True)
+                                conn.close(
+                                    CLOSE_POLICY_VIOLATION, "rate limit exceeded", in_order=True
+                                )
                                 continue
                             allowance -= 1
                         relayed = settings.rebroadcast

@@ -173,7 +173,11 @@ def _notify_batch(service: NotificationService, items: list) -> Any:
             continue
         except BrokerUnavailable:
             results.append(
-                {"status": "error", "code": "broker_unavailable", "error": "the broker is unreachable"}
+                {
+                    "status": "error",
+                    "code": "broker_unavailable",
+                    "error": "the broker is unreachable",
+                }
             )
             continue
         if published is None:

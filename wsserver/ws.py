@@ -13,8 +13,8 @@ from typing import Any
 from flask import Flask, current_app, g, request
 from flask_sock import Sock
 
-from .auth import AccessDenied, Identity, token_from
 from . import metrics
+from .auth import AccessDenied, Identity, token_from
 from .errors import json_error
 from .protocol import CLOSE_TRY_AGAIN_LATER, CommandError, parse_room_list
 from .service import NotificationService
@@ -78,17 +78,23 @@ def check_upgrade(service: NotificationService) -> tuple[Identity | None, tuple[
     except CommandError as exc:
         raise AccessDenied(400, exc.code, f"?rooms=: {exc.reason}") from None
     if request.args.get("since") and len(rooms) != 1:
-        raise AccessDenied(400, "invalid_since", "?since= resumes one room: give exactly one in ?rooms=")
+        raise AccessDenied(
+            400, "invalid_since", "?since= resumes one room: give exactly one in ?rooms="
+        )
     limit = service.settings.max_rooms_per_connection
     if len(rooms) > limit:
         raise AccessDenied(400, "too_many_rooms", f"a connection may be in at most {limit} rooms")
     for room in rooms:
         if not policy.may_join(identity, room):
-            raise AccessDenied(403, "room_forbidden", f"joining {room!r} needs a token that grants it")
+            raise AccessDenied(
+                403, "room_forbidden", f"joining {room!r} needs a token that grants it"
+            )
     if not service.hub.address_has_room(request.remote_addr or "?"):
         raise AccessDenied(429, "too_many_connections", "too many WebSockets from this address")
     if not service.hub.has_room():
-        raise AccessDenied(503, "server_full", "no room for another WebSocket on this worker; retry later")
+        raise AccessDenied(
+            503, "server_full", "no room for another WebSocket on this worker; retry later"
+        )
     return identity, rooms
 
 

@@ -174,11 +174,11 @@ class RedisBroker(Broker):
         lost = not exact and wanted != last_order
         if lost:
             return Recovery(False)
-        frames = []
+        frames: list[tuple[tuple, bytes]] = []
         for entry_id, fields in after:
             mid = entry_id.decode()
             _room, _user, prefix = json.loads(fields[b"m"])
-            frames.append((order_of(mid), envelope_frame(prefix, mid)))
+            frames.append((order_of(mid) or (), envelope_frame(prefix, mid)))
         return Recovery(True, frames)
 
     def cluster(self) -> dict | None:
@@ -186,14 +186,15 @@ class RedisBroker(Broker):
         try:
             now_ms = int(time.time() * 1000)
             self._redis.zremrangebyscore(self._workers_key, "-inf", now_ms)
-            workers = [w.decode() for w in self._redis.zrange(self._workers_key, 0, -1)]
+            workers = [_text(w) for w in self._redis.zrange(self._workers_key, 0, -1)]
             pipe = self._redis.pipeline(transaction=False)
             for worker in workers:
                 pipe.hgetall(f"{self._prefix}:worker:{worker}")
             reports = pipe.execute()
         except (redis.RedisError, OSError):
             return None
-        clients, rooms, live = 0, {}, 0
+        clients, live = 0, 0
+        rooms: dict[str, int] = {}
         for report in reports:
             if not report:
                 continue
@@ -267,7 +268,9 @@ class RedisBroker(Broker):
             head, _, meta = data.partition(b" ")
             mid = head.decode()
             room, user, prefix = json.loads(meta)
-            item = Broadcast(envelope_frame(prefix, mid), time.monotonic(), room, user, order_of(mid))
+            item = Broadcast(
+                envelope_frame(prefix, mid), time.monotonic(), room, user, order_of(mid)
+            )
         # never drop what Redis accepted: wait for room in the local queue
         while not self._broadcaster.submit(item, 1.0):
             if self._stop.is_set():
