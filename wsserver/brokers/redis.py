@@ -82,7 +82,9 @@ class RedisBroker(Broker):
         self._url = settings.redis_url
         self._prefix = settings.redis_prefix
         self._channel = f"{self._prefix}:bus"
-        self._maxlen = settings.history_size
+        # one entry more than the history size: a client that missed exactly history_size
+        # messages resumes from the entry before them, which must still be there to vouch
+        self._maxlen = settings.history_size + 1
         self._ttl_ms = max(int(settings.history_ttl * 1000), 1)
         self._redis = redis.Redis.from_url(
             self._url, socket_timeout=2.0, socket_connect_timeout=2.0
@@ -129,6 +131,9 @@ class RedisBroker(Broker):
     # -- publishing ------------------------------------------------------------------------
 
     def publish(self, messages: tuple[Outgoing, ...], timeout: float) -> list[str] | None:
+        if not self._connected:
+            # this worker's listener is not subscribed: it would miss its own message
+            raise BrokerUnavailable("redis: not subscribed yet")
         keys = [self._stream(audience_key(m.room, m.user)) for m in messages]
         metas = [json.dumps([m.room, m.user, m.prefix], ensure_ascii=False) for m in messages]
         try:
@@ -140,6 +145,8 @@ class RedisBroker(Broker):
         return [i.decode() if isinstance(i, bytes) else str(i) for i in ids]
 
     def relay(self, frame: bytes, timeout: float) -> bool:
+        if not self._connected:
+            return False
         try:
             self._redis.publish(self._channel, b"!" + frame)
         except (redis.RedisError, OSError):
@@ -224,15 +231,18 @@ class RedisBroker(Broker):
         while not self._stop.is_set():
             try:
                 if pubsub is None:
-                    pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
+                    pubsub = self._redis.pubsub()
                     pubsub.subscribe(self._channel)
-                    if not self._connected:
-                        log.info("redis: listening on %s", self._channel)
+                message = pubsub.get_message(timeout=1.0)
+                kind = message.get("type") if message is not None else None
+                if kind == "message":
+                    self._deliver(message["data"])
+                elif kind == "subscribe":
+                    # only now does a PUBLISH reach this worker: publishing opens here, not
+                    # when the connection comes back (a 200 would precede a lost message)
+                    log.info("redis: listening on %s", self._channel)
                     self._connected = True
                     backoff = 0.1
-                message = pubsub.get_message(timeout=1.0)
-                if message is not None and message.get("type") == "message":
-                    self._deliver(message["data"])
                 if time.monotonic() >= next_report:
                     self._report()
                     next_report = time.monotonic() + _REPORT_EVERY
@@ -286,6 +296,7 @@ class RedisBroker(Broker):
         )
         pipe.pexpire(self._worker_key, _REPORT_TTL_MS)
         pipe.zadd(self._workers_key, {self._worker: int(time.time() * 1000) + _REPORT_TTL_MS})
+        pipe.pexpire(self._workers_key, _REPORT_TTL_MS)  # gone with the last live worker
         pipe.execute()
 
 
