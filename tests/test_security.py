@@ -146,6 +146,8 @@ def test_connections_per_address_limit(secured):
     held = [RawClient(secured, path=f"/ws?token={token()}") for _ in range(6)]
     try:
         assert all(c.status == 101 for c in held)
+        # registered once the handshake is answered: wait until all six count
+        wait_for(lambda: secured.health()["clients"] == 6, message="six registered")
         status, body, head = refused(secured, f"/ws?token={token()}")
         assert status == 429 and body["code"] == "too_many_connections"
         assert "retry-after" in head.lower()

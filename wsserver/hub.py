@@ -51,21 +51,23 @@ class Hub:
             self._next_id += 1
             return self._next_id
 
-    def add(self, conn: Connection) -> bool:
-        """Register ``conn`` (and index it by user and address); False when full, over the
-        per-address limit, or shutting down (the caller refuses it)."""
+    def add(self, conn: Connection) -> str | None:
+        """Register ``conn`` (and index it by user and address). None when added, else why
+        not: ``"closing"``, ``"full"`` or ``"address"`` (the caller refuses it)."""
         with self._lock:
-            if not self._accepting or len(self._clients) >= self._capacity:
-                return False
+            if not self._accepting:
+                return "closing"
+            if len(self._clients) >= self._capacity:
+                return "full"
             held = self._per_address.get(conn.remote, 0)
             if self._max_per_address and held >= self._max_per_address:
-                return False
+                return "address"
             self._clients[conn.id] = conn
             self._per_address[conn.remote] = held + 1
             if conn.user is not None:
                 self._users.setdefault(conn.user, {})[conn.id] = conn
             self._snapshot = None
-            return True
+            return None
 
     def remove(self, conn: Connection) -> bool:
         """Forget ``conn`` and its subscriptions; True if it was registered. Idempotent."""

@@ -98,6 +98,13 @@ def check_upgrade(service: NotificationService) -> tuple[Identity | None, tuple[
     return identity, rooms
 
 
+_REFUSALS = {
+    "closing": "server restarting",
+    "full": "server full",
+    "address": "too many connections from this address",
+}
+
+
 def serve_connection(
     service: NotificationService,
     transport: Transport,
@@ -109,9 +116,11 @@ def serve_connection(
     """Register the client (in its connect-time rooms), run its session on this thread,
     and always clean up."""
     conn = service.new_connection(transport.sock, remote, identity)
-    if not service.hub.add(conn):
-        # lost a race for the last slot (or shutting down): refuse politely
-        conn.close(CLOSE_TRY_AGAIN_LATER, "server full or restarting")
+    refused = service.hub.add(conn)
+    if refused is not None:
+        # lost a race for the last slot (or shutdown began) after the checks before the
+        # upgrade: refuse politely, saying which
+        conn.close(CLOSE_TRY_AGAIN_LATER, _REFUSALS[refused])
         conn.drain(service.settings.close_timeout)
         transport.release()
         conn.detach()
