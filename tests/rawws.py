@@ -82,11 +82,11 @@ def _read_body(sock: socket.socket, head: bytes, rest: bytes) -> bytes:
     return rest[:length]
 
 
-def client_frame(opcode: int, payload: bytes = b"", fin: bool = True) -> bytes:
+def client_frame(opcode: int, payload: bytes = b"", fin: bool = True, rsv: int = 0) -> bytes:
     """One masked client frame (clients must mask, RFC 6455 section 5.3)."""
     mask = os.urandom(4)
     length = len(payload)
-    first = (0x80 if fin else 0) | opcode
+    first = (0x80 if fin else 0) | (rsv << 4) | opcode
     if length < 126:
         header = struct.pack("!BB", first, 0x80 | length)
     elif length < 65536:

@@ -187,19 +187,9 @@ class RawClient:
 
     def send_frame(self, opcode: int, payload: bytes = b"", fin: bool = True,
                    rsv: int = 0) -> None:
-        import struct
+        from rawws import client_frame
 
-        first = (0x80 if fin else 0) | (rsv << 4) | opcode
-        mask = os.urandom(4)
-        n = len(payload)
-        if n < 126:
-            header = struct.pack("!BB", first, 0x80 | n)
-        elif n < 65536:
-            header = struct.pack("!BBH", first, 0x80 | 126, n)
-        else:
-            header = struct.pack("!BBQ", first, 0x80 | 127, n)
-        masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
-        self.sock.sendall(header + mask + masked)
+        self.sock.sendall(client_frame(opcode, payload, fin, rsv))
 
     def send_text(self, text: str) -> None:
         self.send_frame(0x1, text.encode())

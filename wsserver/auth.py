@@ -26,18 +26,14 @@ from urllib.parse import urlsplit
 import jwt
 
 from .config import Settings
+from .protocol import Refusal
 
 __all__ = ["AccessDenied", "AccessPolicy", "Identity", "load_public_key", "token_from"]
 
 
-class AccessDenied(Exception):
-    """A request is refused: ``status`` (401/403), ``code``, and a reason safe to show."""
-
-    def __init__(self, status: int, code: str, reason: str) -> None:
-        super().__init__(reason)
-        self.status = status
-        self.code = code
-        self.reason = reason
+class AccessDenied(Refusal):
+    """A request is refused for who or where it comes from (401/403, and the upgrade's
+    400/429/503): ``status``, ``code``, and a reason safe to show."""
 
 
 @dataclass(frozen=True)

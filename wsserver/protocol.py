@@ -32,6 +32,7 @@ __all__ = [
     "Command",
     "CommandError",
     "Notification",
+    "Refusal",
     "encode_json_frame",
     "error_frame",
     "is_command",
@@ -61,14 +62,20 @@ ROOMS_PER_NOTIFICATION = 100
 _ROOM_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:@/-]*\Z")
 
 
-class BadRequest(ValueError):
-    """The publisher's request is wrong; ``status`` and ``code`` say how, ``str()`` says why."""
+class Refusal(Exception):
+    """A request refused with an HTTP ``status``, a machine-readable ``code`` and a ``reason``
+    safe to show (never a secret). The base of :class:`BadRequest` and
+    :class:`wsserver.auth.AccessDenied`."""
 
     def __init__(self, status: int, code: str, reason: str) -> None:
         super().__init__(reason)
         self.status = status
         self.code = code
         self.reason = reason
+
+
+class BadRequest(Refusal, ValueError):
+    """The publisher's request is wrong; ``status`` and ``code`` say how, ``str()`` says why."""
 
 
 @dataclass(frozen=True)
