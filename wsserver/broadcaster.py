@@ -122,7 +122,12 @@ class Broadcaster:
 
     def _run(self) -> None:
         q = self.queue
+        next_sync = 0.0
         while True:
+            now = time.monotonic()
+            if now >= next_sync:
+                metrics.sync_connections(self._hub.count(), self._hub.opened)
+                next_sync = now + 0.5
             try:
                 first = q.get(timeout=0.25)
             except queue.Empty:

@@ -10,7 +10,9 @@ lock, so they are exact at the moment they are read.
 from __future__ import annotations
 
 import threading
-from typing import TYPE_CHECKING
+from collections import deque
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Iterator
 
 if TYPE_CHECKING:
     from .connection import Connection
@@ -34,6 +36,7 @@ class Hub:
         self, capacity: int, max_rooms_per_connection: int = 100, max_per_address: int = 0
     ) -> None:
         self._lock = threading.RLock()
+        self._departures: deque[Connection] = deque()
         self._clients: dict[int, Connection] = {}
         self._rooms: dict[str, dict[int, Connection]] = {}
         self._users: dict[str, dict[int, Connection]] = {}
@@ -47,14 +50,14 @@ class Hub:
         self._room_snapshots: dict[str, list[Connection]] = {}
 
     def next_id(self) -> int:
-        with self._lock:
+        with self._locked():
             self._next_id += 1
             return self._next_id
 
     def add(self, conn: Connection) -> str | None:
         """Register ``conn`` (and index it by user and address). None when added, else why
         not: ``"closing"``, ``"full"`` or ``"address"`` (the caller refuses it)."""
-        with self._lock:
+        with self._locked():
             if not self._accepting:
                 return "closing"
             if len(self._clients) >= self._capacity:
@@ -69,30 +72,51 @@ class Hub:
             self._snapshot = None
             return None
 
-    def remove(self, conn: Connection) -> bool:
-        """Forget ``conn`` and its subscriptions; True if it was registered. Idempotent."""
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        """Hold ``_lock`` with every pending departure applied."""
         with self._lock:
-            for room in list(conn.rooms):
-                self._leave_locked(conn, room)
-            if self._clients.pop(conn.id, None) is None:
-                return False
-            held = self._per_address.get(conn.remote, 1) - 1
-            if held > 0:
-                self._per_address[conn.remote] = held
-            else:
-                self._per_address.pop(conn.remote, None)
-            if conn.user is not None:
-                mine = self._users.get(conn.user)
-                if mine is not None:
-                    mine.pop(conn.id, None)
-                    if not mine:
-                        del self._users[conn.user]
-            self._snapshot = None
-            return True
+            departures = self._departures
+            while departures:
+                self._remove_locked(departures.popleft())
+            yield
+
+    def depart(self, conn: Connection) -> None:
+        """Forget ``conn`` without taking the lock: for the connection's own thread on its
+        way out. Why: when thousands of connections end at once (a network blip, a proxy
+        restart), thousands of threads queueing on one lock hand it over one GIL switch at a
+        time, and the worker stalled for seconds. ``deque.append`` needs no lock; the next
+        locked operation applies every departure first, so counts and snapshots never
+        include a departed connection."""
+        self._departures.append(conn)
+
+    def remove(self, conn: Connection) -> bool:
+        """Forget ``conn`` and its subscriptions now; True if it was registered. Idempotent."""
+        with self._locked():
+            return self._remove_locked(conn)
+
+    def _remove_locked(self, conn: Connection) -> bool:
+        for room in list(conn.rooms):
+            self._leave_locked(conn, room)
+        if self._clients.pop(conn.id, None) is None:
+            return False
+        held = self._per_address.get(conn.remote, 1) - 1
+        if held > 0:
+            self._per_address[conn.remote] = held
+        else:
+            self._per_address.pop(conn.remote, None)
+        if conn.user is not None:
+            mine = self._users.get(conn.user)
+            if mine is not None:
+                mine.pop(conn.id, None)
+                if not mine:
+                    del self._users[conn.user]
+        self._snapshot = None
+        return True
 
     def address_has_room(self, address: str) -> bool:
         """Whether ``address`` may open another connection (checked before the upgrade)."""
-        with self._lock:
+        with self._locked():
             return (
                 not self._max_per_address
                 or self._per_address.get(address, 0) < self._max_per_address
@@ -100,14 +124,14 @@ class Hub:
 
     def user_connections(self, user: str) -> list[Connection]:
         """The connections of ``user`` now (a fresh list)."""
-        with self._lock:
+        with self._locked():
             mine = self._users.get(user)
             return list(mine.values()) if mine else []
 
     def subscribe(self, conn: Connection, room: str) -> bool:
         """Add ``conn`` to ``room``; False if it was already in it. Raises
         :class:`RoomLimitReached`; ignored for a connection no longer registered."""
-        with self._lock:
+        with self._locked():
             if conn.id not in self._clients or room in conn.rooms:
                 return False
             if len(conn.rooms) >= self._max_rooms:
@@ -119,7 +143,7 @@ class Hub:
 
     def unsubscribe(self, conn: Connection, room: str) -> bool:
         """Take ``conn`` out of ``room``; False if it was not in it."""
-        with self._lock:
+        with self._locked():
             if room not in conn.rooms:
                 return False
             self._leave_locked(conn, room)
@@ -140,7 +164,7 @@ class Hub:
         Cached until the next add/remove: a fan-out of many messages to a stable audience
         copies the dict once, not once per message. Callers must not mutate the list.
         """
-        with self._lock:
+        with self._locked():
             snap = self._snapshot
             if snap is None:
                 snap = self._snapshot = list(self._clients.values())
@@ -148,7 +172,7 @@ class Hub:
 
     def members(self, room: str) -> list[Connection]:
         """The subscribers of ``room`` now (cached like :meth:`snapshot`; do not mutate)."""
-        with self._lock:
+        with self._locked():
             snap = self._room_snapshots.get(room)
             if snap is None:
                 members = self._rooms.get(room)
@@ -157,28 +181,34 @@ class Hub:
                     self._room_snapshots[room] = snap
             return snap
 
+    @property
+    def opened(self) -> int:
+        """Connections ever given an id (accepted handshakes), for the metrics."""
+        with self._locked():
+            return self._next_id
+
     def has(self, conn_id: int) -> bool:
-        with self._lock:
+        with self._locked():
             return conn_id in self._clients
 
     def count(self) -> int:
-        with self._lock:
+        with self._locked():
             return len(self._clients)
 
     def room_counts(self) -> dict[str, int]:
         """Subscribers per room, all read at one instant."""
-        with self._lock:
+        with self._locked():
             return {room: len(members) for room, members in self._rooms.items()}
 
     def totals(self) -> tuple[int, int, int]:
         """(clients, rooms, subscriptions), read at one instant."""
-        with self._lock:
+        with self._locked():
             subs = sum(len(m) for m in self._rooms.values())
             return len(self._clients), len(self._rooms), subs
 
     def has_room(self) -> bool:
         """Whether another client would be accepted now (checked before the upgrade)."""
-        with self._lock:
+        with self._locked():
             return self._accepting and len(self._clients) < self._capacity
 
     @property
@@ -186,16 +216,16 @@ class Hub:
         return self._capacity
 
     def set_capacity(self, capacity: int) -> None:
-        with self._lock:
+        with self._locked():
             self._capacity = max(capacity, 0)
 
     def stop_accepting(self) -> list[Connection]:
         """Refuse new clients from now on; returns who is connected (for shutdown)."""
-        with self._lock:
+        with self._locked():
             self._accepting = False
             return list(self._clients.values())
 
     @property
     def accepting(self) -> bool:
-        with self._lock:
+        with self._locked():
             return self._accepting

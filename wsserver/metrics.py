@@ -8,11 +8,17 @@ shipped gunicorn config points ``PROMETHEUS_MULTIPROC_DIR`` at a fresh directory
 worker starts, and marks dead workers' files.
 
 Hot paths pay one ``inc``/``observe`` per batch or per client message, not per delivery.
+Connection counts are not touched per connection at all: in multiprocess mode every update
+takes one process-wide lock, and thousands of connection threads ending at once (a network
+blip, a load balancer draining) queued on it for seconds. The broadcaster thread copies the
+hub's counts into the metrics a few times a second instead (:func:`sync_connections`), and
+``/metrics`` does just before it renders.
 """
 
 from __future__ import annotations
 
 import os
+import threading
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -38,6 +44,7 @@ __all__ = [
     "QUEUE_DEPTH",
     "SLOW_CONSUMERS",
     "render",
+    "sync_connections",
 ]
 
 # prometheus_client chose its storage when imported (just above): follow the same choice
@@ -63,6 +70,20 @@ DELIVERY_LATENCY = Histogram(
     "Time from a message being queued to its frames being written to every client",
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
 )
+
+
+_sync_lock = threading.Lock()
+_opened_reported = 0
+
+
+def sync_connections(open_now: int, opened_total: int) -> None:
+    """Copy the hub's counts into ``wsserver_connections`` and ``..._opened_total``."""
+    global _opened_reported
+    with _sync_lock:
+        CONNECTIONS.set(open_now)
+        if opened_total > _opened_reported:
+            CONNECTIONS_OPENED.inc(opened_total - _opened_reported)
+            _opened_reported = opened_total
 
 
 def render() -> bytes:

@@ -218,7 +218,6 @@ class NotificationService:
         assert self.flusher is not None
         with self._lock:
             self.connections_total += 1
-        metrics.CONNECTIONS_OPENED.inc()
         if self.settings.send_buffer:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.settings.send_buffer)
         conn = Connection(

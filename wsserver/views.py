@@ -60,6 +60,8 @@ def health() -> Any:
 @bp.get("/metrics")
 def prometheus_metrics() -> Response:
     """Prometheus exposition (every worker's values added up under several workers)."""
+    hub = _service().hub
+    metrics.sync_connections(hub.count(), hub.opened)
     return Response(metrics.render(), mimetype=metrics.CONTENT_TYPE_LATEST)
 
 

@@ -13,7 +13,6 @@ from typing import Any
 from flask import Flask, current_app, g, request
 from flask_sock import Sock
 
-from . import metrics
 from .auth import AccessDenied, Identity, token_from
 from .errors import json_error
 from .protocol import CLOSE_TRY_AGAIN_LATER, CommandError, parse_room_list
@@ -126,7 +125,6 @@ def serve_connection(
         conn.detach()
         return
     log.debug("client %d connected from %s", conn.id, remote)
-    metrics.CONNECTIONS.inc()
     why = "error"
     try:
         if since is not None:
@@ -139,7 +137,6 @@ def serve_connection(
         log.exception("client %d: session failed", conn.id)
         conn.abort()
     finally:
-        service.hub.remove(conn)
-        metrics.CONNECTIONS.dec()
+        service.hub.depart(conn)
         conn.detach()
         log.debug("client %d disconnected: %s", conn.id, why)
