@@ -147,10 +147,39 @@ class Connection:
             if self._held:
                 # rare: this client's own message is out for relay; its echo may be here
                 self._relay_locked(frames)
-            else:
+                return self._write_locked()
+            self.frames_out += len(frames)
+            if not self._pending and not self._watched and len(frames) <= _IOV_MAX:
+                # the common case, the fan-out's hot path: nothing is waiting, so write the
+                # frames straight from the caller's list, queueing only what is left over
+                try:
+                    if len(frames) == 1:
+                        sent = self.sock.send(frames[0], socket.MSG_DONTWAIT)
+                    else:
+                        sent = self.sock.sendmsg(frames, (), socket.MSG_DONTWAIT)
+                except (BlockingIOError, InterruptedError):
+                    sent = 0
+                except OSError:
+                    self._closed = True  # the peer is gone; its thread cleans up
+                    return SendResult.OK
+                self.bytes_out += sent
+                if sent == total:
+                    return SendResult.OK
                 self._pending.extend(frames)
-                self._pending_bytes += total
-                self.frames_out += len(frames)
+                self._pending_bytes += total - sent
+                offset = sent
+                pending = self._pending
+                while offset >= len(pending[0]):
+                    offset -= len(pending.popleft())
+                self._head_offset = offset
+                self._watched = True
+                self._flusher.watch(self._fd, self)
+                if self._pending_bytes > self._buffer_limit:
+                    self._drop_as_slow_locked()
+                    return SendResult.SLOW
+                return SendResult.OK
+            self._pending.extend(frames)
+            self._pending_bytes += total
             return self._write_locked()
 
     def send(self, frame: bytes) -> int:
