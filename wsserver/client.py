@@ -659,7 +659,7 @@ class Subscriber:
                         current, self._ws = self._ws, None
                     if current is not None:
                         self._abort(current)
-                        ws.shutdown()
+                        current.shutdown()
                     self._ready.clear()
                     if self.state not in ("connecting",):
                         self._set_state("closed")

@@ -121,6 +121,10 @@ def post_worker_init(worker):  # noqa: ANN001
         return
     service.limit_connections(worker.cfg.threads)
     service.ensure_started()
+    # a worker serves once its broker delivers: with Redis, a POST it took before its
+    # listener subscribed would be refused with 503 (bounded: a dead Redis shows in /readyz)
+    if not service.broker.wait_ready(5.0):
+        worker.log.warning("wsserver: the broker is not ready yet; /readyz says so until it is")
     previous = signal.getsignal(signal.SIGTERM)
 
     def on_sigterm(signum, frame):  # noqa: ANN001

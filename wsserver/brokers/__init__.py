@@ -118,6 +118,10 @@ class Broker:
         """Connected and delivering (readiness)."""
         raise NotImplementedError
 
+    def wait_ready(self, timeout: float) -> bool:
+        """Block until :attr:`ready` (at most ``timeout`` seconds); True if it is."""
+        return self.ready
+
     @property
     def alive(self) -> bool:
         """The broker's own threads run (liveness)."""

@@ -93,6 +93,7 @@ class RedisBroker(Broker):
         self._worker = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._stop = threading.Event()
         self._connected = False
+        self._subscribed = threading.Event()  # set while _connected, for wait_ready
         self._thread: threading.Thread | None = None
         self._broadcaster: Broadcaster | None = None
         self._hub: Hub | None = None
@@ -127,6 +128,9 @@ class RedisBroker(Broker):
     @property
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
+
+    def wait_ready(self, timeout: float) -> bool:
+        return self._subscribed.wait(timeout) and self.ready
 
     # -- publishing ------------------------------------------------------------------------
 
@@ -242,6 +246,7 @@ class RedisBroker(Broker):
                     # when the connection comes back (a 200 would precede a lost message)
                     log.info("redis: listening on %s", self._channel)
                     self._connected = True
+                    self._subscribed.set()
                     backoff = 0.1
                 if time.monotonic() >= next_report:
                     self._report()
@@ -250,6 +255,7 @@ class RedisBroker(Broker):
                 if self._connected:
                     log.warning("redis: connection lost (%s); reconnecting", exc.__class__.__name__)
                 self._connected = False
+                self._subscribed.clear()
                 self.errors += 1
                 metrics.BROKER_ERRORS.inc()
                 if pubsub is not None:
