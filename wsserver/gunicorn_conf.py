@@ -20,6 +20,7 @@ values from gunicorn's config, not from here.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import resource
@@ -35,8 +36,16 @@ import threading
 # and /metrics in any worker adds them up. prometheus_client picks its mode when first
 # imported, so this comes before importing wsserver (which imports it).
 _METRICS_DIR_OWNED = "PROMETHEUS_MULTIPROC_DIR" not in os.environ
+_MASTER_PID = os.getpid()
 if _METRICS_DIR_OWNED:
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="wsserver-metrics-")
+
+    @atexit.register
+    def _remove_metrics_dir() -> None:
+        """The master removes the directory however it exits (a refused start included);
+        workers inherit this hook and must not."""
+        if os.getpid() == _MASTER_PID:
+            shutil.rmtree(os.environ["PROMETHEUS_MULTIPROC_DIR"], ignore_errors=True)
 
 from wsserver.config import SettingsError, load_settings  # noqa: E402
 from wsserver.logs import gunicorn_logconfig  # noqa: E402
@@ -153,11 +162,6 @@ def child_exit(server, worker):  # noqa: ANN001
     from prometheus_client import multiprocess
 
     multiprocess.mark_process_dead(worker.pid)
-
-
-def on_exit(server):  # noqa: ANN001
-    if _METRICS_DIR_OWNED:
-        shutil.rmtree(os.environ["PROMETHEUS_MULTIPROC_DIR"], ignore_errors=True)
 
 
 def _redact(text: str) -> str:
