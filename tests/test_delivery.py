@@ -168,9 +168,13 @@ def _rss_kb(pid: int) -> int:
 
 
 def test_stalled_client_is_dropped_and_does_not_slow_the_others(make_server):
-    """100 readers + 1 client that never reads: while 2,000 notifications flow the readers'
-    p99 latency stays within 2x of a run without it, the stalled client is dropped as a
-    slow consumer, and the worker's memory stays bounded."""
+    """100 readers + 1 client that never reads: while 2,100 notifications flow the readers'
+    p99 latency stays within 2x of the runs without it, the stalled client is dropped as a
+    slow consumer, and the worker's memory stays bounded.
+
+    Runs without the stalled client come before *and* after the run with it: on a shared
+    2-core machine one run's p99 can move by 2x on its own, so the bound is taken against
+    the slower of the two runs around it, which samples the machine's noise at that time."""
     # a generous close timeout: the stalled client resumes reading once it sees it was
     # dropped, and must then find the close frame behind the data already in flight
     server = make_server({"WSSERVER_ENV": "development", "WSSERVER_CLIENT_BUFFER": "65536",
@@ -179,30 +183,33 @@ def test_stalled_client_is_dropped_and_does_not_slow_the_others(make_server):
     readers = [RawClient(server, timeout=30) for _ in range(100)]
     wait_for(lambda: server.health()["clients"] == 100, message="100 readers")
     pid = server.worker_pid()
-    per_run, pad = 1000, 300  # 2 runs x 1000 = 2,000 notifications of ~400 bytes
+    per_run, pad = 700, 300  # 3 runs x 700 = 2,100 notifications of ~400 bytes
 
-    def measured_run(start: int) -> float:
+    def measured_run(start: int, count: int = per_run) -> float:
         # readers in a child process and a paced publisher, so the figure is the server's
         # delivery latency, not this process's GIL or a queue of our own making
         ctx = multiprocessing.get_context("fork")
         parent_end, child_end = ctx.Pipe()
 
         def read() -> None:
-            child_end.send(_receipts(readers, per_run, 60))
+            child_end.send(_receipts(readers, count, 60))
 
         proc = ctx.Process(target=read, daemon=True)
         proc.start()
         try:
-            sent = _post_many(server, per_run, payload_size=pad, start=start, rate=250)
+            sent = _post_many(server, count, payload_size=pad, start=start, rate=250)
             assert parent_end.poll(90), "readers did not finish"
             latencies = [t - sent[seq - start] for seq, t in parent_end.recv()]
         finally:
             proc.join(10)
             if proc.is_alive():
                 proc.kill()
-        assert len(latencies) == per_run * len(readers)
+        assert len(latencies) == count * len(readers)
         return _p99(latencies)
 
+    # warm-up, not measured: the first few seconds of traffic on fresh connections are slower
+    # (p99 60-90 ms here, then 10-20 ms; TCP windows growing), which would skew the baseline
+    measured_run(10_000)
     baseline_p99 = measured_run(0)
     rss_before = _rss_kb(pid)
     stalled = RawClient(server, rcvbuf=4096, timeout=30)
@@ -222,8 +229,12 @@ def test_stalled_client_is_dropped_and_does_not_slow_the_others(make_server):
     closes = [p for op, p in frames if op == OP_CLOSE]
     assert closes and close_code(closes[-1]) == 1008 and b"slow consumer" in closes[-1]
     assert all(op == OP_TEXT for op, _ in frames[:-1]), "whole frames, then the close"
-    print(f"readers' p99: {baseline_p99 * 1000:.1f} ms alone, {stalled_p99 * 1000:.1f} ms with a stalled client")
-    assert stalled_p99 <= 2 * baseline_p99 + 0.002, (baseline_p99, stalled_p99)
+    stalled.close()
+    after_p99 = measured_run(2 * per_run)
+    print(f"readers' p99: {baseline_p99 * 1000:.1f} / {after_p99 * 1000:.1f} ms alone (before / after), "
+          f"{stalled_p99 * 1000:.1f} ms with a stalled client")
+    alone_p99 = max(baseline_p99, after_p99)
+    assert stalled_p99 <= 2 * alone_p99 + 0.002, (baseline_p99, stalled_p99, after_p99)
     assert rss_after - rss_before < 20 * 1024, "worker memory grew by more than 20 MiB"
     for c in readers + [stalled]:
         c.close()
