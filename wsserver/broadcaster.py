@@ -78,8 +78,6 @@ class Broadcaster:
         self._closing = threading.Lock()
         self._closed = False
         self._thread: threading.Thread | None = None
-        self.messages_out = 0
-        self.deliveries = 0
         # conn id -> {room: order of the last message replayed to it}: live copies of those
         # messages, still in the queue behind a recovery, are not sent again. Broadcaster
         # thread only.
@@ -196,7 +194,6 @@ class Broadcaster:
                 clients = self._hub.snapshot()
             if clients:
                 self._send(batch[start:end], clients)
-            self.messages_out += end - start
             metrics.MESSAGES_OUT.inc(end - start)
             start = end
         if log.isEnabledFor(logging.DEBUG):
@@ -219,7 +216,6 @@ class Broadcaster:
             if result == SendResult.SLOW:
                 slow.append(conn)
         delivered = len(clients) - len(slow)
-        self.deliveries += len(items) * delivered
         metrics.DELIVERIES.inc(len(items) * delivered)
         metrics.BYTES_OUT.inc(total * delivered)
         written = time.monotonic()

@@ -93,8 +93,6 @@ class Connection:
         "user",
         "identity",
         "invalid_commands",
-        "frames_out",
-        "bytes_out",
         "__weakref__",
     )
 
@@ -132,8 +130,6 @@ class Connection:
         self.user: str | None = None  # the token's subject; fixed before the Hub sees it
         self.identity: Any = None  # the verified token (auth.Identity); the own thread swaps it
         self.invalid_commands = 0  # touched only by the connection's own thread
-        self.frames_out = 0
-        self.bytes_out = 0
 
     # -- the write path ------------------------------------------------------------------
 
@@ -148,7 +144,6 @@ class Connection:
                 # rare: this client's own message is out for relay; its echo may be here
                 self._relay_locked(frames)
                 return self._write_locked()
-            self.frames_out += len(frames)
             if not self._pending and not self._watched and len(frames) <= _IOV_MAX:
                 # the common case, the fan-out's hot path: nothing is waiting, so write the
                 # frames straight from the caller's list, queueing only what is left over
@@ -162,7 +157,6 @@ class Connection:
                 except OSError:
                     self._closed = True  # the peer is gone; its thread cleans up
                     return SendResult.OK
-                self.bytes_out += sent
                 if sent == total:
                     return SendResult.OK
                 self._pending.extend(frames)
@@ -342,7 +336,6 @@ class Connection:
     def _queue_locked(self, frame: bytes) -> None:
         self._pending.append(frame)
         self._pending_bytes += len(frame)
-        self.frames_out += 1
 
     def _write_locked(self) -> int:
         """Write what the socket takes now (unless the flusher owns the next write), then
@@ -450,7 +443,6 @@ class Connection:
                 self._pending_bytes = 0
                 self._clear_held_locked()
                 return
-            self.bytes_out += sent
             self._pending_bytes -= sent
             offset = self._head_offset + sent
             while pending and offset >= len(pending[0]):

@@ -60,7 +60,7 @@ class NotificationService:
     """Per-app state (``app.extensions["wsserver"]``).
 
     Thread-safety: ``publish`` and the connection callbacks are called from many request
-    threads; counters are guarded by ``_lock``; start/shutdown are idempotent.
+    threads; ``_lock`` guards start and shutdown, which are idempotent.
     """
 
     def __init__(self, settings: Settings) -> None:
@@ -77,10 +77,6 @@ class NotificationService:
         self._pid: int | None = None
         self.broker: Broker = make_broker(settings)
         self._shutdown_started = False
-        self.started_at = time.time()
-        self.slow_consumers = 0
-        self.rejected_full = 0
-        self.connections_total = 0
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -199,8 +195,6 @@ class NotificationService:
         return Published(dict(zip(targets, ids)), clients)
 
     def _rejected(self) -> None:
-        with self._lock:
-            self.rejected_full += 1
         metrics.PUBLISH_REJECTED.labels("queue_full").inc()
         return None
 
@@ -216,8 +210,6 @@ class NotificationService:
     def new_connection(self, sock, remote: str, identity: Identity | None = None) -> Connection:  # type: ignore[no-untyped-def]
         self.ensure_started()
         assert self.flusher is not None
-        with self._lock:
-            self.connections_total += 1
         if self.settings.send_buffer:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.settings.send_buffer)
         conn = Connection(
@@ -332,8 +324,6 @@ class NotificationService:
     def _drop_slow(self, conn: Connection) -> None:
         """Broadcaster callback: ``conn`` passed its buffer cap and has close 1008 queued."""
         if self.hub.remove(conn):
-            with self._lock:
-                self.slow_consumers += 1
             metrics.SLOW_CONSUMERS.inc()
             log.warning(
                 "client %d (%s) dropped as a slow consumer: over %d bytes behind",
