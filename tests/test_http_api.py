@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import selectors
+import socket
 import threading
 import time
 
@@ -69,6 +70,46 @@ def test_notify_wrong_method_is_405_json(server, method):
     r = requests.request(method, server.url + "/notify", headers=CLOSE, timeout=5)
     assert_json_error(r, 405, "method")
     assert "POST" in r.headers.get("Allow", ""), r.headers
+
+
+def test_notify_options_answers_allow_and_head_is_405(server):
+    r = requests.options(server.url + "/notify", headers=CLOSE, timeout=5)
+    assert r.status_code == 200 and "POST" in r.headers["Allow"], (r.status_code, r.headers)
+    r = requests.head(server.url + "/notify", headers=CLOSE, timeout=5)
+    assert r.status_code == 405 and "POST" in r.headers["Allow"], (r.status_code, r.headers)
+
+
+def raw_exchange(server, request: bytes, timeout: float = 10) -> tuple[int, dict]:
+    """Write ``request``, half-close, read the whole answer: (status, JSON body)."""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=timeout) as sock:
+        sock.sendall(request)
+        sock.shutdown(socket.SHUT_WR)
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split()[1]), json.loads(body)
+
+
+def test_notify_body_cut_short_is_400_and_delivers_nothing(server):
+    """The publisher promised 100 bytes and sent 16, then went quiet: a 400, not a hang or 500."""
+    ws = connect(server)
+    try:
+        status, body = raw_exchange(server, b"POST /notify HTTP/1.1\r\nHost: x\r\n"
+                                    b"Content-Length: 100\r\n\r\n" + b'{"event":"cut"}')
+        assert status == 400 and body["code"] == "client_disconnected", (status, body)
+        assert server.health()["status"] == "ok"
+        post_json(server, {"event": "after"})
+        assert recv_json(ws)["event"] == "after", "the cut-off notification was not delivered"
+    finally:
+        ws.close()
+
+
+def test_notify_malformed_chunk_is_400(server):
+    status, body = raw_exchange(server, b"POST /notify HTTP/1.1\r\nHost: x\r\n"
+                                b"Transfer-Encoding: chunked\r\n\r\nzz\r\n{}\r\n0\r\n\r\n")
+    assert status == 400, (status, body)
+    assert "error" in body
 
 
 @pytest.mark.parametrize("method,path", [("GET", "/nope"), ("POST", "/notify/extra"), ("GET", "/ws/x")])

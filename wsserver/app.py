@@ -12,6 +12,7 @@ from typing import Any, Mapping
 from flask import Flask
 
 from . import console, errors, logs, views, ws
+from .notify import NotifyEndpoint
 from .config import Settings, load_settings
 from .service import NotificationService
 
@@ -26,9 +27,11 @@ def create_app(config: Mapping[str, Any] | Settings | None = None) -> Flask:
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_size
     app.config["WSSERVER_SETTINGS"] = settings
     logs.configure(settings.log_level, settings.log_format)
-    app.extensions["wsserver"] = NotificationService(settings)
+    service = app.extensions["wsserver"] = NotificationService(settings)
     errors.init_app(app)
     app.register_blueprint(views.bp)
     ws.init_app(app)
     console.init_app(app)
+    # POST /notify is answered below Flask (wsserver.notify: why); everything else is Flask's
+    app.wsgi_app = NotifyEndpoint(app.wsgi_app, service)  # type: ignore[method-assign]
     return app

@@ -134,6 +134,21 @@ class AccessPolicy:
             return origin
         return origin if self._listed(origin.rstrip("/").lower()) else None
 
+    def cors_headers(self, origin: str | None, preflight: bool = False) -> list[tuple[str, str]]:
+        """CORS response headers for the HTTP API: none unless ``origin`` is allowed;
+        a preflight (OPTIONS) also gets the methods and headers a publisher needs."""
+        allowed = self.cors_origin(origin)
+        if allowed is None:
+            return []
+        headers = [("Access-Control-Allow-Origin", allowed), ("Vary", "Origin")]
+        if preflight:
+            headers += [
+                ("Access-Control-Allow-Methods", "GET, POST, OPTIONS"),
+                ("Access-Control-Allow-Headers", "Authorization, Content-Type"),
+                ("Access-Control-Max-Age", "600"),
+            ]
+        return headers
+
     def _listed(self, origin: str) -> bool:
         for allowed in self._origins:
             if allowed == origin:

@@ -13,7 +13,7 @@ from flask import Flask, Response, jsonify
 from werkzeug.exceptions import HTTPException
 from werkzeug.routing import WebsocketMismatch
 
-__all__ = ["init_app", "json_error"]
+__all__ = ["error_document", "init_app", "json_error"]
 
 log = logging.getLogger(__name__)
 
@@ -34,8 +34,13 @@ _CODES = {
 _CLIENT_GONE = (BrokenPipeError, ConnectionAbortedError, ConnectionResetError)
 
 
+def error_document(code: str, reason: str) -> dict[str, str]:
+    """The body of every error answer: ``reason`` for people, ``code`` for programs."""
+    return {"error": reason, "code": code}
+
+
 def json_error(status: int, code: str, reason: str) -> Response:
-    response = jsonify({"error": reason, "code": code})
+    response = jsonify(error_document(code, reason))
     response.status_code = status
     return response
 
