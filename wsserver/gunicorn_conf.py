@@ -3,9 +3,10 @@
 
 Why each choice (measured traps, see docs/design.md):
 
-* ``gthread``: every WebSocket holds one pool thread for its life, so ``threads`` is the
-  connection capacity plus ``WSSERVER_HTTP_THREADS`` kept for HTTP; the app refuses upgrades
-  past that budget with 503, so ``GET /`` and ``POST /notify`` always find a thread;
+* gthread, as ``wsserver.worker.ThreadWorker`` (its pool threads are daemons, which start in
+  constant time however many are alive): every WebSocket holds one pool thread for its life,
+  so ``threads`` is the connection capacity plus ``WSSERVER_HTTP_THREADS`` kept for HTTP; the
+  app refuses upgrades past that budget with 503, so ``GET /`` and ``POST /notify`` always find a thread;
 * ``worker_connections`` well above ``threads``: at or below it gthread turns keep-alive off;
 * no control socket: gunicorn 27 shares one path machine-wide, parallel servers collide;
 * SIGTERM: gunicorn would wait ``graceful_timeout`` on open WebSockets and ``worker_exit``
@@ -61,7 +62,7 @@ bind = [
     if ":" in _settings.host
     else f"{_settings.host}:{_settings.port}"
 ]
-worker_class = "gthread"
+worker_class = "wsserver.worker.ThreadWorker"
 workers = _settings.workers
 threads = _settings.threads
 worker_connections = _settings.threads + 1000
@@ -76,6 +77,7 @@ errorlog = "-"
 access_log_format = '%(h)s "%(m)s %(U)s %(H)s" %(s)s %(b)s %(L)ss "%(a)s"'
 
 _THREAD_STACK = 512 * 1024
+_THREAD_WORKERS = (worker_class, "gthread", "gunicorn.workers.gthread.ThreadWorker")
 
 
 def on_starting(server):  # noqa: ANN001 - gunicorn hook signature
@@ -100,7 +102,7 @@ def on_starting(server):  # noqa: ANN001 - gunicorn hook signature
                 f"{_redact(str(exc))}); not starting. Start Redis or fix the URL.\n"
             )
             raise SystemExit(3) from None
-    if cfg.worker_class_str not in ("gthread", "gunicorn.workers.gthread.ThreadWorker"):
+    if cfg.worker_class_str not in _THREAD_WORKERS:
         server.log.warning(
             "wsserver: worker class %r is not gthread; WebSockets need a thread each",
             cfg.worker_class_str,

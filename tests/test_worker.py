@@ -1,0 +1,90 @@
+"""The shipped gunicorn worker's thread pool (wsserver.worker): ThreadPoolExecutor's
+behaviour with daemon threads, so that starting the N-th connection's thread does not cost
+O(N) on Python < 3.13 (see the module docstring)."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+from support import GunicornServer, connect, wait_for
+
+from wsserver.worker import DaemonThreadPool
+
+WAIT = 10
+
+
+def test_results_and_exceptions_reach_the_future():
+    pool = DaemonThreadPool(max_workers=2)
+    try:
+        assert pool.submit(lambda a, b=0: a + b, 2, b=3).result(WAIT) == 5
+        failed = pool.submit(lambda: 1 / 0)
+        assert isinstance(failed.exception(WAIT), ZeroDivisionError)
+        done = []
+        future = pool.submit(lambda: "x")
+        future.add_done_callback(done.append)
+        future.result(WAIT)
+        wait_for(lambda: done == [future], timeout=WAIT)
+    finally:
+        pool.shutdown()
+
+
+def test_threads_are_daemons_reused_when_idle_and_capped():
+    pool = DaemonThreadPool(max_workers=3)
+    try:
+        for i in range(20):  # one at a time: the idle thread takes each, no new thread
+            assert pool.submit(lambda i=i: i).result(WAIT) == i
+        assert len(pool._threads) == 1
+
+        release = threading.Event()
+        running = threading.Semaphore(0)
+
+        def block() -> str:
+            running.release()
+            release.wait(WAIT)
+            return threading.current_thread().name
+
+        blocked = [pool.submit(block) for _ in range(5)]
+        for _ in range(3):
+            assert running.acquire(timeout=WAIT), "three tasks run at once"
+        assert not running.acquire(timeout=0.2), "a fourth runs only when one of three ends"
+        assert len(pool._threads) == 3
+        assert all(t.daemon for t in pool._threads)
+        release.set()
+        names = {f.result(WAIT) for f in blocked}
+        assert names <= {t.name for t in pool._threads}
+    finally:
+        pool.shutdown()
+
+
+def test_shutdown_joins_and_refuses_new_work():
+    pool = DaemonThreadPool(max_workers=4)
+    futures = [pool.submit(threading.Event().wait, 0.05) for _ in range(4)]
+    pool.shutdown(wait=True)
+    assert all(f.done() for f in futures)
+    assert not any(t.is_alive() for t in pool._threads)
+    with pytest.raises(RuntimeError):
+        pool.submit(print)
+
+
+def test_shutdown_can_cancel_queued_work():
+    pool = DaemonThreadPool(max_workers=1)
+    gate = threading.Event()
+    first = pool.submit(gate.wait, WAIT)
+    queued = [pool.submit(print) for _ in range(3)]
+    pool.shutdown(wait=False, cancel_futures=True)
+    gate.set()
+    assert first.result(WAIT) is True
+    assert all(f.cancelled() for f in queued)
+
+
+def test_shipped_config_runs_this_worker():
+    """``gunicorn -c python:wsserver.gunicorn_conf`` runs wsserver.worker.ThreadWorker, and
+    it serves WebSockets and HTTP."""
+    with GunicornServer() as server:
+        assert "Using worker: wsserver.worker.ThreadWorker" in server.log()
+        ws = connect(server)
+        try:
+            wait_for(lambda: server.health()["clients"] == 1, timeout=WAIT)
+        finally:
+            ws.close()
