@@ -35,6 +35,16 @@ class AccessDenied(Refusal):
     """A request is refused for who or where it comes from (401/403, and the upgrade's
     400/429/503): ``status``, ``code``, and a reason safe to show."""
 
+    @property
+    def headers(self) -> list[tuple[str, str]]:
+        """What the refusal's answer carries besides the body: the Bearer challenge with a
+        401, ``Retry-After`` with a 429 or 503 (refused for load: later may work)."""
+        if self.status == 401:
+            return [("WWW-Authenticate", 'Bearer realm="wsserver"')]
+        if self.status in (429, 503):
+            return [("Retry-After", "5")]
+        return []
+
 
 @dataclass(frozen=True)
 class Identity:

@@ -6,7 +6,8 @@ Why each choice (measured traps, see docs/design.md):
 * gthread, as ``wsserver.worker.ThreadWorker`` (its pool threads are daemons, which start in
   constant time however many are alive): every WebSocket holds one pool thread for its life,
   so ``threads`` is the connection capacity plus ``WSSERVER_HTTP_THREADS`` kept for HTTP; the
-  app refuses upgrades past that budget with 503, so ``GET /`` and ``POST /notify`` always find a thread;
+  app refuses upgrades past that budget with 503, so ``GET /`` and ``POST /notify`` always
+  find a thread;
 * ``worker_connections`` well above ``threads``: at or below it gthread turns keep-alive off;
 * no control socket: gunicorn 27 shares one path machine-wide, parallel servers collide;
 * SIGTERM: gunicorn would wait ``graceful_timeout`` on open WebSockets and ``worker_exit``

@@ -5,12 +5,13 @@ and the fan-out benchmark is bounded by how fast ``POST /notify`` answers). Unde
 Flask request costs ~300 µs of worker CPU more than the same work done on the WSGI environ:
 request context, URL matching, hooks, the response object. Measured with 8 keep-alive
 posters and no clients (``docs/performance.md``): 1.35 ms of worker CPU per POST through
-Flask, 0.96 ms here. That CPU is shared with the fan-out (one GIL), so it is throughput.
+Flask, 1.03 ms here. That CPU is shared with the fan-out (one GIL), so it is throughput.
 
 Everything about ``/notify`` lives here: method routing (POST; OPTIONS for CORS preflights;
 anything else 405 with ``Allow``), the publisher check, the body limit (413, chunked bodies
-included), JSON errors in the same shape as the Flask app's (:func:`wsserver.errors.error_document`),
-CORS headers from the same policy, single and batch publishing. Every other path goes to
+included), JSON errors in the same shape as the Flask app's
+(:func:`wsserver.errors.error_document`), CORS headers from the same policy, single and batch
+publishing. Every other path goes to
 Flask untouched.
 """
 
@@ -84,7 +85,9 @@ class NotifyEndpoint:
                 return _respond(start_response, 200, None, headers)
             else:
                 headers.append(("Allow", _ALLOW))
-                raise _Answer(405, "method_not_allowed", f"method {method} is not allowed here; use POST")
+                raise _Answer(
+                    405, "method_not_allowed", f"method {method} is not allowed here; use POST"
+                )
         except _Answer as answer:
             headers.extend(answer.headers)
             status, document = answer.status, error_document(answer.code, answer.reason)
@@ -100,8 +103,7 @@ class NotifyEndpoint:
                 environ.get("HTTP_AUTHORIZATION"), environ.get("REMOTE_ADDR")
             )
         except AccessDenied as exc:
-            extra = [("WWW-Authenticate", 'Bearer realm="wsserver"')] if exc.status == 401 else []
-            raise _Answer(exc.status, exc.code, exc.reason, extra) from None
+            raise _Answer(exc.status, exc.code, exc.reason, exc.headers) from None
         try:
             body = parse_notify_body(_read_body(environ, service.settings.max_body_size))
             if isinstance(body, list):
@@ -135,8 +137,8 @@ def _read_body(environ: dict, limit: int) -> bytes:
     A Content-Length over the limit is refused before anything is read. A chunked body (no
     Content-Length; gunicorn de-chunks it and sets ``wsgi.input_terminated``) is read up to
     one byte past the limit, which tells "exactly the limit" from "over it": a body is never
-    silently cut and then parsed. A body cut off mid-way (the client went away, or a
-    malformed chunk) is a 400.
+    silently cut and then parsed. A body the HTTP layer could not read (cut off mid-way, a
+    malformed chunk) is a 400 ``bad_request``, as docs/openapi.yaml says.
     """
     stream = environ["wsgi.input"]
     length = environ.get("CONTENT_LENGTH")
@@ -155,11 +157,12 @@ def _read_body(environ: dict, limit: int) -> bytes:
     try:
         data = stream.read(want)
     except Exception as exc:  # noqa: BLE001 - a reset, a malformed chunk: the body's fault
-        raise _Answer(400, "client_disconnected", f"the request body was cut off ({exc})") from None
+        reason = f"the request body could not be read ({exc.__class__.__name__})"
+        raise _Answer(400, "bad_request", reason) from None
     if len(data) > limit:
         raise _too_large(limit)
     if length and len(data) < want:
-        raise _Answer(400, "client_disconnected", "the request body ended before Content-Length")
+        raise _Answer(400, "bad_request", "the request body ended before Content-Length")
     return data
 
 
@@ -184,7 +187,11 @@ def _publish_batch(service: NotificationService, items: list) -> tuple[int, dict
             continue
         except BrokerUnavailable:
             results.append(
-                {"status": "error", "code": "broker_unavailable", "error": "the broker is unreachable"}
+                {
+                    "status": "error",
+                    "code": "broker_unavailable",
+                    "error": "the broker is unreachable",
+                }
             )
             continue
         if published is None:

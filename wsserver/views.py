@@ -94,8 +94,7 @@ def _check_publisher() -> Any:
         _service().policy.check_publisher(request.headers.get("Authorization"), request.remote_addr)
     except AccessDenied as exc:
         response = json_error(exc.status, exc.code, exc.reason)
-        if exc.status == 401:
-            response.headers["WWW-Authenticate"] = 'Bearer realm="wsserver"'
+        response.headers.extend(exc.headers)
         return response
     return None
 
@@ -107,7 +106,8 @@ def _cors(response: Response) -> Response:
     if request.endpoint == "websocket":
         return response
     policy = _service().policy
-    for name, value in policy.cors_headers(request.headers.get("Origin"), request.method == "OPTIONS"):
+    preflight = request.method == "OPTIONS"
+    for name, value in policy.cors_headers(request.headers.get("Origin"), preflight):
         if name == "Vary":
             response.vary.add(value)
         else:

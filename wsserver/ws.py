@@ -41,10 +41,7 @@ def init_app(app: Flask) -> None:
             g.wsserver_identity, g.wsserver_rooms = check_upgrade(service)
         except AccessDenied as exc:
             response = json_error(exc.status, exc.code, exc.reason)
-            if exc.status == 401:
-                response.headers["WWW-Authenticate"] = 'Bearer realm="wsserver"'
-            elif exc.status in (429, 503):
-                response.headers["Retry-After"] = "5"
+            response.headers.extend(exc.headers)
             return response
         strip_compression_offer(request.environ)
         return None
