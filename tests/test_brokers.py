@@ -4,16 +4,22 @@ way; publishing is all-or-nothing."""
 
 from __future__ import annotations
 
+import json
+import socket
 import time
 import uuid
 
 import pytest
 import redis
+from rawws import FrameParser
 from support import wait_for
 
 from wsserver.broadcaster import Broadcaster
 from wsserver.brokers import Outgoing, make_broker, order_of
 from wsserver.config import load_settings
+from wsserver.connection import Connection
+from wsserver.flusher import Flusher
+from wsserver.frames import OP_TEXT
 from wsserver.hub import Hub
 from wsserver.protocol import Notification
 
@@ -25,12 +31,12 @@ def make(request):
     prefix = f"wstest-{uuid.uuid4().hex[:10]}"
     made = []
 
-    def build(size: int = 5, ttl: float = 300.0):
+    def build(size: int = 5, ttl: float = 300.0, hub: Hub | None = None):
         env = {"WSSERVER_HISTORY_SIZE": str(size), "WSSERVER_HISTORY_TTL": str(ttl)}
         if request.param == "redis":
             env.update(WSSERVER_REDIS_URL=REDIS_URL, WSSERVER_REDIS_PREFIX=prefix)
         settings = load_settings(env)
-        hub = Hub(10)
+        hub = hub if hub is not None else Hub(10)
         broadcaster = Broadcaster(hub, 64, on_slow=lambda conn: None)
         broadcaster.start()
         broker = make_broker(settings)
@@ -52,7 +58,8 @@ def make(request):
 
 
 def message(room: str | None = "r", user: str | None = None, data: int = 0) -> Outgoing:
-    return Outgoing(room, user, Notification("e", "", data).envelope_prefix(room, int(time.time() * 1000)))
+    prefix = Notification("e", "", data).envelope_prefix(room, int(time.time() * 1000))
+    return Outgoing(room, user, prefix)
 
 
 def test_ids_increase_per_audience(make):
@@ -64,6 +71,47 @@ def test_ids_increase_per_audience(make):
     assert order_of(other) is not None
     both = broker.publish((message("a"), message("b")), 1)
     assert order_of(both[0]) > orders[-1] and order_of(both[1]) > order_of(other)
+
+
+def test_a_notification_is_encoded_once_for_every_client(make):
+    """Encode once: the broker makes one frame of a notification and the broadcaster hands
+    that same bytes object to every client's write path (real sockets: each peer reads it
+    byte for byte). A per-client encoding or copy would hand over distinct objects."""
+    handed: dict[int, list[bytes]] = {}  # the objects themselves: ids of freed ones recur
+
+    class RecordingConnection(Connection):
+        def send_frames(self, frames, total=None):  # noqa: ANN001, ANN202
+            handed.setdefault(self.id, []).extend(frames)
+            return super().send_frames(frames, total)
+
+    flusher = Flusher(poll_timeout=0.05)
+    flusher.start()
+    pairs = [socket.socketpair() for _ in range(20)]
+    try:
+        hub = Hub(50)
+        for i, (ours, _peer) in enumerate(pairs):
+            assert hub.add(RecordingConnection(i + 1, ours, "test", 1 << 20, flusher)) is None
+        broker = make(hub=hub)
+        [msg_id] = broker.publish((message(None, data=42),), 1)
+        received = []
+        for _ours, peer in pairs:
+            peer.settimeout(5)
+            parser, frames = FrameParser(), []
+            while not frames:
+                frames = parser.feed(peer.recv(65536))
+            received.append(frames)
+        assert all(frames == received[0] for frames in received)
+        [(opcode, payload)] = received[0]
+        body = json.loads(payload)
+        assert opcode == OP_TEXT and body["id"] == msg_id and body["data"] == 42
+        assert len(handed) == 20 and all(len(objs) == 1 for objs in handed.values())
+        first = handed[1][0]
+        assert all(objs[0] is first for objs in handed.values()), "one frame object for all"
+    finally:
+        flusher.stop()
+        for ours, peer in pairs:
+            ours.close()
+            peer.close()
 
 
 def test_history_replays_everything_after_since_in_order(make):

@@ -12,8 +12,8 @@ from typing import Any, Mapping
 from flask import Flask
 
 from . import console, errors, logs, views, ws
-from .notify import NotifyEndpoint
 from .config import Settings, load_settings
+from .notify import NotifyEndpoint
 from .service import NotificationService
 
 __all__ = ["create_app"]
