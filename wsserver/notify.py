@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Iterable
+from http import HTTPStatus
 from typing import Any, Callable
 
 from .auth import AccessDenied
@@ -37,18 +38,6 @@ _ALLOW = ", ".join(METHODS)
 
 WSGIApp = Callable[[dict, Callable], Iterable[bytes]]
 Headers = list  # [(name, value), ...]
-
-_STATUS = {
-    200: "200 OK",
-    400: "400 Bad Request",
-    401: "401 Unauthorized",
-    403: "403 Forbidden",
-    405: "405 Method Not Allowed",
-    413: "413 Request Entity Too Large",
-    500: "500 Internal Server Error",
-    503: "503 Service Unavailable",
-}
-
 
 class _Answer(Exception):
     """Ends a request early with an error answer (raised from helpers, caught once)."""
@@ -127,7 +116,7 @@ def _respond(
     if document is not None:
         headers.append(("Content-Type", "application/json"))
     headers.append(("Content-Length", str(len(body))))
-    start_response(_STATUS[status], headers)
+    start_response(f"{status} {HTTPStatus(status).phrase}", headers)
     return [body]
 
 
