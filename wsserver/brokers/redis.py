@@ -92,8 +92,7 @@ class RedisBroker(Broker):
         self._script = self._redis.register_script(_PUBLISH)
         self._worker = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._stop = threading.Event()
-        self._connected = False
-        self._subscribed = threading.Event()  # set while _connected, for wait_ready
+        self._connected = threading.Event()  # set while subscribed: publishing is open
         self._thread: threading.Thread | None = None
         self._broadcaster: Broadcaster | None = None
         self._hub: Hub | None = None
@@ -123,19 +122,19 @@ class RedisBroker(Broker):
 
     @property
     def ready(self) -> bool:
-        return self._connected and self.alive
+        return self._connected.is_set() and self.alive
 
     @property
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
     def wait_ready(self, timeout: float) -> bool:
-        return self._subscribed.wait(timeout) and self.ready
+        return self._connected.wait(timeout) and self.ready
 
     # -- publishing ------------------------------------------------------------------------
 
     def publish(self, messages: tuple[Outgoing, ...], timeout: float) -> list[str] | None:
-        if not self._connected:
+        if not self._connected.is_set():
             # this worker's listener is not subscribed: it would miss its own message
             raise BrokerUnavailable("redis: not subscribed yet")
         keys = [self._stream(audience_key(m.room, m.user)) for m in messages]
@@ -149,7 +148,7 @@ class RedisBroker(Broker):
         return [i.decode() if isinstance(i, bytes) else str(i) for i in ids]
 
     def relay(self, frame: bytes, timeout: float) -> bool:
-        if not self._connected:
+        if not self._connected.is_set():
             return False
         try:
             self._redis.publish(self._channel, b"!" + frame)
@@ -245,17 +244,15 @@ class RedisBroker(Broker):
                     # only now does a PUBLISH reach this worker: publishing opens here, not
                     # when the connection comes back (a 200 would precede a lost message)
                     log.info("redis: listening on %s", self._channel)
-                    self._connected = True
-                    self._subscribed.set()
+                    self._connected.set()
                     backoff = 0.1
                 if time.monotonic() >= next_report:
                     self._report()
                     next_report = time.monotonic() + _REPORT_EVERY
             except (redis.RedisError, OSError) as exc:
-                if self._connected:
+                if self._connected.is_set():
                     log.warning("redis: connection lost (%s); reconnecting", exc.__class__.__name__)
-                self._connected = False
-                self._subscribed.clear()
+                self._connected.clear()
                 self.errors += 1
                 metrics.BROKER_ERRORS.inc()
                 if pubsub is not None:
