@@ -42,6 +42,8 @@ __all__ = [
     "MESSAGES_OUT",
     "PUBLISH_REJECTED",
     "QUEUE_DEPTH",
+    "REFUSALS",
+    "SERVER_CLOSES",
     "SLOW_CONSUMERS",
     "render",
     "sync_connections",
@@ -62,6 +64,16 @@ QUEUE_DEPTH = Gauge(
     "wsserver_queue_depth", "Messages waiting in the broadcast queue", multiprocess_mode="livesum"
 )
 SLOW_CONSUMERS = Counter("wsserver_slow_consumers", "Clients dropped as slow consumers (1008)")
+REFUSALS = Counter(
+    "wsserver_refusals",
+    "Requests and sockets refused, by reason (see wsserver.audit)",
+    ["reason"],
+)
+SERVER_CLOSES = Counter(
+    "wsserver_server_closes",
+    "WebSockets closed by the server on its own initiative, by reason (see wsserver.audit)",
+    ["reason"],
+)
 PUBLISH_REJECTED = Counter("wsserver_publish_rejected", "Publishes refused with 503", ["reason"])
 BROKER_ERRORS = Counter("wsserver_broker_errors", "Broker (Redis) operations that failed")
 BROKER_RECONNECTS = Counter("wsserver_broker_reconnects", "Broker listener reconnections")
