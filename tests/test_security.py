@@ -322,3 +322,40 @@ def test_out_of_range_token_claims_are_401_at_connect_and_in_refresh(secured):
     finally:
         ws.close()
     assert "Traceback" not in secured.log()
+
+
+def _refusal_counts(server) -> dict[str, float]:
+    import re
+
+    text = requests.get(server.url + "/metrics", timeout=5).text
+    return {m.group(1): float(m.group(2)) for m in
+            re.finditer(r'^wsserver_refusals_total\{reason="([^"]+)"\} (\S+)$', text, re.M)}
+
+
+def test_refusals_show_in_metrics_and_the_log_under_gunicorn(secured):
+    """The same refusals, counted across gunicorn's multiprocess metrics and logged with the
+    client's address and the reason."""
+    wait_for(lambda: secured.health()["clients"] == 0)
+    before = _refusal_counts(secured)
+    log_before = len(secured.log().splitlines())
+    refused(secured, f"/ws?token={token()}", {"Origin": "https://evil.example.com"})
+    refused(secured, "/ws")
+    raw_upgrade(secured, _handshake(secured.port, **{"Sec-WebSocket-Version": "7"}))
+    publish(secured, {"event": "x"}, key=None)
+    requests.get(secured.url + "/rooms", timeout=5)
+    held = [RawClient(secured, path=f"/ws?token={token()}") for _ in range(6)]
+    try:
+        wait_for(lambda: secured.health()["clients"] == 6, message="six registered")
+        refused(secured, f"/ws?token={token()}")
+    finally:
+        for c in held:
+            c.close()
+    expected = {"origin_forbidden": 1, "missing_token": 1, "unsupported_websocket_version": 1,
+                "missing_api_key": 2, "too_many_connections": 1}
+    after = _refusal_counts(secured)
+    for reason, n in expected.items():
+        assert after.get(reason, 0) == before.get(reason, 0) + n, (reason, before, after)
+    lines = secured.log().splitlines()[log_before:]
+    for reason in expected:
+        assert any(f"refused 127.0.0.1: {reason}" in line for line in lines), (reason, lines)
+    assert any("WSSERVER_MAX_CONNECTIONS_PER_IP=6" in line for line in lines)
