@@ -123,3 +123,64 @@ def test_secrets_are_masked_for_display():
     shown = dict(s.public_items())
     assert "abc" not in str(shown) and "topsecret" not in str(shown)
     assert policy(api_keys="abc").describe().count("abc") == 0
+
+
+def _signed(claims: dict, key: str = "k") -> str:
+    """A validly signed HS256 token with exactly these claims (PyJWT's encoder writes
+    10**400, inf and nan as JSON text: Python's json does)."""
+    return jwt.encode(claims, key, algorithm="HS256")
+
+
+OUT_OF_RANGE = [
+    {"exp": 10**400},
+    {"exp": 1e300},
+    {"exp": float("inf")},
+    {"exp": float("nan")},
+    {"exp": "9999999999"},
+    {"exp": True},
+    {"exp": None},
+    {"exp": [1]},
+    {"nbf": 10**400},
+    {"nbf": -(10**400)},
+    {"nbf": "soon"},
+    {"iat": 10**400},
+    {"iat": float("-inf")},
+    {"iat": -5},
+]
+
+
+@pytest.mark.parametrize("bad", OUT_OF_RANGE, ids=lambda c: repr(c)[:40])
+def test_out_of_range_claims_are_401_at_connect_and_on_refresh(bad):
+    """A token signed with the right key but with a time claim no clock can reach (or not a
+    number) is refused as invalid (401), not an OverflowError turned into a 500."""
+    p = policy(jwt_secret="k")
+    claims = {"sub": "u", "exp": time.time() + 60, **bad}
+    codes = ("invalid_token", "token_expired")  # PyJWT reads exp=true as 1: long expired
+    with pytest.raises(AccessDenied) as info:
+        p.authenticate(_signed(claims))
+    assert info.value.status == 401 and info.value.code in codes
+    first = p.authenticate(_signed({"sub": "u", "exp": time.time() + 60}))
+    with pytest.raises(AccessDenied) as info:
+        p.refresh(first, _signed(claims))
+    assert info.value.status == 401 and info.value.code in codes
+
+
+def test_claims_up_to_year_9999_are_accepted():
+    p = policy(jwt_secret="k")
+    far = p.authenticate(_signed({"sub": "u", "exp": 253_402_300_799, "iat": 0, "nbf": 1.5}))
+    assert far.expires_at == 253_402_300_799.0
+
+
+@pytest.mark.parametrize("origin", ["http://127.0.0.1:99999", "http://[::1", "not an origin",
+                                    "http://", "http://a@b", "https://x/path", "http://x:port"])
+def test_malformed_origins_are_never_allowed_and_never_raise(origin):
+    from wsserver.auth import valid_origin
+
+    assert not valid_origin(origin)
+    for p in (policy(env="production"), policy(env="production", allowed_origins="http://x")):
+        assert not p.origin_allowed(origin, "127.0.0.1:8080")
+        assert not p.origin_allowed("http://127.0.0.1:8080", "127.0.0.1:99999")
+        assert not p.origin_allowed("http://[::1]:8080", "[::1")
+    assert not policy(env="development").origin_allowed(origin, "x")
+    for good in ("null", "http://127.0.0.1:8080", "https://[::1]:443", "chrome-extension://abc"):
+        assert valid_origin(good), good

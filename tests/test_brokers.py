@@ -149,3 +149,121 @@ def test_user_and_everybody_audiences_have_their_own_ids(make):
     b = broker.publish((message(None, None),), 1)[0]
     c = broker.publish((message(None, "u1"),), 1)[0]
     assert order_of(c) > order_of(a) and b
+
+
+# -- the memory broker keeps bounded history ---------------------------------------------------
+
+
+@pytest.fixture
+def memory():
+    """Memory brokers with extra settings; each stopped after the test."""
+    made = []
+
+    def build(**env: str):
+        settings = load_settings({f"WSSERVER_{k.upper()}": v for k, v in env.items()})
+        hub = Hub(10)
+        broadcaster = Broadcaster(hub, 4096, on_slow=lambda conn: None)
+        broadcaster.start()
+        broker = make_broker(settings)
+        broker.start(broadcaster, hub)
+        made.append((broker, broadcaster))
+        return broker
+
+    yield build
+    for broker, broadcaster in made:
+        broker.stop()
+        broadcaster.stop(2)
+
+
+def test_memory_history_is_swept_without_reads_or_writes(memory):
+    """Expired history goes by itself: 200 rooms nobody reads or publishes to again are
+    forgotten within a sweep interval past the TTL, counters included."""
+    broker = memory(history_ttl="1")
+    for i in range(200):
+        broker.publish((message(f"swept-{i}", data=i),), 1)
+    assert broker.stats()[0] == 200
+    wait_for(lambda: broker.stats() == (0, 0), timeout=1 + broker.sweep_interval + 3,
+             message="the sweeper forgetting expired rooms")
+
+
+def test_memory_history_expires_on_write(memory):
+    """Without the sweeper, publishing forgets expired audiences as it goes (a couple per
+    publish): history does not wait for a read to expire."""
+    broker = memory(history_ttl="1", history_size="0")
+    broker.stop()  # the sweeper: only publishing expires now
+    for i in range(50):
+        broker.publish((message(f"old-{i}"),), 1)
+    wait_for(lambda: broker.publish((message("live"),), 1) and broker.stats()[0] == 1,
+             timeout=10, message="expiry on write")
+
+
+def test_memory_history_keeps_at_most_max_rooms_and_ids_never_go_back(memory):
+    broker = memory(history_max_rooms="10", history_size="5")
+    ids = {f"cap-{i}": broker.publish((message(f"cap-{i}"),), 1)[0] for i in range(25)}
+    assert broker.stats()[0] == 10, "the least recently published rooms were forgotten"
+    assert broker.history("cap-24", ids["cap-24"]).recovered
+    assert not broker.history("cap-0", ids["cap-0"]).recovered, "forgotten: cannot vouch"
+    again = broker.publish((message("cap-0"),), 1)[0]
+    highest = max(order_of(i) for i in ids.values())
+    assert order_of(again) > order_of(ids["cap-0"]), "a re-created room's ids go on upwards"
+    assert order_of(again) > highest or order_of(again)[1] > order_of(ids["cap-14"])[1]
+    resumed = broker.history("cap-0", ids["cap-0"])
+    assert not resumed.recovered and resumed.frames == []
+
+
+def test_memory_history_counters_are_bounded_with_history_size_0(memory):
+    broker = memory(history_size="0", history_max_rooms="5")
+    for i in range(100):
+        broker.publish((message(f"n-{i}"),), 1)
+    assert broker.stats() == (5, 0)
+
+
+def test_memory_history_keeps_at_most_max_bytes(memory):
+    broker = memory(history_max_bytes="20000", history_size="100")
+    frame_size = None
+    for i in range(100):
+        broker.publish((message(f"b-{i % 7}", data="x" * 1000),), 1)
+        _, kept = broker.stats()
+        frame_size = frame_size or kept
+        assert kept <= 20000
+    assert broker.stats()[1] > 20000 - 2 * frame_size, "kept up to the budget, not far below"
+
+
+def _rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+def test_memory_history_gives_its_memory_back_end_to_end(make_server):
+    """Must hold (issue 12): 30,000 distinct rooms x 20 KB with WSSERVER_HISTORY_TTL=5 leave
+    the worker's RSS within 20 MB of where it started, 30 s later. Posted in batches of 1,000
+    (a JSON list) to make it quick."""
+    import requests
+
+    server = make_server({"WSSERVER_HISTORY_TTL": "5", "WSSERVER_MAX_BATCH": "1000",
+                          "WSSERVER_MAX_BODY_SIZE": str(32 * 1024 * 1024)})
+    pid = server.worker_pid()
+    session = requests.Session()
+    assert session.post(server.url + "/notify", json={"event": "warm", "room": "w"},
+                        timeout=10).status_code == 200
+    start = _rss_mb(pid)
+    message = "x" * 20_000
+    began = time.monotonic()
+    peak = start
+    for batch in range(30):
+        body = [{"event": "e", "room": f"rss-{batch}-{i}", "message": message}
+                for i in range(1000)]
+        r = session.post(server.url + "/notify", json=body, timeout=60)
+        assert r.status_code == 200 and r.json()["accepted"] == 1000, r.text[:300]
+        peak = max(peak, _rss_mb(pid))
+    posted = time.monotonic()
+    session.close()
+    wait_for(lambda: _rss_mb(pid) <= start + 20, timeout=30, interval=0.25,
+             message=f"RSS back within 20 MB of {start:.0f} MB (peak {peak:.0f} MB)")
+    back = time.monotonic()
+    print(f"RSS start {start:.1f} MB, peak {peak:.1f} MB, back to {_rss_mb(pid):.1f} MB; "
+          f"posting {posted - began:.1f} s, back {back - posted:.1f} s after the last post")
+    assert "Traceback" not in server.log()

@@ -188,10 +188,18 @@ def _call(server, path: str, method: str, status: int, code: str | None,
                      id="since-needs-one-room"),
         pytest.param("GET", UPGRADE, {"rooms": ",".join(f"r{i}" for i in range(101))},
                      "too_many_rooms", id="too-many-rooms"),
+        pytest.param("GET", {**UPGRADE, "Sec-WebSocket-Key": "c2hvcnQ="}, {},
+                     "invalid_websocket_key", id="bad-key"),
     ],
 )
 def test_ws_refusals_conform(method, headers, query, code, api_server):
     _call(api_server, "/ws", method, 400, code, headers, query)
+
+
+def test_ws_unsupported_version_conforms(api_server):
+    response = _call(api_server, "/ws", "GET", 426, "unsupported_websocket_version",
+                     {**UPGRADE, "Sec-WebSocket-Version": "8"})
+    assert response.headers["sec-websocket-version"] == ["13"]
 
 
 def test_ws_method_not_allowed_conforms(api_server):

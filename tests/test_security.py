@@ -237,3 +237,125 @@ def test_a_silent_half_sent_request_is_dropped_and_http_still_answers(make_serve
     finally:
         loris.close()
     assert "Traceback" not in server.log()
+
+
+# -- malformed handshakes: a JSON refusal and at most one log line, never a 500 ----------------
+
+
+def raw_upgrade(server, lines: list[str], path: str = "/ws") -> tuple[int, str, dict]:
+    """Send an upgrade request made of exactly ``lines`` (no Host unless listed) and read the
+    whole answer: (status, head, JSON body)."""
+    import socket
+
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        request = "\r\n".join([f"GET {path} HTTP/1.1", *lines]) + "\r\n\r\n"
+        sock.sendall(request.encode("latin-1"))
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = sock.recv(65536)
+            assert chunk, f"closed without an answer: {data!r}"
+            data += chunk
+        head, _, body = data.partition(b"\r\n\r\n")
+        length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                          if line.lower().startswith(b"content-length:")))
+        while len(body) < length:
+            chunk = sock.recv(65536)
+            assert chunk, "closed in the body"
+            body += chunk
+    return int(head.split()[1]), head.decode("latin-1"), json.loads(body)
+
+
+def _handshake(port: int, **override: str | None) -> list[str]:
+    headers = {"Host": f"127.0.0.1:{port}", "Upgrade": "websocket", "Connection": "Upgrade",
+               "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==", "Sec-WebSocket-Version": "13"}
+    headers.update(override)
+    return [f"{k}: {v}" for k, v in headers.items() if v is not None]
+
+
+@pytest.mark.parametrize("override, status, code", [
+    ({"Sec-WebSocket-Version": "8"}, 426, "unsupported_websocket_version"),
+    ({"Sec-WebSocket-Version": None}, 400, "invalid_handshake"),
+    ({"Sec-WebSocket-Key": None}, 400, "invalid_websocket_key"),
+    ({"Sec-WebSocket-Key": "c2hvcnQ="}, 400, "invalid_websocket_key"),
+    ({"Host": None}, 400, "invalid_host"),
+    ({"Host": "[::1"}, 400, "invalid_host"),
+    ({"Host": "xn--a"}, 400, "invalid_host"),
+    ({"Connection": "Upgrade, \xe9"}, 400, "invalid_handshake"),
+    ({"Origin": "http://127.0.0.1:99999"}, 403, "invalid_origin"),
+    ({"Origin": "http://[::1"}, 403, "invalid_origin"),
+], ids=lambda v: str(v)[:40])
+def test_malformed_handshakes_are_refused_with_json_and_one_log_line(secured, override, status, code):
+    before = secured.log().splitlines()
+    # with a good token: the handshake is what is wrong
+    got, head, body = raw_upgrade(secured, _handshake(secured.port, **override),
+                                  f"/ws?token={token()}")
+    assert (got, body["code"]) == (status, code), (got, body)
+    assert set(body) == {"error", "code"} and body["error"]
+    assert "content-type: application/json" in head.lower()
+    if status == 426:
+        assert "\r\nsec-websocket-version: 13" in head.lower()
+    # the audit line is written before the answer: wait for it, then for nothing more
+    wait_for(lambda: any(code in line for line in secured.log().splitlines()[len(before):]),
+             timeout=5, message="the audit line")
+    requests.get(secured.url + "/", timeout=5)  # a later request: anything logged is in by now
+    new = secured.log().splitlines()[len(before):]
+    assert len(new) == 1, new
+    assert "127.0.0.1" in new[0] and code in new[0]
+
+
+def test_out_of_range_token_claims_are_401_at_connect_and_in_refresh(secured):
+    huge = jwt.encode({"sub": "alice", "exp": 10**400}, SECRET, algorithm="HS256")
+    status, body, head = refused(secured, f"/ws?token={huge}")
+    assert status == 401 and body["code"] == "invalid_token"
+    assert "www-authenticate: bearer" in head.lower()
+    ws = websocket.create_connection(f"{secured.ws_url}?token={token()}", timeout=10,
+                                     origin="https://app.example.com")
+    try:
+        for bad in (huge, jwt.encode({"sub": "alice", "exp": 1e300}, SECRET, algorithm="HS256"),
+                    jwt.encode({"sub": "alice", "exp": time.time() + 60, "nbf": 10**400}, SECRET,
+                               algorithm="HS256")):
+            ws.send(json.dumps({"type": "refresh", "token": bad}))
+            reply = recv_json(ws)
+            assert reply["type"] == "error" and reply["code"] == "invalid_token", reply
+        ws.send(json.dumps({"type": "ping"}))
+        assert recv_json(ws)["type"] == "pong", "the connection lives on"
+    finally:
+        ws.close()
+    assert "Traceback" not in secured.log()
+
+
+def _refusal_counts(server) -> dict[str, float]:
+    import re
+
+    text = requests.get(server.url + "/metrics", timeout=5).text
+    return {m.group(1): float(m.group(2)) for m in
+            re.finditer(r'^wsserver_refusals_total\{reason="([^"]+)"\} (\S+)$', text, re.M)}
+
+
+def test_refusals_show_in_metrics_and_the_log_under_gunicorn(secured):
+    """The same refusals, counted across gunicorn's multiprocess metrics and logged with the
+    client's address and the reason."""
+    wait_for(lambda: secured.health()["clients"] == 0)
+    before = _refusal_counts(secured)
+    log_before = len(secured.log().splitlines())
+    refused(secured, f"/ws?token={token()}", {"Origin": "https://evil.example.com"})
+    refused(secured, "/ws")
+    raw_upgrade(secured, _handshake(secured.port, **{"Sec-WebSocket-Version": "7"}))
+    publish(secured, {"event": "x"}, key=None)
+    requests.get(secured.url + "/rooms", timeout=5)
+    held = [RawClient(secured, path=f"/ws?token={token()}") for _ in range(6)]
+    try:
+        wait_for(lambda: secured.health()["clients"] == 6, message="six registered")
+        refused(secured, f"/ws?token={token()}")
+    finally:
+        for c in held:
+            c.close()
+    expected = {"origin_forbidden": 1, "missing_token": 1, "unsupported_websocket_version": 1,
+                "missing_api_key": 2, "too_many_connections": 1}
+    after = _refusal_counts(secured)
+    for reason, n in expected.items():
+        assert after.get(reason, 0) == before.get(reason, 0) + n, (reason, before, after)
+    lines = secured.log().splitlines()[log_before:]
+    for reason in expected:
+        assert any(f"refused 127.0.0.1: {reason}" in line for line in lines), (reason, lines)
+    assert any("WSSERVER_MAX_CONNECTIONS_PER_IP=6" in line for line in lines)

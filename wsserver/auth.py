@@ -28,7 +28,19 @@ import jwt
 from .config import Settings
 from .protocol import Refusal
 
-__all__ = ["AccessDenied", "AccessPolicy", "Identity", "load_public_key", "token_from"]
+__all__ = [
+    "AccessDenied",
+    "AccessPolicy",
+    "Identity",
+    "load_public_key",
+    "token_from",
+    "valid_origin",
+]
+
+# The latest time a token claim may name: 9999-12-31T23:59:59Z. Claims are JSON numbers, and a
+# validly signed token may carry 1e400 or 10**400 (an int no float holds): past this the value
+# is refused as out of range instead of overflowing where it is used as a deadline.
+MAX_CLAIM_TIME = 253_402_300_799
 
 
 class AccessDenied(Refusal):
@@ -108,6 +120,13 @@ class AccessPolicy:
     def tokens_required(self) -> bool:
         return self._jwt_key is not None
 
+    @property
+    def token_setting(self) -> str:
+        """The setting that makes tokens required, for audit details."""
+        return "WSSERVER_JWT_SECRET" if self._jwt_algorithms == ["HS256"] else (
+            "WSSERVER_JWT_PUBLIC_KEY"
+        )
+
     def describe(self) -> str:
         """The effective security posture, for the start-up log: no secret in it."""
         origins = "any" if self._any_origin else ", ".join(("same origin",) + self._origins)
@@ -129,6 +148,8 @@ class AccessPolicy:
         Origin header (scripts, servers) are not browsers and cannot be forged by a page."""
         if origin is None:
             return True
+        if not valid_origin(origin):
+            return False
         origin = origin.rstrip("/").lower()
         if self._any_origin:
             return True
@@ -176,14 +197,19 @@ class AccessPolicy:
         if self._keys:
             presented = _bearer(authorization)
             if presented is None:
-                raise AccessDenied(401, "missing_api_key", "send Authorization: Bearer <api key>")
+                raise AccessDenied(
+                    401, "missing_api_key", "send Authorization: Bearer <api key>",
+                    "WSSERVER_API_KEYS",
+                )
             candidate = presented.encode("utf-8", "surrogateescape")
             # compare with every key, always: the time taken says nothing about which matched
             matched = False
             for key in self._keys:
                 matched |= hmac.compare_digest(candidate, key)
             if not matched:
-                raise AccessDenied(401, "invalid_api_key", "the API key is not valid")
+                raise AccessDenied(
+                    401, "invalid_api_key", "the API key is not valid", "WSSERVER_API_KEYS"
+                )
             return
         if self.development or _is_loopback(remote_addr):
             return
@@ -192,6 +218,7 @@ class AccessPolicy:
             "publish_forbidden",
             "publishing is allowed from loopback only until API keys are configured "
             "(WSSERVER_API_KEYS)",
+            "WSSERVER_ENV=production, WSSERVER_API_KEYS unset",
         )
 
     # -- connection tokens -------------------------------------------------------------------
@@ -225,6 +252,13 @@ class AccessPolicy:
             raise AccessDenied(
                 401, "invalid_token", "the token is malformed or not valid"
             ) from None
+        for claim in ("exp", "nbf", "iat"):
+            if claim in claims and not _claim_time_ok(claims[claim]):
+                raise AccessDenied(
+                    401,
+                    "invalid_token",
+                    f"the token's '{claim}' claim must be a number of seconds up to year 9999",
+                )
         sub, rooms = claims.get("sub"), claims.get("rooms", [])
         if not isinstance(sub, str) or not sub:
             raise AccessDenied(
@@ -278,17 +312,46 @@ def _is_loopback(addr: str | None) -> bool:
         return False
 
 
+def valid_origin(origin: str) -> bool:
+    """Is ``origin`` an Origin header a browser could send: ``null`` (opaque origins), or
+    ``scheme://host[:port]`` with a port from 0 to 65535? Anything else is refused with 403
+    ``invalid_origin`` before any rule is applied to it (it matches no rule, and parsing it
+    further, e.g. ``http://[::1`` or a port of 99999, raises)."""
+    if origin == "null":
+        return True
+    try:
+        parts = urlsplit(origin.rstrip("/"))
+        parts.port  # noqa: B018 - raises ValueError for a port out of range or not a number
+    except ValueError:
+        return False
+    return bool(parts.scheme and parts.hostname) and not (
+        parts.path or parts.query or parts.fragment or parts.username is not None
+    )
+
+
+def _claim_time_ok(value: Any) -> bool:
+    """A NumericDate claim (``exp``, ``nbf``, ``iat``): a JSON number, finite, from 0 to
+    :data:`MAX_CLAIM_TIME` (PyJWT also takes strings of digits and huge integers)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    return 0 <= value <= MAX_CLAIM_TIME  # False for nan; inf and 10**400 are out of range
+
+
 def _same_origin(origin: str, host: str) -> bool:
     """Origin ``scheme://host[:port]`` names this server, as the request's Host header does.
 
     Host carries no scheme and, behind a TLS-terminating proxy, gunicorn sees plain http, so
-    the host names must match and, when Host names a port, the origin's port too."""
-    parts = urlsplit(origin)
-    if not parts.hostname or parts.scheme not in ("http", "https"):
+    the host names must match and, when Host names a port, the origin's port too. Either
+    header may be malformed (an unclosed ``[``, a port of 99999): then they do not match."""
+    try:
+        parts = urlsplit(origin)
+        if not parts.hostname or parts.scheme not in ("http", "https"):
+            return False
+        host_parts = urlsplit("//" + host)
+        if parts.hostname != host_parts.hostname:
+            return False
+        if host_parts.port is None:
+            return True
+        return (parts.port or {"http": 80, "https": 443}[parts.scheme]) == host_parts.port
+    except ValueError:
         return False
-    host_parts = urlsplit("//" + host)
-    if parts.hostname != host_parts.hostname:
-        return False
-    if host_parts.port is None:
-        return True
-    return (parts.port or {"http": 80, "https": 443}[parts.scheme]) == host_parts.port

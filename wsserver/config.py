@@ -202,6 +202,20 @@ SETTINGS: tuple[Setting, ...] = (
         "Seconds a message stays in history.",
     ),
     Setting(
+        "history_max_rooms",
+        _int_in(1, 10_000_000),
+        10_000,
+        "Audiences (rooms, users) whose history and ids the in-memory broker keeps; past it the "
+        "least recently published is forgotten (a resume there answers `recovered: false`).",
+    ),
+    Setting(
+        "history_max_bytes",
+        _int_in(0, 64 * 1024 * MiB),
+        64 * MiB,
+        "Bytes of messages the in-memory broker keeps for recovery, all audiences together; "
+        "past it the least recently published audiences are forgotten. 0: no byte limit.",
+    ),
+    Setting(
         "handshake_timeout",
         _float_in(0.5, 300.0),
         10.0,
@@ -349,6 +363,8 @@ class Settings:
     redis_prefix: str
     history_size: int
     history_ttl: float
+    history_max_rooms: int
+    history_max_bytes: int
     queue_size: int
     enqueue_timeout: float
     max_body_size: int

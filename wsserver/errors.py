@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import logging
 
-from flask import Flask, Response, jsonify
+from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import HTTPException
 from werkzeug.routing import WebsocketMismatch
+
+from . import audit
 
 __all__ = ["error_document", "init_app", "json_error"]
 
@@ -50,6 +52,7 @@ def init_app(app: Flask) -> None:
     def _http_error(exc: HTTPException) -> Response:
         status = exc.code or 500
         reason = exc.description or exc.name
+        detail = ""
         if isinstance(exc, WebsocketMismatch):
             reason = (
                 "this endpoint takes a WebSocket upgrade (Upgrade: websocket), not a plain request"
@@ -57,7 +60,11 @@ def init_app(app: Flask) -> None:
         elif status == 413:
             limit = app.config.get("MAX_CONTENT_LENGTH")
             reason = f"request body is over the {limit}-byte limit"
-        response = json_error(status, _CODES.get(status, "http_error"), reason)
+            detail = f"WSSERVER_MAX_BODY_SIZE={limit}"
+        code = _CODES.get(status, "http_error")
+        if status != 404:  # an unknown path is a miss, not a refusal
+            audit.refused(code, request.remote_addr or "?", detail)
+        response = json_error(status, code, reason)
         for name, value in exc.get_headers():
             if name.lower() == "allow":
                 response.headers["Allow"] = value

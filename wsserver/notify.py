@@ -23,6 +23,7 @@ from collections.abc import Iterable
 from http import HTTPStatus
 from typing import Any, Callable
 
+from . import audit
 from .auth import AccessDenied
 from .errors import error_document
 from .protocol import BadRequest, parse_notification, parse_notify_body
@@ -40,12 +41,22 @@ WSGIApp = Callable[[dict, Callable], Iterable[bytes]]
 Headers = list  # [(name, value), ...]
 
 class _Answer(Exception):
-    """Ends a request early with an error answer (raised from helpers, caught once)."""
+    """Ends a request early with an error answer (raised from helpers, caught once, where it
+    is also reported to :mod:`wsserver.audit`: the success path never pays for that).
+    ``detail`` names the setting behind the refusal, for the audit line."""
 
-    def __init__(self, status: int, code: str, reason: str, headers: Headers | None = None):
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        reason: str,
+        headers: Headers | None = None,
+        detail: str = "",
+    ):
         super().__init__(reason)
         self.status, self.code, self.reason = status, code, reason
         self.headers = headers or []
+        self.detail = detail
 
 
 class NotifyEndpoint:
@@ -78,6 +89,7 @@ class NotifyEndpoint:
                     405, "method_not_allowed", f"method {method} is not allowed here; use POST"
                 )
         except _Answer as answer:
+            audit.refused(answer.code, environ.get("REMOTE_ADDR") or "?", answer.detail)
             headers.extend(answer.headers)
             status, document = answer.status, error_document(answer.code, answer.reason)
         except Exception:  # a bug must still get a JSON answer, and a log line
@@ -92,20 +104,20 @@ class NotifyEndpoint:
                 environ.get("HTTP_AUTHORIZATION"), environ.get("REMOTE_ADDR")
             )
         except AccessDenied as exc:
-            raise _Answer(exc.status, exc.code, exc.reason, exc.headers) from None
+            raise _Answer(exc.status, exc.code, exc.reason, exc.headers, exc.detail) from None
         try:
             body = parse_notify_body(_read_body(environ, service.settings.max_body_size))
             if isinstance(body, list):
                 return _publish_batch(service, body)
             notification = parse_notification(body)
         except BadRequest as exc:
-            raise _Answer(exc.status, exc.code, exc.reason) from None
+            raise _Answer(exc.status, exc.code, exc.reason, detail=exc.detail) from None
         try:
             published = service.publish(notification)
         except BrokerUnavailable:
             raise _broker_down() from None
         if published is None:
-            raise _queue_full()
+            raise _queue_full(service)
         return 200, _accepted(published)
 
 
@@ -156,7 +168,12 @@ def _read_body(environ: dict, limit: int) -> bytes:
 
 
 def _too_large(limit: int) -> _Answer:
-    return _Answer(413, "body_too_large", f"request body is over the {limit}-byte limit")
+    return _Answer(
+        413,
+        "body_too_large",
+        f"request body is over the {limit}-byte limit",
+        detail=f"WSSERVER_MAX_BODY_SIZE={limit}",
+    )
 
 
 def _publish_batch(service: NotificationService, items: list) -> tuple[int, dict]:
@@ -164,8 +181,12 @@ def _publish_batch(service: NotificationService, items: list) -> tuple[int, dict
     if not items:
         raise _Answer(400, "empty_batch", "a batch needs at least one notification")
     if len(items) > service.settings.max_batch:
+        limit = service.settings.max_batch
         raise _Answer(
-            413, "batch_too_large", f"at most {service.settings.max_batch} notifications per batch"
+            413,
+            "batch_too_large",
+            f"at most {limit} notifications per batch",
+            detail=f"WSSERVER_MAX_BATCH={limit}",
         )
     results: list[dict] = []
     for item in items:
@@ -191,7 +212,7 @@ def _publish_batch(service: NotificationService, items: list) -> tuple[int, dict
             results.append(_accepted(published))
     accepted = sum(1 for r in results if r["status"] == "ok")
     if accepted == 0 and all(r["code"] == "queue_full" for r in results):
-        raise _queue_full()
+        raise _queue_full(service)
     if accepted == 0 and all(r["code"] == "broker_unavailable" for r in results):
         raise _broker_down()
     status = "ok" if accepted == len(results) else ("error" if not accepted else "partial")
@@ -211,9 +232,15 @@ def _accepted(published: Published) -> dict[str, Any]:
     return body
 
 
-def _queue_full() -> _Answer:
+def _queue_full(service: NotificationService) -> _Answer:
+    settings = service.settings
     return _Answer(
-        503, "queue_full", "the broadcast queue is full; retry shortly", [("Retry-After", "1")]
+        503,
+        "queue_full",
+        "the broadcast queue is full; retry shortly",
+        [("Retry-After", "1")],
+        f"WSSERVER_QUEUE_SIZE={settings.queue_size}, "
+        f"WSSERVER_ENQUEUE_TIMEOUT={settings.enqueue_timeout:g}",
     )
 
 
@@ -223,4 +250,5 @@ def _broker_down() -> _Answer:
         "broker_unavailable",
         "the message broker is unreachable; nothing was published",
         [("Retry-After", "1")],
+        "WSSERVER_REDIS_URL",
     )

@@ -65,13 +65,18 @@ _ROOM_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:@/-]*\Z")
 class Refusal(Exception):
     """A request refused with an HTTP ``status``, a machine-readable ``code`` and a ``reason``
     safe to show (never a secret). The base of :class:`BadRequest` and
-    :class:`wsserver.auth.AccessDenied`."""
+    :class:`wsserver.auth.AccessDenied`.
 
-    def __init__(self, status: int, code: str, reason: str) -> None:
+    ``detail`` is for the audit log only (:func:`wsserver.audit.refused`): the setting that
+    made the refusal (``"WSSERVER_MAX_CONNECTIONS_PER_IP=10"``) or the rule it applies; it is
+    never client input."""
+
+    def __init__(self, status: int, code: str, reason: str, detail: str = "") -> None:
         super().__init__(reason)
         self.status = status
         self.code = code
         self.reason = reason
+        self.detail = detail
 
 
 class BadRequest(Refusal, ValueError):

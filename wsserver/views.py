@@ -12,7 +12,7 @@ from typing import Any
 
 from flask import Blueprint, Response, current_app, jsonify, request
 
-from . import metrics
+from . import audit, metrics
 from .auth import AccessDenied
 from .errors import json_error
 from .service import NotificationService
@@ -93,6 +93,7 @@ def _check_publisher() -> Any:
     try:
         _service().policy.check_publisher(request.headers.get("Authorization"), request.remote_addr)
     except AccessDenied as exc:
+        audit.refused(exc.code, request.remote_addr or "?", exc.detail)
         response = json_error(exc.status, exc.code, exc.reason)
         response.headers.extend(exc.headers)
         return response

@@ -13,8 +13,10 @@ from typing import Any
 from flask import Flask, current_app, g, request
 from flask_sock import Sock
 
-from .auth import AccessDenied, Identity, token_from
+from . import audit
+from .auth import AccessDenied, Identity, token_from, valid_origin
 from .errors import json_error
+from .handshake import HandshakeRefused, check_handshake
 from .protocol import CLOSE_TRY_AGAIN_LATER, CommandError, parse_room_list
 from .service import NotificationService
 from .session import run_session
@@ -36,14 +38,16 @@ def init_app(app: Flask) -> None:
         if request.endpoint != WS_ENDPOINT:
             return None
         service: NotificationService = current_app.extensions["wsserver"]
-        service.ensure_started()
         try:
+            strip_compression_offer(request.environ)
+            check_handshake(request.environ)
+            service.ensure_started()
             g.wsserver_identity, g.wsserver_rooms = check_upgrade(service)
-        except AccessDenied as exc:
+        except (HandshakeRefused, AccessDenied) as exc:
+            audit.refused(exc.code, request.remote_addr or "?", exc.detail)
             response = json_error(exc.status, exc.code, exc.reason)
             response.headers.extend(exc.headers)
             return response
-        strip_compression_offer(request.environ)
         return None
 
     @sock.route("/ws", endpoint=WS_ENDPOINT)
@@ -60,15 +64,31 @@ def init_app(app: Flask) -> None:
 
 
 def check_upgrade(service: NotificationService) -> tuple[Identity | None, tuple[str, ...]]:
-    """Everything that can refuse a WebSocket before the handshake, in order: origin (403),
-    token (401), rooms (400/403), this address's share (429), this worker's budget (503).
-    Returns the verified identity and the connect-time rooms."""
+    """Everything that can refuse a well-formed handshake, in order: origin (403), token
+    (401), rooms (400/403), this address's share (429), this worker's budget (503).
+    Returns the verified identity and the connect-time rooms. Each refusal's ``detail``
+    names the setting behind it, for the audit line."""
     policy = service.policy
-    if not policy.origin_allowed(request.headers.get("Origin"), request.host):
-        raise AccessDenied(403, "origin_forbidden", "this origin may not open WebSockets here")
-    identity = policy.authenticate(
-        token_from(request.headers.get("Authorization"), request.args.get("token"))
-    )
+    settings = service.settings
+    origin = request.headers.get("Origin")
+    if origin is not None and not valid_origin(origin):
+        raise AccessDenied(
+            403, "invalid_origin", "the Origin header is not scheme://host[:port]", "RFC 6454"
+        )
+    if not policy.origin_allowed(origin, request.host):
+        raise AccessDenied(
+            403,
+            "origin_forbidden",
+            "this origin may not open WebSockets here",
+            "WSSERVER_ALLOWED_ORIGINS",
+        )
+    try:
+        identity = policy.authenticate(
+            token_from(request.headers.get("Authorization"), request.args.get("token"))
+        )
+    except AccessDenied as exc:
+        exc.detail = exc.detail or policy.token_setting
+        raise
     try:
         rooms = parse_room_list(request.args.get("rooms", ""))
     except CommandError as exc:
@@ -77,19 +97,38 @@ def check_upgrade(service: NotificationService) -> tuple[Identity | None, tuple[
         raise AccessDenied(
             400, "invalid_since", "?since= resumes one room: give exactly one in ?rooms="
         )
-    limit = service.settings.max_rooms_per_connection
+    limit = settings.max_rooms_per_connection
     if len(rooms) > limit:
-        raise AccessDenied(400, "too_many_rooms", f"a connection may be in at most {limit} rooms")
+        raise AccessDenied(
+            400,
+            "too_many_rooms",
+            f"a connection may be in at most {limit} rooms",
+            f"WSSERVER_MAX_ROOMS_PER_CONNECTION={limit}",
+        )
     for room in rooms:
         if not policy.may_join(identity, room):
             raise AccessDenied(
-                403, "room_forbidden", f"joining {room!r} needs a token that grants it"
+                403,
+                "room_forbidden",
+                f"joining {room!r} needs a token that grants it",
+                f"WSSERVER_PRIVATE_ROOM_PREFIX={settings.private_room_prefix}",
             )
     if not service.hub.address_has_room(request.remote_addr or "?"):
-        raise AccessDenied(429, "too_many_connections", "too many WebSockets from this address")
+        raise AccessDenied(
+            429,
+            "too_many_connections",
+            "too many WebSockets from this address",
+            f"WSSERVER_MAX_CONNECTIONS_PER_IP={settings.max_connections_per_ip}",
+        )
     if not service.hub.has_room():
         raise AccessDenied(
-            503, "server_full", "no room for another WebSocket on this worker; retry later"
+            503,
+            "server_full",
+            "no room for another WebSocket on this worker; retry later",
+            f"{service.hub.capacity} per worker (WSSERVER_MAX_CONNECTIONS, WSSERVER_THREADS - "
+            "WSSERVER_HTTP_THREADS)"
+            if service.hub.accepting
+            else "shutting down",
         )
     return identity, rooms
 

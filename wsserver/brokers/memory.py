@@ -3,19 +3,44 @@
 Ids are ``<boot>-<n>``: ``n`` counts up by one per audience (a jump shows a gap) and ``boot``
 is the broker's start time in milliseconds, so an id from before a restart is never mistaken
 for one of this run (and ids still increase across restarts). History is a ring buffer per
-audience (the last
-``WSSERVER_HISTORY_SIZE`` messages, each kept ``WSSERVER_HISTORY_TTL`` seconds). Publishing
-numbers the message, hands it to this worker's broadcaster and records it, all under one lock,
-so ids reach clients in order and a recovery (which reads history under the same lock) sees
-every message that is already queued.
+audience (the last ``WSSERVER_HISTORY_SIZE`` messages, each kept ``WSSERVER_HISTORY_TTL``
+seconds). Publishing numbers the message, hands it to this worker's broadcaster and records
+it, all under one lock, so ids reach clients in order and a recovery (which reads history
+under the same lock) sees every message that is already queued.
+
+Bounded memory. Publishers choose the audiences, so what is kept must not grow with how many
+rooms were ever published to:
+
+* an audience nobody published to for ``WSSERVER_HISTORY_TTL`` seconds holds only expired
+  messages: it is forgotten whole (ring and id counter) when the next publish comes or, if
+  none comes, by the sweeper thread a little later;
+* at most ``WSSERVER_HISTORY_MAX_ROOMS`` audiences and ``WSSERVER_HISTORY_MAX_BYTES`` bytes
+  of messages are kept; past either, the least recently published audience is forgotten.
+
+Audiences live in an ``OrderedDict`` in the order they were last published to, so both
+expiry and eviction pop from its front: O(1) per audience, no scan.
+
+A forgotten audience's ids must not start again from 1 (a client holding ``<boot>-7`` would
+take a new ``<boot>-3`` for old news): ``_forgotten_high`` is the highest ``n`` any forgotten
+audience reached, and an audience created afresh numbers from there. Resuming an audience that
+was forgotten answers ``recovered: false``: what it held is gone, so whether anything after
+``since`` was missed cannot be told.
+
+Freed memory is given back to the system: after a sweep that freed a lot, ``malloc_trim(0)``
+(glibc) returns the free pages of every malloc arena. Without it the worker's RSS stays at its
+peak: messages are allocated by many request threads, in as many arenas, and glibc returns
+memory to the system only from the top of each heap.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import logging
 import threading
 import time
-from collections import deque
-from typing import TYPE_CHECKING
+from collections import OrderedDict, deque
+from typing import TYPE_CHECKING, Callable
 
 from ..broadcaster import Broadcast
 from . import Broker, Outgoing, Recovery, audience_key, envelope_frame, order_of
@@ -27,26 +52,66 @@ if TYPE_CHECKING:
 
 __all__ = ["MemoryBroker"]
 
+log = logging.getLogger(__name__)
+
+# Audiences forgotten per hold of the lock by the sweeper: publishers wait at most this many
+# small deallocations for it.
+_SWEEP_BATCH = 500
+# Freed bytes after which a sweep asks the C allocator to return free memory (malloc_trim
+# walks every arena: a few milliseconds, not worth it for a few messages).
+_TRIM_AFTER = 4 * 1024 * 1024
+
+
+class _Audience:
+    """One audience's id counter, when it was last published to, and its ring of
+    (n, frame, monotonic time) (None while ``WSSERVER_HISTORY_SIZE`` is 0)."""
+
+    __slots__ = ("last", "at", "ring", "size")
+
+    def __init__(self, first: int, keep: bool) -> None:
+        self.last = first - 1
+        self.at = 0.0
+        self.ring: deque[tuple[int, bytes, float]] | None = deque() if keep else None
+        self.size = 0  # bytes of frames in ring
+
 
 class MemoryBroker(Broker):
-    """Thread-safety: ``_lock`` guards ``_seq`` and ``_history``."""
+    """Thread-safety: ``_lock`` guards ``_audiences``, ``_bytes`` and ``_forgotten_high``;
+    the sweeper thread (``wsserver-history-sweeper``, a daemon so a worker that skips
+    ``stop`` still exits) takes it in short holds."""
 
     kind = "memory"
 
     def __init__(self, settings: Settings) -> None:
         self._size = settings.history_size
         self._ttl = settings.history_ttl
+        self._max_audiences = settings.history_max_rooms
+        self._max_bytes = settings.history_max_bytes or float("inf")
         self._lock = threading.Lock()
-        self._seq: dict[str, int] = {}
-        self._history: dict[str, deque[tuple[int, bytes, float]]] = {}
+        self._audiences: OrderedDict[str, _Audience] = OrderedDict()
+        self._bytes = 0
+        self._forgotten_high = 0
         self._broadcaster: Broadcaster | None = None
         self._boot = int(time.time() * 1000)
+        self._stopping = threading.Event()
+        self._sweeper: threading.Thread | None = None
+        # a sweep a few times per TTL: memory is back within ~1.25 TTL of the last publish
+        self.sweep_interval = min(max(self._ttl / 4, 0.2), 10.0)
 
     def start(self, broadcaster: Broadcaster, hub: Hub) -> None:
         self._broadcaster = broadcaster
+        if self._sweeper is None:
+            self._stopping.clear()
+            self._sweeper = threading.Thread(
+                target=self._sweep_loop, name="wsserver-history-sweeper", daemon=True
+            )
+            self._sweeper.start()
 
     def stop(self) -> None:
-        pass
+        self._stopping.set()
+        sweeper, self._sweeper = self._sweeper, None
+        if sweeper is not None:
+            sweeper.join(5)
 
     @property
     def ready(self) -> bool:
@@ -54,7 +119,7 @@ class MemoryBroker(Broker):
 
     @property
     def alive(self) -> bool:
-        return True
+        return self._sweeper is None or self._sweeper.is_alive()
 
     def publish(self, messages: tuple[Outgoing, ...], timeout: float) -> list[str] | None:
         assert self._broadcaster is not None
@@ -63,10 +128,15 @@ class MemoryBroker(Broker):
         # queue is full: waiting a little longer than ours never turns contention into a 503
         if not self._lock.acquire(timeout=timeout + 0.25):
             return None
+        forgotten: list[_Audience] = []  # deallocated after the lock is released
         try:
             now = time.monotonic()
+            self._expire(now - self._ttl, forgotten, len(messages) + 1)
             keys = [audience_key(m.room, m.user) for m in messages]
-            numbers = [self._seq.get(k, 0) + 1 for k in keys]
+            numbers = []
+            for key in keys:
+                audience = self._audiences.get(key)
+                numbers.append((audience.last if audience else self._forgotten_high) + 1)
             frames = [envelope_frame(m.prefix, self._id(n)) for m, n in zip(messages, numbers)]
             items = tuple(
                 Broadcast(frame, now, m.room, m.user, (self._boot, n))
@@ -76,15 +146,93 @@ class MemoryBroker(Broker):
             if not self._broadcaster.submit(items[0] if len(items) == 1 else items, left):
                 return None
             for key, n, frame in zip(keys, numbers, frames):
-                self._seq[key] = n
-                if self._size:
-                    ring = self._history.get(key)
-                    if ring is None:
-                        ring = self._history[key] = deque(maxlen=self._size)
-                    ring.append((n, frame, now))
+                self._record(key, n, frame, now)
+            self._evict(forgotten)
             return [self._id(n) for n in numbers]
         finally:
             self._lock.release()
+            del forgotten
+
+    def _record(self, key: str, n: int, frame: bytes, now: float) -> None:
+        """Holds ``_lock``. Count ``n`` for ``key`` and keep ``frame`` in its ring."""
+        audience = self._audiences.get(key)
+        if audience is None:
+            audience = self._audiences[key] = _Audience(n, self._size > 0)
+        else:
+            self._audiences.move_to_end(key)
+        audience.last, audience.at = n, now
+        ring = audience.ring
+        if ring is None:
+            return
+        ring.append((n, frame, now))
+        audience.size += len(frame)
+        self._bytes += len(frame)
+        horizon = now - self._ttl
+        while len(ring) > self._size or ring[0][2] < horizon:
+            _, old, _ = ring.popleft()
+            audience.size -= len(old)
+            self._bytes -= len(old)
+
+    def _expire(self, horizon: float, out: list[_Audience], limit: int | None = None) -> None:
+        """Holds ``_lock``. Forget audiences last published to before ``horizon`` (all
+        their messages have expired), oldest first, at most ``limit``."""
+        audiences = self._audiences
+        while audiences and (limit is None or len(out) < limit):
+            key = next(iter(audiences))
+            if audiences[key].at >= horizon:
+                return
+            out.append(self._forget(key))
+
+    def _evict(self, out: list[_Audience]) -> None:
+        """Holds ``_lock``. Forget the least recently published audiences while over either
+        cap; the audience published last always keeps its newest message."""
+        audiences = self._audiences
+        while len(audiences) > self._max_audiences or (
+            self._bytes > self._max_bytes and len(audiences) > 1
+        ):
+            out.append(self._forget(next(iter(audiences))))
+        if self._bytes > self._max_bytes and audiences:
+            last = audiences[next(reversed(audiences))]
+            ring = last.ring
+            while ring is not None and len(ring) > 1 and self._bytes > self._max_bytes:
+                _, old, _ = ring.popleft()
+                last.size -= len(old)
+                self._bytes -= len(old)
+
+    def _forget(self, key: str) -> _Audience:
+        """Holds ``_lock``. Drop ``key`` and remember how far its ids went."""
+        audience = self._audiences.pop(key)
+        self._bytes -= audience.size
+        if audience.last > self._forgotten_high:
+            self._forgotten_high = audience.last
+        return audience
+
+    def sweep(self) -> int:
+        """Forget every audience whose messages have all expired; the bytes freed. Called
+        by the sweeper thread; in short holds of the lock, deallocating outside it."""
+        freed = 0
+        while not self._stopping.is_set():
+            batch: list[_Audience] = []
+            with self._lock:
+                self._expire(time.monotonic() - self._ttl, batch, _SWEEP_BATCH)
+            freed += sum(a.size for a in batch)
+            if len(batch) < _SWEEP_BATCH:
+                break
+            del batch
+        return freed
+
+    def _sweep_loop(self) -> None:
+        while not self._stopping.wait(self.sweep_interval):
+            try:
+                if self.sweep() >= _TRIM_AFTER:
+                    _malloc_trim()
+            except Exception:  # noqa: BLE001 - the sweeper must outlive a bug; say so
+                log.exception("history sweep failed")
+
+    def stats(self) -> tuple[int, int]:
+        """(audiences, bytes of messages) kept now, for tests and diagnostics."""
+        with self._lock:
+            return len(self._audiences), self._bytes
 
     def relay(self, frame: bytes, timeout: float) -> bool:
         assert self._broadcaster is not None
@@ -100,12 +248,15 @@ class MemoryBroker(Broker):
         wanted = order[1]
         key = audience_key(room, None)
         with self._lock:
-            last = self._seq.get(key, 0)
+            audience = self._audiences.get(key)
+            if audience is None:
+                return Recovery(False)  # never published, or forgotten: nothing to vouch for
+            last = audience.last
             if wanted == last:
                 return Recovery(True)  # nothing was published since
             if wanted > last:
                 return Recovery(False)  # an id from before a restart, or made up
-            ring = self._history.get(key)
+            ring = audience.ring
             if not ring:
                 return Recovery(False)
             horizon = time.monotonic() - self._ttl
@@ -113,3 +264,25 @@ class MemoryBroker(Broker):
             if not kept or kept[0][0] > wanted + 1:
                 return Recovery(False)  # the message after `since` is gone already
             return Recovery(True, [((self._boot, n), frame) for n, frame in kept if n > wanted])
+
+
+def _load_malloc_trim() -> Callable[[int], int] | None:
+    """glibc's ``malloc_trim``, or None (musl, macOS: no such call; nothing to do)."""
+    name = ctypes.util.find_library("c")
+    if not name:
+        return None
+    try:
+        trim = ctypes.CDLL(name).malloc_trim
+    except (OSError, AttributeError):
+        return None
+    trim.argtypes = [ctypes.c_size_t]
+    trim.restype = ctypes.c_int
+    return trim
+
+
+_TRIM = _load_malloc_trim()
+
+
+def _malloc_trim() -> None:
+    if _TRIM is not None:
+        _TRIM(0)

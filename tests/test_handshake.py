@@ -1,0 +1,165 @@
+"""The WebSocket opening handshake, checked in the ``/ws`` hook before simple-websocket answers
+it: malformed upgrades get 400 / 403 / 426 with the JSON error body and one audit line, never
+a 500 with a traceback. In-process (Flask test client); the same cases against a real gunicorn
+are in tests/test_security.py."""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from werkzeug.test import EnvironBuilder, run_wsgi_app
+from werkzeug.wrappers import Response
+
+from wsserver import audit, create_app
+
+KEY = "dGhlIHNhbXBsZSBub25jZQ=="
+UPGRADE = {
+    "Host": "127.0.0.1:8080",
+    "Upgrade": "websocket",
+    "Connection": "Upgrade",
+    "Sec-WebSocket-Key": KEY,
+    "Sec-WebSocket-Version": "13",
+}
+
+
+@pytest.fixture(scope="module")
+def app():
+    app = create_app({"env": "production"})
+    yield app
+    app.extensions["wsserver"].shutdown()
+
+
+@pytest.fixture(autouse=True)
+def fresh_log_limiter(monkeypatch):
+    """A full token bucket for each test: earlier floods must not hide this test's line."""
+    monkeypatch.setattr(audit, "_LIMITER", audit.LogLimiter())
+
+
+def upgrade(app, headers: dict, drop: tuple[str, ...] = (), path: str = "/ws"):
+    """GET ``path`` with exactly ``headers`` (minus ``drop``, Host included), through the
+    whole app. The request carries one end of a socketpair whose other end is closed: an
+    upgrade the hook lets through reaches simple-websocket, which writes its 101 into a
+    broken pipe (the 'client went away' answer, 400 ``client_disconnected``)."""
+    builder = EnvironBuilder(path=path, headers={k: v for k, v in headers.items() if k != "Host"})
+    environ = builder.get_environ()
+    environ.pop("HTTP_HOST", None)
+    if "Host" in headers and "Host" not in drop:
+        environ["HTTP_HOST"] = headers["Host"]
+    for name in drop:
+        environ.pop("HTTP_" + name.upper().replace("-", "_"), None)
+    ours, peer = socket.socketpair()
+    peer.close()
+    environ["werkzeug.socket"] = ours
+    try:
+        # the WSGI call itself: the test client would parse the URL again afterwards (for its
+        # cookies), which fails on some of these Host values on the client side
+        body, status, headers = run_wsgi_app(app, environ, buffered=True)
+        return Response(b"".join(body), status, headers)
+    finally:
+        ours.close()
+
+
+MALFORMED = [
+    pytest.param({**UPGRADE, "Sec-WebSocket-Version": "8"}, (), 426,
+                 "unsupported_websocket_version", id="version-8"),
+    pytest.param({**UPGRADE, "Sec-WebSocket-Version": "13, 8"}, (), 426,
+                 "unsupported_websocket_version", id="version-list"),
+    pytest.param(UPGRADE, ("Sec-WebSocket-Version",), 400, "invalid_handshake", id="no-version"),
+    pytest.param(UPGRADE, ("Sec-WebSocket-Key",), 400, "invalid_websocket_key", id="no-key"),
+    pytest.param({**UPGRADE, "Sec-WebSocket-Key": "short"}, (), 400, "invalid_websocket_key",
+                 id="key-not-16-bytes"),
+    pytest.param({**UPGRADE, "Sec-WebSocket-Key": "!!!!!!!!!!!!!!!!!!!!!!!="}, (), 400,
+                 "invalid_websocket_key", id="key-not-base64"),
+    pytest.param(UPGRADE, ("Host",), 400, "invalid_host", id="no-host"),
+    pytest.param({**UPGRADE, "Host": "[::1"}, (), 400, "invalid_host", id="host-bad-ipv6"),
+    pytest.param({**UPGRADE, "Host": "127.0.0.1:99999"}, (), 400, "invalid_host",
+                 id="host-bad-port"),
+    pytest.param({**UPGRADE, "Connection": "Upgrade, \xe9"}, (), 400, "invalid_handshake",
+                 id="connection-not-ascii"),
+    pytest.param({**UPGRADE, "Host": "xn--a"}, (), 400, "invalid_host", id="host-bad-idna"),
+    pytest.param({**UPGRADE, "Origin": "http://127.0.0.1:99999"}, (), 403, "invalid_origin",
+                 id="origin-bad-port"),
+    pytest.param({**UPGRADE, "Origin": "http://[::1"}, (), 403, "invalid_origin",
+                 id="origin-bad-ipv6"),
+    pytest.param({**UPGRADE, "Origin": "not an origin"}, (), 403, "invalid_origin",
+                 id="origin-garbage"),
+]
+
+
+@pytest.mark.parametrize("headers, drop, status, code", MALFORMED)
+def test_malformed_upgrades_get_a_json_refusal_and_one_log_line(
+    app, caplog, headers, drop, status, code
+):
+    app.extensions["wsserver"].ensure_started()  # its start-up lines are not this request's
+    with caplog.at_level(logging.DEBUG):
+        caplog.clear()
+        response = upgrade(app, headers, drop)
+    assert response.status_code == status, response.data
+    assert response.is_json
+    body = response.get_json()
+    assert body["code"] == code and isinstance(body["error"], str) and body["error"]
+    if status == 426:
+        assert response.headers["Sec-WebSocket-Version"] == "13"
+    lines = [r for r in caplog.records if r.levelno >= logging.INFO]
+    assert len(lines) == 1, [r.getMessage() for r in lines]
+    assert lines[0].name == "wsserver.audit" and code in lines[0].getMessage()
+    assert not any(r.exc_info for r in caplog.records), "no traceback"
+
+
+def test_a_well_formed_upgrade_passes_the_hook(app):
+    """The reference: the same request, well formed, is handed to simple-websocket (which
+    here finds its peer gone): the checks do not refuse a good handshake."""
+    for headers in (UPGRADE, {**UPGRADE, "Origin": "http://127.0.0.1:8080"},
+                    {**UPGRADE, "Host": "[::1]:8080", "Origin": "http://[::1]:8080"},
+                    {**UPGRADE, "Connection": "keep-alive, Upgrade", "Upgrade": "WebSocket",
+                     "Sec-WebSocket-Version": " 13 "}):
+        response = upgrade(app, headers)
+        assert response.status_code == 400, response.data
+        assert response.get_json()["code"] == "client_disconnected"
+
+
+# -- property: no header value makes the upgrade answer 500 ------------------------------------
+
+_latin1 = st.text(
+    alphabet=st.characters(min_codepoint=0x20, max_codepoint=0xFF), max_size=40
+)
+_values = {
+    "Host": st.sampled_from(["127.0.0.1:8080", "localhost", "[::1]:80", "[::1", "a:99999", "",
+                             ":", "xn--a", "h\xe9te", "a b"]) | _latin1,
+    "Upgrade": st.sampled_from(["websocket", "WebSocket", "h2c", ""]) | _latin1,
+    "Connection": st.sampled_from(["Upgrade", "upgrade, keep-alive", "close", "Upgrade, \xe9"])
+    | _latin1,
+    "Sec-WebSocket-Key": st.sampled_from([KEY, "", "x", "====", KEY + "AAAA"]) | _latin1,
+    "Sec-WebSocket-Version": st.sampled_from(["13", "8", "", "13,8", " 13", "١٣"]) | _latin1,
+    "Origin": st.sampled_from(["http://127.0.0.1:8080", "null", "http://[::1", "https://x:0",
+                               "http://127.0.0.1:99999", "file://", "http://"]) | _latin1,
+    "Sec-WebSocket-Extensions": st.sampled_from(["permessage-deflate", "x; y=\xe9"]) | _latin1,
+    "Sec-WebSocket-Protocol": st.sampled_from(["chat", "a,b", ""]) | _latin1,
+    "Authorization": st.sampled_from(["Bearer x", "Bearer", ""]) | _latin1,
+}
+_headers = st.fixed_dictionaries(
+    {}, optional={name: st.one_of(st.just(UPGRADE.get(name, "")), s) for name, s in _values.items()}
+)
+
+
+_queries = st.sampled_from(
+    ["", "?rooms=a", "?rooms=%ff", "?since=1-1&rooms=a", "?token=x", "?rooms=" + "a," * 200]
+)
+
+
+@settings(max_examples=300, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(headers=_headers, query=_queries)
+def test_no_header_value_makes_the_upgrade_answer_500(app, headers, query):
+    response = upgrade(app, headers, path="/ws" + query)
+    assert response.status_code in (400, 401, 403, 426, 429, 503), (headers, response.data)
+    assert response.is_json
+    body = json.loads(response.data)
+    assert set(body) == {"error", "code"}
+    if response.status_code == 426:
+        assert response.headers["Sec-WebSocket-Version"] == "13"

@@ -1,0 +1,108 @@
+"""The WebSocket opening handshake (RFC 6455 section 4.2.1), checked before anything answers it.
+
+Why a module of its own: simple-websocket performs the handshake inside the ``/ws`` route and
+raises on a request it cannot accept, which Flask turns into a 500 and a 25-line traceback per
+request: a malformed upgrade (a scanner, an old client, a broken proxy) must instead get a
+plain HTTP refusal it can act on, with the JSON error body, and cost one audit line. The
+``/ws`` before-request hook (:mod:`wsserver.ws`) calls :func:`check_handshake` first, before
+the origin and token checks: a request that is not a valid handshake is refused for what it
+is, whoever sends it.
+
+Answers:
+
+* 426 ``unsupported_websocket_version`` with ``Sec-WebSocket-Version: 13``: a version other
+  than 13 (section 4.2.2: the client may retry with one we speak);
+* 400 ``invalid_handshake``: no ``Sec-WebSocket-Version``, or anything else wsproto would
+  refuse (:func:`wsserver.transport.handshake_rejection` replays the request through it);
+* 400 ``invalid_websocket_key``: ``Sec-WebSocket-Key`` missing, or not 16 bytes in base64;
+* 400 ``invalid_host``: ``Host`` missing, or not ``host[:port]`` (port 0-65535).
+
+A missing ``Upgrade: websocket`` / ``Connection: Upgrade`` never gets here: the router treats
+such a request as plain HTTP, answered 400 ``bad_request`` by :mod:`wsserver.errors`.
+Pure functions of the WSGI environ; thread-safe.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+from typing import Any
+
+from .protocol import Refusal
+from .transport import handshake_rejection
+
+__all__ = ["WEBSOCKET_VERSION", "HandshakeRefused", "check_handshake"]
+
+WEBSOCKET_VERSION = "13"
+_RULE = "RFC 6455 4.2.1"
+
+# host: a bracketed IPv6 literal, or a name / IPv4 address without the characters that would
+# make it something else (a path, a userinfo, a second port); then an optional port
+_HOST_RE = re.compile(r"(?:\[[0-9A-Fa-f:.]+\]|[^\s/?#@\[\]:]+)(?::(\d{1,5}))?\Z")
+
+
+class HandshakeRefused(Refusal):
+    """The request is not a WebSocket handshake this server can accept (400, 426)."""
+
+    @property
+    def headers(self) -> list[tuple[str, str]]:
+        """RFC 6455 4.2.2: a 426 names the versions the server speaks."""
+        if self.status == 426:
+            return [("Sec-WebSocket-Version", WEBSOCKET_VERSION)]
+        return []
+
+
+def check_handshake(environ: dict[str, Any]) -> None:
+    """Raise :class:`HandshakeRefused` unless simple-websocket can accept this upgrade."""
+    version = environ.get("HTTP_SEC_WEBSOCKET_VERSION")
+    if version is None:
+        raise HandshakeRefused(
+            400, "invalid_handshake", "the upgrade has no Sec-WebSocket-Version header", _RULE
+        )
+    if version.strip() != WEBSOCKET_VERSION:
+        raise HandshakeRefused(
+            426,
+            "unsupported_websocket_version",
+            "this server speaks WebSocket version 13 only (Sec-WebSocket-Version: 13)",
+            "RFC 6455 4.2.2",
+        )
+    if not _valid_key(environ.get("HTTP_SEC_WEBSOCKET_KEY")):
+        raise HandshakeRefused(
+            400,
+            "invalid_websocket_key",
+            "Sec-WebSocket-Key must be 16 random bytes in base64 (24 characters)",
+            _RULE,
+        )
+    if not _valid_host(environ.get("HTTP_HOST")):
+        raise HandshakeRefused(
+            400, "invalid_host", "the upgrade needs a Host header of the form host[:port]", _RULE
+        )
+    if handshake_rejection(environ) is not None:
+        raise HandshakeRefused(
+            400, "invalid_handshake", "the request is not a valid WebSocket handshake", _RULE
+        )
+
+
+def _valid_key(key: str | None) -> bool:
+    if key is None:
+        return False
+    try:
+        return len(base64.b64decode(key.strip().encode("ascii"), validate=True)) == 16
+    except (binascii.Error, UnicodeEncodeError):
+        return False
+
+
+def _valid_host(host: str | None) -> bool:
+    """``host[:port]`` with a port from 0 to 65535, and a name IDNA can read (wsproto
+    decodes it so; a name it cannot decode would fail the handshake later)."""
+    if not host:
+        return False
+    match = _HOST_RE.match(host)
+    if match is None or (match.group(1) is not None and int(match.group(1)) > 65535):
+        return False
+    try:
+        host.encode().decode("idna")
+    except UnicodeError:
+        return False
+    return True
