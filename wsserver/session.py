@@ -124,6 +124,9 @@ class _Wakeups:
 
 _WAKEUPS = _Wakeups()
 _LINGER_BYTES = 1 << 20  # what a closed peer may still send before we cut the connection
+# ... and the frames it may still send while we wait for its close reply: parsing costs per
+# frame (about 10 us each), so a peer still flooding tiny frames is cut after ~40 ms of it
+_DISCARD_FRAMES = 4096
 _PING = encode_frame(OP_PING, b"")
 
 Payload = Union[str, bytes]
@@ -172,6 +175,7 @@ class _Inbound:
         self._messages = TokenBucket(rate, 2 * rate)
         self._controls = TokenBucket(control, 2 * control)
         self.pings_out = 0  # our keepalive pings not answered yet: their pongs are free
+        self.discarded = 0  # frames parsed and dropped while closing
         self._too_big = _Limit(
             CLOSE_MESSAGE_TOO_BIG,
             f"message over {self._max_size} bytes",
@@ -363,8 +367,11 @@ def _handle_events(
                 _reply_to_close(conn, event.code)
                 return f"peer closed {event.code}", False
             return "closed", False
-        if conn.closing:
-            continue  # closing: what the peer still sends is discarded
+        if conn.closing:  # what the peer still sends is discarded ...
+            inbound.discarded += 1
+            if inbound.discarded > _DISCARD_FRAMES:  # ... but a flood of it is not parsed
+                return "no close reply", True
+            continue
         if isinstance(event, (TextMessage, BytesMessage)):
             outcome = inbound.data(event)
             if outcome is None:
@@ -398,10 +405,16 @@ def _keepalive_timeout(settings: Settings) -> _Limit:
 
 def _discard_pending_input(sock: socket.socket) -> None:
     """Read away what already arrived, without waiting: closing a socket with unread input
-    makes the kernel send a reset, which can destroy our close frame still in flight."""
+    makes the kernel send a reset, which can destroy our close frame still in flight. At
+    most ``_LINGER_BYTES``: a peer still flooding would otherwise keep this loop going for
+    as long as it sends."""
+    discarded = 0
     try:
-        while sock.recv(_RECV_BYTES, socket.MSG_DONTWAIT):
-            pass
+        while discarded < _LINGER_BYTES:
+            data = sock.recv(_RECV_BYTES, socket.MSG_DONTWAIT)
+            if not data:
+                return
+            discarded += len(data)
     except OSError:
         pass
 
