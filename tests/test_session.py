@@ -494,6 +494,18 @@ def test_commands_past_the_rate_close_1008_after_a_burst_that_fits_every_room(se
     assert _closes("command_rate") == before + 1
 
 
+@pytest.mark.timeout(30)
+def test_free_form_messages_answered_with_an_error_count_as_commands(sessions):
+    s = sessions(env="production", max_command_rate=5, max_rooms_per_connection=1)
+    sock, thread = s.open(remote="127.0.0.1")
+    _send(sock, *(client_frame(OP_TEXT, b"hello") for _ in range(200)))
+    frames = rawws.read_frames(sock, timeout=5)
+    code, reason = _close_of(frames)
+    assert code == 1008 and b"WSSERVER_MAX_COMMAND_RATE" in reason
+    errors = [json.loads(p)["code"] for op, p in frames if op == OP_TEXT]
+    assert errors and set(errors) == {"rebroadcast_disabled"} and len(errors) <= 12
+
+
 def _publish(service: NotificationService, room: str, count: int, size: int = 10) -> list[str]:
     ids = []
     for i in range(count):

@@ -196,7 +196,8 @@ SETTINGS: tuple[Setting, ...] = (
         "max_command_rate",
         _float_in(0.0, 1_000_000.0),
         20.0,
-        "Commands per second one connection may send, in bursts of "
+        "Commands (and free-form messages a production server answers with an error) per second "
+        "one connection may send, in bursts of "
         "WSSERVER_MAX_ROOMS_PER_CONNECTION plus twice that (a client may join all its rooms at "
         "once); over it: close 1008. 0: no limit.",
     ),

@@ -250,6 +250,9 @@ class NotificationService:
                 self._run_command(conn, command)
                 return
         if not self.settings.rebroadcast:
+            # answered like a command, so counted like one: a flood of them is not answered
+            if self._over_command_rate(conn):
+                return
             conn.send(
                 error_frame("rebroadcast_disabled", "this server does not relay client messages")
             )
