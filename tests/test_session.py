@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import multiprocessing
-import queue
 import socket
 import threading
 import time
@@ -103,7 +102,8 @@ class _Sessions:
         self.threads: list[threading.Thread] = []
         self.sockets: list[socket.socket] = []
 
-    def open(self, remote: str = "192.0.2.1", identity=None) -> tuple[socket.socket, threading.Thread]:
+    def open(self, remote: str = "192.0.2.1",
+             identity=None) -> tuple[socket.socket, threading.Thread]:
         ours, theirs = socket.socketpair()
         self.sockets += [ours, theirs]
         thread = threading.Thread(
