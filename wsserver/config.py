@@ -179,6 +179,37 @@ SETTINGS: tuple[Setting, ...] = (
         "1008. 0: no limit.",
     ),
     Setting(
+        "max_fragments",
+        _int_in(1, 1_000_000),
+        128,
+        "Frames one message may arrive in (empty continuation frames count too); over it: close "
+        "1009.",
+    ),
+    Setting(
+        "max_control_rate",
+        _float_in(0.0, 1_000_000.0),
+        20.0,
+        "Pings and unsolicited pongs per second one connection may send (bursts of twice that); "
+        "over it: close 1008. 0: no limit.",
+    ),
+    Setting(
+        "max_command_rate",
+        _float_in(0.0, 1_000_000.0),
+        20.0,
+        "Commands (and free-form messages a production server answers with an error) per second "
+        "one connection may send, in bursts of "
+        "WSSERVER_MAX_ROOMS_PER_CONNECTION plus twice that (a client may join all its rooms at "
+        "once); over it: close 1008. 0: no limit.",
+    ),
+    Setting(
+        "max_resumes",
+        _int_in(1, 100_000),
+        8,
+        "History replays (`subscribe` with `since`) queued or running at once in this worker, "
+        "one per connection; one that finds no slot within WSSERVER_ENQUEUE_TIMEOUT gets the "
+        "error frame `busy`. Keeps the broadcast queue free for publishers.",
+    ),
+    Setting(
         "redis_url",
         str,
         "",
@@ -358,6 +389,10 @@ class Settings:
     private_room_prefix: str
     max_connections_per_ip: int
     rate_limit: float
+    max_fragments: int
+    max_control_rate: float
+    max_command_rate: float
+    max_resumes: int
     handshake_timeout: float
     redis_url: str
     redis_prefix: str

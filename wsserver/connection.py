@@ -39,6 +39,7 @@ from collections import deque
 from typing import TYPE_CHECKING, Any, Sequence
 
 from .frames import FrameMatch, close_frame
+from .limits import TokenBucket
 from .protocol import CLOSE_SLOW_CONSUMER
 
 if TYPE_CHECKING:
@@ -93,6 +94,7 @@ class Connection:
         "user",
         "identity",
         "invalid_commands",
+        "commands",
         "__weakref__",
     )
 
@@ -130,6 +132,8 @@ class Connection:
         self.user: str | None = None  # the token's subject; fixed before the Hub sees it
         self.identity: Any = None  # the verified token (auth.Identity); the own thread swaps it
         self.invalid_commands = 0  # touched only by the connection's own thread
+        # commands per second (WSSERVER_MAX_COMMAND_RATE; the service sets it); own thread only
+        self.commands = TokenBucket(0, 1)
 
     # -- the write path ------------------------------------------------------------------
 

@@ -16,15 +16,16 @@ import threading
 import time
 from typing import Union
 
-from . import metrics
+from . import audit, metrics
 from .auth import AccessDenied, AccessPolicy, Identity
 from .broadcaster import Broadcaster, Task
 from .brokers import Broker, BrokerUnavailable, Outgoing, make_broker
 from .config import Settings
-from .connection import Connection
+from .connection import Connection, SendResult
 from .flusher import Flusher
 from .frames import OP_BINARY, OP_TEXT, encode_frame
 from .hub import Hub, RoomLimitReached
+from .limits import Slots, TokenBucket
 from .protocol import (
     CLOSE_GOING_AWAY,
     CLOSE_POLICY_VIOLATION,
@@ -71,6 +72,8 @@ class NotificationService:
             settings.max_connections_per_ip,
         )
         self.policy = AccessPolicy(settings)
+        # history replays queued or running: they share the broadcast queue with publishers
+        self.resumes = Slots(settings.max_resumes)
         self.flusher: Flusher | None = None
         self.broadcaster: Broadcaster | None = None
         self._lock = threading.Lock()
@@ -106,6 +109,13 @@ class NotificationService:
                 self.settings.env,
             )
             log.info("security: %s", self.policy.describe())
+            if self.settings.max_resumes * 2 > self.settings.queue_size:
+                log.warning(
+                    "WSSERVER_MAX_RESUMES=%d is over half of WSSERVER_QUEUE_SIZE=%d: history "
+                    "replays can crowd publishers out of the broadcast queue",
+                    self.settings.max_resumes,
+                    self.settings.queue_size,
+                )
             log.info(
                 "broker: %s; history %d messages for %gs",
                 self.broker.kind,
@@ -217,6 +227,8 @@ class NotificationService:
         )
         if identity is not None:
             conn.identity, conn.user = identity, identity.user
+        rate = self.settings.max_command_rate
+        conn.commands = TokenBucket(rate, self.settings.max_rooms_per_connection + 2 * rate)
         return conn
 
     def on_client_message(self, conn: Connection, payload: Union[str, bytes]) -> None:
@@ -227,13 +239,20 @@ class NotificationService:
             try:
                 command = parse_command(payload)
             except CommandError as exc:
+                if self._over_command_rate(conn):
+                    return
                 self._command_failed(conn, exc.code, exc.reason)
                 return
             if command is not None:
+                if self._over_command_rate(conn):
+                    return
                 conn.invalid_commands = 0
                 self._run_command(conn, command)
                 return
         if not self.settings.rebroadcast:
+            # answered like a command, so counted like one: a flood of them is not answered
+            if self._over_command_rate(conn):
+                return
             conn.send(
                 error_frame("rebroadcast_disabled", "this server does not relay client messages")
             )
@@ -245,6 +264,17 @@ class NotificationService:
         if not self.broker.relay(frame, self.settings.enqueue_timeout):
             self._rejected()
             conn.send(error_frame("queue_full", "server busy; message not relayed"))
+
+    def _over_command_rate(self, conn: Connection) -> bool:
+        """Count one command against the connection's ``max_command_rate``; past it, close
+        the connection with 1008 (True: the command is not run)."""
+        if conn.commands.take():
+            return False
+        rate = self.settings.max_command_rate
+        text = f"commands over {rate:g}/s (WSSERVER_MAX_COMMAND_RATE)"
+        if conn.close(CLOSE_POLICY_VIOLATION, text):
+            audit.closed("command_rate", conn.remote, f"WSSERVER_MAX_COMMAND_RATE={rate:g}")
+        return True
 
     def subscribe(self, conn: Connection, room: str) -> None:
         """Join ``room`` (idempotent); raises :class:`CommandError` for a private room the
@@ -269,13 +299,36 @@ class NotificationService:
         """Join ``room`` after replaying what ``conn`` missed since id ``since``. Runs as a
         task in the broadcaster thread, between two fan-outs, so the replay and the live
         stream meet with no gap and no duplicate (see :class:`Resume`). Raises
-        :class:`CommandError` if the room is forbidden or the queue stays full."""
+        :class:`CommandError` if the room is forbidden, or ``busy`` when no resume slot
+        frees up (``max_resumes`` in the worker, one per connection) or the queue stays full
+        within ``enqueue_timeout``.
+
+        Why the slots: a resume is a task on the broadcast queue, which publishers need; a
+        client looping ``subscribe`` with ``since`` could otherwise fill it (POST /notify
+        then answered 503). Waiting for a slot happens on the connection's own thread, so a
+        client that sends faster than its replays run is simply not read meanwhile."""
         self._check_join(conn, room)
         assert self.broadcaster is not None
-        if not self.broadcaster.submit(
-            Resume(self, conn, room, since), self.settings.enqueue_timeout
-        ):
+        wait = self.settings.enqueue_timeout
+        blocked = self.resumes.acquire(conn.id, wait)
+        if blocked is not None:
+            raise self._resume_busy(conn, blocked)
+        if not self.broadcaster.submit(Resume(self, conn, room, since), wait):
+            self.resumes.release(conn.id)
+            queue_size = self.settings.queue_size
+            audit.refused("queue_full", conn.remote, f"WSSERVER_QUEUE_SIZE={queue_size}")
             raise CommandError("busy", "the server is too busy to resume now; retry")
+
+    def _resume_busy(self, conn: Connection, blocked: str) -> CommandError:
+        limit = self.settings.max_resumes
+        if blocked == "owner":
+            reason = "this connection's previous resume is still running; retry"
+            detail = "one resume at a time per connection"
+        else:
+            reason = f"{limit} resumes are running (WSSERVER_MAX_RESUMES); retry"
+            detail = f"WSSERVER_MAX_RESUMES={limit}"
+        audit.refused("resume_busy", conn.remote, detail)
+        return CommandError("busy", reason)
 
     def _run_command(self, conn: Connection, command: Command) -> None:
         if command.type == "ping":
@@ -316,22 +369,29 @@ class NotificationService:
         """Answer a bad command with an error frame; a client that keeps sending bad
         commands (past ``max_invalid_commands`` in a row) is closed with 1008."""
         conn.invalid_commands += 1
-        if conn.invalid_commands > self.settings.max_invalid_commands:
-            conn.close(CLOSE_POLICY_VIOLATION, "too many invalid commands")
+        limit = self.settings.max_invalid_commands
+        if conn.invalid_commands > limit:
+            if conn.close(CLOSE_POLICY_VIOLATION, "too many invalid commands"):
+                audit.closed(
+                    "invalid_commands", conn.remote, f"WSSERVER_MAX_INVALID_COMMANDS={limit}"
+                )
             return
         conn.send(error_frame(code, reason, room))
 
     def _drop_slow(self, conn: Connection) -> None:
-        """Broadcaster callback: ``conn`` passed its buffer cap and has close 1008 queued."""
+        """Broadcaster callback (and the resume's): ``conn`` passed its buffer cap and has
+        close 1008 queued. Out of the hub at once, counted once, its thread woken."""
+        self.report_slow(conn)
+        conn.wake()
+
+    def report_slow(self, conn: Connection) -> None:
+        """Count and log a slow consumer once: the first caller that takes it out of the hub
+        does. The connection's own thread calls it on the way out too, for a client that
+        went over its cap on a reply (a pong, a command's answer) rather than a broadcast."""
         if self.hub.remove(conn):
             metrics.SLOW_CONSUMERS.inc()
-            log.warning(
-                "client %d (%s) dropped as a slow consumer: over %d bytes behind",
-                conn.id,
-                conn.remote,
-                self.settings.client_buffer,
-            )
-        conn.wake()
+            cap = self.settings.client_buffer
+            audit.closed("slow_consumer", conn.remote, f"WSSERVER_CLIENT_BUFFER={cap}")
 
 
 class Resume(Task):
@@ -349,6 +409,12 @@ class Resume(Task):
         self.service, self.conn, self.room, self.since = service, conn, room, since
 
     def run(self, broadcaster: Broadcaster) -> None:
+        try:
+            self._replay(broadcaster)
+        finally:
+            self.service.resumes.release(self.conn.id)
+
+    def _replay(self, broadcaster: Broadcaster) -> None:
         service, conn, room = self.service, self.conn, self.room
         if not service.hub.has(conn.id):
             return
@@ -364,16 +430,11 @@ class Resume(Task):
             conn.send(error_frame(exc.code, exc.reason, room))
             return
         missed = len(recovery.frames) if recovery.recovered else 0
-        conn.send(
-            encode_json_frame(
-                {
-                    "type": "subscribed",
-                    "room": room,
-                    "recovered": recovery.recovered,
-                    "missed": missed,
-                }
-            )
-        )
-        if missed:
-            conn.send_frames([frame for _, frame in recovery.frames])
+        reply = {"type": "subscribed", "room": room, "recovered": recovery.recovered}
+        result = conn.send(encode_json_frame({**reply, "missed": missed}))
+        if missed and result == SendResult.OK:
+            result = conn.send_frames([frame for _, frame in recovery.frames])
             broadcaster.mark_replayed(conn.id, room, recovery.frames[-1][0])
+        if result == SendResult.SLOW:
+            # fell its buffer behind on the replay: dropped like any slow consumer
+            service._drop_slow(conn)

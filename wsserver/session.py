@@ -31,14 +31,16 @@ import socket
 import sys
 import threading
 import time
-from typing import TYPE_CHECKING, Callable, Union
+from typing import TYPE_CHECKING, Callable, NamedTuple, Union
 
 from wsproto.connection import ConnectionState
-from wsproto.events import BytesMessage, CloseConnection, Ping, TextMessage
+from wsproto.events import BytesMessage, CloseConnection, Ping, Pong, TextMessage
 from wsproto.utilities import LocalProtocolError
 
+from . import audit
 from .connection import Connection
 from .frames import OP_CLOSE, OP_PING, OP_PONG, FrameMatch, encode_frame
+from .limits import TokenBucket
 from .protocol import (
     CLOSE_INTERNAL_ERROR,
     CLOSE_MESSAGE_TOO_BIG,
@@ -48,6 +50,8 @@ from .protocol import (
 )
 
 if TYPE_CHECKING:
+    from wsproto import WSConnection
+
     from .config import Settings
     from .transport import Transport
 
@@ -120,9 +124,119 @@ class _Wakeups:
 
 _WAKEUPS = _Wakeups()
 _LINGER_BYTES = 1 << 20  # what a closed peer may still send before we cut the connection
+# ... and the frames it may still send while we wait for its close reply: parsing costs per
+# frame (about 10 us each), so a peer still flooding tiny frames is cut after ~40 ms of it
+_DISCARD_FRAMES = 4096
 _PING = encode_frame(OP_PING, b"")
 
 Payload = Union[str, bytes]
+
+
+class _Limit(NamedTuple):
+    """A limit the peer broke: the close it gets, and how the close is reported (a fixed
+    ``audit`` reason and the setting involved)."""
+
+    code: int
+    text: str
+    reason: str
+    detail: str
+
+
+def _close_for(conn: Connection, limit: _Limit) -> None:
+    """Close ``conn`` for ``limit`` (in order, behind its echoes) and report it, once: a
+    connection already closing is neither closed nor counted again."""
+    if conn.close(limit.code, limit.text, in_order=True):
+        audit.closed(limit.reason, conn.remote, limit.detail)
+
+
+class _Inbound:
+    """What the peer sends and the limits on it: the message being reassembled (its bytes
+    and its frames, ``max_message_size`` and ``max_fragments``), complete messages per
+    second (``rate_limit``), and pings and unsolicited pongs per second
+    (``max_control_rate``).
+
+    Why count frames and not only bytes: an unfinished message followed by empty
+    continuation frames adds no bytes, and without a frame count a peer could send those
+    for ever (each one cost a list entry and parse time). Why count control frames: every
+    ping costs a pong; unbounded, a peer had the worker answer a million of them in 5 s.
+    Each frame is counted as wsproto yields it, so one read holding thousands of pings is
+    cut at the limit, not answered first.
+
+    Thread-safety: none needed; the connection's own thread owns it.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self._max_size = settings.max_message_size
+        self._max_frames = settings.max_fragments
+        self._parts: list[Payload] = []
+        self._size = 0
+        self._frames = 0
+        rate, control = settings.rate_limit, settings.max_control_rate
+        self._messages = TokenBucket(rate, 2 * rate)
+        self._controls = TokenBucket(control, 2 * control)
+        self.pings_out = 0  # our keepalive pings not answered yet: their pongs are free
+        self.discarded = 0  # frames parsed and dropped while closing
+        self._too_big = _Limit(
+            CLOSE_MESSAGE_TOO_BIG,
+            f"message over {self._max_size} bytes",
+            "message_too_big",
+            f"WSSERVER_MAX_MESSAGE_SIZE={self._max_size}",
+        )
+        self._too_many_frames = _Limit(
+            CLOSE_MESSAGE_TOO_BIG,
+            f"message over {self._max_frames} frames (WSSERVER_MAX_FRAGMENTS)",
+            "too_many_fragments",
+            f"WSSERVER_MAX_FRAGMENTS={self._max_frames}",
+        )
+        self._too_fast = _Limit(
+            CLOSE_POLICY_VIOLATION,
+            "rate limit exceeded",
+            "rate_limit",
+            f"WSSERVER_RATE_LIMIT={rate:g}",
+        )
+        self._control_flood = _Limit(
+            CLOSE_POLICY_VIOLATION,
+            f"control frames over {control:g}/s (WSSERVER_MAX_CONTROL_RATE)",
+            "control_rate",
+            f"WSSERVER_MAX_CONTROL_RATE={control:g}",
+        )
+
+    def data(self, event: TextMessage | BytesMessage) -> _Limit | tuple[Payload, int] | None:
+        """One data frame: the complete message and its size when it ends one, the limit
+        it breaks, or None (more frames to come)."""
+        self._frames += 1
+        if self._frames > self._max_frames:
+            self._reset()
+            return self._too_many_frames
+        raw = event.data
+        chunk: Payload = bytes(raw) if isinstance(raw, bytearray) else raw
+        if chunk:
+            self._size += _size_of(chunk)
+            if self._size > self._max_size:
+                self._reset()
+                return self._too_big
+            self._parts.append(chunk)
+        if not event.message_finished:
+            return None
+        empty: Payload = "" if isinstance(event, TextMessage) else b""
+        message = _join(self._parts) if self._parts else empty
+        size = self._size
+        self._reset()
+        if not self._messages.take():
+            return self._too_fast
+        return message, size
+
+    def ping(self) -> _Limit | None:
+        return None if self._controls.take() else self._control_flood
+
+    def pong(self) -> _Limit | None:
+        if self.pings_out:
+            self.pings_out = 0  # the answer to our keepalive (one answers them all)
+            return None
+        return self.ping()
+
+    def _reset(self) -> None:
+        self._parts, self._size, self._frames = [], 0, 0
 
 
 def run_session(
@@ -136,7 +250,8 @@ def run_session(
     proto = transport.protocol
     poller = select.poll()
     poller.register(sock, select.POLLIN)
-    max_size = settings.max_message_size
+    inbound = _Inbound(settings)
+    relayed = settings.rebroadcast
     # how long a pong or close frame may wait for the echo of an earlier message
     hold_limit = settings.close_timeout
 
@@ -144,11 +259,7 @@ def run_session(
     next_ping = now + settings.ping_interval
     life_deadline: float | None = None  # set when a ping is out: show life by then
     close_deadline: float | None = None
-    parts: list[Payload] = []
-    size = 0
-    # inbound rate limit: a token bucket of 2 s worth of messages, refilled at `rate` per second
-    rate = settings.rate_limit
-    allowance, refilled = 2 * rate, now
+    after_close = 0  # bytes the peer sent once we were closing
     peer_unresponsive = False
     why = "closed"
     awake = False  # counted in _WAKEUPS: between a poll that returned and the next poll
@@ -171,15 +282,16 @@ def run_session(
                 why, peer_unresponsive = "no close reply", True
                 break
             if life_deadline is not None and now >= life_deadline:
-                conn.close(CLOSE_INTERNAL_ERROR, "keepalive ping timeout", in_order=True)
+                _close_for(conn, _keepalive_timeout(settings))
                 why, peer_unresponsive = "keepalive timeout", True
                 break
             token_deadline = _token_deadline(conn, now)
             if token_deadline is not None and now >= token_deadline and not conn.closing:
-                conn.close(CLOSE_TOKEN_EXPIRED, "token expired", in_order=True)
+                _close_for(conn, _TOKEN_EXPIRED)
                 continue
             if now >= next_ping and close_deadline is None:
                 conn.send(_PING)
+                inbound.pings_out += 1
                 next_ping = now + settings.ping_interval
                 if life_deadline is None:
                     life_deadline = now + settings.ping_timeout
@@ -202,58 +314,19 @@ def run_session(
                 why = "slow consumer" if conn.slow else "eof"
                 break
             life_deadline = None  # any bytes prove the peer is there
+            if conn.closing:
+                after_close += len(data)
+                if after_close > _LINGER_BYTES:  # still flooding after our close: cut it
+                    why, peer_unresponsive = "no close reply", True
+                    break
             try:
                 proto.receive_data(data)
             except LocalProtocolError:
                 why = "data after close"
                 break
-            done = False
-            for event in proto.events():
-                if isinstance(event, (TextMessage, BytesMessage)):
-                    if conn.closing:
-                        continue  # closing: what the peer still sends is discarded
-                    raw = event.data
-                    chunk: Payload = bytes(raw) if isinstance(raw, bytearray) else raw
-                    size += _size_of(chunk)
-                    if size > max_size:
-                        conn.close(
-                            CLOSE_MESSAGE_TOO_BIG, f"message over {max_size} bytes", in_order=True
-                        )
-                        parts, size = [], 0
-                        continue
-                    parts.append(chunk)
-                    if event.message_finished:
-                        message, message_size = _join(parts), size
-                        parts, size = [], 0
-                        if rate:
-                            arrived = time.monotonic()
-                            allowance = min(2 * rate, allowance + (arrived - refilled) * rate)
-                            refilled = arrived
-                            if allowance < 1:
-                                conn.close(
-                                    CLOSE_POLICY_VIOLATION, "rate limit exceeded", in_order=True
-                                )
-                                continue
-                            allowance -= 1
-                        relayed = settings.rebroadcast
-                        _deliver(conn, message, message_size, relayed, on_message)
-                elif isinstance(event, Ping):
-                    conn.send_in_order(encode_frame(OP_PONG, bytes(event.payload)))
-                elif isinstance(event, CloseConnection):
-                    if proto.state is ConnectionState.OPEN:
-                        # wsproto could not parse the peer's bytes: fail the connection
-                        conn.close(event.code, event.reason or "protocol error", in_order=True)
-                        why = f"protocol error {event.code}"
-                        # RFC 6455 7.1.7: fail the connection, do not wait for the peer
-                        peer_unresponsive = True
-                    elif not conn.closing:
-                        _reply_to_close(conn, event.code)
-                        why = f"peer closed {event.code}"
-                    else:
-                        why = "closed"
-                    done = True
-                    break
-            if done:
+            ended = _handle_events(proto, conn, inbound, relayed, on_message)
+            if ended is not None:
+                why, peer_unresponsive = ended
                 break
     finally:
         drained = conn.drain(settings.close_timeout)
@@ -270,12 +343,78 @@ def run_session(
     return why
 
 
+def _handle_events(
+    proto: WSConnection,
+    conn: Connection,
+    inbound: _Inbound,
+    relayed: bool,
+    on_message: Callable[[Connection, Payload], None],
+) -> tuple[str, bool] | None:
+    """Act on what wsproto parsed, frame by frame. Returns why the session ends and whether
+    the peer is to be cut without waiting (a close handshake done or failed), or None to go
+    on reading. Once a limit is broken the connection is closing: what the peer sent after
+    the frame that broke it is parsed only to find its close reply, and discarded."""
+    for event in proto.events():
+        if isinstance(event, CloseConnection):
+            if proto.state is ConnectionState.OPEN:
+                # wsproto could not parse the peer's bytes: fail the connection
+                code = event.code
+                text = event.reason or "protocol error"
+                _close_for(conn, _Limit(code, text, "protocol_error", f"close {code}"))
+                # RFC 6455 7.1.7: fail the connection, do not wait for the peer
+                return f"protocol error {event.code}", True
+            if not conn.closing:
+                _reply_to_close(conn, event.code)
+                return f"peer closed {event.code}", False
+            return "closed", False
+        if conn.closing:  # what the peer still sends is discarded ...
+            inbound.discarded += 1
+            if inbound.discarded > _DISCARD_FRAMES:  # ... but a flood of it is not parsed
+                return "no close reply", True
+            continue
+        if isinstance(event, (TextMessage, BytesMessage)):
+            outcome = inbound.data(event)
+            if outcome is None:
+                continue
+            if isinstance(outcome, _Limit):
+                _close_for(conn, outcome)
+                continue
+            message, size = outcome
+            _deliver(conn, message, size, relayed, on_message)
+        elif isinstance(event, (Ping, Pong)):
+            broken = inbound.ping() if isinstance(event, Ping) else inbound.pong()
+            if broken is not None:
+                _close_for(conn, broken)
+                continue
+            if isinstance(event, Ping):
+                conn.send_in_order(encode_frame(OP_PONG, bytes(event.payload)))
+    return None
+
+
+_TOKEN_EXPIRED = _Limit(CLOSE_TOKEN_EXPIRED, "token expired", "token_expired", "token exp passed")
+
+
+def _keepalive_timeout(settings: Settings) -> _Limit:
+    return _Limit(
+        CLOSE_INTERNAL_ERROR,
+        "keepalive ping timeout",
+        "keepalive_timeout",
+        f"WSSERVER_PING_TIMEOUT={settings.ping_timeout:g}",
+    )
+
+
 def _discard_pending_input(sock: socket.socket) -> None:
     """Read away what already arrived, without waiting: closing a socket with unread input
-    makes the kernel send a reset, which can destroy our close frame still in flight."""
+    makes the kernel send a reset, which can destroy our close frame still in flight. At
+    most ``_LINGER_BYTES``: a peer still flooding would otherwise keep this loop going for
+    as long as it sends."""
+    discarded = 0
     try:
-        while sock.recv(_RECV_BYTES, socket.MSG_DONTWAIT):
-            pass
+        while discarded < _LINGER_BYTES:
+            data = sock.recv(_RECV_BYTES, socket.MSG_DONTWAIT)
+            if not data:
+                return
+            discarded += len(data)
     except OSError:
         pass
 

@@ -17,7 +17,7 @@ from . import audit
 from .auth import AccessDenied, Identity, token_from, valid_origin
 from .errors import json_error
 from .handshake import HandshakeRefused, check_handshake
-from .protocol import CLOSE_TRY_AGAIN_LATER, CommandError, parse_room_list
+from .protocol import CLOSE_TRY_AGAIN_LATER, CommandError, error_frame, parse_room_list
 from .service import NotificationService
 from .session import run_session
 from .transport import Transport, server_options, strip_compression_offer
@@ -133,10 +133,15 @@ def check_upgrade(service: NotificationService) -> tuple[Identity | None, tuple[
     return identity, rooms
 
 
+# why Hub.add refused -> (close reason text, audit reason, the setting involved)
 _REFUSALS = {
-    "closing": "server restarting",
-    "full": "server full",
-    "address": "too many connections from this address",
+    "closing": ("server restarting", "shutting_down", ""),
+    "full": ("server full", "server_full", "WSSERVER_MAX_CONNECTIONS"),
+    "address": (
+        "too many connections from this address",
+        "too_many_connections",
+        "WSSERVER_MAX_CONNECTIONS_PER_IP",
+    ),
 }
 
 
@@ -155,7 +160,9 @@ def serve_connection(
     if refused is not None:
         # lost a race for the last slot (or shutdown began) after the checks before the
         # upgrade: refuse politely, saying which
-        conn.close(CLOSE_TRY_AGAIN_LATER, _REFUSALS[refused])
+        text, reason, setting = _REFUSALS[refused]
+        conn.close(CLOSE_TRY_AGAIN_LATER, text)
+        audit.refused(reason, remote, setting)
         conn.drain(service.settings.close_timeout)
         transport.release()
         conn.detach()
@@ -164,7 +171,10 @@ def serve_connection(
     why = "error"
     try:
         if since is not None:
-            service.resume(conn, rooms[0], since)  # replies subscribed/recovered, then replays
+            try:
+                service.resume(conn, rooms[0], since)  # replies subscribed, then replays
+            except CommandError as exc:  # busy: the client retries the subscribe
+                conn.send(error_frame(exc.code, exc.reason, rooms[0]))
         else:
             for room in rooms:
                 service.subscribe(conn, room)
@@ -173,6 +183,8 @@ def serve_connection(
         log.exception("client %d: session failed", conn.id)
         conn.abort()
     finally:
+        if conn.slow:
+            service.report_slow(conn)  # unless the broadcaster already did
         service.hub.depart(conn)
         conn.detach()
         log.debug("client %d disconnected: %s", conn.id, why)

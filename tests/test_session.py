@@ -1,0 +1,599 @@
+"""wsserver.session: the limits inside an open WebSocket, tried as a hostile client would.
+
+In-process tests run the real session loop (``ws.serve_connection``, wsproto, the real
+service, broadcaster and flusher) over a ``socket.socketpair()``; the attacks that need the
+whole worker (its memory, ``POST /notify`` latency, ``/metrics``) run against a real
+gunicorn. Each attack lasts a few seconds at most.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import socket
+import threading
+import time
+
+import pytest
+import rawws
+import requests
+from rawws import OP_CLOSE, OP_PING, OP_PONG, OP_TEXT, client_frame, close_code
+from support import RawClient, wait_for
+from wsproto import ConnectionType, WSConnection
+from wsproto.events import AcceptConnection, Request
+
+from wsserver import metrics
+from wsserver.auth import Identity
+from wsserver.config import load_settings
+from wsserver.limits import Slots, TokenBucket
+from wsserver.protocol import Notification
+from wsserver.service import NotificationService
+from wsserver.ws import serve_connection
+
+OP_CONT = 0x0
+
+
+# -- the reusable pieces ------------------------------------------------------------------
+
+
+def test_token_bucket_allows_the_burst_then_the_rate():
+    bucket = TokenBucket(rate=4, burst=5, now=100.0)
+    assert [bucket.take(100.0) for _ in range(6)] == [True] * 5 + [False]
+    assert bucket.take(100.125) is False  # half a token back
+    assert bucket.take(100.25) is True  # one token back after 1/rate seconds
+    assert bucket.take(100.25) is False
+    assert sum(bucket.take(1000.0) for _ in range(10)) == 5, "refills up to the burst only"
+    unlimited = TokenBucket(rate=0, burst=1)
+    assert all(unlimited.take() for _ in range(10_000))
+
+
+def test_slots_one_per_owner_and_a_total():
+    slots = Slots(limit=2)
+    assert slots.acquire(1, timeout=0) is None
+    assert slots.acquire(1, timeout=0.01) == "owner", "one in flight per owner"
+    assert slots.acquire(2, timeout=0) is None
+    assert slots.acquire(3, timeout=0.01) == "total"
+    got: list = []
+    waiter = threading.Thread(target=lambda: got.append(slots.acquire(3, timeout=5)))
+    waiter.start()
+    slots.release(1)
+    waiter.join(5)
+    assert got == [None] and slots.in_flight == 2
+    slots.release(1)  # idempotent
+    assert slots.in_flight == 2
+
+
+# -- in-process sessions over a socketpair ------------------------------------------------
+
+
+class _Transport:
+    """What ``ws.serve_connection`` needs from simple-websocket: the socket and a wsproto
+    connection past its handshake (done here by hand, as simple-websocket would)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.protocol = WSConnection(ConnectionType.SERVER)
+        self.protocol.receive_data(
+            b"GET /ws HTTP/1.1\r\nHost: test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+        assert [type(e) for e in self.protocol.events()] == [Request]
+        self.protocol.send(AcceptConnection())
+
+    def release(self) -> None:
+        pass
+
+
+def _closes(reason: str) -> float:
+    return metrics.SERVER_CLOSES.labels(reason)._value.get()
+
+
+def _refusals(reason: str) -> float:
+    return metrics.REFUSALS.labels(reason)._value.get()
+
+
+class _Sessions:
+    """One real NotificationService (broadcaster, flusher, memory broker) and sessions on
+    socketpairs, each served by ``ws.serve_connection`` on its own thread."""
+
+    def __init__(self, **overrides) -> None:
+        base = {"env": "development", "shutdown_timeout": 1.0, "close_timeout": 1.0}
+        self.service = NotificationService(load_settings({}, {**base, **overrides}))
+        self.service.ensure_started()
+        self.threads: list[threading.Thread] = []
+        self.sockets: list[socket.socket] = []
+
+    def open(self, remote: str = "192.0.2.1",
+             identity=None) -> tuple[socket.socket, threading.Thread]:
+        ours, theirs = socket.socketpair()
+        self.sockets += [ours, theirs]
+        thread = threading.Thread(
+            target=serve_connection,
+            args=(self.service, _Transport(ours), remote, (), identity), daemon=True)
+        thread.start()
+        self.threads.append(thread)
+        theirs.settimeout(10)
+        return theirs, thread
+
+    def close(self) -> None:
+        self.service.shutdown()
+        for sock in self.sockets:
+            sock.close()
+        for thread in self.threads:
+            thread.join(5)
+        assert not any(t.is_alive() for t in self.threads), "a session thread was left running"
+
+
+@pytest.fixture
+def sessions():
+    made: list[_Sessions] = []
+
+    def make(**overrides) -> _Sessions:
+        made.append(_Sessions(**overrides))
+        return made[-1]
+
+    yield make
+    for s in made:
+        s.close()
+
+
+def _send(sock: socket.socket, *frames: bytes) -> None:
+    sock.sendall(b"".join(frames))
+
+
+def _text(obj) -> bytes:
+    return client_frame(OP_TEXT, json.dumps(obj).encode())
+
+
+def _read(sock: socket.socket, count: int, timeout: float = 5) -> list[tuple[int, bytes]]:
+    """The next ``count`` frames (fewer if the connection ends first)."""
+    parser = rawws.FrameParser()
+    frames: list[tuple[int, bytes]] = []
+    deadline = time.monotonic() + timeout
+    while len(frames) < count:
+        sock.settimeout(max(deadline - time.monotonic(), 0.01))
+        data = sock.recv(65536)
+        if not data:
+            break
+        frames += parser.feed(data)
+    return frames
+
+
+def _close_of(frames) -> tuple[int | None, bytes]:
+    closes = [p for op, p in frames if op == OP_CLOSE]
+    assert closes, f"no close frame in {frames[-3:]}"
+    return close_code(closes[0]), closes[0][2:]
+
+
+@pytest.mark.timeout(30)
+def test_a_message_in_max_fragments_frames_passes_one_more_closes_1009(sessions):
+    s = sessions(max_fragments=8)
+    before = _closes("too_many_fragments")
+    sock, thread = s.open()
+    _send(sock, client_frame(OP_TEXT, b"a", fin=False),
+          *(client_frame(OP_CONT, b"", fin=False) for _ in range(6)), client_frame(OP_CONT, b"b"))
+    frames = _read(sock, 1)
+    assert frames[0] == (OP_TEXT, b"ab"), "8 frames, 6 of them empty: one message, relayed"
+    _send(sock, client_frame(OP_TEXT, b"a", fin=False),
+          *(client_frame(OP_CONT, b"", fin=False) for _ in range(20)))
+    code, reason = _close_of(rawws.read_frames(sock, timeout=5))
+    assert code == 1009 and b"WSSERVER_MAX_FRAGMENTS" in reason and b"8" in reason
+    _send(sock, client_frame(OP_CLOSE, rawws.close_payload(1000)))
+    thread.join(5)
+    assert not thread.is_alive()
+    assert _closes("too_many_fragments") == before + 1
+
+
+# -- helpers for the end-to-end attacks -----------------------------------------------------
+
+
+def _rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+def _server_closes(server) -> dict[str, float]:
+    """``wsserver_server_closes_total`` by reason, from /metrics."""
+    text = requests.get(server.url + "/metrics", timeout=5).text
+    out = {}
+    for line in text.splitlines():
+        if line.startswith("wsserver_server_closes_total{"):
+            labels, _, value = line.rpartition(" ")
+            reason = labels.split('reason="', 1)[1].split('"', 1)[0]
+            out[reason] = float(value)
+    return out
+
+
+class _Flood:
+    """Send ``chunk`` over ``sock`` as fast as the kernel takes it (after ``first``), on a
+    thread, while the caller reads what the server answers. Stops at ``stop()``, when the
+    server cuts the connection, or after ``seconds``."""
+
+    def __init__(self, sock: socket.socket, first: bytes, chunk: bytes, seconds: float) -> None:
+        self.sock, self.first, self.chunk, self.seconds = sock, first, chunk, seconds
+        self.sent = 0
+        self.error: BaseException | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> "_Flood":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+    def _run(self) -> None:
+        deadline = time.monotonic() + self.seconds
+        try:
+            self.sock.sendall(self.first)
+            while not self._stop.is_set() and time.monotonic() < deadline:
+                self.sock.sendall(self.chunk)
+                self.sent += 1
+        except OSError as exc:  # the server cut us off (or our send timed out)
+            self.error = exc
+
+
+def _read_until_cut(sock: socket.socket, timeout: float) -> tuple[list, float | None, float]:
+    """Read the server's frames until it ends the connection (EOF/reset) or ``timeout``.
+    Returns the frames, when the close frame arrived and when the connection ended
+    (monotonic), the end being ``inf`` if it never did."""
+    parser = rawws.FrameParser()
+    frames: list[tuple[int, bytes]] = []
+    closed_at = None
+    deadline = time.monotonic() + timeout
+    sock.settimeout(0.2)
+    while time.monotonic() < deadline:
+        try:
+            data = sock.recv(1 << 20)
+        except socket.timeout:
+            continue
+        except OSError:
+            return frames, closed_at, time.monotonic()
+        if not data:
+            return frames, closed_at, time.monotonic()
+        for frame in parser.feed(data):
+            frames.append(frame)
+            if frame[0] == OP_CLOSE and closed_at is None:
+                closed_at = time.monotonic()
+    return frames, closed_at, float("inf")
+
+
+# -- attack d: empty continuation frames ----------------------------------------------------
+
+
+@pytest.mark.timeout(90)
+def test_continuation_flooder_is_closed_1009_within_seconds_and_its_memory_freed(make_server):
+    server = make_server({"WSSERVER_ENV": "development"})
+    pid = server.worker_pid()
+    before = _server_closes(server).get("too_many_fragments", 0)
+    start_rss = _rss_kib(pid)
+    rss_after = []
+    empty_continuations = client_frame(OP_CONT, b"", fin=False) * 2000
+    for _round in range(2):
+        sock, _ = rawws.open_ws(server.port)
+        began = time.monotonic()
+        with _Flood(sock, client_frame(OP_TEXT, b"x", fin=False), empty_continuations, 5.0):
+            frames, closed_at, ended_at = _read_until_cut(sock, timeout=8)
+            assert requests.get(server.url + "/", timeout=2).status_code == 200  # bystander
+        sock.close()
+        closes = [p for op, p in frames if op == OP_CLOSE]
+        assert closes, "the flooder was never sent a close frame"
+        assert close_code(closes[0]) == 1009
+        assert b"WSSERVER_MAX_FRAGMENTS" in closes[0][2:]
+        assert closed_at - began < 2.0, "closed within 2 s"
+        assert ended_at - began < 4.0, "and cut off within 4 s"
+        rss_after.append(_rss_kib(pid))
+    # what the flooder made the worker hold is returned: neither round leaves it bigger
+    assert max(rss_after) - start_rss < 8 * 1024, (start_rss, rss_after)
+    wait_for(lambda: _server_closes(server).get("too_many_fragments", 0) == before + 2,
+             message="both closes counted in /metrics")
+
+
+# -- attack e: pings as fast as possible ----------------------------------------------------
+
+
+@pytest.mark.timeout(60)
+def test_ping_flooder_is_closed_1008_and_most_of_its_pings_never_answered(make_server):
+    server = make_server({"WSSERVER_ENV": "development"})
+    sock, _ = rawws.open_ws(server.port)
+    began = time.monotonic()
+    with _Flood(sock, b"", client_frame(OP_PING, b"") * 2000, 5.0) as flood:
+        frames, closed_at, ended_at = _read_until_cut(sock, timeout=8)
+    sock.close()
+    closes = [p for op, p in frames if op == OP_CLOSE]
+    assert closes and close_code(closes[0]) == 1008, frames[-3:]
+    assert b"WSSERVER_MAX_CONTROL_RATE" in closes[0][2:]
+    assert closed_at - began < 2.0 and ended_at - began < 4.0
+    pongs = sum(1 for op, _ in frames if op == OP_PONG)
+    assert flood.sent >= 1 and pongs <= 100, f"{pongs} pongs answered before the close"
+    assert _server_closes(server).get("control_rate", 0) == 1
+
+
+# -- attack f: resume loops crowding publishers out ----------------------------------------
+
+
+def _resume_attack(port: int, room: str, since: str, seconds: float, out) -> None:
+    """Child process: 20 raw WebSockets loop ``subscribe`` with ``since`` as fast as the
+    server takes them, reading (and discarding) what comes back; a connection the server
+    closes is replaced, so the pressure lasts ``seconds``."""
+    import selectors
+
+    command = client_frame(OP_TEXT, json.dumps(
+        {"type": "subscribe", "room": room, "since": since}).encode()) * 10
+    sel = selectors.DefaultSelector()
+    stats = {"connections": 0, "commands": 0, "closed": 0}
+
+    def connect() -> None:
+        sock, _ = rawws.open_ws(port, timeout=5)
+        sock.setblocking(False)
+        sel.register(sock, selectors.EVENT_READ | selectors.EVENT_WRITE, [command, 0])
+        stats["connections"] += 1
+
+    deadline = time.monotonic() + seconds
+    for _ in range(20):
+        connect()
+    while time.monotonic() < deadline:
+        for key, events in sel.select(0.1):
+            sock, state = key.fileobj, key.data
+            alive = True
+            try:
+                if events & selectors.EVENT_READ:
+                    alive = bool(sock.recv(1 << 20))
+                if alive and events & selectors.EVENT_WRITE:
+                    sent = sock.send(state[0][state[1]:])
+                    state[1] += sent
+                    if state[1] == len(state[0]):
+                        state[1] = 0
+                        stats["commands"] += 10
+            except BlockingIOError:
+                pass
+            except OSError:
+                alive = False
+            if not alive:
+                sel.unregister(sock)
+                sock.close()
+                stats["closed"] += 1
+                if time.monotonic() < deadline:
+                    try:
+                        connect()
+                    except (OSError, rawws.HandshakeRefused):
+                        pass
+    out.put(stats)
+
+
+@pytest.mark.timeout(90)
+def test_resume_loops_do_not_crowd_publishers_out(make_server):
+    server = make_server({"WSSERVER_ENV": "development"}, threads=96)
+    ids = [server.notify({"event": "h", "room": "hist", "data": i}).json()["id"]
+           for i in range(100)]
+    # the bystander: a well-behaved client in room "live", reading everything
+    live = RawClient(server, timeout=10)
+    live.send_text(json.dumps({"type": "subscribe", "room": "live"}))
+    assert json.loads(live.recv_until(OP_TEXT)[1])["type"] == "subscribed"
+    received: list[str] = []
+    reader_done = threading.Event()
+
+    def read_live() -> None:
+        try:
+            while not reader_done.is_set():
+                op, payload = live.recv_frame()
+                if op == OP_TEXT:
+                    received.append(json.loads(payload)["id"])
+                elif op == OP_PING:
+                    live.send_frame(OP_PONG, payload)
+        except (OSError, EOFError):
+            pass
+
+    reader = threading.Thread(target=read_live, daemon=True)
+    reader.start()
+    out = multiprocessing.get_context("fork").Queue()
+    attack = multiprocessing.get_context("fork").Process(
+        target=_resume_attack, args=(server.port, "hist", ids[0], 5.0, out), daemon=True)
+    attack.start()
+    statuses, latencies, posted = [], [], []
+    try:
+        time.sleep(0.5)  # let the attack build up before probing (pacing, not syncing)
+        next_at = time.monotonic()
+        while attack.is_alive() and len(statuses) < 45:
+            began = time.monotonic()
+            r = requests.post(server.url + "/notify", json={"event": "probe", "room": "live"},
+                              headers={"Connection": "close"}, timeout=5)
+            latencies.append(time.monotonic() - began)
+            statuses.append(r.status_code)
+            if r.status_code == 200:
+                posted.append(r.json()["id"])
+            next_at += 0.1
+            time.sleep(max(next_at - time.monotonic(), 0))
+        stats = out.get(timeout=20)
+        attack.join(10)
+    finally:
+        if attack.is_alive():
+            attack.kill()
+    assert len(statuses) >= 30
+    assert stats["commands"] > 1000, stats  # the attack really ran
+    assert statuses.count(200) == len(statuses), statuses
+    p99 = sorted(latencies)[min(len(latencies) - 1, int(len(latencies) * 0.99))]
+    assert p99 < 0.25, f"POST /notify p99 {p99 * 1000:.0f} ms"
+    wait_for(lambda: set(posted) <= set(received), timeout=10,
+             message="the well-behaved client got every notification")
+    reader_done.set()
+    live.close()
+    closes = _server_closes(server)
+    assert closes.get("command_rate", 0) + closes.get("slow_consumer", 0) >= 1, closes
+
+
+@pytest.mark.timeout(30)
+def test_thousands_of_pings_in_one_read_are_cut_at_the_limit_not_answered_first(sessions):
+    s = sessions(max_control_rate=10, close_timeout=10)
+    before = _closes("control_rate")
+    sock, thread = s.open()
+    _send(sock, client_frame(OP_PING, b"p") * 5000)  # ~40 KB: one or two reads
+    frames = rawws.read_frames(sock, timeout=5)
+    code, reason = _close_of(frames)
+    assert code == 1008 and b"WSSERVER_MAX_CONTROL_RATE" in reason
+    pongs = [f for f in frames if f[0] == OP_PONG]
+    assert len(pongs) <= 20, f"{len(pongs)} pongs: the burst is twice the rate"
+    # it keeps flooding instead of answering the close: cut after what a closed peer may
+    # still send (1 MiB), long before the 10 s close timeout
+    began = time.monotonic()
+    try:
+        for _ in range(100):
+            _send(sock, client_frame(OP_PING, b"") * 20000)
+    except OSError:
+        pass
+    thread.join(5)
+    assert not thread.is_alive() and time.monotonic() - began < 1.5
+    assert _closes("control_rate") == before + 1
+
+
+@pytest.mark.timeout(30)
+def test_pongs_to_keepalive_pings_are_free_unsolicited_pongs_count(sessions):
+    s = sessions(max_control_rate=1, ping_interval=0.05, ping_timeout=5)
+    sock, thread = s.open()
+    parser = rawws.FrameParser()
+    answered = 0
+    deadline = time.monotonic() + 1.0
+    sock.settimeout(0.2)
+    while time.monotonic() < deadline:  # answer the server's keepalive for one second
+        try:
+            data = sock.recv(65536)
+        except socket.timeout:
+            continue
+        for op, payload in parser.feed(data):
+            assert op == OP_PING, "not closed while answering keepalive pings"
+            _send(sock, client_frame(OP_PONG, payload))
+            answered += 1
+    assert answered >= 5
+    _send(sock, *(client_frame(OP_PONG, b"unsolicited") for _ in range(5)))
+    code, reason = _close_of(rawws.read_frames(sock, timeout=5))
+    assert code == 1008 and b"WSSERVER_MAX_CONTROL_RATE" in reason
+
+
+@pytest.mark.timeout(30)
+def test_commands_past_the_rate_close_1008_after_a_burst_that_fits_every_room(sessions):
+    s = sessions(max_command_rate=5, max_rooms_per_connection=30)
+    before = _closes("command_rate")
+    sock, thread = s.open()
+    # a client joining all its rooms at once, then a few more commands: within the burst
+    # (rooms + twice the rate = 40)
+    _send(sock, *(_text({"type": "subscribe", "room": f"r{i}"}) for i in range(30)),
+          *(_text({"type": "ping"}) for _ in range(8)))
+    replies = [json.loads(p) for _, p in _read(sock, 38)]
+    assert [r["type"] for r in replies] == ["subscribed"] * 30 + ["pong"] * 8
+    _send(sock, *(_text({"type": "ping"}) for _ in range(20)))
+    frames = rawws.read_frames(sock, timeout=5)
+    code, reason = _close_of(frames)
+    assert code == 1008 and b"WSSERVER_MAX_COMMAND_RATE" in reason
+    assert len([f for f in frames if f[0] == OP_TEXT]) <= 4
+    _send(sock, client_frame(OP_CLOSE, rawws.close_payload(1000)))
+    thread.join(5)
+    assert _closes("command_rate") == before + 1
+
+
+@pytest.mark.timeout(30)
+def test_free_form_messages_answered_with_an_error_count_as_commands(sessions):
+    s = sessions(env="production", max_command_rate=5, max_rooms_per_connection=1)
+    sock, thread = s.open(remote="127.0.0.1")
+    _send(sock, *(client_frame(OP_TEXT, b"hello") for _ in range(200)))
+    frames = rawws.read_frames(sock, timeout=5)
+    code, reason = _close_of(frames)
+    assert code == 1008 and b"WSSERVER_MAX_COMMAND_RATE" in reason
+    errors = [json.loads(p)["code"] for op, p in frames if op == OP_TEXT]
+    assert errors and set(errors) == {"rebroadcast_disabled"} and len(errors) <= 12
+
+
+def _publish(service: NotificationService, room: str, count: int, size: int = 10) -> list[str]:
+    ids = []
+    for i in range(count):
+        published = service.publish(Notification("h", "x" * size, i, rooms=(room,)))
+        assert published is not None
+        ids.append(published.ids[room])
+    return ids
+
+
+@pytest.mark.timeout(30)
+def test_resume_without_a_slot_is_busy_names_the_setting_and_is_not_a_client_mistake(sessions):
+    s = sessions(max_resumes=1, enqueue_timeout=0.05, max_invalid_commands=3)
+    ids = _publish(s.service, "hist", 5)
+    before = _refusals("resume_busy")
+    sock, thread = s.open()
+    assert s.service.resumes.acquire(-1, timeout=0) is None  # the worker's one slot is taken
+    resume = _text({"type": "subscribe", "room": "hist", "since": ids[0]})
+    _send(sock, *([resume] * 5))
+    replies = [json.loads(p) for _, p in _read(sock, 5)]
+    assert all(r["type"] == "error" and r["code"] == "busy" for r in replies), replies
+    assert "WSSERVER_MAX_RESUMES" in replies[0]["reason"] and replies[0]["room"] == "hist"
+    assert _refusals("resume_busy") == before + 5
+    s.service.resumes.release(-1)
+    _send(sock, resume)  # still open: busy is the server's state, not the client's mistake
+    frames = _read(sock, 5)
+    assert json.loads(frames[0][1]) == {"type": "subscribed", "room": "hist",
+                                        "recovered": True, "missed": 4}
+    assert [json.loads(p)["id"] for _, p in frames[1:]] == ids[1:]
+    wait_for(lambda: s.service.resumes.in_flight == 0, message="the slot given back")
+
+
+@pytest.mark.timeout(30)
+def test_a_client_dropped_as_slow_during_a_replay_is_removed_counted_and_closed(sessions):
+    s = sessions(client_buffer=1024, send_buffer=4096)
+    ids = _publish(s.service, "big", 50, size=2000)
+    before = _closes("slow_consumer")
+    slow_before = metrics.SLOW_CONSUMERS._value.get()
+    sock, thread = s.open()
+    wait_for(lambda: s.service.hub.count() == 1, message="registered")
+    _send(sock, _text({"type": "subscribe", "room": "big", "since": ids[0]}))  # never reads
+    wait_for(lambda: _closes("slow_consumer") == before + 1, message="dropped and counted")
+    assert s.service.hub.count() == 0, "out of the hub: it gets nothing more"
+    frames = rawws.read_frames(sock, timeout=5)
+    code, reason = _close_of(frames)
+    assert code == 1008 and reason == b"slow consumer"
+    thread.join(5)
+    assert _closes("slow_consumer") == before + 1, "counted once"
+    assert metrics.SLOW_CONSUMERS._value.get() == slow_before + 1
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("case", ["message_too_big", "rate_limit", "protocol_error",
+                                  "invalid_commands", "keepalive_timeout", "token_expired"])
+def test_every_server_initiated_close_is_counted_once(sessions, case):
+    settings = {"max_message_size": 100, "rate_limit": 1 if case == "rate_limit" else 0,
+                "max_invalid_commands": 2,
+                "ping_interval": 0.05 if case == "keepalive_timeout" else 25, "ping_timeout": 0.2}
+    s = sessions(**settings)
+    before = _closes(case)
+    identity = Identity("u", time.time() + 0.3) if case == "token_expired" else None
+    sock, thread = s.open(identity=identity)
+    expected = {
+        "message_too_big": (1009, [client_frame(OP_TEXT, b"x" * 101)]),
+        "rate_limit": (1008, [client_frame(0x2, b"m")] * 5),
+        "protocol_error": (1002, [client_frame(OP_TEXT, b"bad", rsv=1)]),
+        "invalid_commands": (1008, [_text({"type": "nope"})] * 3),
+        "keepalive_timeout": (1011, []),  # never answers the ping
+        "token_expired": (4001, []),
+    }[case]
+    _send(sock, *expected[1])
+    frames = rawws.read_frames(sock, timeout=5)
+    code, _ = _close_of(frames)
+    assert code == expected[0]
+    if case not in ("protocol_error", "keepalive_timeout"):
+        _send(sock, client_frame(OP_CLOSE, rawws.close_payload(1000)))
+    thread.join(5)
+    assert not thread.is_alive()
+    assert _closes(case) == before + 1
+
+
+@pytest.mark.timeout(30)
+def test_losing_the_race_for_the_last_slot_is_a_counted_refusal(sessions):
+    s = sessions(max_connections=1)
+    before = _refusals("server_full")
+    first, _ = s.open()
+    wait_for(lambda: s.service.hub.count() == 1, message="the first takes the slot")
+    second, thread = s.open()
+    code, reason = _close_of(rawws.read_frames(second, timeout=5))
+    assert code == 1013 and reason == b"server full"
+    thread.join(5)
+    assert _refusals("server_full") == before + 1
