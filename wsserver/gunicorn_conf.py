@@ -108,6 +108,15 @@ def on_starting(server):  # noqa: ANN001 - gunicorn hook signature
             "wsserver: worker class %r is not gthread; WebSockets need a thread each",
             cfg.worker_class_str,
         )
+    if cfg.worker_class_str != worker_class:
+        server.log.warning(
+            "wsserver: worker class %r is not %s: the defences against hostile clients are "
+            "off (request heads read without a thread under WSSERVER_HANDSHAKE_TIMEOUT, "
+            "WSSERVER_REQUEST_TIMEOUT, WSSERVER_MAX_PENDING(_PER_IP), closes that do not block "
+            "accepting); only a per-read timeout bounds slow clients",
+            cfg.worker_class_str,
+            worker_class,
+        )
     if cfg.worker_connections <= cfg.threads:
         server.log.warning(
             "wsserver: --worker-connections (%d) <= --threads (%d) turns HTTP keep-alive off",
@@ -209,6 +218,7 @@ class _ReadTimeoutFilter(logging.Filter):
 
 
 def _find_service(app):  # noqa: ANN001, ANN202
+    app = getattr(app, "__wrapped__", app)  # wsserver's worker wraps the app (worker.py)
     extensions = getattr(app, "extensions", None)
     return extensions.get("wsserver") if isinstance(extensions, dict) else None
 
