@@ -1,4 +1,6 @@
-"""The gunicorn worker class wsserver ships: gthread, with a thread pool of daemon threads.
+"""The gunicorn worker class wsserver ships: gthread, with a thread pool of daemon threads, and
+the accept, request-head and close path taken over so no client can capture the main loop or
+hold threads (see :class:`ThreadWorker` and docs/design.md, "The worker").
 
 Why not gthread's own pool: it is a ``concurrent.futures.ThreadPoolExecutor``, whose threads
 are non-daemon, and on Python before 3.13 every non-daemon thread that starts scans a set
