@@ -137,10 +137,12 @@ class Bystander:
         self._thread.join(WAIT)
 
     def check(self) -> None:
+        assert not self.failures, f"{len(self.failures)} probes failed: {self.failures[:5]}"
         assert len(self.latencies) >= 20, f"the probe ran only {len(self.latencies)} times"
         ordered = sorted(self.latencies)
         p99 = ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
-        assert not self.failures, f"{len(self.failures)} probes failed: {self.failures[:5]}"
+        print(f"probe: {len(ordered)} requests, p50 {ordered[len(ordered) // 2] * 1000:.1f} ms, "
+              f"p99 {p99 * 1000:.1f} ms, max {ordered[-1] * 1000:.1f} ms")
         worst = ", ".join(f"{t * 1000:.0f}" for t in ordered[-5:])
         assert p99 < PROBE_P99, f"probe p99 {p99 * 1000:.0f} ms (worst five: {worst} ms)"
 
