@@ -250,8 +250,39 @@ SETTINGS: tuple[Setting, ...] = (
         "handshake_timeout",
         _float_in(0.5, 300.0),
         10.0,
-        "Seconds a client may stay silent while sending its HTTP request (the upgrade "
-        "included) before the connection is dropped: slow-loris clients cannot pin threads.",
+        "Seconds a client has, from connecting (or from its kept-alive connection turning "
+        "readable), to send its whole request head, and a `Content-Length` body of up to "
+        "WSSERVER_MAX_BODY_SIZE: a deadline, not an idle timeout. Until then the request holds "
+        "no thread; past it: 408 and close.",
+    ),
+    Setting(
+        "request_timeout",
+        _float_in(1.0, 3600.0),
+        30.0,
+        "Seconds a request that is not a WebSocket may hold a thread once it arrived (a body "
+        "still trickling in, an answer the client does not read); past it its socket is shut "
+        "down. A WebSocket is exempt once upgraded.",
+    ),
+    Setting(
+        "max_pending",
+        _int_in(1, 1_000_000),
+        256,
+        "Connections whose request has not arrived complete yet (all addresses); past it the "
+        "oldest is cut with 503.",
+    ),
+    Setting(
+        "max_pending_per_ip",
+        _int_in(1, 1_000_000),
+        64,
+        "Connections from one address whose request has not arrived complete yet; past it "
+        "that address's oldest is cut with 503, so a client that sends its request at once "
+        "gets in.",
+    ),
+    Setting(
+        "max_request_head",
+        _int_in(1024, 1 * MiB),
+        32 * 1024,
+        "Largest request head (request line and headers, bytes); over it: 431 and close.",
     ),
     Setting("queue_size", _int_in(1, 1_000_000), 256, "Broadcast queue capacity (messages)."),
     Setting(
@@ -394,6 +425,10 @@ class Settings:
     max_command_rate: float
     max_resumes: int
     handshake_timeout: float
+    request_timeout: float
+    max_pending: int
+    max_pending_per_ip: int
+    max_request_head: int
     redis_url: str
     redis_prefix: str
     history_size: int

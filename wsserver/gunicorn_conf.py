@@ -9,6 +9,8 @@ Why each choice (measured traps, see docs/design.md):
   app refuses upgrades past that budget with 503, so ``GET /`` and ``POST /notify`` always
   find a thread;
 * ``worker_connections`` well above ``threads``: at or below it gthread turns keep-alive off;
+  the worker keeps connections still sending their request (``WSSERVER_MAX_PENDING``) from
+  ever taking the count to ``worker_connections``, where gthread stops accepting;
 * no control socket: gunicorn 27 shares one path machine-wide, parallel servers collide;
 * SIGTERM: gunicorn would wait ``graceful_timeout`` on open WebSockets and ``worker_exit``
   runs after that, too late; ``post_worker_init`` chains the signal to close clients with
@@ -108,13 +110,25 @@ def on_starting(server):  # noqa: ANN001 - gunicorn hook signature
             "wsserver: worker class %r is not gthread; WebSockets need a thread each",
             cfg.worker_class_str,
         )
+    if cfg.worker_class_str != worker_class:
+        server.log.warning(
+            "wsserver: worker class %r is not %s: the defences against hostile clients are "
+            "off (request heads read without a thread under WSSERVER_HANDSHAKE_TIMEOUT, "
+            "WSSERVER_REQUEST_TIMEOUT, WSSERVER_MAX_PENDING(_PER_IP), closes that do not block "
+            "accepting); only a per-read timeout bounds slow clients",
+            cfg.worker_class_str,
+            worker_class,
+        )
     if cfg.worker_connections <= cfg.threads:
         server.log.warning(
             "wsserver: --worker-connections (%d) <= --threads (%d) turns HTTP keep-alive off",
             cfg.worker_connections,
             cfg.threads,
         )
-    _raise_open_files_limit(cfg.worker_connections + 256, server.log)
+    # worker_connections counts requests, WebSockets, kept-alive and pending connections;
+    # closing ones linger outside it (wsserver.intake.LingeringCloses, 128 at most), and the
+    # rest (listeners, logs, Redis, pipes) fits in the remainder
+    _raise_open_files_limit(cfg.worker_connections + 384, server.log)
 
 
 def post_fork(server, worker):  # noqa: ANN001
@@ -176,11 +190,14 @@ def _redact(text: str) -> str:
 
 
 def _bound_request_reads(worker, seconds: float) -> None:  # noqa: ANN001
-    """gthread reads a request's head with blocking ``recv`` calls that have no timeout, so a
-    client that sends its headers slowly, or stops half-way, pins a pool thread for good.
+    """gunicorn's gthread (``-k gthread``) reads a request's head with blocking ``recv`` calls
+    that have no timeout, so a client that stops half-way pins a pool thread for good.
     Accepted sockets inherit ``SO_RCVTIMEO`` from the listener: each read then gives up after
-    ``seconds`` of silence and gunicorn drops the connection. Reads of an open WebSocket are
-    unaffected: the session reads only what ``poll`` says has arrived."""
+    ``seconds`` of silence and gunicorn drops the connection. Only an idle timeout: a client
+    sending a byte now and then defeats it, which is why wsserver's worker reads heads in its
+    poller under a total deadline instead; there it stays as a second bound on what a pool
+    thread still reads (TLS heads, bodies the poller does not pre-read). Reads of an open
+    WebSocket are unaffected: the session reads only what ``poll`` says has arrived."""
     whole = int(seconds)
     value = struct.pack("ll", whole, int((seconds - whole) * 1_000_000))
     for listener in worker.sockets:
@@ -199,7 +216,8 @@ class _ReadTimeoutFilter(logging.Filter):
         exc = record.exc_info[1] if record.exc_info else None
         if isinstance(exc, BlockingIOError) and "Socket error" in str(record.msg):
             record.msg = (
-                "wsserver: a client sent no request data for WSSERVER_HANDSHAKE_TIMEOUT; dropped"
+                "wsserver: a client sent nothing for WSSERVER_HANDSHAKE_TIMEOUT while its "
+                "request was read; dropped"
             )
             record.args = ()
             record.exc_info = None
@@ -209,6 +227,7 @@ class _ReadTimeoutFilter(logging.Filter):
 
 
 def _find_service(app):  # noqa: ANN001, ANN202
+    app = getattr(app, "__wrapped__", app)  # wsserver's worker wraps the app (worker.py)
     extensions = getattr(app, "extensions", None)
     return extensions.get("wsserver") if isinstance(extensions, dict) else None
 

@@ -1,4 +1,6 @@
-"""The gunicorn worker class wsserver ships: gthread, with a thread pool of daemon threads.
+"""The gunicorn worker class wsserver ships: gthread, with a thread pool of daemon threads, and
+the accept, request-head and close path taken over so no client can capture the main loop or
+hold threads (see :class:`ThreadWorker` and docs/design.md, "The worker").
 
 Why not gthread's own pool: it is a ``concurrent.futures.ThreadPoolExecutor``, whose threads
 are non-daemon, and on Python before 3.13 every non-daemon thread that starts scans a set
@@ -17,14 +19,35 @@ WebSocket by then; nothing relies on the interpreter joining pool threads at exi
 
 from __future__ import annotations
 
+import errno
+import json
 import queue
+import selectors
+import socket
 import threading
+import time
 from concurrent.futures import Executor, Future
+from functools import partial
+from http import HTTPStatus
 from typing import Any, Callable
 
+from gunicorn import http
+from gunicorn.workers.gthread import _DEFER, STOP_KEEPALIVE_LINGER, TConn
 from gunicorn.workers.gthread import ThreadWorker as _GthreadWorker
 
-__all__ = ["DaemonThreadPool", "ThreadWorker"]
+from . import audit
+from .config import load_settings
+from .errors import error_document
+from .intake import LingeringCloses, PendingConnections, request_end
+
+__all__ = ["WEBSOCKET_STARTED", "DaemonThreadPool", "ThreadWorker"]
+
+#: environ key of a callable the app calls once a request has become a WebSocket: from then on
+#: the request deadline (WSSERVER_REQUEST_TIMEOUT) no longer applies to it. Absent under other
+#: servers and under ``-k gthread``.
+WEBSOCKET_STARTED = "wsserver.websocket_started"
+
+_RECV_BYTES = 65536
 
 
 class DaemonThreadPool(Executor):
@@ -96,9 +119,341 @@ class DaemonThreadPool(Executor):
                 thread.join()
 
 
+class _Conn(TConn):
+    """gthread's connection with what this worker tracks about it (main thread only, except
+    ``websocket``, which the request's thread sets once and the main thread reads)."""
+
+    def __init__(self, cfg: Any, sock: socket.socket, client: Any, server: Any) -> None:
+        super().__init__(cfg, sock, client, server)
+        self.address = client[0] if isinstance(client, tuple) and client else "unix"
+        self.head: bytearray | None = None  # bytes of the request read so far in the poller
+        self.wanted: int | None = None  # how many to read before handing over, once known
+        self.websocket = False  # the app said this request became a WebSocket
+        self.reaped = False  # the request deadline shut its socket down
+
+
 class ThreadWorker(_GthreadWorker):
-    """gunicorn's gthread worker with :class:`DaemonThreadPool` (see the module docstring).
-    ``gunicorn -k gthread`` still works; connecting thousands of clients is just slower."""
+    """gthread with :class:`DaemonThreadPool`, and the accept, request-head and close path
+    taken over so that no client can capture the main loop or hold threads (issue 12):
+
+    * request heads (and small ``Content-Length`` bodies) are read in the poller, under a
+      total deadline (``WSSERVER_HANDSHAKE_TIMEOUT``) and a size cap
+      (``WSSERVER_MAX_REQUEST_HEAD``), for new and kept-alive connections; only a complete
+      request takes a pool thread, its bytes put back into gunicorn's parser;
+    * connections still sending their request are capped per address
+      (``WSSERVER_MAX_PENDING_PER_IP``) and in total (``WSSERVER_MAX_PENDING``), evicting the
+      oldest, and never push ``nr_conns`` to ``worker_connections`` (which stops accepting);
+    * a request on a pool thread that is not a WebSocket is cut (socket shut down) at
+      ``WSSERVER_REQUEST_TIMEOUT``; the app marks an upgrade through
+      ``environ[WEBSOCKET_STARTED]``;
+    * closes after ``Connection: close``, HTTP/1.0, errors and refusals linger in the poller
+      (:class:`~wsserver.intake.LingeringCloses`) instead of blocking the main thread.
+
+    TLS (``--certfile``), uwsgi and HTTP/2 prior knowledge keep gthread's own path (its head
+    is read on a pool thread after the TLS handshake), bounded by the request deadline and
+    the lingering closes only. See docs/design.md, "The worker (`worker`)".
+
+    Thread-safety: everything but ``handle`` and the WSGI wrapper runs on the main thread
+    (gthread's poller callbacks and ``murder_*`` hooks); a pool thread only sets
+    ``_Conn.websocket`` through the environ callable.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        settings = load_settings()
+        self.settings = settings
+        self._pending: PendingConnections[_Conn] = PendingConnections(
+            settings.max_pending, settings.max_pending_per_ip, settings.handshake_timeout
+        )
+        self._serving: dict[_Conn, float] = {}  # on a pool thread -> deadline, in that order
+        self._lingering: LingeringCloses | None = None
+        self._local = threading.local()
+        self._stopping_at: float | None = None
+        cfg = self.cfg
+        self._preread = (
+            not cfg.is_ssl
+            and getattr(cfg, "protocol", "http") == "http"
+            and getattr(cfg, "http2_cleartext", None) not in ("prior-knowledge", "both")
+        )
 
     def get_thread_pool(self) -> Executor:
         return DaemonThreadPool(max_workers=self.cfg.threads)
+
+    def load_wsgi(self) -> None:
+        """Wrap the app so each request's environ carries :data:`WEBSOCKET_STARTED`."""
+        super().load_wsgi()
+        app = self.wsgi
+        local = self._local
+
+        def wsgi(environ: dict, start_response: Callable) -> Any:
+            conn = getattr(local, "conn", None)
+            if conn is not None:
+                environ[WEBSOCKET_STARTED] = partial(_mark_websocket, conn)
+            return app(environ, start_response)
+
+        wsgi.__wrapped__ = app  # type: ignore[attr-defined] - gunicorn_conf finds the app
+        self.wsgi = wsgi
+
+    def run(self) -> None:
+        self._lingering = LingeringCloses(self.poller)
+        try:
+            super().run()
+        finally:
+            self._lingering.close_all()
+
+    # -- accept and the request head, in the poller ------------------------------------------
+
+    def accept(self, listener: socket.socket) -> None:
+        try:
+            sock, client = listener.accept()
+        except OSError as exc:
+            if exc.errno not in (errno.EAGAIN, errno.ECONNABORTED, errno.EWOULDBLOCK):
+                raise
+            return
+        self.nr_conns += 1
+        conn = _Conn(self.cfg, sock, client, listener.getsockname())  # non-blocking
+        if self._preread:
+            self._await_request(conn, b"")
+        else:
+            self.enqueue_req(conn)  # gthread's path (TLS): the head is read on a pool thread
+
+    def on_client_socket_readable(self, conn: _Conn, client: socket.socket) -> None:
+        """A kept-alive connection turned readable: its next request is read here too."""
+        if not self._preread:
+            return super().on_client_socket_readable(conn, client)
+        self.poller.unregister(client)
+        self.keepalived_conns.remove(conn)
+        self._await_request(conn, b"")
+        return None
+
+    def _await_request(self, conn: _Conn, already: bytes) -> None:
+        """Track ``conn`` as pending and read its request in the poller from now on."""
+        conn.head = bytearray(already)
+        conn.wanted = None
+        evicted = self._pending.add(conn, conn.address)
+        self.poller.register(conn.sock, selectors.EVENT_READ, partial(self._head_readable, conn))
+        for victim, cap in evicted:
+            self._cut_pending(victim, cap)
+        # pending sockets must never be what takes gthread to worker_connections: at that
+        # count it stops accepting, and a flood of silent sockets would lock everybody out
+        while self.nr_conns >= self.worker_connections:
+            oldest = self._pending.oldest()
+            if oldest is None:
+                break
+            self._pending.discard(oldest)
+            self._cut_pending(oldest, "connections")
+        if conn in self._pending and already:
+            self._advance(conn, 0)  # a request left over from the last one may be complete
+        if conn in self._pending:
+            self._head_readable(conn, conn.sock)  # often there already: no wait for a wake-up
+
+    def _head_readable(self, conn: _Conn, sock: socket.socket) -> None:
+        assert conn.head is not None
+        try:
+            data = sock.recv(_RECV_BYTES)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            if conn.head:
+                # half-closed after part of a request (a body cut short, say): gunicorn's
+                # parser meets the end of input at once and answers or drops it as it would
+                conn.wanted = len(conn.head)
+                self._advance(conn, len(conn.head))
+                return
+            # closed or reset before sending anything: nobody to answer
+            self._forget_pending(conn)
+            self.nr_conns -= 1
+            conn.close()
+            return
+        start = len(conn.head)
+        conn.head += data
+        self._advance(conn, start)
+
+    def _advance(self, conn: _Conn, start: int) -> None:
+        """Hand ``conn`` to the pool once what it must send first is here."""
+        head = conn.head
+        assert head is not None
+        if conn.wanted is None:
+            found = request_end(head, self.settings.max_body_size, start)
+            if found is None:
+                if len(head) > self.settings.max_request_head:
+                    self._refuse_head_too_large(conn)
+                return
+            if found[0] > self.settings.max_request_head:
+                self._refuse_head_too_large(conn)
+                return
+            conn.wanted = found[1]
+        if len(head) < conn.wanted:
+            return  # a small Content-Length body is still arriving
+        self._forget_pending(conn)
+        conn.head = None
+        if conn.parser is None:
+            conn.parser = http.get_parser(self.cfg, conn.sock, conn.client)
+        # the seam gthread itself uses for h2c: bytes read ahead go back into the parser,
+        # which reads them before it reads the socket
+        conn.parser.unreader.unread(bytes(head))
+        conn.data_ready = True  # gthread's handle() then skips its own 5 s wait for data
+        self.enqueue_req(conn)
+
+    def _forget_pending(self, conn: _Conn) -> None:
+        self._pending.discard(conn)
+        try:
+            self.poller.unregister(conn.sock)
+        except (KeyError, ValueError):
+            pass
+
+    def _refuse_head_too_large(self, conn: _Conn) -> None:
+        limit = f"WSSERVER_MAX_REQUEST_HEAD={self.settings.max_request_head}"
+        self._forget_pending(conn)
+        audit.refused("request_head_too_large", conn.address, limit)
+        self._answer_and_close(
+            conn, 431, "request_head_too_large", f"the request head is over {limit} bytes"
+        )
+
+    def _cut_pending(self, conn: _Conn, cap: str) -> None:
+        """An evicted pending connection (already untracked): 503, then close."""
+        try:
+            self.poller.unregister(conn.sock)
+        except (KeyError, ValueError):
+            pass
+        detail = {
+            "per_address": f"WSSERVER_MAX_PENDING_PER_IP={self.settings.max_pending_per_ip}",
+            "total": f"WSSERVER_MAX_PENDING={self.settings.max_pending}",
+            "connections": f"worker_connections={self.worker_connections}",
+        }[cap]
+        audit.refused("too_many_pending", conn.address, detail)
+        self._answer_and_close(
+            conn, 503, "too_many_pending",
+            f"too many connections still sending their request ({detail}); retry",
+        )
+
+    def _expire_pending(self, now: float) -> None:
+        limit = f"WSSERVER_HANDSHAKE_TIMEOUT={self.settings.handshake_timeout:g}"
+        for conn in self._pending.expired(now):
+            try:
+                self.poller.unregister(conn.sock)
+            except (KeyError, ValueError):
+                pass
+            audit.refused("request_timeout", conn.address, limit)
+            self._answer_and_close(
+                conn, 408, "request_timeout", f"the request did not arrive within {limit} s"
+            )
+
+    def _answer_and_close(self, conn: _Conn, status: int, code: str, reason: str) -> None:
+        """A short JSON answer, if the socket takes it at once, then a lingering close. The
+        connection must be untracked and unregistered already."""
+        self.nr_conns -= 1
+        conn.head = None
+        body = json.dumps(error_document(code, reason)).encode()
+        head = (
+            f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+        ).encode("latin-1")
+        try:
+            conn.sock.send(head + body)  # non-blocking: a fresh socket's buffer takes it
+        except OSError:
+            pass
+        self._linger(conn)
+
+    def _linger(self, conn: _Conn) -> None:
+        if self._lingering is None:  # not running (yet): gthread's blocking close
+            conn.close(graceful=True)
+        else:
+            self._lingering.add(conn.sock)
+
+    # -- requests on pool threads: the deadline --------------------------------------------
+
+    def enqueue_req(self, conn: _Conn) -> None:
+        self._serving.pop(conn, None)  # re-inserted last: dict order stays deadline order
+        self._serving[conn] = time.monotonic() + self.settings.request_timeout
+        super().enqueue_req(conn)
+
+    def handle(self, conn: _Conn) -> Any:
+        """Runs on a pool thread: remember the connection for the WSGI wrapper."""
+        self._local.conn = conn
+        try:
+            return super().handle(conn)
+        finally:
+            self._local.conn = None
+
+    def _cut_overdue(self, now: float) -> None:
+        """Shut down the socket of every request past ``WSSERVER_REQUEST_TIMEOUT`` that did
+        not become a WebSocket. Its thread's blocked read or write then fails at once, the
+        request ends, and ``finish_request`` closes the connection."""
+        while self._serving:
+            conn, deadline = next(iter(self._serving.items()))
+            if deadline > now:
+                return
+            del self._serving[conn]
+            if conn.websocket:
+                continue
+            conn.reaped = True
+            try:
+                # the plain socket's shutdown, also for TLS: SSLSocket's would drop its SSL
+                # object under the thread that is using it
+                socket.socket.shutdown(conn.sock, socket.SHUT_RDWR)
+            except (OSError, ValueError):
+                continue  # already closed
+            audit.refused(
+                "request_timeout",
+                conn.address,
+                f"WSSERVER_REQUEST_TIMEOUT={self.settings.request_timeout:g}",
+            )
+
+    def finish_request(self, conn: _Conn, fs: Future) -> None:
+        """gthread's, with closes that linger in the poller instead of blocking here, and a
+        kept-alive connection's next request read in the poller."""
+        self._serving.pop(conn, None)
+        try:
+            result = fs.result() if not fs.cancelled() else False
+            if result is _DEFER:  # only gthread's own path (TLS) defers
+                if self.alive:
+                    super().finish_request(conn, fs)
+                else:
+                    self.nr_conns -= 1
+                    conn.close()
+                return
+            if result and not conn.reaped:
+                if not self._preread:
+                    super().finish_request(conn, fs)
+                    return
+                conn.sock.setblocking(False)
+                ahead = conn.parser.unreader.take_buffered()
+                if ahead:  # the client already sent (part of) its next request
+                    self._await_request(conn, ahead)
+                    return
+                conn.set_timeout()
+                if not self.alive:
+                    conn.timeout = min(conn.timeout, time.monotonic() + STOP_KEEPALIVE_LINGER)
+                self.keepalived_conns.append(conn)
+                self.poller.register(
+                    conn.sock, selectors.EVENT_READ, partial(self.on_client_socket_readable, conn)
+                )
+                return
+            self.nr_conns -= 1
+            self._linger(conn)
+        except Exception:  # noqa: BLE001 - as gthread: whatever failed, the connection goes
+            self.nr_conns -= 1
+            conn.close()
+
+    def murder_pending(self) -> None:
+        """gthread calls this after every poll (also while stopping): expire what is due."""
+        super().murder_pending()
+        now = time.monotonic()
+        horizon = now
+        if not self.alive:
+            # stopping: a request being sent gets what a kept-alive connection gets
+            if self._stopping_at is None:
+                self._stopping_at = now
+            if now >= self._stopping_at + STOP_KEEPALIVE_LINGER:
+                horizon = float("inf")
+        self._expire_pending(horizon)
+        self._cut_overdue(now)
+        if self._lingering is not None:
+            self._lingering.reap(now)
+
+
+def _mark_websocket(conn: _Conn) -> None:
+    conn.websocket = True

@@ -21,6 +21,7 @@ from .protocol import CLOSE_TRY_AGAIN_LATER, CommandError, error_frame, parse_ro
 from .service import NotificationService
 from .session import run_session
 from .transport import Transport, server_options, strip_compression_offer
+from .worker import WEBSOCKET_STARTED
 
 __all__ = ["init_app"]
 
@@ -52,6 +53,11 @@ def init_app(app: Flask) -> None:
 
     @sock.route("/ws", endpoint=WS_ENDPOINT)
     def websocket(ws: Any) -> None:
+        # the upgrade is done: tell wsserver's worker that its request deadline no longer
+        # applies (WSSERVER_REQUEST_TIMEOUT bounds requests, not WebSockets)
+        started = request.environ.get(WEBSOCKET_STARTED)
+        if started is not None:
+            started()
         service: NotificationService = current_app.extensions["wsserver"]
         serve_connection(
             service,
