@@ -114,7 +114,9 @@ def well_behaved_problems(out: dict, seconds: float) -> list[str]:
         if s["requests"] < seconds * 10 * 0.5:
             problems.append(f"{kind}: only {s['requests']} requests in {seconds}s (10/s asked)")
     r = out["receivers"]
-    if r["lost"] or r["alive"] != RECEIVERS or not r["accepted"]:
+    if not r["accepted"]:
+        problems.append("receivers: nothing to check, no POST /notify was accepted")
+    elif r["lost"] or r["alive"] != RECEIVERS:
         problems.append(
             f"receivers: {r['lost']} deliveries lost of {r['accepted']} accepted x {RECEIVERS}"
             f", {r['alive']} still open, closed {r['closed']}, missing e.g. "
