@@ -44,8 +44,10 @@ class Broadcast:
 
 
 class Task:
-    """Work that must happen in the broadcaster thread, in queue order: a recovery replays
-    history and joins the room between two fan-outs, so no live message slips between."""
+    """Work that must happen in the broadcaster thread, between two fan-outs, so no live
+    message slips between a recovery's history read and its joining the room. A task runs
+    after the messages drained with it (queued before *or* just after it) have gone out,
+    never in the middle of a batch."""
 
     def run(self, broadcaster: Broadcaster) -> None:  # pragma: no cover - interface
         raise NotImplementedError
@@ -140,6 +142,7 @@ class Broadcaster:
                         del self._replayed[conn_id]
                 continue
             batch: list[Broadcast] = []
+            tasks: list[Task] = []
             item: QueueItem | None = first
             while item is not None:
                 if isinstance(item, Broadcast):
@@ -147,16 +150,21 @@ class Broadcaster:
                 elif isinstance(item, tuple):
                     batch.extend(item)
                 else:
-                    self._deliver_safely(batch)
-                    batch = []
-                    self._run_task(item)
-                if len(batch) >= self._max_batch:
+                    tasks.append(item)
+                if len(batch) >= self._max_batch or len(tasks) >= self._max_batch:
                     break
                 try:
                     item = q.get_nowait()
                 except queue.Empty:
                     item = None
+            # tasks run after the batch they were drained with, not between its messages:
+            # a recovery between two notifications would split one write per client into
+            # two (measured: 20 clients resuming in a loop took latency at 1,000 clients from
+            # p99 ~55 ms to ~500 ms). Safe for Resume: every queued message is in history
+            # already, so what the batch delivered before the client joined is replayed
             self._deliver_safely(batch)
+            for task in tasks:
+                self._run_task(task)
             metrics.QUEUE_DEPTH.set(q.qsize())
 
     def _deliver_safely(self, batch: list[Broadcast]) -> None:

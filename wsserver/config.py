@@ -197,9 +197,9 @@ SETTINGS: tuple[Setting, ...] = (
         _float_in(0.0, 1_000_000.0),
         20.0,
         "Commands (and free-form messages a production server answers with an error) per second "
-        "one connection may send, in bursts of "
-        "WSSERVER_MAX_ROOMS_PER_CONNECTION plus twice that (a client may join all its rooms at "
-        "once); over it: close 1008. 0: no limit.",
+        "one connection may send; a `subscribe` with `since` (a history replay) counts as 5. "
+        "Bursts of 5 x WSSERVER_MAX_ROOMS_PER_CONNECTION plus twice the rate (a client may "
+        "resume all its rooms at once); over it: close 1008. 0: no limit.",
     ),
     Setting(
         "max_resumes",

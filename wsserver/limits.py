@@ -35,8 +35,9 @@ class TokenBucket:
         self._tokens = self.burst
         self._at = time.monotonic() if now is None else now
 
-    def take(self, now: float | None = None) -> bool:
-        """Take one token: False (and nothing taken) when the bucket is empty."""
+    def take(self, now: float | None = None, cost: float = 1.0) -> bool:
+        """Take ``cost`` tokens (one event, weighted): False (and nothing taken) when the
+        bucket holds fewer."""
         if not self.rate:
             return True
         if now is None:
@@ -45,10 +46,10 @@ class TokenBucket:
         self._at = now
         if tokens > self.burst:
             tokens = self.burst
-        if tokens < 1.0:
+        if tokens < cost:
             self._tokens = tokens
             return False
-        self._tokens = tokens - 1.0
+        self._tokens = tokens - cost
         return True
 
 
