@@ -1,0 +1,74 @@
+"""The broadcaster thread over real sockets: where tasks run relative to the messages drained
+with them."""
+
+from __future__ import annotations
+
+import socket
+import threading
+
+import pytest
+
+from wsserver.broadcaster import Broadcast, Broadcaster, Task
+from wsserver.connection import Connection
+from wsserver.flusher import Flusher
+from wsserver.frames import OP_TEXT, encode_frame
+from wsserver.hub import Hub
+
+
+class _Recording(Task):
+    """Notes what the client had received when the task ran (read without waiting)."""
+
+    def __init__(self, sock: socket.socket, seen: list) -> None:
+        self.sock, self.seen = sock, seen
+        self.ran = threading.Event()
+
+    def run(self, broadcaster: Broadcaster) -> None:
+        try:
+            self.seen.append(self.sock.recv(1 << 16, socket.MSG_DONTWAIT))
+        except BlockingIOError:
+            self.seen.append(b"")
+        self.ran.set()
+
+
+class _Gate(Task):
+    """Holds the broadcaster thread until released, so the queue fills behind it."""
+
+    def __init__(self) -> None:
+        self.entered, self.release = threading.Event(), threading.Event()
+
+    def run(self, broadcaster: Broadcaster) -> None:
+        self.entered.set()
+        self.release.wait(10)
+
+
+@pytest.mark.timeout(20)
+def test_a_task_runs_after_the_batch_it_was_drained_with_not_between_its_messages():
+    """[m1, task, m2] queued together go out as one batch (one write per client), then the
+    task runs: a recovery between them would split the write, and a replay is safe after
+    both because every queued message is in history already."""
+    flusher = Flusher(poll_timeout=0.05)
+    flusher.start()
+    ours, theirs = socket.socketpair()
+    hub = Hub(10)
+    broadcaster = Broadcaster(hub, 64, on_slow=lambda conn: None)
+    broadcaster.start()
+    try:
+        conn = Connection(1, ours, "test", 1 << 20, flusher)
+        assert hub.add(conn) is None
+        gate = _Gate()
+        assert broadcaster.submit(gate, 1)
+        assert gate.entered.wait(5)
+        seen: list = []
+        task = _Recording(theirs, seen)
+        for item in (Broadcast(encode_frame(OP_TEXT, b"m1"), 0.0), task,
+                     Broadcast(encode_frame(OP_TEXT, b"m2"), 0.0)):
+            assert broadcaster.submit(item, 1)
+        gate.release.set()
+        assert task.ran.wait(5)
+        # both messages were written before the task ran: the client had them both then
+        assert seen == [encode_frame(OP_TEXT, b"m1") + encode_frame(OP_TEXT, b"m2")]
+    finally:
+        broadcaster.stop(5)
+        flusher.stop()
+        ours.close()
+        theirs.close()
