@@ -52,7 +52,6 @@ import http.client
 import json
 import math
 import multiprocessing as mp
-import os
 import resource
 import selectors
 import socket
@@ -87,7 +86,6 @@ __all__ = [
     "ResumeLoop",
     "SilentSockets",
     "SlowHeaders",
-    "client_frame",
     "pct",
     "summarize_bystander",
 ]
@@ -168,20 +166,15 @@ def _r3(x: float | None) -> float | None:
     return None if x is None else round(x, 3)
 
 
-def client_frame(opcode: int, payload: bytes = b"", fin: bool = True,
-                 mask: bytes | None = None) -> bytes:
-    """One masked client frame (RFC 6455 5.3); ``fin=False`` for the first frames of a
-    fragmented message. wsload.masked_frame only builds final frames."""
-    mask = mask or os.urandom(4)
-    n = len(payload)
-    first = (0x80 if fin else 0) | opcode
-    if n < 126:
-        head = struct.pack("!BB", first, 0x80 | n)
-    elif n < 65536:
-        head = struct.pack("!BBH", first, 0x80 | 126, n)
-    else:
-        head = struct.pack("!BBQ", first, 0x80 | 127, n)
-    return head + mask + bytes(b ^ mask[i & 3] for i, b in enumerate(payload))
+def _closed_by_server(s: _Sock, payload: bytes) -> None:
+    """The server's close frame: record its code and reason, and echo the code back (the
+    close handshake) so the server ends the TCP connection cleanly."""
+    code = struct.unpack("!H", payload[:2])[0] if len(payload) >= 2 else None
+    s.end("close_frame", close_code=code, reason=payload[2:].decode("utf-8", "replace"))
+    try:
+        s.sock.send(masked_frame(OP_CLOSE, payload[:2]))
+    except OSError:
+        pass
 
 
 def _loopback(host: str) -> str:
@@ -610,13 +603,7 @@ class _WsFlood(Attack):
         end = 0
         for _fin, op, payload, end in iter_frames(buf):
             if op == OP_CLOSE:
-                code = struct.unpack("!H", payload[:2])[0] if len(payload) >= 2 else None
-                s.end("close_frame", close_code=code,
-                      reason=payload[2:].decode("utf-8", "replace"))
-                try:
-                    s.sock.send(client_frame(OP_CLOSE, payload[:2]))
-                except OSError:
-                    pass
+                _closed_by_server(s, payload)
                 break
             self.frames_received[{OP_PONG: "pong", OP_PING: "ping", OP_TEXT: "text"}.get(
                 op, str(op))] += 1
@@ -644,15 +631,15 @@ class ContinuationFlood(_WsFlood):
     finishes); the defence must count fragments."""
 
     name = "continuation_flood"
-    first = client_frame(OP_TEXT, b"x", fin=False, mask=b"\x01\x02\x03\x04")
-    frame = client_frame(OP_CONT, b"", fin=False, mask=b"\x01\x02\x03\x04")
+    first = masked_frame(OP_TEXT, b"x", fin=False, mask=b"\x01\x02\x03\x04")
+    frame = masked_frame(OP_CONT, b"", fin=False, mask=b"\x01\x02\x03\x04")
 
 
 class PingFlood(_WsFlood):
     """(e) Empty pings, as fast as the socket takes them; the pongs are read (and counted)."""
 
     name = "ping_flood"
-    frame = client_frame(OP_PING, b"", mask=b"\x01\x02\x03\x04")
+    frame = masked_frame(OP_PING, b"", mask=b"\x01\x02\x03\x04")
 
 
 # ----------------------------------------------------------------------------- (f)
@@ -725,17 +712,11 @@ class ResumeLoop(Attack):
         end = 0
         for _fin, op, payload, end in iter_frames(buf):
             if op == OP_CLOSE:
-                code = struct.unpack("!H", payload[:2])[0] if len(payload) >= 2 else None
-                s.end("close_frame", close_code=code,
-                      reason=payload[2:].decode("utf-8", "replace"))
-                try:
-                    s.sock.send(client_frame(OP_CLOSE, payload[:2]))
-                except OSError:
-                    pass
+                _closed_by_server(s, payload)
                 return True
             if op == OP_PING:
                 try:
-                    s.sock.send(client_frame(OP_PONG, payload))
+                    s.sock.send(masked_frame(OP_PONG, payload))
                 except OSError:
                     pass
                 continue

@@ -86,14 +86,19 @@ def check_handshake(head: bytes, key: str):
     return True, None
 
 
-def masked_frame(opcode: int, payload: bytes = b"") -> bytes:
-    """A client frame (always masked); only used for small control frames."""
-    mask = os.urandom(4)
+def masked_frame(opcode: int, payload: bytes = b"", fin: bool = True,
+                 mask: bytes | None = None) -> bytes:
+    """A client frame (always masked, RFC 6455 5.3); ``fin=False`` for the first frames of a
+    fragmented message, ``mask`` fixed for a frame sent many times."""
+    mask = mask or os.urandom(4)
     n = len(payload)
+    first = (0x80 if fin else 0) | opcode
     if n < 126:
-        head = bytes((0x80 | opcode, 0x80 | n))
+        head = bytes((first, 0x80 | n))
+    elif n < 65536:
+        head = bytes((first, 0x80 | 126)) + n.to_bytes(2, "big")
     else:
-        head = bytes((0x80 | opcode, 0x80 | 126)) + n.to_bytes(2, "big")
+        head = bytes((first, 0x80 | 127)) + n.to_bytes(8, "big")
     body = bytes(b ^ mask[i & 3] for i, b in enumerate(payload))
     return head + mask + body
 
