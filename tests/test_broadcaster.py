@@ -1,5 +1,5 @@
 """The broadcaster thread over real sockets: where tasks run relative to the messages drained
-with them."""
+with them, and the replay marks it consults."""
 
 from __future__ import annotations
 
@@ -7,12 +7,20 @@ import socket
 import threading
 
 import pytest
+from inprocess import Peer, assert_no_new_threads
 
 from wsserver.broadcaster import Broadcast, Broadcaster, Task
 from wsserver.connection import Connection
 from wsserver.flusher import Flusher
 from wsserver.frames import OP_TEXT, encode_frame
 from wsserver.hub import Hub
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_threads():
+    before = set(threading.enumerate())
+    yield
+    assert_no_new_threads(before)
 
 
 class _Recording(Task):
@@ -72,3 +80,47 @@ def test_a_task_runs_after_the_batch_it_was_drained_with_not_between_its_message
         flusher.stop()
         ours.close()
         theirs.close()
+
+
+class _Mark(Task):
+    """Records a replay mark, on the broadcaster thread as a resume does."""
+
+    def __init__(self, conn_id: int, room: str, order: tuple) -> None:
+        self.conn_id, self.room, self.order = conn_id, room, order
+        self.done = threading.Event()
+
+    def run(self, broadcaster: Broadcaster) -> None:
+        broadcaster.replays.mark(self.conn_id, self.room, self.order)
+        self.done.set()
+
+
+@pytest.mark.timeout(20)
+def test_live_copies_of_replayed_messages_are_skipped_for_that_client_only():
+    flusher = Flusher(poll_timeout=0.05)
+    flusher.start()
+    hub = Hub(10)
+    broadcaster = Broadcaster(hub, 64, on_slow=lambda conn: None)
+    broadcaster.start()
+    pairs = [socket.socketpair() for _ in range(2)]
+    try:
+        resumed, other = (Connection(i + 1, ours, "test", 1 << 20, flusher)
+                          for i, (ours, _) in enumerate(pairs))
+        for conn in (resumed, other):
+            assert hub.add(conn) is None
+            hub.subscribe(conn, "r")
+        mark = _Mark(resumed.id, "r", (1, 2))
+        assert broadcaster.submit(mark, 1)
+        assert mark.done.wait(5)  # alone in its batch: marked before the messages are drained
+        for n in range(1, 5):
+            item = Broadcast(encode_frame(OP_TEXT, b"m%d" % n), 0.0, room="r", order=(1, n))
+            assert broadcaster.submit(item, 1)
+        got = {conn.id: [p for _, p in Peer(theirs).frames(count)]
+               for conn, (_, theirs), count in ((resumed, pairs[0], 2), (other, pairs[1], 4))}
+        assert got == {resumed.id: [b"m3", b"m4"], other.id: [b"m1", b"m2", b"m3", b"m4"]}
+        assert not broadcaster.replays, "forgotten once the room moved past the mark"
+    finally:
+        broadcaster.stop(5)
+        flusher.stop()
+        for pair in pairs:
+            for sock in pair:
+                sock.close()

@@ -541,20 +541,20 @@ def test_resume_without_a_slot_is_busy_names_the_setting_and_is_not_a_client_mis
     ids = _publish(s.service, "hist", 5)
     before = _refusals("resume_busy")
     sock, thread = s.open()
-    assert s.service.resumes.acquire(-1, timeout=0) is None  # the worker's one slot is taken
+    assert s.service.recovery.slots.acquire(-1, timeout=0) is None  # the worker's one slot is taken
     resume = _text({"type": "subscribe", "room": "hist", "since": ids[0]})
     _send(sock, *([resume] * 5))
     replies = [json.loads(p) for _, p in _read(sock, 5)]
     assert all(r["type"] == "error" and r["code"] == "busy" for r in replies), replies
     assert "WSSERVER_MAX_RESUMES" in replies[0]["reason"] and replies[0]["room"] == "hist"
     assert _refusals("resume_busy") == before + 5
-    s.service.resumes.release(-1)
+    s.service.recovery.slots.release(-1)
     _send(sock, resume)  # still open: busy is the server's state, not the client's mistake
     frames = _read(sock, 5)
     assert json.loads(frames[0][1]) == {"type": "subscribed", "room": "hist",
                                         "recovered": True, "missed": 4}
     assert [json.loads(p)["id"] for _, p in frames[1:]] == ids[1:]
-    wait_for(lambda: s.service.resumes.in_flight == 0, message="the slot given back")
+    wait_for(lambda: s.service.recovery.slots.in_flight == 0, message="the slot given back")
 
 
 @pytest.mark.timeout(30)

@@ -11,6 +11,11 @@ them to every client. Why it is fast:
   client whose backlog passes its byte cap is dropped as a slow consumer, not waited for.
 
 Order: one queue, one consumer, so every client sees messages in the order they were queued.
+
+Tasks: work that must happen between two fan-outs (a resume's replay, see
+:mod:`wsserver.recovery`) is queued like a message and run by the same thread; the
+broadcaster keeps the resumes' :class:`~wsserver.recovery.ReplayMarks` and skips what a
+client was already replayed.
 """
 
 from __future__ import annotations
@@ -20,11 +25,12 @@ import queue
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable, Tuple, Union
+from typing import Callable, Protocol, Tuple, Union
 
 from . import metrics
 from .connection import Connection, SendResult
 from .hub import Hub
+from .recovery import ReplayMarks
 
 __all__ = ["Broadcast", "Broadcaster"]
 
@@ -43,14 +49,15 @@ class Broadcast:
     order: tuple | None = None  # the message id as a comparable key (see brokers)
 
 
-class Task:
+class Task(Protocol):
     """Work that must happen in the broadcaster thread, between two fan-outs, so no live
     message slips between a recovery's history read and its joining the room. A task runs
     after the messages drained with it (queued before *or* just after it) have gone out,
-    never in the middle of a batch."""
+    never in the middle of a batch. A protocol, so :mod:`wsserver.recovery` (which the
+    broadcaster imports for its marks) need not import this module to define one."""
 
     def run(self, broadcaster: Broadcaster) -> None:  # pragma: no cover - interface
-        raise NotImplementedError
+        ...
 
 
 QueueItem = Union[Broadcast, Tuple[Broadcast, ...], Task]
@@ -80,10 +87,8 @@ class Broadcaster:
         self._closing = threading.Lock()
         self._closed = False
         self._thread: threading.Thread | None = None
-        # conn id -> {room: order of the last message replayed to it}: live copies of those
-        # messages, still in the queue behind a recovery, are not sent again. Broadcaster
-        # thread only.
-        self._replayed: dict[int, dict[str, tuple]] = {}
+        # what resumes replayed: live copies still queued behind them are not sent again
+        self.replays = ReplayMarks()
 
     def submit(self, item: QueueItem, timeout: float) -> bool:
         """Queue ``item`` (or several that must be accepted together: one notification to
@@ -137,9 +142,8 @@ class Broadcaster:
                             self._closed = True
                             return
                     continue
-                if self._replayed:  # marks of clients that left before going live
-                    for conn_id in [c for c in self._replayed if not self._hub.has(c)]:
-                        del self._replayed[conn_id]
+                if self.replays:  # marks of clients that left before going live
+                    self.replays.forget_departed(self._hub.has)
                 continue
             batch: list[Broadcast] = []
             tasks: list[Task] = []
@@ -159,9 +163,9 @@ class Broadcaster:
                     item = None
             # tasks run after the batch they were drained with, not between its messages:
             # a recovery between two notifications would split one write per client into
-            # two (measured: 20 clients resuming in a loop took latency at 1,000 clients from
-            # p99 ~55 ms to ~500 ms). Safe for Resume: every queued message is in history
-            # already, so what the batch delivered before the client joined is replayed
+            # two (what that cost: docs/performance.md, "Hostile clients"). Safe for Resume:
+            # every queued message is in history already, so what the batch delivered
+            # before the client joined is replayed
             self._deliver_safely(batch)
             for task in tasks:
                 self._run_task(task)
@@ -180,10 +184,6 @@ class Broadcaster:
             task.run(self)
         except Exception:
             log.exception("broadcaster task %r failed", task)
-
-    def mark_replayed(self, conn_id: int, room: str, order: tuple) -> None:
-        """Broadcaster thread only: ``conn`` was sent ``room``'s history up to ``order``."""
-        self._replayed.setdefault(conn_id, {})[room] = order
 
     def _deliver(self, batch: list[Broadcast]) -> None:
         """Send a batch, grouping consecutive items with the same audience: each group is
@@ -215,10 +215,11 @@ class Broadcaster:
         frames = [item.frame for item in items]
         total = sum(map(len, frames))
         slow = []
-        replayed = self._replayed
+        replays = self.replays
         for conn in clients:
-            if replayed and conn.id in replayed:
-                result = self._send_after_replay(conn, items)
+            if replays and conn.id in replays:
+                keep = replays.unsent(conn.id, items)
+                result = conn.send_frames(keep) if keep else SendResult.OK
             else:
                 result = conn.send_frames(frames, total)
             if result == SendResult.SLOW:
@@ -231,19 +232,3 @@ class Broadcaster:
             metrics.DELIVERY_LATENCY.observe(written - item.queued_at)
         for conn in slow:
             self._on_slow(conn)
-
-    def _send_after_replay(self, conn: Connection, items: list[Broadcast]) -> int:
-        """Skip what ``conn`` was already replayed; forget the mark once past it."""
-        marks = self._replayed[conn.id]
-        keep = []
-        for item in items:
-            room = item.room
-            mark = marks.get(room) if room is not None else None
-            if room is not None and mark is not None and item.order is not None:
-                if item.order <= mark:
-                    continue
-                del marks[room]
-            keep.append(item.frame)
-        if not marks:
-            del self._replayed[conn.id]
-        return conn.send_frames(keep) if keep else SendResult.OK

@@ -458,8 +458,17 @@ class Settings:
 
     @property
     def connection_budget(self) -> int:
-        """WebSockets this worker accepts: never more than the threads left after HTTP's share."""
-        room = max(self.threads - self.http_threads, 0)
+        """WebSockets a worker with ``WSSERVER_THREADS`` threads accepts."""
+        return self.connection_budget_for(self.threads)
+
+    def connection_budget_for(self, threads: int) -> int:
+        """WebSockets a worker with ``threads`` pool threads accepts: the threads left after
+        HTTP's share (each open WebSocket holds one for its life), capped by
+        ``WSSERVER_MAX_CONNECTIONS``. At least one: a ``--threads`` flag at or below
+        ``WSSERVER_HTTP_THREADS`` (the settings themselves cannot be) still serves a
+        WebSocket rather than refusing every one. The one rule: the hub's first capacity and
+        the one gunicorn's real thread count sets (``NotificationService.limit_connections``)."""
+        room = max(threads - self.http_threads, 1)
         return min(self.max_connections, room) if self.max_connections else room
 
     @property

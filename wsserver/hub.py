@@ -5,6 +5,12 @@ Readers never iterate the dicts themselves: they take a snapshot (a list copied 
 lock, cached until membership changes) and do their socket I/O after releasing it, so no
 write, however slow, is ever done while holding the lock. All counts are read under the
 lock, so they are exact at the moment they are read.
+
+The hub keeps its bounds (connections per worker, per address, rooms per connection)
+because they must be checked and taken in one locked step: two clients racing for the last
+slot must not both get it. Which bound was hit is reported as a value (:class:`HubRefusal`,
+:class:`RoomLimitReached`); what to answer, and which checks run before the upgrade, is
+:mod:`wsserver.admission`'s business.
 """
 
 from __future__ import annotations
@@ -12,12 +18,22 @@ from __future__ import annotations
 import threading
 from collections import deque
 from contextlib import contextmanager
+from enum import Enum
 from typing import TYPE_CHECKING, Iterator
 
 if TYPE_CHECKING:
     from .connection import Connection
 
-__all__ = ["Hub", "RoomLimitReached"]
+__all__ = ["Hub", "HubRefusal", "RoomLimitReached"]
+
+
+class HubRefusal(Enum):
+    """Why the hub will not register another connection. Checked in this order (the first
+    that holds is the answer), the same before the upgrade and at registration."""
+
+    ADDRESS = "address"  # the address holds its share (WSSERVER_MAX_CONNECTIONS_PER_IP)
+    CLOSING = "closing"  # shutdown began: no new clients
+    FULL = "full"  # the worker's connection budget is taken
 
 
 class RoomLimitReached(Exception):
@@ -54,19 +70,15 @@ class Hub:
             self._next_id += 1
             return self._next_id
 
-    def add(self, conn: Connection) -> str | None:
+    def add(self, conn: Connection) -> HubRefusal | None:
         """Register ``conn`` (and index it by user and address). None when added, else why
-        not: ``"closing"``, ``"full"`` or ``"address"`` (the caller refuses it)."""
+        not (the caller refuses it)."""
         with self._locked():
-            if not self._accepting:
-                return "closing"
-            if len(self._clients) >= self._capacity:
-                return "full"
-            held = self._per_address.get(conn.remote, 0)
-            if self._max_per_address and held >= self._max_per_address:
-                return "address"
+            refused = self._refusal_locked(conn.remote)
+            if refused is not None:
+                return refused
             self._clients[conn.id] = conn
-            self._per_address[conn.remote] = held + 1
+            self._per_address[conn.remote] = self._per_address.get(conn.remote, 0) + 1
             if conn.user is not None:
                 self._users.setdefault(conn.user, {})[conn.id] = conn
             self._snapshot = None
@@ -114,13 +126,21 @@ class Hub:
         self._snapshot = None
         return True
 
-    def address_has_room(self, address: str) -> bool:
-        """Whether ``address`` may open another connection (checked before the upgrade)."""
+    def refusal(self, address: str) -> HubRefusal | None:
+        """Why a connection from ``address`` would be refused now (None: it would be taken).
+        The same rule :meth:`add` applies; asked before the upgrade, so most refusals are an
+        HTTP answer, and :meth:`add` only refuses the losers of a race."""
         with self._locked():
-            return (
-                not self._max_per_address
-                or self._per_address.get(address, 0) < self._max_per_address
-            )
+            return self._refusal_locked(address)
+
+    def _refusal_locked(self, address: str) -> HubRefusal | None:
+        if self._max_per_address and self._per_address.get(address, 0) >= self._max_per_address:
+            return HubRefusal.ADDRESS
+        if not self._accepting:
+            return HubRefusal.CLOSING
+        if len(self._clients) >= self._capacity:
+            return HubRefusal.FULL
+        return None
 
     def user_connections(self, user: str) -> list[Connection]:
         """The connections of ``user`` now (a fresh list)."""
@@ -205,11 +225,6 @@ class Hub:
         with self._locked():
             subs = sum(len(m) for m in self._rooms.values())
             return len(self._clients), len(self._rooms), subs
-
-    def has_room(self) -> bool:
-        """Whether another client would be accepted now (checked before the upgrade)."""
-        with self._locked():
-            return self._accepting and len(self._clients) < self._capacity
 
     @property
     def capacity(self) -> int:

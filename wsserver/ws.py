@@ -75,7 +75,6 @@ def check_upgrade(service: NotificationService) -> tuple[Identity | None, tuple[
     Returns the verified identity and the connect-time rooms. Each refusal's ``detail``
     names the setting behind it, for the audit line."""
     policy = service.policy
-    settings = service.settings
     origin = request.headers.get("Origin")
     if origin is not None and not valid_origin(origin):
         raise AccessDenied(
@@ -103,52 +102,9 @@ def check_upgrade(service: NotificationService) -> tuple[Identity | None, tuple[
         raise AccessDenied(
             400, "invalid_since", "?since= resumes one room: give exactly one in ?rooms="
         )
-    limit = settings.max_rooms_per_connection
-    if len(rooms) > limit:
-        raise AccessDenied(
-            400,
-            "too_many_rooms",
-            f"a connection may be in at most {limit} rooms",
-            f"WSSERVER_MAX_ROOMS_PER_CONNECTION={limit}",
-        )
-    for room in rooms:
-        if not policy.may_join(identity, room):
-            raise AccessDenied(
-                403,
-                "room_forbidden",
-                f"joining {room!r} needs a token that grants it",
-                f"WSSERVER_PRIVATE_ROOM_PREFIX={settings.private_room_prefix}",
-            )
-    if not service.hub.address_has_room(request.remote_addr or "?"):
-        raise AccessDenied(
-            429,
-            "too_many_connections",
-            "too many WebSockets from this address",
-            f"WSSERVER_MAX_CONNECTIONS_PER_IP={settings.max_connections_per_ip}",
-        )
-    if not service.hub.has_room():
-        raise AccessDenied(
-            503,
-            "server_full",
-            "no room for another WebSocket on this worker; retry later",
-            f"{service.hub.capacity} per worker (WSSERVER_MAX_CONNECTIONS, WSSERVER_THREADS - "
-            "WSSERVER_HTTP_THREADS)"
-            if service.hub.accepting
-            else "shutting down",
-        )
+    service.admission.check_rooms(identity, rooms)
+    service.admission.check_connection(request.remote_addr or "?")
     return identity, rooms
-
-
-# why Hub.add refused -> (close reason text, audit reason, the setting involved)
-_REFUSALS = {
-    "closing": ("server restarting", "shutting_down", ""),
-    "full": ("server full", "server_full", "WSSERVER_MAX_CONNECTIONS"),
-    "address": (
-        "too many connections from this address",
-        "too_many_connections",
-        "WSSERVER_MAX_CONNECTIONS_PER_IP",
-    ),
-}
 
 
 def serve_connection(
@@ -166,7 +122,7 @@ def serve_connection(
     if refused is not None:
         # lost a race for the last slot (or shutdown began) after the checks before the
         # upgrade: refuse politely, saying which
-        text, reason, setting = _REFUSALS[refused]
+        text, reason, setting = service.admission.registration_refused(refused)
         conn.close(CLOSE_TRY_AGAIN_LATER, text)
         audit.refused(reason, remote, setting)
         conn.drain(service.settings.close_timeout)
@@ -176,15 +132,16 @@ def serve_connection(
     log.debug("client %d connected from %s", conn.id, remote)
     why = "error"
     try:
+        commands = service.commands
         if since is not None:
             try:
-                service.resume(conn, rooms[0], since)  # replies subscribed, then replays
+                commands.resume(conn, rooms[0], since)  # replies subscribed, then replays
             except CommandError as exc:  # busy: the client retries the subscribe
                 conn.send(error_frame(exc.code, exc.reason, rooms[0]))
         else:
             for room in rooms:
-                service.subscribe(conn, room)
-        why = run_session(transport, conn, service.settings, service.on_client_message)
+                commands.subscribe(conn, room)
+        why = run_session(transport, conn, service.settings, commands.on_message)
     except Exception:
         log.exception("client %d: session failed", conn.id)
         conn.abort()
