@@ -14,14 +14,12 @@ from collections import deque
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Iterator
 
+from .exceptions import RoomLimitReached  # defined with every other exception
+
 if TYPE_CHECKING:
     from .connection import Connection
 
 __all__ = ["Hub", "RoomLimitReached"]
-
-
-class RoomLimitReached(Exception):
-    """The connection is already in as many rooms as it may join."""
 
 
 class Hub:

@@ -15,8 +15,9 @@ from flask_sock import Sock
 
 from . import audit
 from .auth import AccessDenied, Identity, token_from, valid_origin
-from .errors import json_error
-from .handshake import HandshakeRefused, check_handshake
+from .errors import refusal_response
+from .exceptions import Refusal
+from .handshake import check_handshake
 from .protocol import CLOSE_TRY_AGAIN_LATER, CommandError, error_frame, parse_room_list
 from .service import NotificationService
 from .session import run_session
@@ -44,11 +45,8 @@ def init_app(app: Flask) -> None:
             check_handshake(request.environ)
             service.ensure_started()
             g.wsserver_identity, g.wsserver_rooms = check_upgrade(service)
-        except (HandshakeRefused, AccessDenied) as exc:
-            audit.refused(exc.code, request.remote_addr or "?", exc.detail)
-            response = json_error(exc.status, exc.code, exc.reason)
-            response.headers.extend(exc.headers)
-            return response
+        except Refusal as exc:  # HandshakeRefused, AccessDenied
+            return refusal_response(exc)
         return None
 
     @sock.route("/ws", endpoint=WS_ENDPOINT)
