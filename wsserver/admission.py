@@ -18,8 +18,15 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, NamedTuple
 
-from .auth import AccessDenied, AccessPolicy, Identity
-from .hub import Hub, HubRefusal, RoomLimitReached
+from .auth import AccessPolicy, Identity
+from .codes import (
+    REASON_SERVER_FULL,
+    REASON_SERVER_RESTARTING,
+    REASON_TOO_MANY_CONNECTIONS,
+    ErrorCode,
+)
+from .exceptions import AccessDenied, RoomLimitReached
+from .hub import Hub, HubRefusal
 
 if TYPE_CHECKING:
     from .config import Settings
@@ -38,11 +45,15 @@ class RegistrationRefused(NamedTuple):
 
 # why Hub.add refused -> how serve_connection closes the connection it had upgraded
 _REGISTRATION_REFUSALS = {
-    HubRefusal.CLOSING: RegistrationRefused("server restarting", "shutting_down", ""),
-    HubRefusal.FULL: RegistrationRefused("server full", "server_full", "WSSERVER_MAX_CONNECTIONS"),
+    HubRefusal.CLOSING: RegistrationRefused(
+        REASON_SERVER_RESTARTING, ErrorCode.SHUTTING_DOWN, ""
+    ),
+    HubRefusal.FULL: RegistrationRefused(
+        REASON_SERVER_FULL, ErrorCode.SERVER_FULL, "WSSERVER_MAX_CONNECTIONS"
+    ),
     HubRefusal.ADDRESS: RegistrationRefused(
-        "too many connections from this address",
-        "too_many_connections",
+        REASON_TOO_MANY_CONNECTIONS,
+        ErrorCode.TOO_MANY_CONNECTIONS,
         "WSSERVER_MAX_CONNECTIONS_PER_IP",
     ),
 }

@@ -1,9 +1,9 @@
 """Who may do what: origins, publisher keys, connection tokens, room permissions.
 
 Pure decisions over header values and claims, so the rules are tested without a server and
-the views and the ``/ws`` hook share one definition. Every refusal is an :class:`AccessDenied`
-carrying the HTTP status and a machine-readable code; its text never contains a secret or a
-token (they are never logged either).
+the views and the ``/ws`` hook share one definition. Every refusal is an
+:class:`~wsserver.exceptions.AccessDenied` carrying the HTTP status and a machine-readable
+code; its text never contains a secret or a token (they are never logged either).
 
 Modes (``WSSERVER_ENV``):
 
@@ -26,7 +26,7 @@ from urllib.parse import urlsplit
 import jwt
 
 from .config import Settings
-from .protocol import Refusal
+from .exceptions import AccessDenied  # re-exported: service.py and ws.py import it from here
 
 __all__ = [
     "AccessDenied",
@@ -41,21 +41,6 @@ __all__ = [
 # validly signed token may carry 1e400 or 10**400 (an int no float holds): past this the value
 # is refused as out of range instead of overflowing where it is used as a deadline.
 MAX_CLAIM_TIME = 253_402_300_799
-
-
-class AccessDenied(Refusal):
-    """A request is refused for who or where it comes from (401/403, and the upgrade's
-    400/429/503): ``status``, ``code``, and a reason safe to show."""
-
-    @property
-    def headers(self) -> list[tuple[str, str]]:
-        """What the refusal's answer carries besides the body: the Bearer challenge with a
-        401, ``Retry-After`` with a 429 or 503 (refused for load: later may work)."""
-        if self.status == 401:
-            return [("WWW-Authenticate", 'Bearer realm="wsserver"')]
-        if self.status in (429, 503):
-            return [("Retry-After", "5")]
-        return []
 
 
 @dataclass(frozen=True)

@@ -53,6 +53,8 @@ from urllib.parse import urlsplit, urlunsplit
 import requests
 import websocket
 
+from .codes import SERVER_SIDE_ERRORS, CloseAction, close_action
+
 __all__ = [
     "AuthError",
     "InvalidNotification",
@@ -121,9 +123,10 @@ class SubscriptionError(WsserverError):
     """The server refused the subscription for a reason reconnecting will not fix.
 
     Fatal (the subscriber stops; ``room`` is None): a close code that means "fix the client"
-    (``close_code`` 1002, 1007, 1008 other than "slow consumer", 1009, 4001 with a fixed
-    token), or a refused handshake (``status`` 400, 401, 403, 404...). Not fatal (``room`` is
-    set, the other rooms carry on): the server answered one ``subscribe`` with an error frame
+    (``close_code`` 1002, 1003, 1007, 1008 "too many invalid commands", 1009, 1010, an
+    unknown 4xxx, 4001 with a fixed token: :func:`wsserver.codes.close_action`), or a refused
+    handshake (``status`` 400, 401, 403, 404...). Not fatal (``room`` is set, the other rooms
+    carry on): the server answered one ``subscribe`` with an error frame
     (``code`` such as ``invalid_room``, ``room_forbidden``, ``too_many_rooms``)."""
 
     def __init__(
@@ -372,33 +375,20 @@ class Publisher:
 
 # -- Subscriber ----------------------------------------------------------------------------------
 
-# Close codes after which reconnecting is the right thing (docs/protocol.md): going away
-# (restart), abnormal (no close frame: network, crash), keepalive timeout / server error,
-# try again later; 1000 only when the server closed first (a proxy's idle close, say).
-_RECONNECT_CODES = frozenset({1000, 1001, 1005, 1006, 1011, 1012, 1013, 1014})
-# Close codes that mean "fix the client": reconnecting would loop on the same failure.
-_FATAL_CODES = frozenset({1002, 1003, 1007, 1009, 1010})
-CLOSE_TOKEN_EXPIRED = 4001
 # HTTP statuses of a refused handshake worth retrying (with Retry-After when given)
 _RETRY_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
-
-# error frames answering a subscribe that are worth a retry (the room stays wanted)
-_TRANSIENT_COMMAND_ERRORS = frozenset({"busy", "history_unavailable", "queue_full"})
 
 _STOPPED = object()  # end-of-stream marker in the message queue
 
 
 def _should_reconnect(code: int, reason: str, renewable_token: bool) -> bool:
-    """Whether a close with ``code``/``reason`` is worth a reconnect (the protocol's table)."""
-    if code == 1008:
-        return "slow consumer" in reason  # "too many invalid commands" and others: fix it
-    if code == CLOSE_TOKEN_EXPIRED:
-        return renewable_token  # a token callable can supply a fresh one
-    if code in _FATAL_CODES:
-        return False
-    if code in _RECONNECT_CODES:
-        return True
-    return not 4000 <= code <= 4999  # unknown 1xxx/3xxx: transient; unknown app codes: fatal
+    """Whether a close with ``code``/``reason`` is worth a reconnect: the protocol's table
+    (:func:`wsserver.codes.close_action`, shared with the server and the JS client), where
+    "reconnect after a new token" (4001) holds only when ``token`` is a callable."""
+    action = close_action(code, reason)
+    if action is CloseAction.NEW_TOKEN:
+        return renewable_token
+    return action is CloseAction.RECONNECT
 
 
 class _Retry(Exception):
@@ -421,7 +411,8 @@ class Subscriber:
     :attr:`gaps`. Room-less notifications have no resume: after a reconnect,
     ``on_gap(None, {"type": "reconnected", "room": None, "recovered": False, "since": id})``
     says some may have been missed. Close codes that mean "fix the client" (1002, 1007,
-    1008 "too many invalid commands", 1009, 4001 with a fixed token) and refused handshakes
+    1008 "too many invalid commands", 1009, 4001 with a fixed token; the table is
+    :data:`wsserver.codes.CLOSE_ACTIONS`) and refused handshakes
     (401, 403, ...) stop it with a :class:`SubscriptionError` (:attr:`error`, ``on_error``,
     and raised by :meth:`messages`).
 
@@ -818,7 +809,7 @@ class Subscriber:
             if command is not None and kind != "error" and command[1] != room:
                 log.debug("wsserver subscriber: reply %r while %r was expected", reply, command)
             failed = command[1] if (kind == "error" and command is not None) else None
-            transient = kind == "error" and reply.get("code") in _TRANSIENT_COMMAND_ERRORS
+            transient = kind == "error" and reply.get("code") in SERVER_SIDE_ERRORS
             if failed is not None and command is not None and command[0] == "subscribe":
                 if transient and failed in self._rooms:
                     self._retry_subscribe_locked(failed)

@@ -16,27 +16,18 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Union
 
 from . import audit, metrics
-from .auth import AccessDenied
+from .codes import CLOSE_POLICY_VIOLATION, REASON_INVALID_COMMANDS, SERVER_SIDE_ERRORS
+from .exceptions import AccessDenied, CommandError
 from .frames import OP_BINARY, OP_TEXT, encode_frame
 from .limits import TokenBucket
-from .protocol import (
-    CLOSE_POLICY_VIOLATION,
-    Command,
-    CommandError,
-    encode_json_frame,
-    error_frame,
-    parse_command,
-)
+from .protocol import Command, encode_json_frame, error_frame, parse_command
 
 if TYPE_CHECKING:
     from .connection import Connection
     from .service import NotificationService
 
-__all__ = ["RESUME_COST", "SERVER_SIDE_ERRORS", "ClientCommands"]
+__all__ = ["RESUME_COST", "ClientCommands"]
 
-# error codes that report the server's state, not a client mistake: they never count towards
-# WSSERVER_MAX_INVALID_COMMANDS
-SERVER_SIDE_ERRORS = frozenset({"busy", "history_unavailable", "queue_full"})
 
 # what a subscribe with ``since`` counts as against WSSERVER_MAX_COMMAND_RATE: it replays up
 # to WSSERVER_HISTORY_SIZE messages on the broadcaster thread, which every client waits on
@@ -174,7 +165,7 @@ class ClientCommands:
         conn.invalid_commands += 1
         limit = self._settings.max_invalid_commands
         if conn.invalid_commands > limit:
-            if conn.close(CLOSE_POLICY_VIOLATION, "too many invalid commands"):
+            if conn.close(CLOSE_POLICY_VIOLATION, REASON_INVALID_COMMANDS):
                 audit.closed(
                     "invalid_commands", conn.remote, f"WSSERVER_MAX_INVALID_COMMANDS={limit}"
                 )

@@ -14,6 +14,8 @@ import os
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
+from .exceptions import SettingsError  # defined with every other exception
+
 __all__ = [
     "ENV_PREFIX",
     "SETTINGS",
@@ -25,10 +27,6 @@ __all__ = [
 ]
 
 ENV_PREFIX = "WSSERVER_"
-
-
-class SettingsError(ValueError):
-    """A setting has a value the server cannot run with; the message names it."""
 
 
 def _parse_bool(text: str) -> bool:

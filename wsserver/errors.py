@@ -3,19 +3,39 @@
 Why a module: Flask's default error pages are HTML; scripts and REST clients that POST
 notifications need a status they can branch on and a reason they can log. One handler turns
 every ``HTTPException`` (404, 405, 413, ...) and every unexpected exception into that shape.
+
+:func:`refusal_answer` is the one place a :class:`~wsserver.exceptions.Refusal` becomes an
+answer: status, headers (``Retry-After``, ``WWW-Authenticate``, ``Sec-WebSocket-Version``,
+``Allow``), the JSON body, and the :func:`wsserver.audit.refused` line. Flask code (the ``/ws``
+hook, the views, the handler here) answers with :func:`refusal_response`; plain WSGI code
+(``POST /notify``, served below Flask) with :func:`wsgi_refusal`. Both call it.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+from collections.abc import Callable
+from http import HTTPStatus
 
 from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import HTTPException
 from werkzeug.routing import WebsocketMismatch
 
 from . import audit
+from .exceptions import Refusal
 
-__all__ = ["error_document", "init_app", "json_error"]
+__all__ = [
+    "error_document",
+    "init_app",
+    "json_error",
+    "refusal_answer",
+    "refusal_response",
+    "wsgi_json",
+    "wsgi_refusal",
+]
+
+Header = tuple[str, str]
 
 log = logging.getLogger(__name__)
 
@@ -42,9 +62,50 @@ def error_document(code: str, reason: str) -> dict[str, str]:
 
 
 def json_error(status: int, code: str, reason: str) -> Response:
+    """An error answer that is not a refusal (a server fault, a client gone)."""
     response = jsonify(error_document(code, reason))
     response.status_code = status
     return response
+
+
+def refusal_answer(
+    exc: Refusal, remote: str | None, audited: bool = True
+) -> tuple[int, list[Header], dict[str, str]]:
+    """Any refusal as (status, headers, JSON body), reported to :mod:`wsserver.audit` unless
+    ``audited`` is False (a 404 is a miss, not a refusal). The one mapping: every answer to a
+    refused request, in Flask or plain WSGI, is built here."""
+    if audited:
+        audit.refused(str(exc.code), remote or "?", exc.detail)
+    return exc.status, exc.headers, error_document(str(exc.code), exc.reason)
+
+
+def refusal_response(exc: Refusal, audited: bool = True) -> Response:
+    """:func:`refusal_answer` as a Flask response, for the request being served."""
+    status, headers, document = refusal_answer(exc, request.remote_addr, audited)
+    response = jsonify(document)
+    response.status_code = status
+    response.headers.extend(headers)
+    return response
+
+
+def wsgi_refusal(
+    exc: Refusal, environ: dict, start_response: Callable, headers: list[Header]
+) -> list[bytes]:
+    """:func:`refusal_answer` as a plain WSGI answer; ``headers`` (CORS, say) go first."""
+    status, implied, document = refusal_answer(exc, environ.get("REMOTE_ADDR"))
+    return wsgi_json(start_response, status, document, headers + implied)
+
+
+def wsgi_json(
+    start_response: Callable, status: int, document: dict | None, headers: list[Header]
+) -> list[bytes]:
+    """A WSGI answer with a compact JSON body (none when ``document`` is None)."""
+    body = b"" if document is None else json.dumps(document, separators=(",", ":")).encode()
+    if document is not None:
+        headers.append(("Content-Type", "application/json"))
+    headers.append(("Content-Length", str(len(body))))
+    start_response(f"{status} {HTTPStatus(status).phrase}", headers)
+    return [body]
 
 
 def init_app(app: Flask) -> None:
@@ -61,14 +122,10 @@ def init_app(app: Flask) -> None:
             limit = app.config.get("MAX_CONTENT_LENGTH")
             reason = f"request body is over the {limit}-byte limit"
             detail = f"WSSERVER_MAX_BODY_SIZE={limit}"
-        code = _CODES.get(status, "http_error")
-        if status != 404:  # an unknown path is a miss, not a refusal
-            audit.refused(code, request.remote_addr or "?", detail)
-        response = json_error(status, code, reason)
-        for name, value in exc.get_headers():
-            if name.lower() == "allow":
-                response.headers["Allow"] = value
-        return response
+        allow = [(n, v) for n, v in exc.get_headers() if n.lower() == "allow"]
+        refusal = Refusal(status, _CODES.get(status, "http_error"), reason, detail, allow)
+        # an unknown path is a miss, not a refusal
+        return refusal_response(refusal, audited=status != 404)
 
     @app.errorhandler(Exception)
     def _unexpected(exc: Exception) -> Response:

@@ -8,7 +8,7 @@ plain HTTP refusal it can act on, with the JSON error body, and cost one audit l
 the origin and token checks: a request that is not a valid handshake is refused for what it
 is, whoever sends it.
 
-Answers:
+Answers (each a :class:`~wsserver.exceptions.HandshakeRefused`):
 
 * 426 ``unsupported_websocket_version`` with ``Sec-WebSocket-Version: 13``: a version other
   than 13 (section 4.2.2: the client may retry with one we speak);
@@ -29,28 +29,17 @@ import binascii
 import re
 from typing import Any
 
-from .protocol import Refusal
+from .codes import WEBSOCKET_VERSION
+from .exceptions import HandshakeRefused
 from .transport import handshake_rejection
 
-__all__ = ["WEBSOCKET_VERSION", "HandshakeRefused", "check_handshake"]
+__all__ = ["check_handshake"]
 
-WEBSOCKET_VERSION = "13"
 _RULE = "RFC 6455 4.2.1"
 
 # host: a bracketed IPv6 literal, or a name / IPv4 address without the characters that would
 # make it something else (a path, a userinfo, a second port); then an optional port
 _HOST_RE = re.compile(r"(?:\[[0-9A-Fa-f:.]+\]|[^\s/?#@\[\]:]+)(?::(\d{1,5}))?\Z")
-
-
-class HandshakeRefused(Refusal):
-    """The request is not a WebSocket handshake this server can accept (400, 426)."""
-
-    @property
-    def headers(self) -> list[tuple[str, str]]:
-        """RFC 6455 4.2.2: a 426 names the versions the server speaks."""
-        if self.status == 426:
-            return [("Sec-WebSocket-Version", WEBSOCKET_VERSION)]
-        return []
 
 
 def check_handshake(environ: dict[str, Any]) -> None:

@@ -21,6 +21,8 @@ from contextlib import contextmanager
 from enum import Enum
 from typing import TYPE_CHECKING, Iterator
 
+from .exceptions import RoomLimitReached  # defined with every other exception
+
 if TYPE_CHECKING:
     from .connection import Connection
 
@@ -34,10 +36,6 @@ class HubRefusal(Enum):
     ADDRESS = "address"  # the address holds its share (WSSERVER_MAX_CONNECTIONS_PER_IP)
     CLOSING = "closing"  # shutdown began: no new clients
     FULL = "full"  # the worker's connection budget is taken
-
-
-class RoomLimitReached(Exception):
-    """The connection is already in as many rooms as it may join."""
 
 
 class Hub:

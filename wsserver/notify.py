@@ -9,25 +9,24 @@ Flask, 1.03 ms here. That CPU is shared with the fan-out (one GIL), so it is thr
 
 Everything about ``/notify`` lives here: method routing (POST; OPTIONS for CORS preflights;
 anything else 405 with ``Allow``), the publisher check, the body limit (413, chunked bodies
-included), JSON errors in the same shape as the Flask app's
-(:func:`wsserver.errors.error_document`), CORS headers from the same policy, single and batch
-publishing. Every other path goes to
-Flask untouched.
+included), CORS headers from the same policy, single and batch publishing. Every refusal is
+a :class:`~wsserver.exceptions.Refusal` answered by :func:`wsserver.errors.wsgi_refusal`, the
+WSGI side of the mapping the Flask app uses, so the bodies, headers and audit lines are the
+same; a batch item refused for the same reason carries the same code and text. Every other
+path goes to Flask untouched.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Iterable
-from http import HTTPStatus
 from typing import Any, Callable
 
-from . import audit
-from .auth import AccessDenied
-from .errors import error_document
-from .protocol import BadRequest, parse_notification, parse_notify_body
-from .service import BrokerUnavailable, NotificationService, Published
+from .codes import ErrorCode
+from .errors import error_document, wsgi_json, wsgi_refusal
+from .exceptions import BadRequest, PublishRefused, Refusal
+from .protocol import parse_notification, parse_notify_body
+from .service import NotificationService, Published
 
 __all__ = ["METHODS", "PATH", "NotifyEndpoint"]
 
@@ -39,24 +38,6 @@ _ALLOW = ", ".join(METHODS)
 
 WSGIApp = Callable[[dict, Callable], Iterable[bytes]]
 Headers = list  # [(name, value), ...]
-
-class _Answer(Exception):
-    """Ends a request early with an error answer (raised from helpers, caught once, where it
-    is also reported to :mod:`wsserver.audit`: the success path never pays for that).
-    ``detail`` names the setting behind the refusal, for the audit line."""
-
-    def __init__(
-        self,
-        status: int,
-        code: str,
-        reason: str,
-        headers: Headers | None = None,
-        detail: str = "",
-    ):
-        super().__init__(reason)
-        self.status, self.code, self.reason = status, code, reason
-        self.headers = headers or []
-        self.detail = detail
 
 
 class NotifyEndpoint:
@@ -82,54 +63,32 @@ class NotifyEndpoint:
                 status, document = self._post(environ)
             elif method == "OPTIONS":
                 headers.append(("Allow", _ALLOW))
-                return _respond(start_response, 200, None, headers)
+                return wsgi_json(start_response, 200, None, headers)
             else:
-                headers.append(("Allow", _ALLOW))
-                raise _Answer(
-                    405, "method_not_allowed", f"method {method} is not allowed here; use POST"
+                raise BadRequest(
+                    405,
+                    ErrorCode.METHOD_NOT_ALLOWED,
+                    f"method {method} is not allowed here; use POST",
+                    headers=[("Allow", _ALLOW)],
                 )
-        except _Answer as answer:
-            audit.refused(answer.code, environ.get("REMOTE_ADDR") or "?", answer.detail)
-            headers.extend(answer.headers)
-            status, document = answer.status, error_document(answer.code, answer.reason)
+        except Refusal as exc:
+            return wsgi_refusal(exc, environ, start_response, headers)
         except Exception:  # a bug must still get a JSON answer, and a log line
             log.exception("unhandled error in POST /notify")
-            status, document = 500, error_document("internal_error", "internal server error")
-        return _respond(start_response, status, document, headers)
+            status = 500
+            document = error_document(ErrorCode.INTERNAL_ERROR, "internal server error")
+        return wsgi_json(start_response, status, document, headers)
 
     def _post(self, environ: dict) -> tuple[int, dict]:
+        """Raises a :class:`Refusal` (AccessDenied, BadRequest, PublishRefused) for a refusal."""
         service = self._service
-        try:
-            service.policy.check_publisher(
-                environ.get("HTTP_AUTHORIZATION"), environ.get("REMOTE_ADDR")
-            )
-        except AccessDenied as exc:
-            raise _Answer(exc.status, exc.code, exc.reason, exc.headers, exc.detail) from None
-        try:
-            body = parse_notify_body(_read_body(environ, service.settings.max_body_size))
-            if isinstance(body, list):
-                return _publish_batch(service, body)
-            notification = parse_notification(body)
-        except BadRequest as exc:
-            raise _Answer(exc.status, exc.code, exc.reason, detail=exc.detail) from None
-        try:
-            published = service.publish(notification)
-        except BrokerUnavailable:
-            raise _broker_down() from None
-        if published is None:
-            raise _queue_full(service)
-        return 200, _accepted(published)
-
-
-def _respond(
-    start_response: Callable, status: int, document: dict | None, headers: Headers
-) -> list[bytes]:
-    body = b"" if document is None else json.dumps(document, separators=(",", ":")).encode()
-    if document is not None:
-        headers.append(("Content-Type", "application/json"))
-    headers.append(("Content-Length", str(len(body))))
-    start_response(f"{status} {HTTPStatus(status).phrase}", headers)
-    return [body]
+        service.policy.check_publisher(
+            environ.get("HTTP_AUTHORIZATION"), environ.get("REMOTE_ADDR")
+        )
+        body = parse_notify_body(_read_body(environ, service.settings.max_body_size))
+        if isinstance(body, list):
+            return _publish_batch(service, body)
+        return 200, _accepted(service.publish(parse_notification(body)))
 
 
 def _read_body(environ: dict, limit: int) -> bytes:
@@ -147,7 +106,7 @@ def _read_body(environ: dict, limit: int) -> bytes:
         try:
             size = int(length)
         except ValueError:
-            raise _Answer(400, "bad_request", "Content-Length is not a number") from None
+            raise BadRequest(400, ErrorCode.BAD_REQUEST, "Content-Length is not a number") from None
         if size > limit:
             raise _too_large(limit)
         want = size
@@ -159,62 +118,52 @@ def _read_body(environ: dict, limit: int) -> bytes:
         data = stream.read(want)
     except Exception as exc:  # noqa: BLE001 - a reset, a malformed chunk: the body's fault
         reason = f"the request body could not be read ({exc.__class__.__name__})"
-        raise _Answer(400, "bad_request", reason) from None
+        raise BadRequest(400, ErrorCode.BAD_REQUEST, reason) from None
     if len(data) > limit:
         raise _too_large(limit)
     if length and len(data) < want:
-        raise _Answer(400, "bad_request", "the request body ended before Content-Length")
+        raise BadRequest(
+            400, ErrorCode.BAD_REQUEST, "the request body ended before Content-Length"
+        )
     return data
 
 
-def _too_large(limit: int) -> _Answer:
-    return _Answer(
+def _too_large(limit: int) -> BadRequest:
+    return BadRequest(
         413,
-        "body_too_large",
+        ErrorCode.BODY_TOO_LARGE,
         f"request body is over the {limit}-byte limit",
-        detail=f"WSSERVER_MAX_BODY_SIZE={limit}",
+        f"WSSERVER_MAX_BODY_SIZE={limit}",
     )
 
 
 def _publish_batch(service: NotificationService, items: list) -> tuple[int, dict]:
-    """A JSON list: each item published on its own and answered in ``results``."""
+    """A JSON list: each item published on its own and answered in ``results``, an item
+    refused with the same code and text as a single notification would be. A batch of which
+    nothing was published, every item for the same server-side reason (a full queue, the
+    broker down), is answered as that refusal (503)."""
     if not items:
-        raise _Answer(400, "empty_batch", "a batch needs at least one notification")
+        raise BadRequest(400, ErrorCode.EMPTY_BATCH, "a batch needs at least one notification")
     if len(items) > service.settings.max_batch:
         limit = service.settings.max_batch
-        raise _Answer(
+        raise BadRequest(
             413,
-            "batch_too_large",
+            ErrorCode.BATCH_TOO_LARGE,
             f"at most {limit} notifications per batch",
-            detail=f"WSSERVER_MAX_BATCH={limit}",
+            f"WSSERVER_MAX_BATCH={limit}",
         )
     results: list[dict] = []
+    refusals: list[PublishRefused] = []
     for item in items:
         try:
-            published = service.publish(parse_notification(item))
-        except BadRequest as exc:
-            results.append({"status": "error", "code": exc.code, "error": exc.reason})
-            continue
-        except BrokerUnavailable:
-            results.append(
-                {
-                    "status": "error",
-                    "code": "broker_unavailable",
-                    "error": "the broker is unreachable",
-                }
-            )
-            continue
-        if published is None:
-            results.append(
-                {"status": "error", "code": "queue_full", "error": "the broadcast queue is full"}
-            )
-        else:
-            results.append(_accepted(published))
+            results.append(_accepted(service.publish(parse_notification(item))))
+        except (BadRequest, PublishRefused) as exc:
+            if isinstance(exc, PublishRefused):
+                refusals.append(exc)
+            results.append({"status": "error", "code": str(exc.code), "error": exc.reason})
+    if refusals and len(refusals) == len(items) and len({r.code for r in refusals}) == 1:
+        raise refusals[0]
     accepted = sum(1 for r in results if r["status"] == "ok")
-    if accepted == 0 and all(r["code"] == "queue_full" for r in results):
-        raise _queue_full(service)
-    if accepted == 0 and all(r["code"] == "broker_unavailable" for r in results):
-        raise _broker_down()
     status = "ok" if accepted == len(results) else ("error" if not accepted else "partial")
     return 200, {"status": status, "accepted": accepted, "results": results}
 
@@ -230,25 +179,3 @@ def _accepted(published: Published) -> dict[str, Any]:
     if None not in ids:
         body["ids"] = ids
     return body
-
-
-def _queue_full(service: NotificationService) -> _Answer:
-    settings = service.settings
-    return _Answer(
-        503,
-        "queue_full",
-        "the broadcast queue is full; retry shortly",
-        [("Retry-After", "1")],
-        f"WSSERVER_QUEUE_SIZE={settings.queue_size}, "
-        f"WSSERVER_ENQUEUE_TIMEOUT={settings.enqueue_timeout:g}",
-    )
-
-
-def _broker_down() -> _Answer:
-    return _Answer(
-        503,
-        "broker_unavailable",
-        "the message broker is unreachable; nothing was published",
-        [("Retry-After", "1")],
-        "WSSERVER_REDIS_URL",
-    )

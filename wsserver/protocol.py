@@ -4,8 +4,9 @@ JSON envelope every client receives.
 Pure functions over bytes and dicts, so they are unit-testable in microseconds and the views
 and the broadcaster share one definition. The wire contract is in docs/protocol.md.
 
-Errors are split by who is at fault, in the style of wsproto: :class:`BadRequest` is the
-client's (it carries the HTTP status and a machine-readable code); anything else is ours.
+Errors are split by who is at fault, in the style of wsproto: :class:`BadRequest` and
+:class:`CommandError` (from :mod:`wsserver.exceptions`) are the client's and carry a
+machine-readable code; anything else is ours. Close codes live in :mod:`wsserver.codes`.
 """
 
 from __future__ import annotations
@@ -16,23 +17,25 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+# Re-exported for modules that still import them from here (session, connection, service,
+# ws.serve_connection): their home is wsserver.codes and wsserver.exceptions.
+from .codes import (  # noqa: F401
+    CLOSE_GOING_AWAY,
+    CLOSE_INTERNAL_ERROR,
+    CLOSE_MESSAGE_TOO_BIG,
+    CLOSE_NORMAL,
+    CLOSE_POLICY_VIOLATION,
+    CLOSE_PROTOCOL_ERROR,
+    CLOSE_SLOW_CONSUMER,
+    CLOSE_TOKEN_EXPIRED,
+    CLOSE_TRY_AGAIN_LATER,
+)
+from .exceptions import BadRequest, CommandError
 from .frames import OP_TEXT, encode_frame
 
 __all__ = [
-    "CLOSE_GOING_AWAY",
-    "CLOSE_INTERNAL_ERROR",
-    "CLOSE_MESSAGE_TOO_BIG",
-    "CLOSE_NORMAL",
-    "CLOSE_POLICY_VIOLATION",
-    "CLOSE_PROTOCOL_ERROR",
-    "CLOSE_SLOW_CONSUMER",
-    "CLOSE_TOKEN_EXPIRED",
-    "CLOSE_TRY_AGAIN_LATER",
-    "BadRequest",
     "Command",
-    "CommandError",
     "Notification",
-    "Refusal",
     "encode_json_frame",
     "error_frame",
     "is_command",
@@ -43,44 +46,12 @@ __all__ = [
     "validate_room",
 ]
 
-# Close codes the server sends, with the reason text that goes with each (docs/protocol.md).
-CLOSE_NORMAL = 1000
-CLOSE_GOING_AWAY = 1001  # server shutting down: reconnect (with backoff)
-CLOSE_PROTOCOL_ERROR = 1002  # the peer broke RFC 6455: fix the client
-CLOSE_POLICY_VIOLATION = 1008  # e.g. "too many invalid commands": fix the client
-CLOSE_SLOW_CONSUMER = 1008  # reason "slow consumer": the client fell a buffer behind
-CLOSE_MESSAGE_TOO_BIG = 1009  # inbound message over WSSERVER_MAX_MESSAGE_SIZE
-CLOSE_INTERNAL_ERROR = 1011  # keepalive timeout or a server fault: reconnect
-CLOSE_TRY_AGAIN_LATER = 1013  # server over capacity: reconnect later
-CLOSE_TOKEN_EXPIRED = 4001  # the connection token expired: get a new token, reconnect
-
 EVENT_MAX_LENGTH = 256
 ROOM_MAX_LENGTH = 128
 USER_MAX_LENGTH = 256
 ROOMS_PER_NOTIFICATION = 100
 # letters, digits and _ . : @ / - ; must start with a letter or digit
 _ROOM_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:@/-]*\Z")
-
-
-class Refusal(Exception):
-    """A request refused with an HTTP ``status``, a machine-readable ``code`` and a ``reason``
-    safe to show (never a secret). The base of :class:`BadRequest` and
-    :class:`wsserver.auth.AccessDenied`.
-
-    ``detail`` is for the audit log only (:func:`wsserver.audit.refused`): the setting that
-    made the refusal (``"WSSERVER_MAX_CONNECTIONS_PER_IP=10"``) or the rule it applies; it is
-    never client input."""
-
-    def __init__(self, status: int, code: str, reason: str, detail: str = "") -> None:
-        super().__init__(reason)
-        self.status = status
-        self.code = code
-        self.reason = reason
-        self.detail = detail
-
-
-class BadRequest(Refusal, ValueError):
-    """The publisher's request is wrong; ``status`` and ``code`` say how, ``str()`` says why."""
 
 
 @dataclass(frozen=True)
@@ -117,15 +88,6 @@ class Notification:
         del env["id"]
         text = json.dumps(env, ensure_ascii=False, separators=(",", ":"))
         return text[:-1] + ',"id":"'
-
-
-class CommandError(ValueError):
-    """A client command is wrong; ``code`` is machine-readable, ``str()`` is for humans."""
-
-    def __init__(self, code: str, reason: str) -> None:
-        super().__init__(reason)
-        self.code = code
-        self.reason = reason
 
 
 @dataclass(frozen=True)

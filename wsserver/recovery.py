@@ -20,11 +20,11 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Callable, Sequence
 
 from . import audit
-from .auth import AccessDenied
 from .brokers import BrokerUnavailable
 from .connection import SendResult
+from .exceptions import AccessDenied, CommandError
 from .limits import Slots
-from .protocol import CommandError, encode_json_frame, error_frame
+from .protocol import encode_json_frame, error_frame
 
 if TYPE_CHECKING:
     from .broadcaster import Broadcast, Broadcaster

@@ -26,6 +26,7 @@ from .brokers import Broker, BrokerUnavailable, Outgoing, make_broker
 from .commands import ClientCommands
 from .config import Settings
 from .connection import Connection
+from .exceptions import QueueFull
 from .flusher import Flusher
 from .hub import Hub
 from .protocol import CLOSE_GOING_AWAY, Notification
@@ -166,11 +167,12 @@ class NotificationService:
 
     # -- publishing ------------------------------------------------------------------------
 
-    def publish(self, notification: Notification) -> Published | None:
+    def publish(self, notification: Notification) -> Published:
         """Publish ``notification`` to its audience through the broker: one message per
-        target room, each numbered by that room's history. None when the local queue stayed
-        full for ``enqueue_timeout`` (nothing was accepted: answer 503); raises
-        :class:`BrokerUnavailable` when the broker cannot take it (also a 503)."""
+        target room, each numbered by that room's history. Raises a
+        :class:`~wsserver.exceptions.PublishRefused` (503, nothing was accepted):
+        :class:`~wsserver.exceptions.QueueFull` when the local queue stayed full for
+        ``enqueue_timeout``, :class:`BrokerUnavailable` when the broker cannot take it."""
         self.ensure_started()
         targets: tuple[str | None, ...] = notification.rooms or (None,)
         now_ms = int(time.time() * 1000)
@@ -185,7 +187,11 @@ class NotificationService:
             raise
         if ids is None:
             self._rejected()
-            return None
+            settings = self.settings
+            raise QueueFull(
+                f"WSSERVER_QUEUE_SIZE={settings.queue_size}, "
+                f"WSSERVER_ENQUEUE_TIMEOUT={settings.enqueue_timeout:g}"
+            )
         if notification.user is not None:
             clients = len(self.hub.user_connections(notification.user))
         elif notification.rooms is None:

@@ -12,9 +12,9 @@ from typing import Any
 
 from flask import Blueprint, Response, current_app, jsonify, request
 
-from . import audit, metrics
-from .auth import AccessDenied
-from .errors import json_error
+from . import metrics
+from .errors import refusal_response
+from .exceptions import AccessDenied
 from .service import NotificationService
 
 __all__ = ["bp"]
@@ -93,10 +93,7 @@ def _check_publisher() -> Any:
     try:
         _service().policy.check_publisher(request.headers.get("Authorization"), request.remote_addr)
     except AccessDenied as exc:
-        audit.refused(exc.code, request.remote_addr or "?", exc.detail)
-        response = json_error(exc.status, exc.code, exc.reason)
-        response.headers.extend(exc.headers)
-        return response
+        return refusal_response(exc)
     return None
 
 

@@ -14,10 +14,12 @@ from flask import Flask, current_app, g, request
 from flask_sock import Sock
 
 from . import audit
-from .auth import AccessDenied, Identity, token_from, valid_origin
-from .errors import json_error
-from .handshake import HandshakeRefused, check_handshake
-from .protocol import CLOSE_TRY_AGAIN_LATER, CommandError, error_frame, parse_room_list
+from .auth import Identity, token_from, valid_origin
+from .codes import CLOSE_TRY_AGAIN_LATER
+from .errors import refusal_response
+from .exceptions import AccessDenied, CommandError, Refusal
+from .handshake import check_handshake
+from .protocol import error_frame, parse_room_list
 from .service import NotificationService
 from .session import run_session
 from .transport import Transport, server_options, strip_compression_offer
@@ -44,11 +46,8 @@ def init_app(app: Flask) -> None:
             check_handshake(request.environ)
             service.ensure_started()
             g.wsserver_identity, g.wsserver_rooms = check_upgrade(service)
-        except (HandshakeRefused, AccessDenied) as exc:
-            audit.refused(exc.code, request.remote_addr or "?", exc.detail)
-            response = json_error(exc.status, exc.code, exc.reason)
-            response.headers.extend(exc.headers)
-            return response
+        except Refusal as exc:  # HandshakeRefused, AccessDenied
+            return refusal_response(exc)
         return None
 
     @sock.route("/ws", endpoint=WS_ENDPOINT)

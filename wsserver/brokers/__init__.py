@@ -11,10 +11,9 @@ everybody), keep the last ``WSSERVER_HISTORY_SIZE`` messages of each audience fo
 ``WSSERVER_HISTORY_TTL`` seconds, and answer :meth:`Broker.history` the same way, so the
 same test suite runs against both (tests/test_brokers.py).
 
-Exceptions::
-
-    Exception
-    └── BrokerUnavailable   the message could not be stored/published (answer 503)
+Both raise :class:`~wsserver.exceptions.BrokerUnavailable` (the message could not be stored or
+published, history cannot be read: answer 503); it is defined with every other refusal in
+:mod:`wsserver.exceptions` and re-exported here, where the brokers import it from.
 """
 
 from __future__ import annotations
@@ -22,6 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from ..exceptions import BrokerUnavailable
 from ..frames import OP_TEXT, encode_frame
 
 if TYPE_CHECKING:
@@ -39,10 +39,6 @@ __all__ = [
     "make_broker",
     "order_of",
 ]
-
-
-class BrokerUnavailable(Exception):
-    """The broker cannot take the message now; nothing was published."""
 
 
 @dataclass(frozen=True)

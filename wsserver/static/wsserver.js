@@ -8,7 +8,10 @@
  *   client.subscribe("chat");
  *
  * Options: rooms (joined at every (re)connect), token (sent as ?token=; browsers cannot set
- * headers on a WebSocket), backoffInitial / backoffMax (reconnect delays, ms).
+ * headers on a WebSocket; a function is called at every connect for a fresh one, which also
+ * makes an expired-token close 4001 reconnect), backoffInitial / backoffMax (reconnect delays,
+ * ms). After a close it reconnects or stops as WsserverClient.closeAction(code, reason) says
+ * (docs/protocol.md, "Close codes the server sends").
  * Events (on/off): open; close (code, reason); state ("connecting", "open", "reconnecting",
  * "closed"); message (every notification object); reply (every command reply: subscribed,
  * unsubscribed, pong, error...); error (a socket error, or an "error" reply); raw (any other
@@ -17,11 +20,28 @@
 (function (root) {
   "use strict";
 
-  // Close codes that mean "fix the client": reconnecting the same way would fail again.
-  // 1008 is fatal only for "too many invalid commands" (1008 "slow consumer" may reconnect).
-  const FATAL_CODES = [1002, 1007, 1009, 4001];
-  const isFatal = (code, reason) =>
-    FATAL_CODES.indexOf(code) >= 0 || (code === 1008 && reason === "too many invalid commands");
+  // The protocol's codes, as wsserver/codes.py declares them (tests/test_codes.py checks that
+  // this object equals codes.js_constants()): what to do after each close code ("reconnect"
+  // with backoff, "new_token": reconnect with a fresh token, "give_up"), the close reasons that
+  // turn a code's action into "give_up" (compared whole, never searched), and the error codes
+  // that report the server's state (retry the command later) rather than a client mistake.
+  const CODES = {
+    "closeActions": {"1000": "reconnect", "1001": "reconnect", "1002": "give_up",
+      "1003": "give_up", "1005": "reconnect", "1006": "reconnect", "1007": "give_up",
+      "1008": "reconnect", "1009": "give_up", "1010": "give_up", "1011": "reconnect",
+      "1012": "reconnect", "1013": "reconnect", "1014": "reconnect", "4001": "new_token"},
+    "giveUpReasons": {"1008": ["too many invalid commands"]},
+    "serverSideErrors": ["busy", "history_unavailable", "queue_full"]
+  };
+
+  // codes.close_action: the table; a code not in it gives up if 4000-4999, else reconnects.
+  const closeAction = (code, reason) => {
+    const giveUp = CODES.giveUpReasons[code] || [];
+    if (giveUp.indexOf(reason) >= 0) return "give_up";
+    const action = CODES.closeActions[code];
+    if (action !== undefined) return action;
+    return code >= 4000 && code <= 4999 ? "give_up" : "reconnect";
+  };
 
   class WsserverClient {
     constructor(url, options) {
@@ -110,8 +130,16 @@
       if (this._stopped) return;
       this._setState(this.state === "closed" ? "connecting" : "reconnecting");
       let url = this.url;
-      if (this.token) {
-        url += (url.indexOf("?") >= 0 ? "&" : "?") + "token=" + encodeURIComponent(this.token);
+      let token;
+      try {
+        token = typeof this.token === "function" ? this.token() : this.token;
+      } catch (err) { // the token service may be down: try again after the backoff
+        this._emit("error", err);
+        this._scheduleReconnect();
+        return;
+      }
+      if (token) {
+        url += (url.indexOf("?") >= 0 ? "&" : "?") + "token=" + encodeURIComponent(token);
       }
       let ws;
       try {
@@ -136,13 +164,19 @@
         if (this._ws !== ws) return;
         this._ws = null;
         this._emit("close", ev.code, ev.reason);
-        if (this._stopped || isFatal(ev.code, ev.reason)) {
+        if (this._stopped || !this._reconnects(ev.code, ev.reason)) {
           this._stopped = true;
           this._setState("closed");
         } else {
           this._scheduleReconnect();
         }
       };
+    }
+
+    // Whether a close is worth a reconnect: "new_token" only with a token function to call.
+    _reconnects(code, reason) {
+      const action = closeAction(code, reason);
+      return action === "reconnect" || (action === "new_token" && typeof this.token === "function");
     }
 
     // Exponential backoff with "equal jitter": a random delay in [d/2, d], d doubling per
@@ -194,6 +228,8 @@
     }
   }
 
+  WsserverClient.CODES = CODES;
+  WsserverClient.closeAction = closeAction;
   root.WsserverClient = WsserverClient;
   if (typeof module === "object" && module && module.exports) module.exports = WsserverClient;
 })(typeof self !== "undefined" ? self : this);
