@@ -25,7 +25,7 @@ from urllib.parse import urlsplit
 
 import jwt
 
-from .config import Settings
+from .config import Settings, load_public_key
 from .exceptions import AccessDenied  # re-exported: service.py and ws.py import it from here
 
 __all__ = [
@@ -62,20 +62,6 @@ class Identity:
         return False
 
 
-def load_public_key(pem: str) -> Any:
-    """The verification key from PEM text; ValueError if it is not an RSA or EC public key."""
-    from cryptography.hazmat.primitives.asymmetric import ec, rsa
-    from cryptography.hazmat.primitives.serialization import load_pem_public_key
-
-    try:
-        key = load_pem_public_key(pem.encode("ascii"))
-    except (ValueError, TypeError, UnicodeEncodeError) as exc:
-        raise ValueError(f"not a PEM public key ({exc.__class__.__name__})") from None
-    if not isinstance(key, (rsa.RSAPublicKey, ec.EllipticCurvePublicKey)):
-        raise ValueError("only RSA (RS256) and EC (ES256) public keys are supported")
-    return key
-
-
 class AccessPolicy:
     """The access rules of one server, built once from its settings. Stateless; thread-safe."""
 
@@ -100,10 +86,6 @@ class AccessPolicy:
             self._jwt_algorithms = []
 
     # -- posture -----------------------------------------------------------------------------
-
-    @property
-    def tokens_required(self) -> bool:
-        return self._jwt_key is not None
 
     @property
     def token_setting(self) -> str:

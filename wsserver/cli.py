@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Sequence
+from typing import Any, Sequence
 
 from .config import ENV_PREFIX, SettingsError, load_settings
 
@@ -163,40 +163,20 @@ def _usage_error(command: str, message: str) -> int:
     return 2
 
 
-def _notify(args: argparse.Namespace) -> int:
-    import json
+class _Usage(ValueError):
+    """A usage error found while reading a command's input: exit 2 with this message."""
 
+
+def _notify(args: argparse.Namespace) -> int:
     from .client import Publisher, PublishError, WsserverError
 
-    body: object = None
-    if args.event is None:
-        given = [f for f in ("message", "data", "rooms", "user") if getattr(args, f) is not None]
-        if given:
-            return _usage_error(
-                "notify", f"--{given[0]} needs --event (or give the whole notification on stdin)"
-            )
-        if sys.stdin is None or sys.stdin.isatty():
-            return _usage_error("notify", "give --event, or a JSON notification on stdin")
-        text = sys.stdin.read()
-        if not text.strip():
-            return _usage_error("notify", "stdin is empty: expected a JSON object or list")
-        try:
-            body = json.loads(text)
-        except ValueError as exc:
-            return _usage_error("notify", f"stdin is not valid JSON: {exc}")
-        if not isinstance(body, (dict, list)):
-            return _usage_error("notify", "stdin must hold a JSON object or a list of objects")
-    data = None
-    if args.data is not None:
-        try:
-            data = json.loads(args.data)
-        except ValueError as exc:
-            return _usage_error("notify", f"--data is not valid JSON: {exc}")
     try:
+        body = _stdin_notification(args) if args.event is None else None
+        data = _json_flag("--data", args.data)
         publisher = Publisher(
             args.url, api_key=args.api_key, timeout=args.timeout, retries=max(args.retries, 0)
         )
-    except ValueError as exc:
+    except ValueError as exc:  # _Usage, or a URL the Publisher refuses
         return _usage_error("notify", str(exc))
     try:
         with publisher:
@@ -219,6 +199,46 @@ def _notify(args: argparse.Namespace) -> int:
     except WsserverError as exc:
         print(f"wsserver notify: {exc}", file=sys.stderr)
         return 1
+    _print_answer(answer)
+    return 0
+
+
+def _stdin_notification(args: argparse.Namespace) -> object:
+    """The whole notification (or batch) from stdin, for ``notify`` without ``--event``."""
+    import json
+
+    given = [f for f in ("message", "data", "rooms", "user") if getattr(args, f) is not None]
+    if given:
+        raise _Usage(f"--{given[0]} needs --event (or give the whole notification on stdin)")
+    if sys.stdin is None or sys.stdin.isatty():
+        raise _Usage("give --event, or a JSON notification on stdin")
+    text = sys.stdin.read()
+    if not text.strip():
+        raise _Usage("stdin is empty: expected a JSON object or list")
+    try:
+        body = json.loads(text)
+    except ValueError as exc:
+        raise _Usage(f"stdin is not valid JSON: {exc}") from None
+    if not isinstance(body, (dict, list)):
+        raise _Usage("stdin must hold a JSON object or a list of objects")
+    return body
+
+
+def _json_flag(flag: str, text: str | None) -> object:
+    import json
+
+    if text is None:
+        return None
+    try:
+        return json.loads(text)
+    except ValueError as exc:
+        raise _Usage(f"{flag} is not valid JSON: {exc}") from None
+
+
+def _print_answer(answer: dict) -> None:
+    """The server's answer on stdout; each refused item of a batch also on stderr."""
+    import json
+
     print(json.dumps(answer))
     for i, result in enumerate(answer.get("results") or ()):
         if isinstance(result, dict) and result.get("status") != "ok":
@@ -226,13 +246,53 @@ def _notify(args: argparse.Namespace) -> int:
                 f"wsserver notify: item {i}: {result.get('code')}: {result.get('error')}",
                 file=sys.stderr,
             )
-    return 0
+
+
+class _ListenReport:
+    """What ``listen`` says on stderr as the subscriber's state changes. Its callbacks run on
+    the subscriber's thread; ``stopping`` is set by the main thread once it stops reading
+    (a bool read without a lock: at worst one last "reconnecting" line)."""
+
+    def __init__(self, ws_url: str) -> None:
+        self.ws_url = ws_url
+        self.subscriber: Any = None  # set once built (the callbacks need it)
+        self.stopping = False
+
+    @staticmethod
+    def say(text: str) -> None:
+        print(f"wsserver listen: {text}", file=sys.stderr, flush=True)
+
+    def on_state(self, state: str) -> None:
+        subscriber = self.subscriber
+        if state == "connecting":
+            if subscriber.last_failure is None:
+                self.say(f"connecting to {self.ws_url}")
+            else:
+                self.say(f"reconnecting to {self.ws_url} ({subscriber.last_failure})")
+        elif state == "ready":
+            where = ", ".join(subscriber.rooms) or "no rooms (notifications to everybody only)"
+            self.say(f"connected to {self.ws_url}, subscribed to {where}")
+        elif state == "closed" and not self.stopping:
+            close = subscriber.last_close
+            why = f" ({close[0]} {close[1]})".rstrip() if close else ""
+            self.say(f"disconnected{why}; reconnecting")
+
+    def on_gap(self, room: str | None, reply: dict) -> None:
+        import json
+
+        what = f"room {room}" if room is not None else "notifications to everybody"
+        self.say(
+            f"warning: {what}: notifications may have been missed "
+            f"(not recoverable: {json.dumps(reply)})"
+        )
+
+    def on_error(self, err: Any) -> None:
+        if err.room is not None:  # one room refused; fatal errors are reported by _listen
+            self.say(f"warning: {err}")
 
 
 def _listen(args: argparse.Namespace) -> int:
-    import json
-
-    from .client import Subscriber, SubscriptionError, http_to_ws_url
+    from .client import Subscriber, http_to_ws_url
 
     try:
         ws_url = http_to_ws_url(args.url)
@@ -241,75 +301,59 @@ def _listen(args: argparse.Namespace) -> int:
     rooms = list(dict.fromkeys(args.rooms))
     if args.since is not None and len(rooms) != 1:
         return _usage_error("listen", "--since resumes one room: give exactly one --room")
-
-    def say(text: str) -> None:
-        print(f"wsserver listen: {text}", file=sys.stderr, flush=True)
-
-    def on_state(state: str) -> None:
-        if state == "connecting":
-            if subscriber.last_failure is None:
-                say(f"connecting to {ws_url}")
-            else:
-                say(f"reconnecting to {ws_url} ({subscriber.last_failure})")
-        elif state == "ready":
-            where = ", ".join(subscriber.rooms) or "no rooms (notifications to everybody only)"
-            say(f"connected to {ws_url}, subscribed to {where}")
-        elif state == "closed" and not stopping:
-            close = subscriber.last_close
-            why = f" ({close[0]} {close[1]})".rstrip() if close else ""
-            say(f"disconnected{why}; reconnecting")
-
-    def on_gap(room: str | None, reply: dict) -> None:
-        what = f"room {room}" if room is not None else "notifications to everybody"
-        say(
-            f"warning: {what}: notifications may have been missed "
-            f"(not recoverable: {json.dumps(reply)})"
-        )
-
-    def on_error(err: SubscriptionError) -> None:
-        if err.room is not None:  # one room refused; fatal errors are reported below
-            say(f"warning: {err}")
-
-    stopping = False
+    report = _ListenReport(ws_url)
     try:
-        subscriber = Subscriber(
+        report.subscriber = Subscriber(
             ws_url,
             rooms=rooms,
             token=args.token,
             since=args.since,
-            on_state=on_state,
-            on_gap=on_gap,
-            on_error=on_error,
+            on_state=report.on_state,
+            on_gap=report.on_gap,
+            on_error=report.on_error,
         )
     except ValueError as exc:
         return _usage_error("listen", str(exc))
-    received = 0
     try:
-        try:
-            for notification in subscriber.messages(timeout=args.timeout):
-                print(json.dumps(notification, ensure_ascii=False), flush=True)
-                received += 1
-                if args.count is not None and received >= args.count:
-                    break
-        except SubscriptionError as exc:
-            say(f"the server refused the subscription: {exc}")
-            return 1
-        except BrokenPipeError:  # `wsserver listen | head -1`: the reader left, a normal end
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, sys.stdout.fileno())
-            return 0
-        finally:
-            stopping = True
-            subscriber.stop()
+        ended, received = _print_notifications(report, args)
     except KeyboardInterrupt:
         return 0
+    if ended is not None:
+        return ended
     if args.count is not None and received < args.count:
-        say(f"timed out after {args.timeout}s with {received} of {args.count} notifications")
+        report.say(f"timed out after {args.timeout}s with {received} of {args.count} notifications")
         return 1
-    if subscriber.connects == 0:
-        say(f"gave up after {args.timeout}s: could not connect to {ws_url}")
+    if report.subscriber.connects == 0:
+        report.say(f"gave up after {args.timeout}s: could not connect to {ws_url}")
         return 1
     return 0
+
+
+def _print_notifications(report: _ListenReport, args: argparse.Namespace) -> tuple[int | None, int]:
+    """Print notifications until ``--count`` or ``--timeout``; then stop the subscriber.
+    Returns (exit code if the run already ended one way, notifications printed)."""
+    import json
+
+    from .client import SubscriptionError
+
+    subscriber, received = report.subscriber, 0
+    try:
+        for notification in subscriber.messages(timeout=args.timeout):
+            print(json.dumps(notification, ensure_ascii=False), flush=True)
+            received += 1
+            if args.count is not None and received >= args.count:
+                break
+    except SubscriptionError as exc:
+        report.say(f"the server refused the subscription: {exc}")
+        return 1, received
+    except BrokenPipeError:  # `wsserver listen | head -1`: the reader left, a normal end
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0, received
+    finally:
+        report.stopping = True
+        subscriber.stop()
+    return None, received
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,17 +1,22 @@
 """Settings: one frozen object built from defaults, then ``WSSERVER_*`` environment
 variables, then explicit overrides (command-line flags, test fixtures).
 
-Why one table: the same settings are read by the gunicorn config module (bind, threads),
-by the app factory and by ``wsserver check-config``; declaring each setting once, with its
-parser and its documentation, keeps the three (and the README table) from drifting apart.
-A bad value raises :class:`SettingsError` naming the variable, so the server refuses to
-start instead of running with a surprise.
+Why one declaration: the same settings are read by the gunicorn config module (bind,
+threads), by the app factory and by ``wsserver check-config``. Each setting is declared
+once, as a field of :class:`Settings` carrying its parser, default and documentation;
+:data:`SETTINGS` (the table the environment loader, ``check-config`` and the README's
+table read) is derived from those fields, so none of them can drift from the typed object
+the code reads. A bad value raises :class:`SettingsError` naming the variable, so the
+server refuses to start instead of running with a surprise.
+
+Rules that span several settings live here too (:func:`check_workers` is also what the
+gunicorn master applies to its final ``-w``), so each is written once.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Mapping
 
 from .exceptions import SettingsError  # defined with every other exception
@@ -22,6 +27,8 @@ __all__ = [
     "Setting",
     "Settings",
     "SettingsError",
+    "check_workers",
+    "load_public_key",
     "load_settings",
     "settings_markdown",
 ]
@@ -93,10 +100,29 @@ def _pem(text: str) -> str:
     return pem
 
 
+def load_public_key(pem: str) -> Any:
+    """The verification key from PEM text; ValueError if it is not an RSA or EC public key.
+
+    Here, beside the PEM setting's parser, so that a bad key stops the start as a
+    :class:`SettingsError` and ``auth`` builds its verifier with the same check (``auth``
+    imports ``config``, never the other way round)."""
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+    from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
+    try:
+        key = load_pem_public_key(pem.encode("ascii"))
+    except (ValueError, TypeError, UnicodeEncodeError) as exc:
+        raise ValueError(f"not a PEM public key ({exc.__class__.__name__})") from None
+    if not isinstance(key, (rsa.RSAPublicKey, ec.EllipticCurvePublicKey)):
+        raise ValueError("only RSA (RS256) and EC (ES256) public keys are supported")
+    return key
+
+
 @dataclass(frozen=True)
 class Setting:
-    """One setting: its attribute name, how to parse its environment text, its doc, and
-    whether its value is a secret (never printed, never logged)."""
+    """One setting: its attribute name, how to parse its environment text, its default, its
+    doc, and whether its value is a secret (never printed, never logged). Built from the
+    fields of :class:`Settings`; immutable, so shared freely between threads."""
 
     name: str
     parse: Callable[[str], Any]
@@ -111,348 +137,270 @@ class Setting:
 
 MiB = 1024 * 1024
 
-SETTINGS: tuple[Setting, ...] = (
-    Setting("host", _host, "0.0.0.0", "Interface to listen on."),
-    Setting("port", _int_in(0, 65535), 8080, "TCP port (0 picks a free one)."),
-    Setting(
-        "env",
+
+def _setting(parse: Callable[[str], Any], default: Any, doc: str, secret: bool = False) -> Any:
+    """A :class:`Settings` field declared with what :class:`Setting` needs. The default lives
+    in the metadata, not in the dataclass, so ``Settings`` is only built complete, by
+    :func:`load_settings` (typed ``Any`` so each field keeps its own annotation for mypy)."""
+    return field(metadata={"parse": parse, "default": default, "doc": doc, "secret": secret})
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The effective, validated settings. Frozen: built once at start by
+    :func:`load_settings`, then shared by every thread without a lock.
+
+    Each field is one setting (``WSSERVER_<NAME>``), in the order of the README's table.
+    """
+
+    host: str = _setting(_host, "0.0.0.0", "Interface to listen on.")
+    port: int = _setting(_int_in(0, 65535), 8080, "TCP port (0 picks a free one).")
+    env: str = _setting(
         _choice("development", "production"),
         "production",
         "`production`: closed defaults (same-origin WebSockets, `/notify` from loopback or with "
         "an API key, no rebroadcast). `development`: the original's openness.",
-    ),
-    Setting(
-        "rebroadcast",
+    )
+    rebroadcast: bool = _setting(
         _parse_bool,
         None,
         "Rebroadcast what a client sends to every client, as the original did. "
         "Default: on in development, off in production.",
-    ),
-    Setting(
-        "allowed_origins",
+    )
+    allowed_origins: tuple[str, ...] = _setting(
         _list,
         (),
         "Origins allowed to open WebSockets and call the API from a browser (comma-separated; "
         "`https://*.example.com` matches subdomains; `*` only in development). Empty: same "
         "origin only (production), any (development).",
-    ),
-    Setting(
-        "api_keys",
+    )
+    api_keys: tuple[str, ...] = _setting(
         _list,
         (),
         "Publisher keys (comma-separated, several for rotation): when set, `POST /notify` needs "
         "`Authorization: Bearer <key>`. Unset: production takes `/notify` from loopback only.",
         secret=True,
-    ),
-    Setting(
-        "jwt_secret",
+    )
+    jwt_secret: str = _setting(
         str,
         "",
         "HS256 secret: when set, `/ws` needs a token (`?token=` or `Authorization: Bearer`).",
         secret=True,
-    ),
-    Setting(
-        "jwt_public_key",
+    )
+    jwt_public_key: str = _setting(
         _pem,
         "",
         "RS256/ES256 public key (PEM text, or a path to a PEM file): as WSSERVER_JWT_SECRET.",
-    ),
-    Setting(
-        "private_room_prefix",
+    )
+    private_room_prefix: str = _setting(
         str,
         "private-",
         "Rooms named with this prefix need the token's `rooms` claim to join.",
-    ),
-    Setting(
-        "max_connections_per_ip",
+    )
+    max_connections_per_ip: int = _setting(
         _int_in(0, 1_000_000),
         0,
         "WebSockets one client address may hold in this worker (0: no limit); over it: HTTP 429.",
-    ),
-    Setting(
-        "rate_limit",
+    )
+    rate_limit: float = _setting(
         _float_in(0.0, 1_000_000.0),
         0.0,
         "Messages per second one connection may send (bursts of twice that); over it: close "
         "1008. 0: no limit.",
-    ),
-    Setting(
-        "max_fragments",
+    )
+    max_fragments: int = _setting(
         _int_in(1, 1_000_000),
         128,
         "Frames one message may arrive in (empty continuation frames count too); over it: close "
         "1009.",
-    ),
-    Setting(
-        "max_control_rate",
+    )
+    max_control_rate: float = _setting(
         _float_in(0.0, 1_000_000.0),
         20.0,
         "Pings and unsolicited pongs per second one connection may send (bursts of twice that); "
         "over it: close 1008. 0: no limit.",
-    ),
-    Setting(
-        "max_command_rate",
+    )
+    max_command_rate: float = _setting(
         _float_in(0.0, 1_000_000.0),
         20.0,
         "Commands (and free-form messages a production server answers with an error) per second "
         "one connection may send; a `subscribe` with `since` (a history replay) counts as 5. "
         "Bursts of 5 x WSSERVER_MAX_ROOMS_PER_CONNECTION plus twice the rate (a client may "
         "resume all its rooms at once); over it: close 1008. 0: no limit.",
-    ),
-    Setting(
-        "max_resumes",
+    )
+    max_resumes: int = _setting(
         _int_in(1, 100_000),
         8,
         "History replays (`subscribe` with `since`) queued or running at once in this worker, "
         "one per connection; one that finds no slot within WSSERVER_ENQUEUE_TIMEOUT gets the "
         "error frame `busy`. Keeps the broadcast queue free for publishers.",
-    ),
-    Setting(
-        "redis_url",
+    )
+    redis_url: str = _setting(
         str,
         "",
         "Redis for several workers/hosts and durable-ish history (e.g. redis://127.0.0.1:6379/0). "
         "Unset: the embedded in-memory broker (one worker).",
         secret=True,
-    ),
-    Setting(
-        "redis_prefix", str, "wsserver", "Prefix of every Redis key and channel wsserver uses."
-    ),
-    Setting(
-        "history_size",
+    )
+    redis_prefix: str = _setting(
+        str,
+        "wsserver",
+        "Prefix of every Redis key and channel wsserver uses.",
+    )
+    history_size: int = _setting(
         _int_in(0, 1_000_000),
         100,
         "Messages kept per room (and per user, and for everybody) for recovery; 0: none.",
-    ),
-    Setting(
-        "history_ttl",
+    )
+    history_ttl: float = _setting(
         _float_in(1.0, 30 * 86400.0),
         300.0,
         "Seconds a message stays in history.",
-    ),
-    Setting(
-        "history_max_rooms",
+    )
+    history_max_rooms: int = _setting(
         _int_in(1, 10_000_000),
         10_000,
         "Audiences (rooms, users) whose history and ids the in-memory broker keeps; past it the "
         "least recently published is forgotten (a resume there answers `recovered: false`).",
-    ),
-    Setting(
-        "history_max_bytes",
+    )
+    history_max_bytes: int = _setting(
         _int_in(0, 64 * 1024 * MiB),
         64 * MiB,
         "Bytes of messages the in-memory broker keeps for recovery, all audiences together; "
         "past it the least recently published audiences are forgotten. 0: no byte limit.",
-    ),
-    Setting(
-        "handshake_timeout",
+    )
+    handshake_timeout: float = _setting(
         _float_in(0.5, 300.0),
         10.0,
         "Seconds a client has, from connecting (or from its kept-alive connection turning "
         "readable), to send its whole request head, and a `Content-Length` body of up to "
         "WSSERVER_MAX_BODY_SIZE: a deadline, not an idle timeout. Until then the request holds "
         "no thread; past it: 408 and close.",
-    ),
-    Setting(
-        "request_timeout",
+    )
+    request_timeout: float = _setting(
         _float_in(1.0, 3600.0),
         30.0,
         "Seconds a request that is not a WebSocket may hold a thread once it arrived (a body "
         "still trickling in, an answer the client does not read); past it its socket is shut "
         "down. A WebSocket is exempt once upgraded.",
-    ),
-    Setting(
-        "max_pending",
+    )
+    max_pending: int = _setting(
         _int_in(1, 1_000_000),
         256,
         "Connections whose request has not arrived complete yet (all addresses); past it the "
         "oldest is cut with 503.",
-    ),
-    Setting(
-        "max_pending_per_ip",
+    )
+    max_pending_per_ip: int = _setting(
         _int_in(1, 1_000_000),
         64,
         "Connections from one address whose request has not arrived complete yet; past it "
         "that address's oldest is cut with 503, so a client that sends its request at once "
         "gets in.",
-    ),
-    Setting(
-        "max_request_head",
+    )
+    max_request_head: int = _setting(
         _int_in(1024, 1 * MiB),
         32 * 1024,
         "Largest request head (request line and headers, bytes); over it: 431 and close.",
-    ),
-    Setting("queue_size", _int_in(1, 1_000_000), 256, "Broadcast queue capacity (messages)."),
-    Setting(
-        "enqueue_timeout",
+    )
+    queue_size: int = _setting(_int_in(1, 1_000_000), 256, "Broadcast queue capacity (messages).")
+    enqueue_timeout: float = _setting(
         _float_in(0.0, 30.0),
         0.5,
         "Seconds `POST /notify` waits for room in a full queue before answering 503.",
-    ),
-    Setting(
-        "max_body_size",
+    )
+    max_body_size: int = _setting(
         _int_in(64, 64 * MiB),
         64 * 1024,
         "Largest `POST /notify` body (bytes); over it: 413.",
-    ),
-    Setting(
-        "max_message_size",
+    )
+    max_message_size: int = _setting(
         _int_in(16, 1024 * MiB),
         64 * 1024,
         "Largest message a client may send (bytes); over it the connection is closed with 1009.",
-    ),
-    Setting(
-        "client_buffer",
+    )
+    client_buffer: int = _setting(
         _int_in(1024, 1024 * MiB),
         1 * MiB,
         "Bytes queued for one client before it is dropped as a slow consumer (close 1008).",
-    ),
-    Setting(
-        "send_buffer",
+    )
+    send_buffer: int = _setting(
         _int_in(0, 64 * MiB),
         256 * 1024,
         "Kernel send buffer per WebSocket (SO_SNDBUF, bytes); 0 leaves the kernel's autotuning. "
         "Bounds what a stalled client holds in the kernel, on top of WSSERVER_CLIENT_BUFFER.",
-    ),
-    Setting(
-        "max_rooms_per_connection",
+    )
+    max_rooms_per_connection: int = _setting(
         _int_in(1, 100_000),
         100,
         "Rooms one connection may be in; past it: error frame `too_many_rooms`.",
-    ),
-    Setting(
-        "max_invalid_commands",
+    )
+    max_invalid_commands: int = _setting(
         _int_in(1, 1_000_000),
         20,
         "Invalid commands in a row a client may send (each gets an error frame) before close 1008.",
-    ),
-    Setting(
-        "max_batch",
+    )
+    max_batch: int = _setting(
         _int_in(1, 10_000),
         100,
         "Notifications in one `POST /notify` batch (a JSON list); more: 413.",
-    ),
-    Setting("ping_interval", _float_in(0.05, 3600.0), 25.0, "Seconds between keepalive pings."),
-    Setting(
-        "ping_timeout",
+    )
+    ping_interval: float = _setting(
+        _float_in(0.05, 3600.0),
+        25.0,
+        "Seconds between keepalive pings.",
+    )
+    ping_timeout: float = _setting(
         _float_in(0.05, 3600.0),
         20.0,
         "Seconds a peer has to show life after a ping before it is closed (1011).",
-    ),
-    Setting(
-        "close_timeout",
+    )
+    close_timeout: float = _setting(
         _float_in(0.05, 60.0),
         2.0,
         "Seconds to wait for a peer's close reply (and for our last bytes to drain).",
-    ),
-    Setting(
-        "shutdown_timeout",
+    )
+    shutdown_timeout: float = _setting(
         _float_in(0.1, 300.0),
         5.0,
         "Seconds SIGTERM may spend flushing the queue and closing clients with 1001.",
-    ),
-    Setting(
-        "threads",
+    )
+    threads: int = _setting(
         _int_in(4, 100_000),
         1100,
         "gunicorn threads per worker: each open WebSocket holds one for its life.",
-    ),
-    Setting(
-        "http_threads",
+    )
+    http_threads: int = _setting(
         _int_in(1, 10_000),
         32,
         "Threads kept back from WebSockets so `GET /` and `POST /notify` always answer.",
-    ),
-    Setting(
-        "max_connections",
+    )
+    max_connections: int = _setting(
         _int_in(0, 1_000_000),
         0,
         "WebSockets per worker; 0 means `threads - http_threads`. "
         "Over it: HTTP 503 before the upgrade.",
-    ),
-    Setting(
-        "workers",
+    )
+    workers: int = _setting(
         _int_in(1, 64),
         1,
         "gunicorn worker processes (more than 1 needs WSSERVER_REDIS_URL).",
-    ),
-    Setting(
-        "console",
+    )
+    console: bool = _setting(
         _parse_bool,
         False,
         "Serve the live console page at `/console` in production too (always on in development).",
-    ),
-    Setting(
-        "log_format",
+    )
+    log_format: str = _setting(
         _choice("text", "json"),
         "text",
         "`text` lines, or `json`: one JSON object per line (ts, level, logger, pid, message), "
         "for the server's and gunicorn's logs.",
-    ),
-    Setting(
-        "log_level",
+    )
+    log_level: str = _setting(
         _choice("debug", "info", "warning", "error"),
         "info",
         "Log level of the server's own loggers and gunicorn's error log.",
-    ),
-)
-
-_BY_NAME = {s.name: s for s in SETTINGS}
-
-
-@dataclass(frozen=True)
-class Settings:
-    """The effective, validated settings. Frozen: built once at start, shared by every thread.
-
-    Fields mirror :data:`SETTINGS` one to one (defaults and docs live there).
-    """
-
-    host: str
-    port: int
-    env: str
-    rebroadcast: bool
-    allowed_origins: tuple[str, ...]
-    api_keys: tuple[str, ...]
-    jwt_secret: str
-    jwt_public_key: str
-    private_room_prefix: str
-    max_connections_per_ip: int
-    rate_limit: float
-    max_fragments: int
-    max_control_rate: float
-    max_command_rate: float
-    max_resumes: int
-    handshake_timeout: float
-    request_timeout: float
-    max_pending: int
-    max_pending_per_ip: int
-    max_request_head: int
-    redis_url: str
-    redis_prefix: str
-    history_size: int
-    history_ttl: float
-    history_max_rooms: int
-    history_max_bytes: int
-    queue_size: int
-    enqueue_timeout: float
-    max_body_size: int
-    max_message_size: int
-    client_buffer: int
-    send_buffer: int
-    max_rooms_per_connection: int
-    max_invalid_commands: int
-    max_batch: int
-    ping_interval: float
-    ping_timeout: float
-    close_timeout: float
-    shutdown_timeout: float
-    threads: int
-    http_threads: int
-    max_connections: int
-    workers: int
-    console: bool
-    log_level: str
-    log_format: str
+    )
 
     @property
     def connection_budget(self) -> int:
@@ -476,6 +424,13 @@ class Settings:
     def public_items(self) -> list[tuple[str, Any]]:
         """(environment name, value) pairs for display, secrets masked."""
         return [(s.env, _masked(s, getattr(self, s.name))) for s in SETTINGS]
+
+
+SETTINGS: tuple[Setting, ...] = tuple(
+    Setting(name=f.name, **f.metadata) for f in fields(Settings)
+)
+
+_BY_NAME = {s.name: s for s in SETTINGS}
 
 
 def _masked(setting: Setting, value: Any) -> Any:
@@ -548,8 +503,6 @@ def _check_consistency(settings: Settings) -> None:
     if settings.jwt_secret and settings.jwt_public_key:
         raise SettingsError(f"set {ENV_PREFIX}JWT_SECRET or {ENV_PREFIX}JWT_PUBLIC_KEY, not both")
     if settings.jwt_public_key:
-        from .auth import load_public_key
-
         try:
             load_public_key(settings.jwt_public_key)
         except ValueError as exc:
@@ -559,9 +512,18 @@ def _check_consistency(settings: Settings) -> None:
             f"{ENV_PREFIX}HTTP_THREADS={settings.http_threads} must be below "
             f"{ENV_PREFIX}THREADS={settings.threads}: no thread would be left for WebSockets"
         )
-    if settings.workers > 1 and not settings.redis_url:
+    check_workers(settings.workers, settings.redis_url)
+
+
+def check_workers(workers: int, redis_url: str) -> None:
+    """Refuse several workers without Redis: each would hold a part of the audience and a
+    notification would reach only that part. Applied to ``WSSERVER_WORKERS`` here and, by
+    ``gunicorn_conf.on_starting``, to the final count a ``-w`` flag may have set."""
+    if workers > 1 and not redis_url:
         raise SettingsError(
-            f"{ENV_PREFIX}WORKERS={settings.workers}: several workers would each hold a part of "
-            "the audience and a notification would reach only one part; configure "
-            f"{ENV_PREFIX}REDIS_URL or run one worker"
+            f"refusing to start {workers} workers ({ENV_PREFIX}WORKERS, -w) without "
+            f"{ENV_PREFIX}REDIS_URL: each would hold a part of the audience and a notification "
+            f"would reach only that part. Set {ENV_PREFIX}REDIS_URL (workers then share one "
+            f"audience through Redis), or run one worker and raise {ENV_PREFIX}THREADS for "
+            "more connections."
         )

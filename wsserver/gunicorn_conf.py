@@ -36,6 +36,28 @@ import sys
 import tempfile
 import threading
 
+# what gunicorn reads from this module: its settings and its server hooks
+__all__ = [
+    "access_log_format",
+    "bind",
+    "child_exit",
+    "control_socket_disable",
+    "errorlog",
+    "graceful_timeout",
+    "keepalive",
+    "logconfig_dict",
+    "loglevel",
+    "on_starting",
+    "post_fork",
+    "post_worker_init",
+    "threads",
+    "timeout",
+    "worker_class",
+    "worker_connections",
+    "worker_exit",
+    "workers",
+]
+
 # prometheus_client's multiprocess mode: every worker writes its metrics under this directory
 # and /metrics in any worker adds them up. prometheus_client picks its mode when first
 # imported, so this comes before importing wsserver (which imports it).
@@ -51,7 +73,7 @@ if _METRICS_DIR_OWNED:
         if os.getpid() == _MASTER_PID:
             shutil.rmtree(os.environ["PROMETHEUS_MULTIPROC_DIR"], ignore_errors=True)
 
-from wsserver.config import SettingsError, load_settings  # noqa: E402
+from wsserver.config import SettingsError, check_workers, load_settings  # noqa: E402
 from wsserver.logs import gunicorn_logconfig  # noqa: E402
 
 try:
@@ -86,14 +108,11 @@ _THREAD_WORKERS = (worker_class, "gthread", "gunicorn.workers.gthread.ThreadWork
 def on_starting(server):  # noqa: ANN001 - gunicorn hook signature
     """Refuse a configuration that would silently lose messages or hang HTTP."""
     cfg = server.cfg
-    if cfg.workers > 1 and not _settings.redis_url:
-        sys.stderr.write(
-            f"wsserver: refusing to start {cfg.workers} workers: each would hold part of the "
-            "audience and a notification would reach only that part. Set WSSERVER_REDIS_URL "
-            "(workers then share one audience through Redis), or run one worker and raise "
-            "--threads for more connections.\n"
-        )
-        raise SystemExit(2)
+    try:
+        check_workers(cfg.workers, _settings.redis_url)  # -w may have raised the setting's count
+    except SettingsError as exc:
+        sys.stderr.write(f"wsserver: {exc}\n")
+        raise SystemExit(2) from None
     if _settings.redis_url:
         from wsserver.brokers.redis import check_redis
 
@@ -132,8 +151,8 @@ def on_starting(server):  # noqa: ANN001 - gunicorn hook signature
 
 
 def post_fork(server, worker):  # noqa: ANN001
-    # A WebSocket thread's stack stays shallow; a smaller reservation keeps 10k threads
-    # cheap in address space (resident memory is what they touch either way).
+    # A WebSocket thread's stack stays shallow; a smaller reservation keeps thousands of
+    # threads cheap in address space (resident memory is what they touch either way).
     threading.stack_size(_THREAD_STACK)
 
 
@@ -167,8 +186,8 @@ def worker_exit(server, worker):  # noqa: ANN001
 
     A clean exit then skips the interpreter's own shutdown: it joins every idle gthread pool
     thread one after the other, and with thousands of them (one per connection the worker
-    held) that took over 10 s. Our threads are already stopped and the clients closed; only
-    the logs need flushing. Any other exit goes the normal way."""
+    held) that takes seconds (docs/design.md, "gunicorn"). Our threads are already stopped
+    and the clients closed; only the logs need flushing. Any other exit goes the normal way."""
     exc = sys.exc_info()[1]
     if isinstance(exc, SystemExit) and exc.code in (None, 0) and threading.active_count() > 64:
         logging.shutdown()

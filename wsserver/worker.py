@@ -6,11 +6,10 @@ Why not gthread's own pool: it is a ``concurrent.futures.ThreadPoolExecutor``, w
 are non-daemon, and on Python before 3.13 every non-daemon thread that starts scans a set
 holding the lock of every other live non-daemon thread (``threading._maintain_shutdown_locks``,
 bpo-37788). A WebSocket holds its pool thread for life, so the thread for the N-th
-connection costs O(N): measured here, starting a thread with 10,000 others alive took
-1.7 ms of CPU with non-daemon threads and 0.19 ms with daemon ones, and connecting 10,000
-clients to one worker spent about a third of its time in that scan. gthread documents
-``get_thread_pool`` as the place to change the pool; :class:`DaemonThreadPool` is the
-same pool with daemon threads.
+connection costs O(N), and with thousands of clients that scan became a large share of the
+time spent connecting them (the figures are in docs/performance.md, "Connecting 10,000").
+gthread documents ``get_thread_pool`` as the place to change the pool;
+:class:`DaemonThreadPool` is the same pool with daemon threads.
 
 Daemon threads are safe here: gunicorn itself waits for open connections (up to
 ``graceful_timeout``) before the worker exits, and wsserver's SIGTERM hook has closed every
@@ -158,6 +157,8 @@ class ThreadWorker(_GthreadWorker):
     ``_Conn.websocket`` through the environ callable.
     """
 
+    wsgi: Callable[..., Any]  # set by gunicorn's load_wsgi; load_wsgi below wraps it
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         settings = load_settings()
@@ -191,7 +192,8 @@ class ThreadWorker(_GthreadWorker):
                 environ[WEBSOCKET_STARTED] = partial(_mark_websocket, conn)
             return app(environ, start_response)
 
-        wsgi.__wrapped__ = app  # type: ignore[attr-defined] - gunicorn_conf finds the app
+        # gunicorn_conf finds the app (and its wsserver service) through this
+        wsgi.__wrapped__ = app  # type: ignore[attr-defined]
         self.wsgi = wsgi
 
     def run(self) -> None:

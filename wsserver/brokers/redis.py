@@ -96,8 +96,6 @@ class RedisBroker(Broker):
         self._thread: threading.Thread | None = None
         self._broadcaster: Broadcaster | None = None
         self._hub: Hub | None = None
-        self.reconnects = 0
-        self.errors = 0
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -142,7 +140,6 @@ class RedisBroker(Broker):
         try:
             ids = self._script(keys=keys, args=[self._channel, self._maxlen, self._ttl_ms, *metas])
         except (redis.RedisError, OSError) as exc:
-            self.errors += 1
             metrics.BROKER_ERRORS.inc()
             raise BrokerUnavailable(f"redis: {exc.__class__.__name__}") from None
         return [i.decode() if isinstance(i, bytes) else str(i) for i in ids]
@@ -153,7 +150,6 @@ class RedisBroker(Broker):
         try:
             self._redis.publish(self._channel, b"!" + frame)
         except (redis.RedisError, OSError):
-            self.errors += 1
             metrics.BROKER_ERRORS.inc()
             return False
         return True
@@ -171,7 +167,6 @@ class RedisBroker(Broker):
         except redis.ResponseError:  # no such stream (expired, or Redis restarted)
             return Recovery(False)
         except (redis.RedisError, OSError) as exc:
-            self.errors += 1
             metrics.BROKER_ERRORS.inc()
             raise BrokerUnavailable(f"redis: {exc.__class__.__name__}") from None
         last_order = order_of(_text(info.get("last-generated-id", b"")))
@@ -253,7 +248,6 @@ class RedisBroker(Broker):
                 if self._connected.is_set():
                     log.warning("redis: connection lost (%s); reconnecting", exc.__class__.__name__)
                 self._connected.clear()
-                self.errors += 1
                 metrics.BROKER_ERRORS.inc()
                 if pubsub is not None:
                     try:
@@ -261,7 +255,6 @@ class RedisBroker(Broker):
                     except (redis.RedisError, OSError):
                         pass
                     pubsub = None
-                self.reconnects += 1
                 metrics.BROKER_RECONNECTS.inc()
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, 2.0)
