@@ -232,7 +232,7 @@ class Broadcaster:
         for conn in slow:
             self._on_slow(conn)
 
-    def _send_after_replay(self, conn: Connection, items: list[Broadcast]) -> int:
+    def _send_after_replay(self, conn: Connection, items: list[Broadcast]) -> SendResult:
         """Skip what ``conn`` was already replayed; forget the mark once past it."""
         marks = self._replayed[conn.id]
         keep = []

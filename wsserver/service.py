@@ -240,33 +240,35 @@ class NotificationService:
         conn.commands = TokenBucket(rate, burst)
         return conn
 
-    def on_client_message(self, conn: Connection, payload: Union[str, bytes]) -> None:
+    def on_client_message(self, conn: Connection, payload: Union[str, bytes]) -> bool:
         """A complete message from a client: a command (a JSON object with a ``type``), or
-        the original's free-form message, rebroadcast to everybody if enabled."""
+        the original's free-form message, rebroadcast to everybody if enabled. True when the
+        message was handed over for relay (its echo comes back to this client: see
+        :data:`wsserver.session.OnMessage`); False when it was not (answered here, or refused)."""
         metrics.MESSAGES_IN.inc()
         if isinstance(payload, str):
             try:
                 command = parse_command(payload)
             except CommandError as exc:
                 if self._over_command_rate(conn):
-                    return
+                    return False
                 self._command_failed(conn, exc.code, exc.reason)
-                return
+                return False
             if command is not None:
                 resuming = command.type == "subscribe" and command.since is not None
                 if self._over_command_rate(conn, RESUME_COST if resuming else 1.0):
-                    return
+                    return False
                 conn.invalid_commands = 0
                 self._run_command(conn, command)
-                return
+                return False
         if not self.settings.rebroadcast:
             # answered like a command, so counted like one: a flood of them is not answered
             if self._over_command_rate(conn):
-                return
+                return False
             conn.send(
                 error_frame("rebroadcast_disabled", "this server does not relay client messages")
             )
-            return
+            return False
         if isinstance(payload, str):
             frame = encode_frame(OP_TEXT, payload.encode("utf-8"))
         else:
@@ -274,6 +276,8 @@ class NotificationService:
         if not self.broker.relay(frame, self.settings.enqueue_timeout):
             self._rejected()
             conn.send(error_frame("queue_full", "server busy; message not relayed"))
+            return False
+        return True
 
     def _over_command_rate(self, conn: Connection, cost: float = 1.0) -> bool:
         """Count a command (``cost`` commands' worth) against the connection's
