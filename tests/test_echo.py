@@ -131,7 +131,9 @@ def test_an_in_order_close_waits_behind_the_echo_and_ends_the_stream(conn_and_pe
     assert conn.echoes.send(pong()) is False, "nothing new once closing"
     peer.nothing()
     broadcast(conn, encode_frame(OP_BINARY, b"\x00\x01bin"), text("after the close"))
-    assert peer.read(2) == [(OP_BINARY, b"\x00\x01bin"), (OP_CLOSE, struct.pack("!H", 1000) + b"bye")]
+    assert peer.read(2) == [
+        (OP_BINARY, b"\x00\x01bin"), (OP_CLOSE, struct.pack("!H", 1000) + b"bye")
+    ]
     assert conn.state is WriteState.CLOSE_SENT
     peer.nothing()  # the frame after the echo in the same batch is not sent after the close
     assert conn.send(text("late")) == SendResult.CLOSED
