@@ -165,7 +165,34 @@ class Connection:
                 self.echoes.relay_locked(frames)
                 return self._write_locked()
             if not self._pending and not self._watched and len(frames) <= _IOV_MAX:
-                return self._send_now_locked(frames, total)
+                # the common case, the fan-out's hot path (inline: it runs once per client
+                # per batch): nothing is waiting, so write the frames straight from the
+                # caller's list, queueing only what is left over
+                try:
+                    if len(frames) == 1:
+                        sent = self.sock.send(frames[0], socket.MSG_DONTWAIT)
+                    else:
+                        sent = self.sock.sendmsg(frames, (), socket.MSG_DONTWAIT)
+                except (BlockingIOError, InterruptedError):
+                    sent = 0
+                except OSError:
+                    self._state = _CLOSED  # the peer is gone; its thread cleans up
+                    return _OK
+                if sent == total:
+                    return _OK
+                self._pending.extend(frames)
+                self._pending_bytes += total - sent
+                offset = sent
+                pending = self._pending
+                while offset >= len(pending[0]):
+                    offset -= len(pending.popleft())
+                self._head_offset = offset
+                self._watched = True
+                self._flusher.watch(self._fd, self)
+                if self._pending_bytes > self._buffer_limit:
+                    self._drop_as_slow_locked()
+                    return _SLOW
+                return _OK
             self._pending.extend(frames)
             self._pending_bytes += total
             return self._write_locked()
@@ -302,36 +329,6 @@ class Connection:
             self._flush_locked()
 
     # -- helpers that need _lock held ----------------------------------------------------
-
-    def _send_now_locked(self, frames: Sequence[bytes], total: int) -> SendResult:
-        """The common case, the fan-out's hot path: nothing is waiting, so write the frames
-        straight from the caller's list, queueing only what is left over."""
-        assert self._lock.locked()
-        try:
-            if len(frames) == 1:
-                sent = self.sock.send(frames[0], socket.MSG_DONTWAIT)
-            else:
-                sent = self.sock.sendmsg(frames, (), socket.MSG_DONTWAIT)
-        except (BlockingIOError, InterruptedError):
-            sent = 0
-        except OSError:
-            self._state = _CLOSED  # the peer is gone; its thread cleans up
-            return _OK
-        if sent == total:
-            return _OK
-        self._pending.extend(frames)
-        self._pending_bytes += total - sent
-        offset = sent
-        pending = self._pending
-        while offset >= len(pending[0]):
-            offset -= len(pending.popleft())
-        self._head_offset = offset
-        self._watched = True
-        self._flusher.watch(self._fd, self)
-        if self._pending_bytes > self._buffer_limit:
-            self._drop_as_slow_locked()
-            return _SLOW
-        return _OK
 
     def _write_locked(self) -> SendResult:
         """Write what the socket takes now (unless the flusher owns the next write), then
