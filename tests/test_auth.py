@@ -9,8 +9,9 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from wsserver.auth import AccessDenied, AccessPolicy
+from wsserver.auth import AccessPolicy
 from wsserver.config import SettingsError, load_settings
+from wsserver.exceptions import AccessDenied
 
 
 def policy(**env: str) -> AccessPolicy:

@@ -12,7 +12,8 @@ import pytest
 from inprocess import Served, assert_no_new_threads
 from rawws import OP_CLOSE, OP_TEXT, close_code
 
-from wsserver.auth import AccessDenied, Identity
+from wsserver.auth import Identity
+from wsserver.exceptions import AccessDenied
 
 
 @pytest.fixture(autouse=True)

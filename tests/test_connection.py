@@ -10,7 +10,7 @@ import struct
 import pytest
 from support import wait_for
 
-from wsserver.connection import Connection, SendResult
+from wsserver.connection import Connection, SendResult, WriteState
 from wsserver.flusher import Flusher
 from wsserver.frames import OP_TEXT, encode_frame
 
@@ -107,4 +107,43 @@ def test_write_to_a_vanished_peer_does_not_raise(pair, flusher):
     for _ in range(3):
         conn.send(encode_frame(OP_TEXT, b"x" * 100))
     assert conn.send(encode_frame(OP_TEXT, b"x")) == SendResult.CLOSED
+    conn.detach()
+
+
+def test_write_state_only_moves_forward(pair, flusher):
+    a, b = pair
+    conn = Connection(5, a, "test", buffer_limit=1 << 20, flusher=flusher)
+    assert conn.state is WriteState.OPEN and not conn.closing and not conn.close_sent
+    assert conn.send(encode_frame(OP_TEXT, b"x")) is SendResult.OK
+    assert conn.close(1000, "") is True
+    assert conn.state is WriteState.CLOSE_SENT and conn.closing and conn.close_sent
+    conn.detach()
+    assert conn.state is WriteState.CLOSED
+    assert conn.close(1000, "") is False and conn.state is WriteState.CLOSED
+    assert read_frames(b, 2) == [(OP_TEXT, b"x"), (0x8, struct.pack("!H", 1000))]
+
+
+def test_a_failed_write_closes_the_stream(pair, flusher):
+    a, b = pair
+    b.close()
+    conn = Connection(6, a, "test", buffer_limit=1 << 20, flusher=flusher)
+    conn.send(encode_frame(OP_TEXT, b"x"))  # EPIPE: the peer is gone
+    assert conn.state is WriteState.CLOSED and conn.closing
+    assert conn.send(encode_frame(OP_TEXT, b"y")) is SendResult.CLOSED
+    conn.detach()
+
+
+def test_locked_helpers_refuse_to_run_without_the_lock(pair, flusher):
+    a, _ = pair
+    conn = Connection(7, a, "test", buffer_limit=1 << 20, flusher=flusher)
+    frame = encode_frame(OP_TEXT, b"x")
+    for call in (lambda: conn.queue_locked(frame), conn.write_locked, conn.flush_locked,
+                 conn.is_open_locked, lambda: conn.echoes.relay_locked([frame]),
+                 conn.echoes.clear_locked):
+        with pytest.raises(AssertionError):
+            call()
+    with conn._lock:  # the same calls under the lock are fine
+        conn.queue_locked(frame)
+        assert conn.write_locked() is SendResult.OK
+    assert conn.pending_bytes == 0
     conn.detach()

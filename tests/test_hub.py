@@ -10,8 +10,9 @@ import pytest
 from inprocess import assert_no_new_threads
 
 from wsserver.connection import Connection
+from wsserver.exceptions import RoomLimitReached
 from wsserver.flusher import Flusher
-from wsserver.hub import Hub, HubRefusal, RoomLimitReached
+from wsserver.hub import Hub, HubRefusal
 
 
 @pytest.fixture

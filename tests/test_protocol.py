@@ -8,8 +8,9 @@ import struct
 import pytest
 
 from wsserver.config import SettingsError, load_settings
+from wsserver.exceptions import BadRequest
 from wsserver.frames import OP_BINARY, OP_TEXT, close_frame, encode_frame
-from wsserver.protocol import BadRequest, encode_json_frame, parse_notification, parse_notify_body
+from wsserver.protocol import encode_json_frame, parse_notification, parse_notify_body
 
 
 @pytest.mark.parametrize("size,header_len", [(0, 2), (125, 2), (126, 4), (65535, 4), (65536, 10)])

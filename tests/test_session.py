@@ -25,42 +25,15 @@ from wsproto.events import AcceptConnection, Request
 from wsserver import metrics
 from wsserver.auth import Identity
 from wsserver.config import load_settings
-from wsserver.limits import Slots, TokenBucket
+from wsserver.connection import Connection
+from wsserver.flusher import Flusher
+from wsserver.frames import encode_frame
 from wsserver.protocol import Notification
 from wsserver.service import NotificationService
+from wsserver.session import run_session
 from wsserver.ws import serve_connection
 
 OP_CONT = 0x0
-
-
-# -- the reusable pieces ------------------------------------------------------------------
-
-
-def test_token_bucket_allows_the_burst_then_the_rate():
-    bucket = TokenBucket(rate=4, burst=5, now=100.0)
-    assert [bucket.take(100.0) for _ in range(6)] == [True] * 5 + [False]
-    assert bucket.take(100.125) is False  # half a token back
-    assert bucket.take(100.25) is True  # one token back after 1/rate seconds
-    assert bucket.take(100.25) is False
-    assert sum(bucket.take(1000.0) for _ in range(10)) == 5, "refills up to the burst only"
-    unlimited = TokenBucket(rate=0, burst=1)
-    assert all(unlimited.take() for _ in range(10_000))
-
-
-def test_slots_one_per_owner_and_a_total():
-    slots = Slots(limit=2)
-    assert slots.acquire(1, timeout=0) is None
-    assert slots.acquire(1, timeout=0.01) == "owner", "one in flight per owner"
-    assert slots.acquire(2, timeout=0) is None
-    assert slots.acquire(3, timeout=0.01) == "total"
-    got: list = []
-    waiter = threading.Thread(target=lambda: got.append(slots.acquire(3, timeout=5)))
-    waiter.start()
-    slots.release(1)
-    waiter.join(5)
-    assert got == [None] and slots.in_flight == 2
-    slots.release(1)  # idempotent
-    assert slots.in_flight == 2
 
 
 # -- in-process sessions over a socketpair ------------------------------------------------
@@ -617,3 +590,134 @@ def test_losing_the_race_for_the_last_slot_is_a_counted_refusal(sessions):
     assert code == 1013 and reason == b"server full"
     thread.join(5)
     assert _refusals("server_full") == before + 1
+
+
+# -- the session's echo ordering (wsserver.echo), driven by what on_message says -----------
+
+
+class _Relay:
+    """A session run by ``session.run_session`` on its own thread over a socketpair, with a
+    real Connection and Flusher; the test plays the broadcaster (it writes echoes through
+    ``conn.send_frames`` from its own thread) and ``on_message`` is given by the test."""
+
+    def __init__(self, on_message, close_timeout: float = 2.0) -> None:
+        self.flusher = Flusher(poll_timeout=0.05)
+        self.flusher.start()
+        ours, self.peer = socket.socketpair()
+        self.peer.settimeout(5)
+        self.ours = ours
+        self.conn = Connection(1, ours, "192.0.2.9", 1 << 20, self.flusher)
+        settings = load_settings({}, {"env": "development", "rebroadcast": True,
+                                      "close_timeout": close_timeout, "rate_limit": 0})
+        self.delivered = threading.Event()
+        self.result: list[str] = []
+
+        def handler(conn, payload):
+            try:
+                return on_message(conn, payload)
+            finally:
+                self.delivered.set()
+
+        self.thread = threading.Thread(
+            target=lambda: self.result.append(
+                run_session(_Transport(ours), self.conn, settings, handler)),
+            name="test-session", daemon=True)
+        self.thread.start()
+        self.parser = rawws.FrameParser()
+
+    def read(self, count: int) -> list[tuple[int, bytes]]:
+        frames: list[tuple[int, bytes]] = []
+        while len(frames) < count:
+            data = self.peer.recv(65536)
+            assert data, f"ended after {frames}"
+            frames += self.parser.feed(data)
+        assert len(frames) == count, frames
+        return frames
+
+    def quiet(self, seconds: float = 0.3) -> None:
+        self.peer.settimeout(seconds)
+        try:
+            data = self.peer.recv(65536)
+        except socket.timeout:
+            return
+        finally:
+            self.peer.settimeout(5)
+        raise AssertionError(f"unexpected {self.parser.feed(data)}")
+
+    def end(self) -> None:
+        if self.thread.is_alive():
+            try:
+                _send(self.peer, client_frame(OP_CLOSE, rawws.close_payload(1000)))
+                self.peer.shutdown(socket.SHUT_WR)  # the TCP close the session waits for
+            except OSError:
+                pass
+        self.thread.join(5)
+        assert not self.thread.is_alive(), "the session did not end"
+        self.conn.detach()
+        self.flusher.stop()
+        self.ours.close()
+        self.peer.close()
+
+
+@pytest.mark.timeout(30)
+def test_a_reply_sent_on_another_thread_while_relaying_does_not_release_the_pong():
+    """The defect of the replies counter: a reply written on another thread (a Resume's, on
+    the broadcaster thread) while on_message relayed a message was taken for a direct answer,
+    the echo was withdrawn and the pong overtook it. Now on_message's True says "relayed"."""
+    reply = encode_frame(OP_TEXT, b'{"type":"subscribed"}')
+
+    def on_message(conn, payload):
+        other = threading.Thread(target=conn.send, args=(reply,))
+        other.start()
+        other.join(5)
+        return True  # handed over for relay: the echo comes later
+
+    r = _Relay(on_message)
+    try:
+        _send(r.peer, client_frame(OP_TEXT, b"relay me"), client_frame(OP_PING, b"p"))
+        assert r.delivered.wait(5)
+        assert r.read(1) == [(OP_TEXT, b'{"type":"subscribed"}')]
+        r.quiet()  # the pong waits for the echo
+        r.conn.send_frames([encode_frame(OP_TEXT, b"relay me")])  # the broadcaster's echo
+        assert r.read(2) == [(OP_TEXT, b"relay me"), (OP_PONG, b"p")]
+    finally:
+        r.end()
+    assert r.result and r.result[0].startswith("peer closed")
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("answer", [False, None])
+def test_a_message_answered_directly_holds_nothing_back(answer):
+    error = encode_frame(OP_TEXT, b'{"type":"error","code":"queue_full"}')
+
+    def on_message(conn, payload):
+        conn.send(error)
+        return answer
+
+    r = _Relay(on_message)
+    try:
+        started = time.monotonic()
+        _send(r.peer, client_frame(OP_TEXT, b"not relayed"), client_frame(OP_PING, b"p"))
+        assert r.read(2) == [(OP_TEXT, b'{"type":"error","code":"queue_full"}'), (OP_PONG, b"p")]
+        assert time.monotonic() - started < 1.0, "the pong waited for an echo never coming"
+    finally:
+        r.end()
+
+
+@pytest.mark.timeout(30)
+def test_a_lost_echo_holds_the_pong_and_the_close_reply_for_close_timeout_at_most():
+    r = _Relay(lambda conn, payload: True, close_timeout=0.4)  # "relayed", never echoed
+    try:
+        started = time.monotonic()
+        _send(r.peer, client_frame(OP_TEXT, b"lost"), client_frame(OP_PING, b"p"))
+        assert r.read(1) == [(OP_PONG, b"p")]
+        waited = time.monotonic() - started
+        assert 0.35 <= waited < 2.0, f"the pong waited {waited:.2f}s"
+        started = time.monotonic()
+        _send(r.peer, client_frame(OP_TEXT, b"lost too"),
+              client_frame(OP_CLOSE, rawws.close_payload(1000)))
+        assert r.read(1) == [(OP_CLOSE, rawws.close_payload(1000))]
+        waited = time.monotonic() - started
+        assert 0.35 <= waited < 2.0, f"the close reply waited {waited:.2f}s"
+    finally:
+        r.end()

@@ -26,13 +26,11 @@ from urllib.parse import urlsplit
 import jwt
 
 from .config import Settings, load_public_key
-from .exceptions import AccessDenied  # re-exported: service.py and ws.py import it from here
+from .exceptions import AccessDenied
 
 __all__ = [
-    "AccessDenied",
     "AccessPolicy",
     "Identity",
-    "load_public_key",
     "token_from",
     "valid_origin",
 ]

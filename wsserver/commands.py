@@ -62,9 +62,11 @@ class ClientCommands:
         burst = self._settings.max_rooms_per_connection * RESUME_COST + 2 * rate
         return TokenBucket(rate, burst)
 
-    def on_message(self, conn: Connection, payload: Payload) -> None:
+    def on_message(self, conn: Connection, payload: Payload) -> bool:
         """A complete message from a client: a command (a JSON object with a ``type``), or
-        the original's free-form message, rebroadcast to everybody if enabled."""
+        the original's free-form message, rebroadcast to everybody if enabled. True when the
+        message was handed over for relay (its echo comes back to this client: see
+        :data:`wsserver.session.OnMessage`); False when it was answered here or refused."""
         metrics.MESSAGES_IN.inc()
         if isinstance(payload, str):
             try:
@@ -72,14 +74,14 @@ class ClientCommands:
             except CommandError as exc:
                 if not self._over_rate(conn):
                     self._failed(conn, exc.code, exc.reason)
-                return
+                return False
             if command is not None:
                 resuming = command.type == "subscribe" and command.since is not None
                 if not self._over_rate(conn, RESUME_COST if resuming else 1.0):
                     conn.invalid_commands = 0
                     self._run(conn, command)
-                return
-        self._free_form(conn, payload)
+                return False
+        return self._free_form(conn, payload)
 
     def subscribe(self, conn: Connection, room: str) -> None:
         """Join ``room`` (idempotent); raises :class:`~wsserver.auth.AccessDenied` for a
@@ -94,7 +96,8 @@ class ClientCommands:
         self._service.admission.check_join(conn.identity, room)
         self._service.recovery.resume(conn, room, since)
 
-    def _free_form(self, conn: Connection, payload: Payload) -> None:
+    def _free_form(self, conn: Connection, payload: Payload) -> bool:
+        """Relay a free-form message (True), or answer why not (False)."""
         if not self._settings.rebroadcast:
             # answered like a command, so counted like one: a flood of them is not answered
             if not self._over_rate(conn):
@@ -103,7 +106,7 @@ class ClientCommands:
                         "rebroadcast_disabled", "this server does not relay client messages"
                     )
                 )
-            return
+            return False
         if isinstance(payload, str):
             frame = encode_frame(OP_TEXT, payload.encode("utf-8"))
         else:
@@ -111,6 +114,8 @@ class ClientCommands:
         if not self._service.broker.relay(frame, self._settings.enqueue_timeout):
             metrics.PUBLISH_REJECTED.labels("queue_full").inc()
             conn.send(error_frame("queue_full", "server busy; message not relayed"))
+            return False
+        return True
 
     def _over_rate(self, conn: Connection, cost: float = 1.0) -> bool:
         """Count a command (``cost`` commands' worth) against the connection's

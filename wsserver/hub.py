@@ -26,7 +26,7 @@ from .exceptions import RoomLimitReached  # defined with every other exception
 if TYPE_CHECKING:
     from .connection import Connection
 
-__all__ = ["Hub", "HubRefusal", "RoomLimitReached"]
+__all__ = ["Hub", "HubRefusal"]
 
 
 class HubRefusal(Enum):

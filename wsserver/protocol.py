@@ -17,19 +17,6 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-# Re-exported for modules that still import them from here (session, connection, service,
-# ws.serve_connection): their home is wsserver.codes and wsserver.exceptions.
-from .codes import (  # noqa: F401
-    CLOSE_GOING_AWAY,
-    CLOSE_INTERNAL_ERROR,
-    CLOSE_MESSAGE_TOO_BIG,
-    CLOSE_NORMAL,
-    CLOSE_POLICY_VIOLATION,
-    CLOSE_PROTOCOL_ERROR,
-    CLOSE_SLOW_CONSUMER,
-    CLOSE_TOKEN_EXPIRED,
-    CLOSE_TRY_AGAIN_LATER,
-)
 from .exceptions import BadRequest, CommandError
 from .frames import OP_TEXT, encode_frame
 

@@ -23,13 +23,14 @@ from .admission import Admission
 from .auth import AccessPolicy, Identity
 from .broadcaster import Broadcaster
 from .brokers import Broker, BrokerUnavailable, Outgoing, make_broker
+from .codes import CLOSE_GOING_AWAY, REASON_SHUTTING_DOWN
 from .commands import ClientCommands
 from .config import Settings
 from .connection import Connection
 from .exceptions import QueueFull
 from .flusher import Flusher
 from .hub import Hub
-from .protocol import CLOSE_GOING_AWAY, Notification
+from .protocol import Notification
 from .recovery import Recovery
 
 __all__ = ["BrokerUnavailable", "NotificationService", "Published"]
@@ -154,7 +155,7 @@ class NotificationService:
             if not self.broadcaster.stop(max(deadline - time.monotonic(), 0.1) / 2):
                 log.warning("broadcast queue not flushed in time")
         for conn in self.hub.snapshot():
-            conn.close(CLOSE_GOING_AWAY, "server shutting down")
+            conn.close(CLOSE_GOING_AWAY, REASON_SHUTTING_DOWN)
         while self.hub.count() and time.monotonic() < deadline:
             time.sleep(0.02)
         stragglers = self.hub.snapshot()

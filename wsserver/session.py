@@ -14,13 +14,11 @@ The thread returns, and the gunicorn thread is freed, when:
 * the peer shows no sign of life for ``ping_timeout`` after a ping (half-open TCP);
 * the socket fails or ends (reset, EOF).
 
-Order: the client's own messages come back to it through the broadcaster thread, so a pong
-or close frame written straight away could overtake the echo of a message the client sent
-before its ping or close (and a close would make that echo be dropped, or be delivered to
-the next client to connect once this one has left the hub). Each relayed message is
-therefore registered with the connection before it is handed over
-(:meth:`~wsserver.connection.Connection.expect_echo`), and pongs and close frames are sent
-*in order*: behind those echoes, for at most ``close_timeout`` each.
+Order: when client messages are relayed, the session expects the echo of each one it hands
+over, and sends its pongs and close frames *in order*, behind those echoes, for at most
+``close_timeout`` each (:mod:`wsserver.echo`, ``conn.echoes``).
+
+The loop is :class:`Session`; :func:`run_session` is the entry point :mod:`wsserver.ws` calls.
 """
 
 from __future__ import annotations
@@ -31,31 +29,33 @@ import socket
 import sys
 import threading
 import time
-from typing import TYPE_CHECKING, Callable, NamedTuple, Union
+from typing import TYPE_CHECKING, Callable, NamedTuple, Optional, Union
 
 from wsproto.connection import ConnectionState
-from wsproto.events import BytesMessage, CloseConnection, Ping, Pong, TextMessage
+from wsproto.events import BytesMessage, CloseConnection, Event, Ping, Pong, TextMessage
 from wsproto.utilities import LocalProtocolError
 
 from . import audit
-from .connection import Connection
-from .frames import OP_CLOSE, OP_PING, OP_PONG, FrameMatch, encode_frame
-from .limits import TokenBucket
-from .protocol import (
+from .codes import (
     CLOSE_INTERNAL_ERROR,
     CLOSE_MESSAGE_TOO_BIG,
     CLOSE_POLICY_VIOLATION,
     CLOSE_TOKEN_EXPIRED,
-    is_command,
+    REASON_KEEPALIVE_TIMEOUT,
+    REASON_RATE_LIMIT,
+    REASON_SLOW_CONSUMER,
+    REASON_TOKEN_EXPIRED,
 )
+from .connection import Connection
+from .frames import OP_CLOSE, OP_PING, OP_PONG, encode_frame
+from .limits import TokenBucket
+from .protocol import is_command
 
 if TYPE_CHECKING:
-    from wsproto import WSConnection
-
     from .config import Settings
     from .transport import Transport
 
-__all__ = ["run_session"]
+__all__ = ["OnMessage", "Session", "run_session"]
 
 log = logging.getLogger(__name__)
 
@@ -69,16 +69,14 @@ class _Wakeups:
     Why: when thousands of peers leave within the same second (a network blip, a proxy
     restart, the benchmark closing 10,000 clients), every connection thread returns from
     ``poll`` at once and waits for the GIL, and CPython's GIL waiters wake on a timer every
-    switch interval (5 ms) to ask for it: N waiters make N/0.005 wake-ups a second. Measured
-    with 5,000 clients closed together: ~9 ms of worker CPU per connection (8.3 ms of it in
-    the kernel), 13-25 s before all were gone, ``GET /`` timing out meanwhile, and once the
-    worker missed gunicorn's heartbeat and was killed. With the interval at 0.5 s while the
-    storm lasts, 10,000 cost 0.41 ms each and were gone in 3.3 s. In normal traffic a handful
-    of threads are awake at once and the interval stays as it was; it only changes how long
-    a thread that never blocks may keep the GIL when others want it, and ours all block
-    (on a socket) within milliseconds. The first thread to go back to ``poll`` after ``HOLD``
-    restores it; with no connection traffic at all it stays raised, which costs nothing while
-    nothing contends for the GIL.
+    switch interval (5 ms) to ask for it: N waiters make N/0.005 wake-ups a second, enough
+    to stall the worker (``GET /`` unanswered, gunicorn's heartbeat missed); what it cost
+    before and after this guard is measured in docs/performance.md ("Mass disconnects").
+    In normal traffic a handful of threads are awake at once and the interval stays as it
+    was; it only changes how long a thread that never blocks may keep the GIL when others
+    want it, and ours all block (on a socket) within milliseconds. The first thread to go
+    back to ``poll`` after ``HOLD`` restores it; with no connection traffic at all it stays
+    raised, which costs nothing while nothing contends for the GIL.
     """
 
     HIGH = 32  # awake threads from which the interval is raised (128 reacted too late)
@@ -125,7 +123,7 @@ class _Wakeups:
 _WAKEUPS = _Wakeups()
 _LINGER_BYTES = 1 << 20  # what a closed peer may still send before we cut the connection
 # ... and the frames it may still send while we wait for its close reply: parsing costs per
-# frame (about 10 us each), so a peer still flooding tiny frames is cut after ~40 ms of it
+# frame, so a peer still flooding tiny frames is cut after this many
 _DISCARD_FRAMES = 4096
 _PING = encode_frame(OP_PING, b"")
 
@@ -158,7 +156,8 @@ class _Inbound:
     Why count frames and not only bytes: an unfinished message followed by empty
     continuation frames adds no bytes, and without a frame count a peer could send those
     for ever (each one cost a list entry and parse time). Why count control frames: every
-    ping costs a pong; unbounded, a peer had the worker answer a million of them in 5 s.
+    ping costs a pong; unbounded, a flooding peer kept the worker answering
+    (docs/security.md, ping floods).
     Each frame is counted as wsproto yields it, so one read holding thousands of pings is
     cut at the limit, not answered first.
 
@@ -190,7 +189,7 @@ class _Inbound:
         )
         self._too_fast = _Limit(
             CLOSE_POLICY_VIOLATION,
-            "rate limit exceeded",
+            REASON_RATE_LIMIT,
             "rate_limit",
             f"WSSERVER_RATE_LIMIT={rate:g}",
         )
@@ -239,165 +238,258 @@ class _Inbound:
         self._parts, self._size, self._frames = [], 0, 0
 
 
+OnMessage = Callable[[Connection, Payload], Optional[bool]]
+"""The service's handler of a complete client message. It returns True when it handed the
+message over for relay, so that the message's echo will come back to this client through the
+broadcaster; anything else (False, None) says it was not relayed (a command, an answer sent
+directly, a refusal). The session withdraws the echo it expected on anything but True."""
+
+
 def run_session(
-    transport: Transport,
-    conn: Connection,
-    settings: Settings,
-    on_message: Callable[[Connection, Payload], None],
+    transport: Transport, conn: Connection, settings: Settings, on_message: OnMessage
 ) -> str:
     """Serve ``conn`` until it ends; returns why it ended (for the log)."""
-    sock = transport.sock
-    proto = transport.protocol
-    poller = select.poll()
-    poller.register(sock, select.POLLIN)
-    inbound = _Inbound(settings)
-    relayed = settings.rebroadcast
-    # how long a pong or close frame may wait for the echo of an earlier message
-    hold_limit = settings.close_timeout
+    return Session(transport, conn, settings, on_message).run()
 
-    now = time.monotonic()
-    next_ping = now + settings.ping_interval
-    life_deadline: float | None = None  # set when a ping is out: show life by then
-    close_deadline: float | None = None
-    after_close = 0  # bytes the peer sent once we were closing
-    peer_unresponsive = False
-    why = "closed"
-    awake = False  # counted in _WAKEUPS: between a poll that returned and the next poll
 
-    try:
-        while True:
-            if awake:
-                _WAKEUPS.leave()
-                awake = False
-            now = time.monotonic()
-            held_since = conn.held_since
-            if held_since is not None and now >= held_since + hold_limit:
-                conn.release_held()  # the echo is late or lost: stop holding frames for it
-                held_since = None
-            if conn.closing and close_deadline is None:
-                close_deadline = now + settings.close_timeout
-                if not conn.close_sent:
-                    close_deadline += hold_limit  # our close waits for an echo first
-            if close_deadline is not None and now >= close_deadline:
-                why, peer_unresponsive = "no close reply", True
-                break
-            if life_deadline is not None and now >= life_deadline:
-                _close_for(conn, _keepalive_timeout(settings))
-                why, peer_unresponsive = "keepalive timeout", True
-                break
-            token_deadline = _token_deadline(conn, now)
-            if token_deadline is not None and now >= token_deadline and not conn.closing:
-                _close_for(conn, _TOKEN_EXPIRED)
-                continue
-            if now >= next_ping and close_deadline is None:
-                conn.send(_PING)
-                inbound.pings_out += 1
-                next_ping = now + settings.ping_interval
-                if life_deadline is None:
-                    life_deadline = now + settings.ping_timeout
-            hold_deadline = None if held_since is None else held_since + hold_limit
-            wake_at = min(
-                t
-                for t in (next_ping, life_deadline, close_deadline, hold_deadline, token_deadline)
-                if t is not None
+class Session:
+    """One connection's life on its own thread: the read loop and its deadlines.
+
+    Each turn of :meth:`run` checks the deadlines (:meth:`_check_deadlines`: echoes held too
+    long, the close handshake, keepalive, token expiry, the next ping), waits for input until
+    the nearest one (:meth:`_wait`, counted in the mass wake-up guard), then parses what came
+    (:meth:`_receive`) and acts on it frame by frame (:meth:`_on_event`); inbound assembly and
+    its limits are :class:`_Inbound`'s, message rates a :class:`~wsserver.limits.TokenBucket`'s.
+    :meth:`_finish` drains and ends the TCP connection.
+
+    Thread-safety: a Session belongs to the connection's own thread; nothing in it is shared.
+    Other threads reach the client only through its :class:`~wsserver.connection.Connection`.
+    """
+
+    def __init__(
+        self, transport: Transport, conn: Connection, settings: Settings, on_message: OnMessage
+    ) -> None:
+        self.conn = conn
+        self._transport = transport
+        self._sock = transport.sock
+        self._proto = transport.protocol
+        self._settings = settings
+        self._on_message = on_message
+        self._poller = select.poll()
+        self._poller.register(self._sock, select.POLLIN)
+        self._inbound = _Inbound(settings)
+        self._relayed = settings.rebroadcast
+        # how long a pong or close frame may wait for the echo of an earlier message
+        conn.echoes.hold_limit = settings.close_timeout
+        self._next_ping = time.monotonic() + settings.ping_interval
+        self._life_deadline: float | None = None  # set when a ping is out: show life by then
+        self._close_deadline: float | None = None  # set once we close: the reply is due by then
+        self._after_close = 0  # bytes the peer sent once we were closing
+        self._unresponsive = False  # end without a graceful half-close
+        self._awake = False  # counted in _WAKEUPS: between a poll that returned and the next
+
+    def run(self) -> str:
+        """Serve the connection until it ends; returns why it ended (for the log)."""
+        why: str | None = None
+        try:
+            while why is None:
+                self._sleep()
+                now = time.monotonic()
+                why = self._check_deadlines(now)
+                if why is None and self._wait(now):
+                    why = self._receive()
+        finally:
+            self._finish()
+        return why or "closed"
+
+    # -- deadlines ---------------------------------------------------------------------------
+
+    def _check_deadlines(self, now: float) -> str | None:
+        """Act on every deadline passed by ``now``: why the session ends, or None."""
+        conn = self.conn
+        conn.echoes.release_if_due(now)  # an echo late or lost holds nothing any longer
+        self._start_close_wait(now)
+        if self._close_deadline is not None and now >= self._close_deadline:
+            self._unresponsive = True
+            return "no close reply"
+        if self._life_deadline is not None and now >= self._life_deadline:
+            _close_for(conn, _keepalive_timeout(self._settings))
+            self._unresponsive = True
+            return "keepalive timeout"
+        token_deadline = _token_deadline(conn, now)
+        if token_deadline is not None and now >= token_deadline and not conn.closing:
+            _close_for(conn, _TOKEN_EXPIRED)
+            self._start_close_wait(now)
+        if now >= self._next_ping and self._close_deadline is None:
+            self._ping(now)
+        return None
+
+    def _start_close_wait(self, now: float) -> None:
+        """Once we are closing, the peer's reply is due within ``close_timeout`` (plus the
+        time our close may wait behind an echo)."""
+        conn = self.conn
+        if conn.closing and self._close_deadline is None:
+            self._close_deadline = now + self._settings.close_timeout
+            if not conn.close_sent:
+                self._close_deadline += conn.echoes.hold_limit
+
+    def _ping(self, now: float) -> None:
+        """Keepalive: a ping every ``ping_interval``; the peer must show life (any bytes)
+        within ``ping_timeout`` of the first one not answered."""
+        self.conn.send(_PING)
+        self._inbound.pings_out += 1
+        self._next_ping = now + self._settings.ping_interval
+        if self._life_deadline is None:
+            self._life_deadline = now + self._settings.ping_timeout
+
+    def _wait(self, now: float) -> bool:
+        """Wait for input until the nearest deadline. True when there is some (this thread
+        is then counted awake until its next wait)."""
+        wake_at = min(
+            t
+            for t in (
+                self._next_ping,
+                self._life_deadline,
+                self._close_deadline,
+                self.conn.echoes.deadline,
+                _token_deadline(self.conn, now),
             )
-            if not poller.poll(max(wake_at - now, 0.0) * 1000 + 1):
-                continue
-            _WAKEUPS.enter()
-            awake = True
-            try:
-                data = sock.recv(_RECV_BYTES)
-            except OSError:
-                why = "reset"
-                break
-            if not data:
-                why = "slow consumer" if conn.slow else "eof"
-                break
-            life_deadline = None  # any bytes prove the peer is there
-            if conn.closing:
-                after_close += len(data)
-                if after_close > _LINGER_BYTES:  # still flooding after our close: cut it
-                    why, peer_unresponsive = "no close reply", True
-                    break
-            try:
-                proto.receive_data(data)
-            except LocalProtocolError:
-                why = "data after close"
-                break
-            ended = _handle_events(proto, conn, inbound, relayed, on_message)
-            if ended is not None:
-                why, peer_unresponsive = ended
-                break
-    finally:
-        drained = conn.drain(settings.close_timeout)
-        transport.release()
-        if peer_unresponsive or conn.slow or not drained:
-            # no graceful half-close for a peer that is not listening (or has failed the
-            # protocol): gunicorn would linger on it
-            _discard_pending_input(sock)
-            conn.abort()
-        elif not _await_peer_close(sock, settings.close_timeout):
-            conn.abort()  # the peer keeps its side open: cut it here, not in gunicorn
-        if awake:
+            if t is not None
+        )
+        if not self._poller.poll(max(wake_at - now, 0.0) * 1000 + 1):
+            return False
+        _WAKEUPS.enter()
+        self._awake = True
+        return True
+
+    def _sleep(self) -> None:
+        """About to wait again: no longer counted awake."""
+        if self._awake:
             _WAKEUPS.leave()
-    return why
+            self._awake = False
 
+    # -- input -------------------------------------------------------------------------------
 
-def _handle_events(
-    proto: WSConnection,
-    conn: Connection,
-    inbound: _Inbound,
-    relayed: bool,
-    on_message: Callable[[Connection, Payload], None],
-) -> tuple[str, bool] | None:
-    """Act on what wsproto parsed, frame by frame. Returns why the session ends and whether
-    the peer is to be cut without waiting (a close handshake done or failed), or None to go
-    on reading. Once a limit is broken the connection is closing: what the peer sent after
-    the frame that broke it is parsed only to find its close reply, and discarded."""
-    for event in proto.events():
+    def _receive(self) -> str | None:
+        """Read what arrived and act on it: why the session ends, or None."""
+        conn = self.conn
+        try:
+            data = self._sock.recv(_RECV_BYTES)
+        except OSError:
+            return "reset"
+        if not data:
+            return REASON_SLOW_CONSUMER if conn.slow else "eof"
+        self._life_deadline = None  # any bytes prove the peer is there
+        if conn.closing:
+            self._after_close += len(data)
+            if self._after_close > _LINGER_BYTES:  # still flooding after our close: cut it
+                self._unresponsive = True
+                return "no close reply"
+        try:
+            self._proto.receive_data(data)
+        except LocalProtocolError:
+            return "data after close"
+        for event in self._proto.events():
+            ended = self._on_event(event)
+            if ended is not None:
+                why, self._unresponsive = ended
+                return why
+        return None
+
+    def _on_event(self, event: Event) -> tuple[str, bool] | None:
+        """Act on one parsed frame. Returns why the session ends and whether the peer is to
+        be cut without waiting (a close handshake done or failed), or None to go on. Once a
+        limit is broken the connection is closing: what the peer sent after the frame that
+        broke it is parsed only to find its close reply, and discarded."""
+        conn = self.conn
         if isinstance(event, CloseConnection):
-            if proto.state is ConnectionState.OPEN:
-                # wsproto could not parse the peer's bytes: fail the connection
-                code = event.code
-                text = event.reason or "protocol error"
-                _close_for(conn, _Limit(code, text, "protocol_error", f"close {code}"))
-                # RFC 6455 7.1.7: fail the connection, do not wait for the peer
-                return f"protocol error {event.code}", True
-            if not conn.closing:
-                _reply_to_close(conn, event.code)
-                return f"peer closed {event.code}", False
-            return "closed", False
+            return self._on_close(event)
         if conn.closing:  # what the peer still sends is discarded ...
-            inbound.discarded += 1
-            if inbound.discarded > _DISCARD_FRAMES:  # ... but a flood of it is not parsed
+            self._inbound.discarded += 1
+            if self._inbound.discarded > _DISCARD_FRAMES:  # ... but a flood of it is not parsed
                 return "no close reply", True
-            continue
+            return None
         if isinstance(event, (TextMessage, BytesMessage)):
-            outcome = inbound.data(event)
-            if outcome is None:
-                continue
+            outcome = self._inbound.data(event)
             if isinstance(outcome, _Limit):
                 _close_for(conn, outcome)
-                continue
-            message, size = outcome
-            _deliver(conn, message, size, relayed, on_message)
-        elif isinstance(event, (Ping, Pong)):
-            broken = inbound.ping() if isinstance(event, Ping) else inbound.pong()
+            elif outcome is not None:
+                self._deliver(*outcome)
+        elif isinstance(event, Ping):
+            broken = self._inbound.ping()
             if broken is not None:
                 _close_for(conn, broken)
-                continue
-            if isinstance(event, Ping):
-                conn.send_in_order(encode_frame(OP_PONG, bytes(event.payload)))
-    return None
+            else:
+                conn.echoes.send(encode_frame(OP_PONG, bytes(event.payload)))
+        elif isinstance(event, Pong):
+            broken = self._inbound.pong()
+            if broken is not None:
+                _close_for(conn, broken)
+        return None
 
+    def _on_close(self, event: CloseConnection) -> tuple[str, bool]:
+        """The peer's close frame: answer it (in order, behind the echoes of what the peer
+        sent before it), or fail the connection when wsproto could not parse its bytes."""
+        conn = self.conn
+        if self._proto.state is ConnectionState.OPEN:
+            # wsproto could not parse the peer's bytes: fail the connection
+            code = event.code
+            text = event.reason or "protocol error"
+            _close_for(conn, _Limit(code, text, "protocol_error", f"close {code}"))
+            # RFC 6455 7.1.7: fail the connection, do not wait for the peer
+            return f"protocol error {event.code}", True
+        if not conn.closing:
+            _reply_to_close(conn, event.code)
+            return f"peer closed {event.code}", False
+        return "closed", False
 
-_TOKEN_EXPIRED = _Limit(CLOSE_TOKEN_EXPIRED, "token expired", "token_expired", "token exp passed")
+    def _deliver(self, message: Payload, size: int) -> None:
+        """Hand a complete message to the service, expecting its echo first when it may be
+        relayed back to this client.
+
+        The echo can come back through the broadcaster before ``on_message`` returns, hence
+        expecting it first; the handler's return value says whether it relayed the message
+        (see :data:`OnMessage`), and a message not relayed holds nothing back. Commands are
+        never relayed, so they expect nothing."""
+        conn = self.conn
+        if not self._relayed or (isinstance(message, str) and is_command(message)):
+            self._on_message(conn, message)
+            return
+        expected = conn.echoes.expect(message, size)
+        relayed = False
+        try:
+            relayed = self._on_message(conn, message) is True
+        finally:
+            if not relayed:
+                conn.echoes.cancel(expected)
+
+    # -- the end -----------------------------------------------------------------------------
+
+    def _finish(self) -> None:
+        """Drain what is owed to the peer, hand the socket back, and end the TCP connection:
+        gracefully (half-close, await the peer's FIN) for a peer that is listening, cut for
+        one that is not (or has failed the protocol): gunicorn would linger on it."""
+        conn, sock = self.conn, self._sock
+        try:
+            drained = conn.drain(self._settings.close_timeout)
+            self._transport.release()
+            if self._unresponsive or conn.slow or not drained:
+                _discard_pending_input(sock)
+                conn.abort()
+            elif not _await_peer_close(sock, self._settings.close_timeout):
+                conn.abort()  # the peer keeps its side open: cut it here, not in gunicorn
+        finally:
+            self._sleep()
+
+_TOKEN_EXPIRED = _Limit(
+    CLOSE_TOKEN_EXPIRED, REASON_TOKEN_EXPIRED, "token_expired", "token exp passed"
+)
 
 
 def _keepalive_timeout(settings: Settings) -> _Limit:
     return _Limit(
         CLOSE_INTERNAL_ERROR,
-        "keepalive ping timeout",
+        REASON_KEEPALIVE_TIMEOUT,
         "keepalive_timeout",
         f"WSSERVER_PING_TIMEOUT={settings.ping_timeout:g}",
     )
@@ -448,34 +540,6 @@ def _await_peer_close(sock: socket.socket, timeout: float) -> bool:
             return True
         drained += len(data)
     return False
-
-
-def _deliver(
-    conn: Connection,
-    message: Payload,
-    size: int,
-    relayed: bool,
-    on_message: Callable[[Connection, Payload], None],
-) -> None:
-    """Hand a complete message to the service, registering its echo first when it may be
-    relayed back to this client.
-
-    ``on_message`` either relays the message (its frame comes back to us through the
-    broadcaster, maybe before this call returns, hence registering first) or answers this
-    client directly with ``conn.send`` (a command, relay off, queue full): a direct answer
-    means no echo is coming, so the expectation is withdrawn. Commands are never relayed
-    (and a resume is answered from the broadcaster thread), so they register nothing."""
-    if not relayed or (isinstance(message, str) and is_command(message)):
-        on_message(conn, message)
-        return
-    match = FrameMatch(message, size)
-    conn.expect_echo(match)
-    replies = conn.replies
-    try:
-        on_message(conn, message)
-    finally:
-        if conn.replies != replies:
-            conn.cancel_echo(match)
 
 
 def _token_deadline(conn: Connection, now: float) -> float | None:

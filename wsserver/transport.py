@@ -70,8 +70,8 @@ def handshake_rejection(environ: dict[str, Any]) -> str | None:
     It backs up the explicit checks of :mod:`wsserver.handshake` (which give the clearer
     reasons) for everything they do not name: header bytes h11 refuses, a Connection header
     that is not ASCII, a Host that is not IDNA, a Transfer-Encoding h11 does not take. It
-    costs what simple-websocket's own parse costs, once more per upgrade (0.1-0.25 ms measured
-    on the shared 2-core test machine); a 500 costs a traceback."""
+    costs what simple-websocket's own parse costs, once more per upgrade (the handshake's
+    share of a connection's CPU is in docs/performance.md); a 500 costs a traceback."""
     head = b"GET / HTTP/1.1\r\n"
     try:
         for key, value in environ.items():
