@@ -28,13 +28,25 @@ MODULES = {module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
 
 
 def imported_modules(name: str, path: Path) -> set[str]:
-    """The package modules ``name`` imports anywhere in its source (top level, functions,
-    ``TYPE_CHECKING`` blocks), resolved to module names: ``from . import x`` names module
-    ``x`` when there is one, else the package."""
+    """The package modules ``name`` imports when it runs (top level and inside functions),
+    resolved to module names: ``from . import x`` names module ``x`` when there is one, else
+    the package. Imports under ``if TYPE_CHECKING:`` are left out: they never execute, and a
+    type annotation naming the module that owns this one (the service that creates its
+    commands) is the owner relation, not a cycle."""
     is_package = path.name == "__init__.py"
     package = name if is_package else name.rpartition(".")[0]
     found: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
+    tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
+    type_only = {
+        id(inner)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.If) and ast.unparse(node.test).endswith("TYPE_CHECKING")
+        for stmt in node.body
+        for inner in ast.walk(stmt)
+    }
+    for node in ast.walk(tree):
+        if id(node) in type_only:
+            continue
         if isinstance(node, ast.Import):
             targets = [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom):
