@@ -175,3 +175,13 @@ def test_a_successful_publish_and_a_miss_are_not_refusals(apps, caplog):
         assert client.post("/notify", json={"event": "ok"}).status_code == 200
         assert client.get("/nope").status_code == 404
     assert not [r for r in caplog.records if r.name == "wsserver.audit"]
+
+
+def test_a_mass_close_is_counted_whole_and_logged_once(caplog):
+    before = _count(metrics.SERVER_CLOSES, "test_mass_close")
+    with caplog.at_level(logging.INFO, logger="wsserver.audit"):
+        audit.closed_all("test_mass_close", 1000, "SIGTERM")
+        audit.closed_all("test_mass_close", 0)
+    assert _count(metrics.SERVER_CLOSES, "test_mass_close") == before + 1000
+    lines = [r.getMessage() for r in caplog.records if "test_mass_close" in r.getMessage()]
+    assert lines == ["closed 1000 clients: test_mass_close (SIGTERM)"]

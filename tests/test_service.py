@@ -79,12 +79,17 @@ def test_started_once_per_process_with_named_threads_and_shutdown_stops_them():
 def test_shutdown_closes_every_client_with_1001(served):
     s = served()
     conn, peer = s.connect()
+    other, other_peer = s.connect()
+    closes = metrics.SERVER_CLOSES.labels("shutting_down")
+    before = closes._value.get()
     started = time.monotonic()
     s.service.shutdown()  # no session thread answers: cut after WSSERVER_SHUTDOWN_TIMEOUT
     assert time.monotonic() - started < 3
-    op, payload = peer.frames(1)[0]
-    assert op == OP_CLOSE and close_code(payload) == 1001
+    for client in (peer, other_peer):
+        op, payload = client.frames(1)[0]
+        assert op == OP_CLOSE and close_code(payload) == 1001
     assert not s.service.hub.accepting
+    assert closes._value.get() == before + 2, "every 1001 is counted in /metrics"
 
 
 @pytest.mark.timeout(20)

@@ -23,7 +23,7 @@ import time
 
 from . import metrics
 
-__all__ = ["LogLimiter", "closed", "refused"]
+__all__ = ["LogLimiter", "closed", "closed_all", "refused"]
 
 log = logging.getLogger("wsserver.audit")
 
@@ -72,6 +72,15 @@ def closed(reason: str, remote: str, detail: str = "") -> None:
     a missed keepalive, an expired token): count it and say so once."""
     metrics.SERVER_CLOSES.labels(reason).inc()
     _log("closed", reason, remote, detail)
+
+
+def closed_all(reason: str, count: int, detail: str = "") -> None:
+    """The server closed ``count`` WebSockets at once for one reason (shutdown's 1001): count
+    them all and say so in one line, not one per client."""
+    if count <= 0:
+        return
+    metrics.SERVER_CLOSES.labels(reason).inc(count)
+    log.info("closed %d clients: %s%s", count, reason, f" ({detail})" if detail else "")
 
 
 def _log(what: str, reason: str, remote: str, detail: str) -> None:

@@ -154,8 +154,9 @@ class NotificationService:
         if self.broadcaster is not None:
             if not self.broadcaster.stop(max(deadline - time.monotonic(), 0.1) / 2):
                 log.warning("broadcast queue not flushed in time")
-        for conn in self.hub.snapshot():
-            conn.close(CLOSE_GOING_AWAY, REASON_SHUTTING_DOWN)
+        clients = self.hub.snapshot()
+        closed = sum(conn.close(CLOSE_GOING_AWAY, REASON_SHUTTING_DOWN) for conn in clients)
+        audit.closed_all("shutting_down", closed, "SIGTERM, WSSERVER_SHUTDOWN_TIMEOUT")
         while self.hub.count() and time.monotonic() < deadline:
             time.sleep(0.02)
         stragglers = self.hub.snapshot()
