@@ -2,7 +2,8 @@
 
 Nothing here is mocked: ``GunicornServer`` runs ``gunicorn -c python:wsserver.gunicorn_conf
 'wsserver:create_app()'`` as a subprocess with ``WSSERVER_*`` variables, waits for its
-health endpoint, and stops it by PID. Every wait has a deadline.
+health endpoint, and stops it by PID. Every wait has a deadline. The raw WebSocket client
+(``RawClient``, ``close_code``) lives in :mod:`rawws`; it is re-exported here.
 """
 
 from __future__ import annotations
@@ -19,6 +20,19 @@ from typing import Any, Callable
 
 import requests
 import websocket
+from rawws import RawClient, close_code
+
+__all__ = [
+    "ROOT",
+    "GunicornServer",
+    "RawClient",
+    "close_code",
+    "connect",
+    "free_port",
+    "recv_json",
+    "thread_count",
+    "wait_for",
+]
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -143,98 +157,3 @@ def recv_json(ws: websocket.WebSocket) -> dict:
 
 def thread_count(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/task"))
-
-
-class RawClient:
-    """A WebSocket client on a bare socket: the handshake and frames done by hand, so tests
-    control exactly what is sent (or not read) and see exactly what arrives."""
-
-    def __init__(self, server: GunicornServer, path: str = "/ws", rcvbuf: int | None = None,
-                 headers: dict[str, str] | None = None, timeout: float = 10.0) -> None:
-        import base64
-
-        self.sock = socket.socket()
-        if rcvbuf:
-            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-        self.sock.settimeout(timeout)
-        self.sock.connect(("127.0.0.1", server.port))
-        key = base64.b64encode(os.urandom(16)).decode()
-        extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
-        self.sock.sendall(
-            (f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\nUpgrade: websocket\r\n"
-             f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
-             f"Sec-WebSocket-Version: 13\r\n{extra}\r\n").encode())
-        self.buf = b""
-        while b"\r\n\r\n" not in self.buf:
-            chunk = self.sock.recv(4096)
-            if not chunk:
-                raise ConnectionError("closed during handshake")
-            self.buf += chunk
-        head, self.buf = self.buf.split(b"\r\n\r\n", 1)
-        self.response_head = head.decode("latin-1")
-        self.status = int(self.response_head.split()[1])
-
-    def http_body(self) -> bytes:
-        """The body of a refused upgrade (a plain HTTP response), read to Content-Length."""
-        length = 0
-        for line in self.response_head.split("\r\n")[1:]:
-            name, _, value = line.partition(":")
-            if name.strip().lower() == "content-length":
-                length = int(value.strip())
-        self._need(length)
-        body, self.buf = self.buf[:length], self.buf[length:]
-        return body
-
-    def send_frame(self, opcode: int, payload: bytes = b"", fin: bool = True,
-                   rsv: int = 0) -> None:
-        from rawws import client_frame
-
-        self.sock.sendall(client_frame(opcode, payload, fin, rsv))
-
-    def send_text(self, text: str) -> None:
-        self.send_frame(0x1, text.encode())
-
-    def _need(self, n: int) -> None:
-        while len(self.buf) < n:
-            chunk = self.sock.recv(65536)
-            if not chunk:
-                raise EOFError("connection closed by server")
-            self.buf += chunk
-
-    def recv_frame(self) -> tuple[int, bytes]:
-        """(opcode, payload) of the next server frame (server frames are never masked)."""
-        import struct
-
-        self._need(2)
-        b0, b1 = self.buf[0], self.buf[1]
-        assert b1 & 0x80 == 0, "server frames must not be masked"
-        assert b0 & 0x70 == 0, "no RSV bits: nothing is negotiated"
-        n, pos = b1 & 0x7F, 2
-        if n == 126:
-            self._need(4)
-            n, pos = struct.unpack("!H", self.buf[2:4])[0], 4
-        elif n == 127:
-            self._need(10)
-            n, pos = struct.unpack("!Q", self.buf[2:10])[0], 10
-        self._need(pos + n)
-        payload = self.buf[pos:pos + n]
-        self.buf = self.buf[pos + n:]
-        return b0 & 0x0F, payload
-
-    def recv_until(self, opcode: int) -> tuple[int, bytes]:
-        while True:
-            op, payload = self.recv_frame()
-            if op == opcode:
-                return op, payload
-
-    def close(self) -> None:
-        try:
-            self.sock.close()
-        except OSError:
-            pass
-
-
-def close_code(payload: bytes) -> int | None:
-    import struct
-
-    return struct.unpack("!H", payload[:2])[0] if len(payload) >= 2 else None

@@ -32,7 +32,7 @@ QUIET = 0.3  # how long "nothing more" is watched for
 # "κόσμε" followed by a UTF-16 surrogate (U+D800 as UTF-8), then "edited": Autobahn 6.x
 INVALID_UTF8 = b"\xce\xba\xe1\xbd\xb9\xcf\x83\xce\xbc\xce\xb5\xed\xa0\x80edited"
 
-CONFORMANCE = Path(__file__).resolve().parents[1] / "scripts" / "conformance"
+CONFORMANCE = Path(__file__).resolve().parents[2] / "scripts" / "conformance"
 WSTEST = Path(os.environ.get("WSSERVER_CONFORMANCE_VENV", "/tmp/conf-venv")) / "bin" / "wstest"
 
 
