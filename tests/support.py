@@ -8,6 +8,7 @@ health endpoint, and stops it by PID. Every wait has a deadline. The raw WebSock
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -16,7 +17,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import requests
 import websocket
@@ -30,6 +31,7 @@ __all__ = [
     "connect",
     "free_port",
     "recv_json",
+    "serving",
     "thread_count",
     "wait_for",
 ]
@@ -86,7 +88,7 @@ class GunicornServer:
     def ws_url(self) -> str:
         return f"ws://127.0.0.1:{self.port}/ws"
 
-    def start(self, timeout: float = 20.0) -> "GunicornServer":
+    def start(self, timeout: float = 20.0) -> GunicornServer:
         cmd = [sys.executable, "-m", "gunicorn", "-c", "python:wsserver.gunicorn_conf",
                *self.args, "wsserver:create_app()"]
         self._log = open(self.log_path, "wb")
@@ -128,22 +130,37 @@ class GunicornServer:
         self.proc.send_signal(signal.SIGTERM)
         return self.proc.wait(timeout)
 
-    def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(5)
-        self._log.close()
+    def stop(self, graceful: bool = True) -> None:
+        """SIGTERM, gunicorn's graceful stop (clients get 1001, then up to the close timeout
+        to answer), and wait. ``graceful=False``: SIGQUIT, its quick stop, for fixtures'
+        teardown, where nothing is checked any more: a client a test left open then costs no
+        close timeout. Idempotent."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM if graceful else signal.SIGQUIT)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        if self.proc is not None:
+            self._log.close()
 
-    def __enter__(self) -> "GunicornServer":
+    def __enter__(self) -> GunicornServer:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+@contextlib.contextmanager
+def serving(env: dict[str, str] | None = None, **kwargs: Any) -> Iterator[GunicornServer]:
+    """A started server for a fixture: stopped quickly (``stop(graceful=False)``) at its
+    teardown. Tests that check the graceful stop call ``stop()`` or ``terminate()``."""
+    server = GunicornServer(env=env, **kwargs).start()
+    try:
+        yield server
+    finally:
+        server.stop(graceful=False)
 
 
 def connect(server: GunicornServer, timeout: float = 10.0, **kwargs: Any) -> websocket.WebSocket:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any, Iterator
 
 import pytest
-from support import GunicornServer
+from support import GunicornServer, serving
 
 __all__ = ["make_server", "server"]
 
@@ -13,7 +13,7 @@ __all__ = ["make_server", "server"]
 @pytest.fixture(scope="module")
 def server() -> Iterator[GunicornServer]:
     """A development-mode server shared by a test module (rebroadcast on)."""
-    with GunicornServer(env={"WSSERVER_ENV": "development"}) as srv:
+    with serving(env={"WSSERVER_ENV": "development"}) as srv:
         yield srv
 
 
@@ -29,4 +29,4 @@ def make_server() -> Iterator[Any]:
 
     yield make
     for srv in started:
-        srv.stop()
+        srv.stop(graceful=False)  # a graceful stop is checked in tests, not here

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import jwt
 import pytest
-from support import GunicornServer, free_port, wait_for
+from support import GunicornServer, free_port, serving, wait_for
 
 from wsserver.client import (
     AuthError,
@@ -47,7 +47,7 @@ def strict_server():
         "WSSERVER_JWT_SECRET": JWT_SECRET,
         "WSSERVER_MAX_INVALID_COMMANDS": "1",
     }
-    with GunicornServer(env=env) as srv:
+    with serving(env=env) as srv:
         yield srv
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 import requests
-from support import GunicornServer
+from support import serving
 
 OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
 
@@ -39,7 +39,7 @@ WSTEST = Path(os.environ.get("WSSERVER_CONFORMANCE_VENV", "/tmp/conf-venv")) / "
 @pytest.fixture(scope="module")
 def server():
     """Development server (rebroadcast on) with the default 64 KiB message limit."""
-    with GunicornServer(env={"WSSERVER_ENV": "development"}) as srv:
+    with serving(env={"WSSERVER_ENV": "development"}) as srv:
         yield srv
 
 

@@ -69,7 +69,7 @@ def shipped_server():
     try:
         yield srv
     finally:
-        srv.stop()
+        srv.stop(graceful=False)
 
 
 def rss_kb(pid: int) -> int:

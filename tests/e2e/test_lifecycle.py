@@ -24,7 +24,7 @@ import pytest
 import rawws
 import requests
 import websocket
-from support import ROOT, GunicornServer, connect, free_port, wait_for
+from support import ROOT, GunicornServer, connect, free_port, serving, wait_for
 
 CLOSE = {"Connection": "close"}  # no kept-alive sockets: they make gunicorn linger on stop
 
@@ -49,7 +49,7 @@ def proc_count(pid: int, what: str) -> int:
 def lserver():
     """This module's shared server. A long close timeout makes "removed at once" unambiguous:
     a client that is only removed after the close timeout shows up as an 8 s delay."""
-    with GunicornServer(env={"WSSERVER_CLOSE_TIMEOUT": "8"}) as srv:
+    with serving(env={"WSSERVER_CLOSE_TIMEOUT": "8"}) as srv:
         yield srv
 
 

@@ -25,7 +25,7 @@ import jwt  # noqa: E402
 import websocket  # noqa: E402
 from schemathesis.checks import not_a_server_error  # noqa: E402
 from schemathesis.config import SchemathesisConfig  # noqa: E402
-from support import ROOT, GunicornServer  # noqa: E402
+from support import ROOT, serving  # noqa: E402
 
 SPEC = ROOT / "docs" / "openapi.yaml"
 MAX_EXAMPLES = 60
@@ -79,7 +79,7 @@ schema = FULL_SPEC.exclude(path=NOT_FUZZED)
 @pytest.fixture(scope="module")
 def api_server():
     """Development mode, as fuzzed; one WebSocket at most, so a test can fill it (503)."""
-    with GunicornServer(env={"WSSERVER_ENV": "development", "WSSERVER_MAX_CONNECTIONS": "1"}) as srv:
+    with serving(env={"WSSERVER_ENV": "development", "WSSERVER_MAX_CONNECTIONS": "1"}) as srv:
         yield srv
 
 
@@ -94,7 +94,7 @@ def secured_server():
         "WSSERVER_ALLOWED_ORIGINS": ALLOWED_ORIGIN,
         "WSSERVER_MAX_CONNECTIONS_PER_IP": "1",
     }
-    with GunicornServer(env=env) as srv:
+    with serving(env=env) as srv:
         yield srv
 
 

@@ -8,7 +8,6 @@ import json
 import requests
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from support import GunicornServer
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=40),
@@ -21,24 +20,10 @@ notificationish = st.fixed_dictionaries(
 )
 
 
-_server: GunicornServer | None = None
-
-
-def setup_module() -> None:
-    global _server
-    _server = GunicornServer(env={"WSSERVER_ENV": "development"}).start()
-
-
-def teardown_module() -> None:
-    if _server is not None:
-        _server.stop()
-
-
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.one_of(st.binary(max_size=300), notificationish.map(lambda o: json.dumps(o).encode()),
                  st.lists(notificationish, max_size=4).map(lambda o: json.dumps(o).encode())))
-def test_notify_endpoint_never_answers_5xx(body):
-    assert _server is not None
-    r = requests.post(_server.url + "/notify", data=body, timeout=10)
+def test_notify_endpoint_never_answers_5xx(server, body):
+    r = requests.post(server.url + "/notify", data=body, timeout=10)
     assert r.status_code in (200, 400, 413), r.text
     assert "error" in r.json() or r.json()["status"] in ("ok", "partial", "error")

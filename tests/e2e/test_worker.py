@@ -12,7 +12,7 @@ import time
 
 import pytest
 import requests
-from support import GunicornServer, connect, wait_for
+from support import GunicornServer, connect, serving, wait_for
 
 WAIT = 10
 
@@ -195,7 +195,7 @@ def _refusals(server: GunicornServer, reason: str) -> float:
 @pytest.fixture(scope="module")
 def quick():
     """A server whose deadlines are short enough to measure in a test."""
-    with GunicornServer(env={
+    with serving(env={
         "WSSERVER_HANDSHAKE_TIMEOUT": "1.5",
         "WSSERVER_REQUEST_TIMEOUT": "2",
         "WSSERVER_MAX_PENDING_PER_IP": "20",
