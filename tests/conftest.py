@@ -18,7 +18,7 @@ import pytest
 
 # Until the end-to-end tests still in test_session.py and test_brokers.py move to e2e/,
 # they find make_server here (the same fixture as e2e/conftest.py's).
-from e2e.conftest import make_server  # noqa: E402,F401,I001
+from e2e.conftest import make_server  # noqa: F401
 from flask import Flask
 from flask.testing import FlaskClient
 

@@ -19,16 +19,19 @@ from wsserver.protocol import (
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=40),
-    lambda children: st.lists(children, max_size=5) | st.dictionaries(st.text(max_size=10), children, max_size=5),
+    lambda children: (st.lists(children, max_size=5)
+                      | st.dictionaries(st.text(max_size=10), children, max_size=5)),
     max_leaves=20,
 )
 commandish = st.fixed_dictionaries(
     {"type": st.sampled_from(["subscribe", "unsubscribe", "ping", "refresh", "x"]) | json_values},
-    optional={"room": json_values | st.text(max_size=200), "since": json_values, "token": json_values},
+    optional={"room": json_values | st.text(max_size=200), "since": json_values,
+              "token": json_values},
 )
 notificationish = st.fixed_dictionaries(
-    {}, optional={"event": json_values | st.text(max_size=300), "message": json_values, "data": json_values,
-                  "room": json_values, "rooms": json_values, "user": json_values},
+    {}, optional={"event": json_values | st.text(max_size=300), "message": json_values,
+                  "data": json_values, "room": json_values, "rooms": json_values,
+                  "user": json_values},
 )
 
 
