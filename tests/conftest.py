@@ -1,26 +1,170 @@
+"""Fixtures for the in-process tests, the way Flask's tutorial lays them out: ``app`` (a real
+``create_app``), ``client`` (its test client), ``runner`` (the ``wsserver`` command, run
+in-process); and a check, on every test, that no thread it started is left running.
+
+End-to-end fixtures (a real gunicorn: ``server``, ``make_server``) live in ``e2e/conftest.py``.
+"""
+
 from __future__ import annotations
 
+import io
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Iterator
+
 import pytest
-from support import GunicornServer
+
+# Until the end-to-end tests still in test_session.py and test_brokers.py move to e2e/,
+# they find make_server here (the same fixture as e2e/conftest.py's).
+from e2e.conftest import make_server  # noqa: F401
+from flask import Flask
+from flask.testing import FlaskClient
+
+from wsserver import cli, create_app
+
+# threads that outlive a test by design: multiprocessing.Queue's feeder (it ends when the queue
+# is collected, not when the test ends)
+PERSISTENT_THREADS = ("QueueFeederThread",)
+
+# the threads a wsserver service starts on first use (broadcaster, flusher, history sweeper,
+# Redis listener): allowed to outlive a test when the app is a module- or session-scoped
+# fixture's, which shuts it down at its own teardown
+SERVICE_THREADS = "wsserver-"
+
+# how long a thread that is on its way out gets to finish before it counts as leaked
+LEAK_GRACE = 2.0
 
 
-@pytest.fixture(scope="module")
-def server():
-    """A development-mode server shared by a test module (rebroadcast on)."""
-    with GunicornServer(env={"WSSERVER_ENV": "development"}) as srv:
-        yield srv
+@pytest.fixture(autouse=True)
+def no_leaked_threads(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Fail a test that leaves a thread running that was not running before it.
+
+    Why: a test that forgets to stop a connection, a service or a reader thread passes on its
+    own and breaks (or slows) the tests after it. Threads that are stopping get
+    ``LEAK_GRACE`` seconds; ``@pytest.mark.leaks_threads`` opts a test out (say why there).
+    """
+    before = set(threading.enumerate())
+    yield
+    if request.node.get_closest_marker("leaks_threads"):
+        return
+    shared_app = _uses_a_shared_app(request)
+    deadline = time.monotonic() + LEAK_GRACE
+    leaked = _new_threads(before, shared_app)
+    for thread in leaked:
+        thread.join(max(deadline - time.monotonic(), 0))
+    leaked = _new_threads(before, shared_app)
+    if leaked:
+        names = ", ".join(sorted(t.name for t in leaked))
+        pytest.fail(f"threads left running by this test: {names}", pytrace=False)
+
+
+def _new_threads(before: set[threading.Thread], shared_app: bool) -> list[threading.Thread]:
+    return [
+        t
+        for t in threading.enumerate()
+        if t not in before
+        and t.is_alive()
+        and not t.name.startswith(PERSISTENT_THREADS)
+        and not (shared_app and t.name.startswith(SERVICE_THREADS))
+    ]
+
+
+def _uses_a_shared_app(request: pytest.FixtureRequest) -> bool:
+    """Whether the test got a Flask app (or a service) from a fixture wider than a test:
+    that app's service threads start on first use, in whichever test comes first."""
+    item = request.node
+    definitions = getattr(item, "_fixtureinfo", None)
+    for name, value in getattr(item, "funcargs", {}).items():
+        defs = definitions.name2fixturedefs.get(name) if definitions else None
+        if not defs or defs[-1].scope == "function":
+            continue
+        if isinstance(value, Flask) and "wsserver" in value.extensions:
+            return True
+        if type(value).__name__ == "NotificationService":
+            return True
+    return False
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "leaks_threads: the test leaves threads running on purpose (say why)"
+    )
 
 
 @pytest.fixture
-def make_server(request):
-    """Start servers with custom settings; each is stopped (by PID) after the test."""
-    started: list[GunicornServer] = []
+def settings_overrides() -> dict[str, Any]:
+    """What ``app`` passes to ``create_app`` over the environment; override this fixture
+    (or ask for ``make_app``) for other settings."""
+    return {"env": "development"}
 
-    def make(env: dict | None = None, **kwargs) -> GunicornServer:
-        srv = GunicornServer(env=env, **kwargs).start()
-        started.append(srv)
-        return srv
+
+@pytest.fixture
+def make_app() -> Iterator[Any]:
+    """``make_app(**settings)``: a real app; every service it started is shut down after the
+    test (its broadcaster and flusher threads end, which the leak check then confirms)."""
+    made: list[Flask] = []
+
+    def make(**overrides: Any) -> Flask:
+        app = create_app(overrides)
+        app.config["TESTING"] = True
+        made.append(app)
+        return app
 
     yield make
-    for srv in started:
-        srv.stop()
+    for app in made:
+        app.extensions["wsserver"].shutdown()
+
+
+@pytest.fixture
+def app(make_app: Any, settings_overrides: dict[str, Any]) -> Flask:
+    """A development-mode app (as ``./scripts/serve``), built by ``create_app``."""
+    return make_app(**settings_overrides)
+
+
+@pytest.fixture
+def client(app: Flask) -> FlaskClient:
+    """Flask's test client: the whole WSGI stack (``/notify`` included), no sockets."""
+    return app.test_client()
+
+
+@dataclass
+class Result:
+    """What one run of the ``wsserver`` command did."""
+
+    exit_code: int
+    stdout: str
+    stderr: str
+
+
+class CliRunner:
+    """Runs ``wsserver.cli.main`` in-process, the argparse counterpart of Flask's
+    ``app.test_cli_runner()``: environment variables set for the run, stdin given as text,
+    stdout and stderr captured, argparse's ``SystemExit`` turned into the exit code."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+        self._monkeypatch = monkeypatch
+        self._capsys = capsys
+
+    def invoke(
+        self, *args: str, input: str | None = None, env: dict[str, str] | None = None
+    ) -> Result:
+        with self._monkeypatch.context() as patch:
+            for name, value in (env or {}).items():
+                patch.setenv(name, value)
+            patch.setattr(sys, "stdin", io.StringIO(input) if input is not None else None)
+            self._capsys.readouterr()  # what came before is not this run's
+            try:
+                code = cli.main(list(args))
+            except SystemExit as exc:
+                code = exc.code if isinstance(exc.code, int) else 1
+            out, err = self._capsys.readouterr()
+        return Result(code, out, err)
+
+
+@pytest.fixture
+def runner(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> CliRunner:
+    """The ``wsserver`` command, in-process (see :class:`CliRunner`)."""
+    monkeypatch.delenv("WSSERVER_API_KEY", raising=False)
+    return CliRunner(monkeypatch, capsys)

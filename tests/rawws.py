@@ -1,9 +1,18 @@
-"""A minimal raw-socket WebSocket client for tests that must misbehave on purpose.
+"""The suite's one raw WebSocket client, built on the package's own frame code.
 
 websocket-client is polite: it cannot send garbage after the handshake, stop in the middle of
-a frame, or vanish with a TCP reset. These helpers speak RFC 6455 by hand over a plain
-socket so tests can do exactly that, and parse the server's (unmasked) frames cheaply so
-one thread can read hundreds of connections. Every wait has a timeout.
+a frame, or vanish with a TCP reset. This module speaks RFC 6455 by hand over a plain socket so
+tests can do exactly that. It is the only place in ``tests/`` that does a handshake or parses
+server frames:
+
+- :func:`handshake` / :func:`open_ws`: the upgrade request, once;
+- :func:`client_frame`: masked client frames, headers from :func:`wsserver.frames.frame_header`;
+- :class:`FrameParser`: server frames, each header checked to be exactly the one
+  :func:`wsserver.frames.frame_header` makes (final, no RSV bits, unmasked, shortest length);
+  cheap per frame, so one thread can read hundreds of connections;
+- :class:`RawClient`: a connection object over those, for tests that talk back and forth.
+
+Every wait has a timeout.
 """
 
 from __future__ import annotations
@@ -14,12 +23,31 @@ import select
 import socket
 import struct
 import time
+from collections import deque
+from typing import Any
 
-OP_TEXT = 0x1
-OP_BINARY = 0x2
-OP_CLOSE = 0x8
-OP_PING = 0x9
-OP_PONG = 0xA
+from wsserver.frames import OP_BINARY, OP_CLOSE, OP_PING, OP_PONG, OP_TEXT, frame_header
+
+__all__ = [
+    "OP_BINARY",
+    "OP_CLOSE",
+    "OP_PING",
+    "OP_PONG",
+    "OP_TEXT",
+    "FrameParser",
+    "HandshakeRefused",
+    "RawClient",
+    "client_frame",
+    "close_code",
+    "close_payload",
+    "handshake",
+    "open_ws",
+    "read_frames",
+    "reset",
+]
+
+_MASK_BIT = 0x80
+_FIN = 0x80
 
 
 class HandshakeRefused(Exception):
@@ -32,48 +60,47 @@ class HandshakeRefused(Exception):
         self.body = body
 
 
-def _read_until(sock: socket.socket, marker: bytes, limit: int = 65536) -> bytes:
+def _port_of(server: Any) -> int:
+    """A port number, or anything with a ``port`` (a ``GunicornServer``)."""
+    return server if isinstance(server, int) else int(server.port)
+
+
+def handshake(
+    sock: socket.socket, port: int, path: str = "/ws", headers: dict[str, str] | None = None
+) -> tuple[int, bytes, bytes]:
+    """Send the upgrade request on a connected ``sock``; read the answer's head.
+    Returns (status, head, the bytes already received past the head)."""
+    key = base64.b64encode(os.urandom(16)).decode()
+    extra = "".join(f"{name}: {value}\r\n" for name, value in (headers or {}).items())
+    sock.sendall(
+        (
+            f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
+            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+            f"Sec-WebSocket-Version: 13\r\n{extra}\r\n"
+        ).encode()
+    )
     buf = b""
-    while marker not in buf:
+    while b"\r\n\r\n" not in buf:
         chunk = sock.recv(4096)
         if not chunk:
-            raise ConnectionError(f"connection closed before {marker!r}: {buf!r}")
+            raise ConnectionError(f"connection closed during the handshake: {buf!r}")
         buf += chunk
-        if len(buf) > limit:
+        if len(buf) > 65536:
             raise ConnectionError("response head too large")
-    return buf
+    head, _, rest = buf.partition(b"\r\n\r\n")
+    return int(head.split(b" ", 2)[1]), head, rest
 
 
-def open_ws(port: int, timeout: float = 5.0, path: str = "/ws") -> tuple[socket.socket, bytes]:
-    """Connect and upgrade. Returns the socket (blocking, with ``timeout``) and any bytes the
-    server already sent past the 101 head. Raises :class:`HandshakeRefused` on a non-101."""
-    sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
-    try:
-        key = base64.b64encode(os.urandom(16)).decode()
-        sock.sendall(
-            (
-                f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
-                f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
-                "Sec-WebSocket-Version: 13\r\n\r\n"
-            ).encode()
-        )
-        buf = _read_until(sock, b"\r\n\r\n")
-        head, _, rest = buf.partition(b"\r\n\r\n")
-        status = int(head.split(b" ", 2)[1])
-        if status != 101:
-            raise HandshakeRefused(status, head, _read_body(sock, head, rest))
-        return sock, rest
-    except BaseException:
-        sock.close()
-        raise
-
-
-def _read_body(sock: socket.socket, head: bytes, rest: bytes) -> bytes:
-    length = 0
+def _content_length(head: bytes) -> int:
     for line in head.split(b"\r\n")[1:]:
         name, _, value = line.partition(b":")
         if name.strip().lower() == b"content-length":
-            length = int(value.strip())
+            return int(value.strip())
+    return 0
+
+
+def _read_body(sock: socket.socket, head: bytes, rest: bytes) -> bytes:
+    length = _content_length(head)
     while len(rest) < length:
         chunk = sock.recv(65536)
         if not chunk:
@@ -82,23 +109,64 @@ def _read_body(sock: socket.socket, head: bytes, rest: bytes) -> bytes:
     return rest[:length]
 
 
+def _connect(port: int, timeout: float, rcvbuf: int | None) -> socket.socket:
+    sock = socket.socket()
+    if rcvbuf:  # before connect: the window is negotiated in the SYN
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    sock.settimeout(timeout)
+    try:
+        sock.connect(("127.0.0.1", port))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def open_ws(
+    port: Any,
+    timeout: float = 5.0,
+    path: str = "/ws",
+    headers: dict[str, str] | None = None,
+) -> tuple[socket.socket, bytes]:
+    """Connect and upgrade. Returns the socket (blocking, with ``timeout``) and any bytes the
+    server already sent past the 101 head. Raises :class:`HandshakeRefused` on a non-101."""
+    port = _port_of(port)
+    sock = _connect(port, timeout, None)
+    try:
+        status, head, rest = handshake(sock, port, path, headers)
+        if status != 101:
+            raise HandshakeRefused(status, head, _read_body(sock, head, rest))
+        return sock, rest
+    except BaseException:
+        sock.close()
+        raise
+
+
 def client_frame(opcode: int, payload: bytes = b"", fin: bool = True, rsv: int = 0) -> bytes:
-    """One masked client frame (clients must mask, RFC 6455 section 5.3)."""
+    """One masked client frame (clients must mask, RFC 6455 section 5.3): the server's header
+    for that opcode and length, with FIN/RSV as asked and the mask bit set."""
+    header = bytearray(frame_header(opcode, len(payload)))
+    header[0] = (_FIN if fin else 0) | (rsv << 4) | opcode
+    header[1] |= _MASK_BIT
     mask = os.urandom(4)
-    length = len(payload)
-    first = (0x80 if fin else 0) | (rsv << 4) | opcode
-    if length < 126:
-        header = struct.pack("!BB", first, 0x80 | length)
-    elif length < 65536:
-        header = struct.pack("!BBH", first, 0x80 | 126, length)
-    else:
-        header = struct.pack("!BBQ", first, 0x80 | 127, length)
-    masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
-    return header + mask + masked
+    if not payload:
+        return bytes(header) + mask
+    # XOR with the mask repeated over the payload, as one big-int operation (fast for MiBs)
+    repeated = (mask * (len(payload) // 4 + 1))[: len(payload)]
+    masked = (int.from_bytes(payload, "big") ^ int.from_bytes(repeated, "big")).to_bytes(
+        len(payload), "big"
+    )
+    return bytes(header) + mask + masked
 
 
 def close_payload(code: int, reason: str = "") -> bytes:
+    """The payload of a close frame (not cut to 125 bytes: tests may send an oversized one)."""
     return struct.pack("!H", code) + reason.encode()
+
+
+def close_code(payload: bytes) -> int | None:
+    """The code of a close frame's payload; None for a bare close."""
+    return struct.unpack("!H", payload[:2])[0] if len(payload) >= 2 else None
 
 
 def reset(sock: socket.socket) -> None:
@@ -108,10 +176,22 @@ def reset(sock: socket.socket) -> None:
 
 
 class FrameParser:
-    """Incremental parser for server frames (never masked, never fragmented by wsserver)."""
+    """Incremental parser for server frames.
+
+    Each header must be byte for byte the one :func:`wsserver.frames.frame_header` makes for
+    its opcode and length: final (wsserver never fragments), no RSV bits (nothing is
+    negotiated), unmasked, and the shortest length encoding. Anything else fails the test.
+
+    Thread-safety: none; one reader per parser.
+    """
 
     def __init__(self) -> None:
         self._buf = bytearray()
+
+    @property
+    def pending(self) -> int:
+        """Bytes received that do not complete a frame yet."""
+        return len(self._buf)
 
     def feed(self, data: bytes) -> list[tuple[int, bytes]]:
         """Feed bytes; returns the frames they complete, as (opcode, payload)."""
@@ -131,6 +211,11 @@ class FrameParser:
                 if len(buf) - pos < 10:
                     break
                 length, head = struct.unpack_from("!Q", buf, pos + 2)[0], 10
+            header = bytes(buf[pos : pos + head])
+            assert header == frame_header(opcode, length), (
+                f"not a frame wsserver.frames makes (fragmented, RSV, masked or long-coded "
+                f"length): header {header.hex()}"
+            )
             end = pos + head + length
             if len(buf) < end:
                 break
@@ -167,5 +252,76 @@ def read_frames(
     return frames
 
 
-def close_code(payload: bytes) -> int | None:
-    return struct.unpack("!H", payload[:2])[0] if len(payload) >= 2 else None
+class RawClient:
+    """One connection on a bare socket: the handshake and frames done by hand, so a test
+    controls exactly what is sent (or not read) and sees exactly what arrives.
+
+    A refused upgrade does not raise: ``status`` and ``response_head`` say what came back and
+    :meth:`http_body` reads the body. ``server`` is a port or anything with a ``port``.
+
+    Thread-safety: one reader thread and one writer thread at most (a reader that answers
+    pings counts as a writer too).
+    """
+
+    def __init__(
+        self,
+        server: Any,
+        path: str = "/ws",
+        rcvbuf: int | None = None,
+        headers: dict[str, str] | None = None,
+        timeout: float = 10.0,
+    ) -> None:
+        port = _port_of(server)
+        self.sock = _connect(port, timeout, rcvbuf)
+        try:
+            self.status, self._head, rest = handshake(self.sock, port, path, headers)
+        except BaseException:
+            self.sock.close()
+            raise
+        self.response_head = self._head.decode("latin-1")
+        self._body = rest  # a refused upgrade's body starts here; else the first frames
+        self._parser = FrameParser()
+        self._frames: deque[tuple[int, bytes]] = deque()
+        if self.status == 101:
+            self._frames.extend(self._parser.feed(rest))
+
+    def http_body(self) -> bytes:
+        """The body of a refused upgrade (a plain HTTP response), read to Content-Length."""
+        return _read_body(self.sock, self._head, self._body)
+
+    def send_frame(self, opcode: int, payload: bytes = b"", fin: bool = True, rsv: int = 0) -> None:
+        self.sock.sendall(client_frame(opcode, payload, fin, rsv))
+
+    def send_text(self, text: str) -> None:
+        self.send_frame(OP_TEXT, text.encode())
+
+    def feed(self, data: bytes) -> None:
+        """Bytes read elsewhere (a test's own selector loop): parsed, kept for
+        :meth:`next_buffered` and :meth:`recv_frame`."""
+        self._frames.extend(self._parser.feed(data))
+
+    def next_buffered(self) -> tuple[int, bytes] | None:
+        """The next frame already received, without reading the socket; None if none."""
+        return self._frames.popleft() if self._frames else None
+
+    def recv_frame(self) -> tuple[int, bytes]:
+        """(opcode, payload) of the next server frame; EOFError if the server closed first."""
+        while not self._frames:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise EOFError("connection closed by server")
+            self.feed(chunk)
+        return self._frames.popleft()
+
+    def recv_until(self, opcode: int) -> tuple[int, bytes]:
+        """The next frame with ``opcode``; frames before it are dropped."""
+        while True:
+            op, payload = self.recv_frame()
+            if op == opcode:
+                return op, payload
+
+    def close(self) -> None:
+        try:
+            self.sock.close()
+        except OSError:
+            pass

@@ -2,11 +2,13 @@
 
 Nothing here is mocked: ``GunicornServer`` runs ``gunicorn -c python:wsserver.gunicorn_conf
 'wsserver:create_app()'`` as a subprocess with ``WSSERVER_*`` variables, waits for its
-health endpoint, and stops it by PID. Every wait has a deadline.
+health endpoint, and stops it by PID. Every wait has a deadline. The raw WebSocket client
+(``RawClient``, ``close_code``) lives in :mod:`rawws`; it is re-exported here.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -15,10 +17,24 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import requests
 import websocket
+from rawws import RawClient, close_code
+
+__all__ = [
+    "ROOT",
+    "GunicornServer",
+    "RawClient",
+    "close_code",
+    "connect",
+    "free_port",
+    "recv_json",
+    "serving",
+    "thread_count",
+    "wait_for",
+]
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -72,7 +88,7 @@ class GunicornServer:
     def ws_url(self) -> str:
         return f"ws://127.0.0.1:{self.port}/ws"
 
-    def start(self, timeout: float = 20.0) -> "GunicornServer":
+    def start(self, timeout: float = 20.0) -> GunicornServer:
         cmd = [sys.executable, "-m", "gunicorn", "-c", "python:wsserver.gunicorn_conf",
                *self.args, "wsserver:create_app()"]
         self._log = open(self.log_path, "wb")
@@ -114,22 +130,37 @@ class GunicornServer:
         self.proc.send_signal(signal.SIGTERM)
         return self.proc.wait(timeout)
 
-    def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(5)
-        self._log.close()
+    def stop(self, graceful: bool = True) -> None:
+        """SIGTERM, gunicorn's graceful stop (clients get 1001, then up to the close timeout
+        to answer), and wait. ``graceful=False``: SIGQUIT, its quick stop, for fixtures'
+        teardown, where nothing is checked any more: a client a test left open then costs no
+        close timeout. Idempotent."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM if graceful else signal.SIGQUIT)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        if self.proc is not None:
+            self._log.close()
 
-    def __enter__(self) -> "GunicornServer":
+    def __enter__(self) -> GunicornServer:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+@contextlib.contextmanager
+def serving(env: dict[str, str] | None = None, **kwargs: Any) -> Iterator[GunicornServer]:
+    """A started server for a fixture: stopped quickly (``stop(graceful=False)``) at its
+    teardown. Tests that check the graceful stop call ``stop()`` or ``terminate()``."""
+    server = GunicornServer(env=env, **kwargs).start()
+    try:
+        yield server
+    finally:
+        server.stop(graceful=False)
 
 
 def connect(server: GunicornServer, timeout: float = 10.0, **kwargs: Any) -> websocket.WebSocket:
@@ -143,98 +174,3 @@ def recv_json(ws: websocket.WebSocket) -> dict:
 
 def thread_count(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/task"))
-
-
-class RawClient:
-    """A WebSocket client on a bare socket: the handshake and frames done by hand, so tests
-    control exactly what is sent (or not read) and see exactly what arrives."""
-
-    def __init__(self, server: GunicornServer, path: str = "/ws", rcvbuf: int | None = None,
-                 headers: dict[str, str] | None = None, timeout: float = 10.0) -> None:
-        import base64
-
-        self.sock = socket.socket()
-        if rcvbuf:
-            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-        self.sock.settimeout(timeout)
-        self.sock.connect(("127.0.0.1", server.port))
-        key = base64.b64encode(os.urandom(16)).decode()
-        extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
-        self.sock.sendall(
-            (f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\nUpgrade: websocket\r\n"
-             f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
-             f"Sec-WebSocket-Version: 13\r\n{extra}\r\n").encode())
-        self.buf = b""
-        while b"\r\n\r\n" not in self.buf:
-            chunk = self.sock.recv(4096)
-            if not chunk:
-                raise ConnectionError("closed during handshake")
-            self.buf += chunk
-        head, self.buf = self.buf.split(b"\r\n\r\n", 1)
-        self.response_head = head.decode("latin-1")
-        self.status = int(self.response_head.split()[1])
-
-    def http_body(self) -> bytes:
-        """The body of a refused upgrade (a plain HTTP response), read to Content-Length."""
-        length = 0
-        for line in self.response_head.split("\r\n")[1:]:
-            name, _, value = line.partition(":")
-            if name.strip().lower() == "content-length":
-                length = int(value.strip())
-        self._need(length)
-        body, self.buf = self.buf[:length], self.buf[length:]
-        return body
-
-    def send_frame(self, opcode: int, payload: bytes = b"", fin: bool = True,
-                   rsv: int = 0) -> None:
-        from rawws import client_frame
-
-        self.sock.sendall(client_frame(opcode, payload, fin, rsv))
-
-    def send_text(self, text: str) -> None:
-        self.send_frame(0x1, text.encode())
-
-    def _need(self, n: int) -> None:
-        while len(self.buf) < n:
-            chunk = self.sock.recv(65536)
-            if not chunk:
-                raise EOFError("connection closed by server")
-            self.buf += chunk
-
-    def recv_frame(self) -> tuple[int, bytes]:
-        """(opcode, payload) of the next server frame (server frames are never masked)."""
-        import struct
-
-        self._need(2)
-        b0, b1 = self.buf[0], self.buf[1]
-        assert b1 & 0x80 == 0, "server frames must not be masked"
-        assert b0 & 0x70 == 0, "no RSV bits: nothing is negotiated"
-        n, pos = b1 & 0x7F, 2
-        if n == 126:
-            self._need(4)
-            n, pos = struct.unpack("!H", self.buf[2:4])[0], 4
-        elif n == 127:
-            self._need(10)
-            n, pos = struct.unpack("!Q", self.buf[2:10])[0], 10
-        self._need(pos + n)
-        payload = self.buf[pos:pos + n]
-        self.buf = self.buf[pos + n:]
-        return b0 & 0x0F, payload
-
-    def recv_until(self, opcode: int) -> tuple[int, bytes]:
-        while True:
-            op, payload = self.recv_frame()
-            if op == opcode:
-                return op, payload
-
-    def close(self) -> None:
-        try:
-            self.sock.close()
-        except OSError:
-            pass
-
-
-def close_code(payload: bytes) -> int | None:
-    import struct
-
-    return struct.unpack("!H", payload[:2])[0] if len(payload) >= 2 else None

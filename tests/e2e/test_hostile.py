@@ -29,7 +29,7 @@ from typing import Any, Callable
 import pytest
 from support import GunicornServer
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "scripts"))
 
 from benchlib.attacks import (  # noqa: E402
@@ -69,7 +69,7 @@ def shipped_server():
     try:
         yield srv
     finally:
-        srv.stop()
+        srv.stop(graceful=False)
 
 
 def rss_kb(pid: int) -> int:

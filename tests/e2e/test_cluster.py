@@ -428,7 +428,7 @@ def _recovery_server(kind: str, **extra: str):
     try:
         yield srv
     finally:
-        srv.stop()
+        srv.stop(graceful=False)
         if kind == "redis":
             delete_keys(REDIS_URL, prefix)
 

@@ -11,9 +11,8 @@ import threading
 import time
 
 import requests
-from support import RawClient, close_code, connect, thread_count, wait_for
-
-OP_TEXT, OP_CLOSE, OP_PING, OP_PONG = 0x1, 0x8, 0x9, 0xA
+from rawws import OP_CLOSE, OP_PING, OP_PONG, OP_TEXT, RawClient, close_code
+from support import connect, thread_count, wait_for
 
 
 def _post_many(server, count: int, payload_size: int = 0, start: int = 0,
@@ -120,40 +119,21 @@ def _receipts(clients: list[RawClient], count: int, timeout: float) -> list[tupl
         for key, _ in sel.select(0.5):
             c: RawClient = key.data
             try:
-                c.buf += c.sock.recv(1 << 20)
+                c.feed(c.sock.recv(1 << 20))
             except BlockingIOError:
                 continue
             now = time.time()
             while remaining[c]:
-                try:
-                    op, payload = _parse_buffered(c)
-                except IndexError:
+                frame = c.next_buffered()
+                if frame is None:
                     break
+                op, payload = frame
                 if op == OP_TEXT:
                     at = payload.index(b'"seq":') + 6
                     out.append((int(payload[at:payload.index(b",", at)]), now))
                     remaining[c] -= 1
     sel.close()
     return out
-
-
-def _parse_buffered(c: RawClient) -> tuple[int, bytes]:
-    buf = c.buf
-    if len(buf) < 2:
-        raise IndexError
-    n, pos = buf[1] & 0x7F, 2
-    if n == 126:
-        if len(buf) < 4:
-            raise IndexError
-        n, pos = int.from_bytes(buf[2:4], "big"), 4
-    elif n == 127:
-        if len(buf) < 10:
-            raise IndexError
-        n, pos = int.from_bytes(buf[2:10], "big"), 10
-    if len(buf) < pos + n:
-        raise IndexError
-    c.buf = buf[pos + n:]
-    return buf[0] & 0x0F, buf[pos:pos + n]
 
 
 def _p99(values: list[float]) -> float:

@@ -14,7 +14,6 @@ import json
 import os
 import signal
 import socket
-import struct
 import subprocess
 import sys
 import threading
@@ -25,7 +24,7 @@ import pytest
 import rawws
 import requests
 import websocket
-from support import ROOT, GunicornServer, connect, free_port, wait_for
+from support import ROOT, GunicornServer, connect, free_port, serving, wait_for
 
 CLOSE = {"Connection": "close"}  # no kept-alive sockets: they make gunicorn linger on stop
 
@@ -50,7 +49,7 @@ def proc_count(pid: int, what: str) -> int:
 def lserver():
     """This module's shared server. A long close timeout makes "removed at once" unambiguous:
     a client that is only removed after the close timeout shows up as an 8 s delay."""
-    with GunicornServer(env={"WSSERVER_CLOSE_TIMEOUT": "8"}) as srv:
+    with serving(env={"WSSERVER_CLOSE_TIMEOUT": "8"}) as srv:
         yield srv
 
 
@@ -232,7 +231,7 @@ class CloseReader:
             while True:
                 opcode, data = self.ws.recv_data(control_frame=True)
                 if opcode == websocket.ABNF.OPCODE_CLOSE:
-                    self.code = struct.unpack("!H", data[:2])[0] if len(data) >= 2 else None
+                    self.code = rawws.close_code(data)
                     return
                 if opcode == websocket.ABNF.OPCODE_TEXT:
                     self.ids.append(json.loads(data)["id"])
@@ -310,7 +309,7 @@ def test_sigterm_refuses_new_websockets_and_cuts_silent_clients(make_server):
     stopper.start()
     try:
         opcode, data = polite.recv_data(control_frame=True)
-        assert opcode == websocket.ABNF.OPCODE_CLOSE and struct.unpack("!H", data[:2])[0] == 1001
+        assert opcode == websocket.ABNF.OPCODE_CLOSE and rawws.close_code(data) == 1001
         polite.shutdown()
 
         # shutdown has begun (the 1001 went out): a new WebSocket must not be accepted
@@ -347,7 +346,7 @@ def test_sigterm_exits_promptly_when_clients_keep_their_socket_after_close(make_
 
     def answer_close(ws: websocket.WebSocket) -> None:
         opcode, data = ws.recv_data(control_frame=True)  # replies to the close itself
-        codes.append(struct.unpack("!H", data[:2])[0] if opcode == 8 else opcode)
+        codes.append(rawws.close_code(data) if opcode == 8 else opcode)
 
     readers = [threading.Thread(target=answer_close, args=(ws,), daemon=True) for ws in socks]
     for t in readers:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 import requests
-from support import GunicornServer
+from support import serving
 
 OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
 
@@ -32,14 +32,14 @@ QUIET = 0.3  # how long "nothing more" is watched for
 # "κόσμε" followed by a UTF-16 surrogate (U+D800 as UTF-8), then "edited": Autobahn 6.x
 INVALID_UTF8 = b"\xce\xba\xe1\xbd\xb9\xcf\x83\xce\xbc\xce\xb5\xed\xa0\x80edited"
 
-CONFORMANCE = Path(__file__).resolve().parents[1] / "scripts" / "conformance"
+CONFORMANCE = Path(__file__).resolve().parents[2] / "scripts" / "conformance"
 WSTEST = Path(os.environ.get("WSSERVER_CONFORMANCE_VENV", "/tmp/conf-venv")) / "bin" / "wstest"
 
 
 @pytest.fixture(scope="module")
 def server():
     """Development server (rebroadcast on) with the default 64 KiB message limit."""
-    with GunicornServer(env={"WSSERVER_ENV": "development"}) as srv:
+    with serving(env={"WSSERVER_ENV": "development"}) as srv:
         yield srv
 
 

@@ -10,7 +10,7 @@ import jwt
 import pytest
 import requests
 import websocket
-from support import GunicornServer, RawClient, close_code, connect, recv_json, wait_for
+from support import RawClient, close_code, connect, recv_json, serving, wait_for
 
 SECRET = "a-test-secret-that-is-long-enough-for-hs256"
 API_KEY = "pk-test-0123456789"
@@ -33,7 +33,7 @@ def secured():
         "WSSERVER_JWT_SECRET": SECRET,
         "WSSERVER_MAX_CONNECTIONS_PER_IP": "6",
     }
-    with GunicornServer(env=env) as srv:
+    with serving(env=env) as srv:
         yield srv
 
 

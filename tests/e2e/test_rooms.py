@@ -13,11 +13,11 @@ from support import RawClient, close_code, connect, recv_json, wait_for
 
 @pytest.fixture(scope="module")
 def server():
-    from support import GunicornServer
+    from support import serving
 
-    with GunicornServer(env={"WSSERVER_ENV": "development", "WSSERVER_MAX_ROOMS_PER_CONNECTION": "5",
-                             "WSSERVER_MAX_INVALID_COMMANDS": "5", "WSSERVER_MAX_BATCH": "10"},
-                        threads=96) as srv:
+    with serving(env={"WSSERVER_ENV": "development", "WSSERVER_MAX_ROOMS_PER_CONNECTION": "5",
+                     "WSSERVER_MAX_INVALID_COMMANDS": "5", "WSSERVER_MAX_BATCH": "10"},
+                 threads=96) as srv:
         yield srv
 
 

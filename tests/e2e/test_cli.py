@@ -1,0 +1,251 @@
+"""The ``wsserver`` command's client side: ``notify`` and ``listen`` against a real server,
+and ``check-config``'s masking of secrets.
+
+The exit codes and the stdin pipe are checked on the real command in a subprocess; the other
+cases call ``wsserver.cli.main`` in-process (the same code path, without paying the
+interpreter's start-up each time). Every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import uuid
+from pathlib import Path
+
+import pytest
+import requests
+import websocket
+from support import GunicornServer, free_port, wait_for
+
+from wsserver import cli
+
+_script = shutil.which("wsserver", path=str(Path(sys.executable).parent))
+WSSERVER = [_script] if _script else [sys.executable, "-m", "wsserver.cli"]
+API_KEY = "cli-test-key-5b7d"
+
+
+def room_name() -> str:
+    return "cli-" + uuid.uuid4().hex[:10]
+
+
+def run(*args: str, input: str | None = None, env: dict | None = None,
+        timeout: float = 60) -> subprocess.CompletedProcess:
+    full_env = dict(os.environ)
+    full_env.pop("WSSERVER_API_KEY", None)
+    full_env.update(env or {})
+    return subprocess.run([*WSSERVER, *args], input=input, capture_output=True, text=True, check=False,
+                          timeout=timeout, env=full_env)
+
+
+def subscribed_ws(server: GunicornServer, room: str) -> websocket.WebSocket:
+    ws = websocket.create_connection(server.ws_url, timeout=30)
+    ws.send(json.dumps({"type": "subscribe", "room": room}))
+    assert json.loads(ws.recv()) == {"type": "subscribed", "room": room}
+    return ws
+
+
+def room_has_listener(server: GunicornServer, room: str) -> bool:
+    rooms = requests.get(server.url + "/rooms", timeout=5).json()["rooms"]
+    return any(r["room"] == room and r["clients"] >= 1 for r in rooms)
+
+
+@pytest.fixture
+def no_api_key_env(monkeypatch):
+    monkeypatch.delenv("WSSERVER_API_KEY", raising=False)
+
+
+# -- notify --------------------------------------------------------------------------------------
+
+
+def test_notify_with_flags(server):
+    room = room_name()
+    ws = subscribed_ws(server, room)
+    try:
+        done = run("notify", "--url", server.url, "--event", "order.shipped", "--message", "hi",
+                   "--data", '{"order": 7}', "--room", room)
+        assert done.returncode == 0, done.stderr
+        answer = json.loads(done.stdout)
+        assert answer["status"] == "ok" and set(answer["ids"]) == {room}
+        got = json.loads(ws.recv())
+        assert {k: got[k] for k in ("event", "message", "data", "room", "id")} == {
+            "event": "order.shipped", "message": "hi", "data": {"order": 7}, "room": room,
+            "id": answer["id"],
+        }
+    finally:
+        ws.close()
+
+
+def test_notify_reads_json_from_stdin(server):
+    room = room_name()
+    ws = subscribed_ws(server, room)
+    try:
+        done = run("notify", "--url", server.url,
+                   input=json.dumps({"event": "piped", "room": room, "data": [1, 2]}))
+        assert done.returncode == 0, done.stderr
+        assert json.loads(done.stdout)["status"] == "ok"
+        got = json.loads(ws.recv())
+        assert (got["event"], got["data"], got["room"]) == ("piped", [1, 2], room)
+    finally:
+        ws.close()
+
+
+def test_notify_stdin_batch_and_several_rooms(server, monkeypatch, capsys, no_api_key_env):
+    a, b = room_name(), room_name()
+    monkeypatch.setattr(sys, "stdin", io.StringIO(json.dumps([{"event": "one", "room": a},
+                                                              {"event": 42}])))
+    assert cli.main(["notify", "--url", server.url]) == 0
+    out, err = capsys.readouterr()
+    answer = json.loads(out)
+    assert answer["status"] == "partial" and answer["accepted"] == 1
+    assert "item 1: invalid_event" in err  # per-item errors are shown
+
+    assert cli.main(["notify", "--url", server.url, "--event", "two", "--room", a,
+                     "--room", b]) == 0
+    assert set(json.loads(capsys.readouterr().out)["ids"]) == {a, b}
+
+
+def test_notify_refused_exits_1_with_the_servers_error(make_server):
+    srv = make_server({"WSSERVER_API_KEYS": API_KEY})
+    refused = run("notify", "--url", srv.url, "--event", "x")
+    assert refused.returncode == 1
+    assert refused.stdout == ""
+    assert "401 missing_api_key" in refused.stderr
+    assert "Authorization: Bearer" in refused.stderr  # the server's explanation
+
+    # the key from $WSSERVER_API_KEY, and from the flag
+    assert run("notify", "--url", srv.url, "--event", "x",
+               env={"WSSERVER_API_KEY": API_KEY}).returncode == 0
+    assert cli.main(["notify", "--url", srv.url, "--api-key", API_KEY, "--event", "x"]) == 0
+
+
+def test_notify_invalid_notification_exits_1(server, capsys):
+    assert cli.main(["notify", "--url", server.url, "--event", ""]) == 1
+    assert "400 invalid_event" in capsys.readouterr().err
+
+
+def test_notify_usage_errors_exit_2(server, monkeypatch, capsys):
+    bad_data = run("notify", "--url", server.url, "--event", "x", "--data", "{not json")
+    assert bad_data.returncode == 2
+    assert "--data is not valid JSON" in bad_data.stderr
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO("not json"))
+    assert cli.main(["notify", "--url", server.url]) == 2
+    assert "stdin is not valid JSON" in capsys.readouterr().err
+    monkeypatch.setattr(sys, "stdin", io.StringIO(""))
+    assert cli.main(["notify", "--url", server.url]) == 2
+    monkeypatch.setattr(sys, "stdin", io.StringIO('"a string"'))
+    assert cli.main(["notify", "--url", server.url]) == 2
+    assert cli.main(["notify", "--url", server.url, "--message", "no event"]) == 2
+    assert "--message needs --event" in capsys.readouterr().err
+    assert cli.main(["notify", "--url", "ftp://nowhere", "--event", "x"]) == 2
+    with pytest.raises(SystemExit) as usage:
+        cli.main(["notify", "--retries"])
+    assert usage.value.code == 2
+
+
+# -- listen --------------------------------------------------------------------------------------
+
+
+class Lines:
+    """Reads a subprocess's stream line by line on a thread, so tests can wait on lines."""
+
+    def __init__(self, stream) -> None:
+        self.lines: list[str] = []
+        self._thread = threading.Thread(target=self._read, args=(stream,), daemon=True)
+        self._thread.start()
+
+    def _read(self, stream) -> None:
+        for line in stream:
+            self.lines.append(line.rstrip("\n"))
+
+    def join(self, timeout: float) -> None:
+        self._thread.join(timeout)
+
+
+def start_listen(*args: str) -> tuple[subprocess.Popen, Lines, Lines]:
+    proc = subprocess.Popen([*WSSERVER, "listen", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    return proc, Lines(proc.stdout), Lines(proc.stderr)
+
+
+def test_listen_prints_count_notifications_and_exits(server):
+    room = room_name()
+    proc, out, err = start_listen("--url", server.url, "--room", room, "--count", "2",
+                                  "--timeout", "60")
+    try:
+        wait_for(lambda: room_has_listener(server, room), timeout=30, message="listen subscribed")
+        with requests.Session() as http:
+            for body in ({"event": "elsewhere", "room": room_name()},
+                         {"event": "first", "room": room, "data": {"n": 1}},
+                         {"event": "second", "room": room}):
+                assert http.post(server.url + "/notify", json=body, timeout=10).status_code == 200
+        assert proc.wait(30) == 0
+        out.join(10)
+        err.join(10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    notifications = [json.loads(line) for line in out.lines]
+    assert [n["event"] for n in notifications] == ["first", "second"]
+    assert notifications[0]["data"] == {"n": 1} and notifications[0]["room"] == room
+    assert f"connected to {server.ws_url}, subscribed to {room}" in "\n".join(err.lines)
+
+
+def test_listen_reports_unrecoverable_since_and_exits_0_on_ctrl_c(server):
+    room = room_name()
+    # a fresh room has no message 7: the server cannot resume, listen says so on stderr
+    proc, out, err = start_listen("--url", server.url, "--room", room, "--since", "7")
+    try:
+        wait_for(lambda: room_has_listener(server, room), timeout=30, message="listen subscribed")
+        wait_for(lambda: any('"recovered": false' in line for line in err.lines), timeout=30,
+                 message="the gap warning")
+        server.notify({"event": "ping-me", "room": room})
+        wait_for(lambda: out.lines, timeout=30, message="the notification printed")
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    assert json.loads(out.lines[0])["event"] == "ping-me"
+
+
+def test_listen_timeout_and_usage(server, capsys):
+    # --timeout before --count notifications: 1, saying so
+    assert cli.main(["listen", "--url", server.url, "--room", room_name(), "--count", "5",
+                     "--timeout", "0.5"]) == 1
+    assert "timed out after 0.5s with 0 of 5" in capsys.readouterr().err
+    # --timeout alone is a planned duration: 0
+    assert cli.main(["listen", "--url", server.url, "--timeout", "0.5"]) == 0
+    # ... unless it never got connected
+    nowhere = f"http://127.0.0.1:{free_port()}"
+    assert cli.main(["listen", "--url", nowhere, "--timeout", "0.5"]) == 1
+    assert "could not connect" in capsys.readouterr().err
+    assert cli.main(["listen", "--url", server.url, "--since", "3"]) == 2
+    with pytest.raises(SystemExit) as usage:
+        cli.main(["listen", "--count", "0"])
+    assert usage.value.code == 2
+
+
+# -- check-config --------------------------------------------------------------------------------
+
+
+def test_check_config_masks_secrets():
+    secrets = {"WSSERVER_API_KEYS": "sk-alpha-91f3,sk-beta-77c2",
+               "WSSERVER_JWT_SECRET": "jwt-secret-c0ffee"}
+    done = run("check-config", env={**secrets, "WSSERVER_QUEUE_SIZE": "77"})
+    assert done.returncode == 0, done.stderr
+    output = done.stdout + done.stderr
+    assert "WSSERVER_QUEUE_SIZE" in output and " 77" in output  # it does print settings
+    assert "WSSERVER_API_KEYS" in output and "(2 set, hidden)" in output
+    for name, value in secrets.items():
+        for part in value.split(","):
+            assert part not in output, f"{name} leaked"
