@@ -16,9 +16,6 @@ from typing import Any, Iterator
 
 import pytest
 
-# Until the end-to-end tests still in test_session.py and test_brokers.py move to e2e/,
-# they find make_server here (the same fixture as e2e/conftest.py's).
-from e2e.conftest import make_server  # noqa: F401
 from flask import Flask
 from flask.testing import FlaskClient
 
