@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from typing import Any, Iterator
 
 import pytest
-
 from flask import Flask
 from flask.testing import FlaskClient
 
