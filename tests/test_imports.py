@@ -143,3 +143,68 @@ def test_every_module_declares_all(name):
         )
     ]
     assert declared, f"{MODULES[name]} has no __all__"
+
+
+# -- no function over 60 lines -----------------------------------------------------------------
+
+MAX_FUNCTION_LINES = 60
+
+# argparse's declarations: a call per flag with its help text, nothing to branch on or to test
+# apart; cut into pieces they would only be harder to read against ``--help``
+PARSER_CALLS = frozenset(
+    {"ArgumentParser", "add_parser", "add_subparsers", "add_argument", "add_argument_group",
+     "add_mutually_exclusive_group", "set_defaults"}
+)
+
+
+def declares_parsers_only(func: ast.FunctionDef | ast.AsyncFunctionDef) -> bool:
+    """Whether every statement of ``func`` (past its docstring) is an argparse declaration:
+    ``x = ....add_parser(...)`` or ``x.add_argument(...)`` and the like."""
+    body = func.body
+    if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
+        body = body[1:]
+    for stmt in body:
+        value = stmt.value if isinstance(stmt, (ast.Expr, ast.Assign)) else None
+        if not isinstance(value, ast.Call):
+            return False
+        name = value.func.attr if isinstance(value.func, ast.Attribute) else None
+        if name not in PARSER_CALLS:
+            return False
+    return bool(body)
+
+
+def long_functions() -> list[str]:
+    """``module.function (n lines)`` for every function or method longer than the limit
+    (``end_lineno - lineno + 1``, decorators left out) that is not a parser declaration."""
+    found = []
+    for name, path in MODULES.items():
+        tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
+        for node in ast.walk(tree):
+            if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            lines = node.end_lineno - node.lineno + 1
+            if lines > MAX_FUNCTION_LINES and not declares_parsers_only(node):
+                found.append(f"{name}.{node.name} ({lines} lines)")
+    return found
+
+
+def test_the_parser_exemption_recognises_declarations_only():
+    declared = ast.parse(
+        "def f(sub):\n    '''doc'''\n    p = sub.add_parser('x')\n    p.add_argument('--y')\n"
+        "    p.set_defaults(func=run)\n"
+    ).body[0]
+    assert declares_parsers_only(declared)
+    logic = ast.parse(
+        "def f(sub):\n    p = sub.add_parser('x')\n    if p:\n        p.add_argument('--y')\n"
+    ).body[0]
+    assert not declares_parsers_only(logic)
+    calls = ast.parse("def f(s):\n    s.send(1)\n    s.add_argument('--y')\n").body[0]
+    assert not declares_parsers_only(calls)
+    assert not declares_parsers_only(ast.parse("def f():\n    '''only a docstring'''\n").body[0])
+
+
+def test_no_function_is_over_60_lines():
+    """House style: a function that does not fit a screen does several things (issue 16:
+    the session loop was 143 lines). argparse declarations are exempt (today
+    ``cli._add_client_commands``): see ``PARSER_CALLS``."""
+    assert long_functions() == []
