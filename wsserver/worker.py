@@ -233,7 +233,6 @@ class ThreadWorker(_GthreadWorker):
         conn.head = bytearray(already)
         conn.wanted = None
         evicted = self._pending.add(conn, conn.address)
-        self.poller.register(conn.sock, selectors.EVENT_READ, partial(self._head_readable, conn))
         for victim, cap in evicted:
             self._cut_pending(victim, cap)
         # pending sockets must never be what takes gthread to worker_connections: at that
@@ -248,6 +247,12 @@ class ThreadWorker(_GthreadWorker):
             self._advance(conn, 0)  # a request left over from the last one may be complete
         if conn in self._pending:
             self._head_readable(conn, conn.sock)  # often there already: no wait for a wake-up
+        if conn in self._pending:
+            # still arriving: the poller says when more comes (registered only now, so a
+            # kept-alive request that is all there costs no register/unregister pair)
+            self.poller.register(
+                conn.sock, selectors.EVENT_READ, partial(self._head_readable, conn)
+            )
 
     def _head_readable(self, conn: _Conn, sock: socket.socket) -> None:
         assert conn.head is not None
