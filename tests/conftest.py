@@ -164,3 +164,21 @@ def runner(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> Cl
     """The ``wsserver`` command, in-process (see :class:`CliRunner`)."""
     monkeypatch.delenv("WSSERVER_API_KEY", raising=False)
     return CliRunner(monkeypatch, capsys)
+
+
+@pytest.fixture
+def served() -> Iterator[Any]:
+    """``served(**settings)``: a started service on the memory broker with connections on
+    socketpairs (:class:`inprocess.Served`), stopped after the test."""
+    from inprocess import Served
+
+    made: list[Served] = []
+
+    def make(**overrides: Any) -> Served:
+        made.append(Served(**overrides))
+        return made[-1]
+
+    yield make
+    for s in made:
+        s.close()
+

@@ -7,20 +7,13 @@ import socket
 import threading
 
 import pytest
-from inprocess import Peer, assert_no_new_threads
+from inprocess import Peer
 
 from wsserver.broadcaster import Broadcast, Broadcaster, Task
 from wsserver.connection import Connection
 from wsserver.flusher import Flusher
 from wsserver.frames import OP_TEXT, encode_frame
 from wsserver.hub import Hub
-
-
-@pytest.fixture(autouse=True)
-def no_leaked_threads():
-    before = set(threading.enumerate())
-    yield
-    assert_no_new_threads(before)
 
 
 class _Recording(Task):

@@ -5,35 +5,14 @@ client's end of a socketpair."""
 from __future__ import annotations
 
 import json
-import threading
 import time
 
 import pytest
-from inprocess import Served, assert_no_new_threads
+from inprocess import Served
 from rawws import OP_CLOSE, OP_TEXT, close_code
 
 from wsserver.auth import Identity
 from wsserver.exceptions import AccessDenied
-
-
-@pytest.fixture(autouse=True)
-def no_leaked_threads():
-    before = set(threading.enumerate())
-    yield
-    assert_no_new_threads(before)
-
-
-@pytest.fixture
-def served():
-    made: list[Served] = []
-
-    def make(**overrides) -> Served:
-        made.append(Served(**overrides))
-        return made[-1]
-
-    yield make
-    for s in made:
-        s.close()
 
 
 def _say(s: Served, conn, obj) -> None:

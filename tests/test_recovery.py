@@ -6,32 +6,12 @@ from __future__ import annotations
 import threading
 
 import pytest
-from inprocess import Served, assert_no_new_threads
+from inprocess import Served
 from support import wait_for
 
 from wsserver.broadcaster import Broadcast, Broadcaster
 from wsserver.protocol import Notification
 from wsserver.recovery import ReplayMarks
-
-
-@pytest.fixture(autouse=True)
-def no_leaked_threads():
-    before = set(threading.enumerate())
-    yield
-    assert_no_new_threads(before)
-
-
-@pytest.fixture
-def served():
-    made: list[Served] = []
-
-    def make(**overrides) -> Served:
-        made.append(Served(**overrides))
-        return made[-1]
-
-    yield make
-    for s in made:
-        s.close()
 
 
 def _item(room: str | None, n: int) -> Broadcast:

@@ -7,7 +7,6 @@ import threading
 import time
 
 import pytest
-from inprocess import Served, assert_no_new_threads
 from rawws import OP_CLOSE, close_code
 
 from wsserver import metrics
@@ -15,26 +14,6 @@ from wsserver.auth import Identity
 from wsserver.config import load_settings
 from wsserver.protocol import Notification
 from wsserver.service import NotificationService
-
-
-@pytest.fixture(autouse=True)
-def no_leaked_threads():
-    before = set(threading.enumerate())
-    yield
-    assert_no_new_threads(before)
-
-
-@pytest.fixture
-def served():
-    made: list[Served] = []
-
-    def make(**overrides) -> Served:
-        made.append(Served(**overrides))
-        return made[-1]
-
-    yield make
-    for s in made:
-        s.close()
 
 
 @pytest.mark.parametrize(
