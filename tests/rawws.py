@@ -142,11 +142,16 @@ def open_ws(
         raise
 
 
-def client_frame(opcode: int, payload: bytes = b"", fin: bool = True, rsv: int = 0) -> bytes:
+def client_frame(
+    opcode: int, payload: bytes = b"", fin: bool = True, rsv: int = 0, masked: bool = True
+) -> bytes:
     """One masked client frame (clients must mask, RFC 6455 section 5.3): the server's header
-    for that opcode and length, with FIN/RSV as asked and the mask bit set."""
+    for that opcode and length, with FIN/RSV as asked and the mask bit set. ``masked=False``
+    makes the frame a client must never send (a conformance test's)."""
     header = bytearray(frame_header(opcode, len(payload)))
     header[0] = (_FIN if fin else 0) | (rsv << 4) | opcode
+    if not masked:
+        return bytes(header) + payload
     header[1] |= _MASK_BIT
     mask = os.urandom(4)
     if not payload:

@@ -8,6 +8,7 @@ import socket
 import struct
 
 import pytest
+from rawws import OP_CLOSE, FrameParser
 from support import wait_for
 
 from wsserver.connection import Connection, SendResult, WriteState
@@ -34,28 +35,16 @@ def pair():
 
 
 def read_frames(sock: socket.socket, count: int, timeout: float = 10) -> list[tuple[int, bytes]]:
+    """Up to ``count`` frames (fewer if a close frame or the end of the stream comes first),
+    parsed by the suite's one raw client parser."""
     sock.settimeout(timeout)
-    buf = b""
-    frames = []
-    while len(frames) < count and not (frames and frames[-1][0] == 0x8):
+    parser = FrameParser()
+    frames: list[tuple[int, bytes]] = []
+    while len(frames) < count and not (frames and frames[-1][0] == OP_CLOSE):
         chunk = sock.recv(65536)
         if not chunk:
             break
-        buf += chunk
-        while len(buf) >= 2:
-            n, pos = buf[1] & 0x7F, 2
-            if n == 126:
-                if len(buf) < 4:
-                    break
-                n, pos = struct.unpack("!H", buf[2:4])[0], 4
-            elif n == 127:
-                if len(buf) < 10:
-                    break
-                n, pos = struct.unpack("!Q", buf[2:10])[0], 10
-            if len(buf) < pos + n:
-                break
-            frames.append((buf[0] & 0x0F, buf[pos:pos + n]))
-            buf = buf[pos + n:]
+        frames += parser.feed(chunk)
     return frames
 
 

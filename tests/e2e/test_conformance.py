@@ -10,7 +10,6 @@ Every read has a socket timeout; "nothing more arrives" is a bounded read that t
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 import socket
@@ -21,6 +20,7 @@ import time
 from pathlib import Path
 
 import pytest
+import rawws
 import requests
 from support import serving
 
@@ -49,23 +49,7 @@ def server():
 def frame(opcode: int, payload: bytes = b"", fin: bool = True, rsv: int = 0,
           masked: bool = True) -> bytes:
     """One client frame; masked unless told otherwise (RFC 6455 section 5.3)."""
-    first = (0x80 if fin else 0) | (rsv << 4) | opcode
-    mask_bit = 0x80 if masked else 0
-    n = len(payload)
-    if n < 126:
-        header = struct.pack("!BB", first, mask_bit | n)
-    elif n < 65536:
-        header = struct.pack("!BBH", first, mask_bit | 126, n)
-    else:
-        header = struct.pack("!BBQ", first, mask_bit | 127, n)
-    if not masked:
-        return header + payload
-    mask = os.urandom(4)
-    if not n:
-        return header + mask
-    whole = (mask * (n // 4 + 1))[:n]
-    body = (int.from_bytes(payload, "big") ^ int.from_bytes(whole, "big")).to_bytes(n, "big")
-    return header + mask + body
+    return rawws.client_frame(opcode, payload, fin=fin, rsv=rsv, masked=masked)
 
 
 def close_body(code: int, reason: bytes = b"") -> bytes:
@@ -73,26 +57,23 @@ def close_body(code: int, reason: bytes = b"") -> bytes:
 
 
 class Client:
-    """A raw WebSocket client: sends bytes as given, parses the server's frames."""
+    """A raw WebSocket client (the suite's one, :mod:`rawws`): sends bytes as given, parses
+    the server's frames, which must be exactly what ``wsserver.frames`` makes (final, no RSV
+    bit since no extension is negotiated, unmasked)."""
 
     def __init__(self, port: int) -> None:
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
-        key = base64.b64encode(os.urandom(16)).decode()
-        self.sock.sendall(
-            (
-                f"GET /ws HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
-                f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
-                "Sec-WebSocket-Version: 13\r\n\r\n"
-            ).encode()
-        )
-        buf = b""
-        while b"\r\n\r\n" not in buf:
-            chunk = self.sock.recv(4096)
-            assert chunk, f"connection closed during the handshake: {buf!r}"
-            buf += chunk
-        head, _, self.buf = buf.partition(b"\r\n\r\n")
-        assert head.startswith(b"HTTP/1.1 101"), head
+        status, head, rest = rawws.handshake(self.sock, port)
+        assert status == 101, head
         assert b"sec-websocket-extensions" not in head.lower(), "no extension is negotiated"
+        self.parser = rawws.FrameParser()
+        self.frames = list(self.parser.feed(rest))
+
+    @property
+    def unread(self) -> bool:
+        """Whether anything arrived that was not read: frames parsed and not taken, or part
+        of one."""
+        return bool(self.frames) or self.parser.pending > 0
 
     def send(self, *frames: bytes) -> None:
         """All frames in one write: the server sees them in one read, as Autobahn's chops."""
@@ -104,42 +85,17 @@ class Client:
         chunk = self.sock.recv(1 << 20)
         if not chunk:
             return False
-        self.buf += chunk
+        self.frames += self.parser.feed(chunk)
         return True
-
-    def _parse(self) -> tuple[int, bool, bytes] | None:
-        buf = self.buf
-        if len(buf) < 2:
-            return None
-        first, second = buf[0], buf[1]
-        assert not second & 0x80, "server frames are never masked"
-        assert not first & 0x70, "no reserved bit is set: no extension was negotiated"
-        n, pos = second & 0x7F, 2
-        if n == 126:
-            if len(buf) < 4:
-                return None
-            n, pos = struct.unpack("!H", buf[2:4])[0], 4
-        elif n == 127:
-            if len(buf) < 10:
-                return None
-            n, pos = struct.unpack("!Q", buf[2:10])[0], 10
-        if len(buf) < pos + n:
-            return None
-        self.buf = buf[pos + n:]
-        return first & 0x0F, bool(first & 0x80), buf[pos:pos + n]
 
     def recv_frame(self, timeout: float = TIMEOUT) -> tuple[int, bytes]:
         """The next frame as (opcode, payload); the server only sends final frames."""
         deadline = time.monotonic() + timeout
-        while True:
-            parsed = self._parse()
-            if parsed is not None:
-                opcode, fin, payload = parsed
-                assert fin, "the server sends every message in one frame"
-                return opcode, payload
+        while not self.frames:
             left = deadline - time.monotonic()
             if left <= 0 or not self._fill(left):
-                raise AssertionError(f"no complete frame (have {self.buf[:64]!r})")
+                raise AssertionError(f"no complete frame ({self.parser.pending} bytes of one)")
+        return self.frames.pop(0)
 
     def expect_close(self, code: int | None) -> bytes:
         """The next frame is a close with ``code`` (None: no payload); returns the reason."""
@@ -164,7 +120,7 @@ class Client:
                 more = self._fill(left)
             except ConnectionResetError:
                 raise AssertionError("the TCP connection was reset, not closed") from None
-            assert not self.buf, f"bytes after the close frame: {self.buf[:64]!r}"
+            assert not self.unread, f"bytes after the close frame: {self.frames[:3]!r}"
             if not more:
                 return
 
@@ -174,7 +130,7 @@ class Client:
             got = self._fill(quiet)
         except socket.timeout:
             return
-        assert not got or not self.buf, f"unexpected bytes: {self.buf[:64]!r}"
+        assert not got or not self.unread, f"unexpected bytes: {self.frames[:3]!r}"
 
     def close_cleanly(self, code: int = 1000) -> None:
         self.send(frame(OP_CLOSE, close_body(code)))
