@@ -182,3 +182,15 @@ def served() -> Iterator[Any]:
     for s in made:
         s.close()
 
+
+@pytest.fixture
+def flusher() -> Iterator[Any]:
+    """A started :class:`wsserver.flusher.Flusher` with a short poll, stopped after the test
+    (the autouse leaked-thread check then sees its thread gone)."""
+    from wsserver.flusher import Flusher
+
+    f = Flusher(poll_timeout=0.05)
+    f.start()
+    yield f
+    f.stop()
+

@@ -12,16 +12,7 @@ from rawws import OP_CLOSE, FrameParser
 from support import wait_for
 
 from wsserver.connection import Connection, SendResult, WriteState
-from wsserver.flusher import Flusher
 from wsserver.frames import OP_TEXT, encode_frame
-
-
-@pytest.fixture
-def flusher():
-    f = Flusher(poll_timeout=0.05)
-    f.start()
-    yield f
-    f.stop()
 
 
 @pytest.fixture

@@ -15,23 +15,11 @@ import rawws
 
 from wsserver.connection import Connection, SendResult, WriteState
 from wsserver.echo import Expected
-from wsserver.flusher import Flusher
 from wsserver.frames import OP_BINARY, OP_CLOSE, OP_PONG, OP_TEXT, close_frame, encode_frame
 
 pytestmark = pytest.mark.timeout(30)
 
 QUIET = 0.2  # how long "nothing arrives" is watched for
-
-
-@pytest.fixture
-def flusher():
-    before = set(threading.enumerate())
-    f = Flusher(poll_timeout=0.05)
-    f.start()
-    yield f
-    f.stop()
-    leaked = [t for t in threading.enumerate() if t not in before and t.is_alive()]
-    assert not leaked, f"threads left running: {leaked}"
 
 
 class Peer:

@@ -28,18 +28,6 @@ class Target:
 
 
 @pytest.fixture
-def flusher():
-    before = set(threading.enumerate())
-    f = Flusher(poll_timeout=0.05)
-    f.start()
-    yield f
-    f.stop()
-    f.stop()  # idempotent
-    leaked = [t for t in threading.enumerate() if t not in before and t.is_alive()]
-    assert not leaked, f"threads left running: {leaked}"
-
-
-@pytest.fixture
 def full_pair():
     """A socketpair whose first end cannot take another byte until the second reads."""
     a, b = socket.socketpair()
@@ -100,3 +88,12 @@ def test_one_failing_target_does_not_stop_the_others(flusher):
 def _called_again(target: Target) -> bool:
     target.called.clear()
     return target.called.wait(0.2)
+
+
+def test_stop_is_idempotent_and_ends_the_thread():
+    f = Flusher(poll_timeout=0.05)
+    f.start()
+    assert "wsserver-flusher" in {t.name for t in threading.enumerate()}
+    f.stop()
+    f.stop()  # idempotent
+    assert "wsserver-flusher" not in {t.name for t in threading.enumerate()}
