@@ -2,10 +2,10 @@
 
 Why not a Flask route: publishing is the hot HTTP path (scripts and backends POST in loops,
 and the fan-out benchmark is bounded by how fast ``POST /notify`` answers). Under gunicorn a
-Flask request costs ~300 µs of worker CPU more than the same work done on the WSGI environ:
-request context, URL matching, hooks, the response object. Measured with 8 keep-alive
-posters and no clients (``docs/performance.md``): 1.35 ms of worker CPU per POST through
-Flask, 1.03 ms here. That CPU is shared with the fan-out (one GIL), so it is throughput.
+Flask request costs measurably more worker CPU than the same work done on the WSGI environ
+(request context, URL matching, hooks, the response object; the figures are in
+docs/design.md, "Publishing over HTTP", and docs/performance.md). That CPU is shared with the
+fan-out (one GIL), so it is throughput.
 
 Everything about ``/notify`` lives here: method routing (POST; OPTIONS for CORS preflights;
 anything else 405 with ``Allow``), the publisher check, the body limit (413, chunked bodies
