@@ -4,6 +4,10 @@ and the connection gauge and opened counter follow the hub's counts without coun
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 from prometheus_client.parser import text_string_to_metric_families
 
 from wsserver import metrics
@@ -43,3 +47,16 @@ def test_counters_move():
     before = _samples().get("wsserver_messages_in_total", 0.0)
     metrics.MESSAGES_IN.inc()
     assert _samples()["wsserver_messages_in_total"] == before + 1
+
+
+def test_a_worker_file_still_being_created_is_skipped(tmp_path):
+    """A booting worker's metric file exists empty for an instant: the others' /metrics must not 500."""
+    worker = ("import prometheus_client as p; "
+              "p.Counter('wsserver_deliveries', 'help').inc(7)")
+    subprocess.run([sys.executable, "-c", worker], check=True, timeout=30,
+                   env={**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)})
+    (tmp_path / "counter_102.db").write_bytes(b"")  # created, not yet sized
+    (tmp_path / "gauge_livesum_102.db").write_bytes(b"\x00\x00")
+    families = {f.name: f for f in text_string_to_metric_families(
+        metrics.render_directory(str(tmp_path)).decode())}
+    assert families["wsserver_deliveries"].samples[0].value == 7.0

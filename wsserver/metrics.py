@@ -17,8 +17,10 @@ hub's counts into the metrics a few times a second instead (:func:`sync_connecti
 
 from __future__ import annotations
 
+import glob
 import os
 import threading
+from collections.abc import Iterable
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -46,6 +48,7 @@ __all__ = [
     "SERVER_CLOSES",
     "SLOW_CONSUMERS",
     "render",
+    "render_directory",
     "sync_connections",
 ]
 
@@ -101,9 +104,32 @@ def sync_connections(open_now: int, opened_total: int) -> None:
 def render() -> bytes:
     """The exposition text: this process's metrics, or every worker's in multiprocess mode."""
     if _MULTIPROCESS:
-        from prometheus_client import multiprocess
-
-        registry = CollectorRegistry()
-        multiprocess.MultiProcessCollector(registry)
-        return generate_latest(registry)
+        return render_directory(os.environ["PROMETHEUS_MULTIPROC_DIR"])
     return generate_latest()
+
+
+def render_directory(path: str) -> bytes:
+    """Every worker's metrics from a multiprocess directory, skipping files still being created.
+
+    A worker that is booting creates each of its ``<type>_<pid>.db`` files empty and only then
+    sizes it; prometheus_client's collector reads such a file as corrupt and ``/metrics`` in
+    every other worker answered 500 for that instant (seen in CI with two workers). A file
+    shorter than its 8-byte header holds no values yet, so leaving it out loses nothing.
+    """
+    from prometheus_client import multiprocess
+
+    class SettledFilesCollector(multiprocess.MultiProcessCollector):
+        def collect(self) -> Iterable:  # type: ignore[override]
+            files = [f for f in glob.glob(os.path.join(path, "*.db")) if _past_creation(f)]
+            return self.merge(files, accumulate=True)
+
+    registry = CollectorRegistry()
+    SettledFilesCollector(registry, path=path)
+    return generate_latest(registry)
+
+
+def _past_creation(file: str) -> bool:
+    try:
+        return os.path.getsize(file) >= 8
+    except FileNotFoundError:  # a dead worker's live gauge, removed since the glob
+        return False
