@@ -153,8 +153,26 @@ def test_settings_are_declared_once_as_the_fields_of_settings():
 def test_the_defaults_load_and_are_what_each_setting_declares():
     settings = load_settings({})
     for setting in SETTINGS:
-        expected = False if setting.name == "rebroadcast" else setting.default  # production
+        assert getattr(settings, setting.name) == setting.default, setting.name  # production
+
+
+def test_development_has_its_own_defaults_for_the_bind_address_and_rebroadcast():
+    settings = load_settings({"WSSERVER_ENV": "development"})
+    for setting in SETTINGS:
+        expected = setting.development_default
+        expected = setting.default if expected is None else expected
+        if setting.name == "env":
+            continue
         assert getattr(settings, setting.name) == expected, setting.name
+    assert (settings.host, settings.rebroadcast) == ("127.0.0.1", True)
+
+
+@pytest.mark.parametrize("env", ["production", "development"])
+def test_the_bind_address_given_wins_in_either_mode(env):
+    assert load_settings({"WSSERVER_ENV": env, "WSSERVER_HOST": "0.0.0.0"}).host == "0.0.0.0"
+    assert load_settings({"WSSERVER_ENV": env}, {"host": "::1"}).host == "::1"
+    # the mode may come from an override too (a flag): its defaults follow it
+    assert load_settings({}, {"env": "development"}).host == "127.0.0.1"
 
 
 @pytest.mark.parametrize("name", sorted(GOOD))
@@ -289,6 +307,7 @@ def test_the_markdown_table_has_one_row_per_setting_in_order():
     assert shown["enqueue_timeout"] == "`0.5`"
     assert shown["api_keys"] == shown["redis_url"] == "(unset)"
     assert shown["rebroadcast"] == "on in development, off in production"
+    assert shown["host"] == "`127.0.0.1` in development, `0.0.0.0` in production"
     for setting, row in zip(SETTINGS, rows):
         assert row.endswith(f" | {setting.doc} |")
 

@@ -121,14 +121,16 @@ def load_public_key(pem: str) -> Any:
 @dataclass(frozen=True)
 class Setting:
     """One setting: its attribute name, how to parse its environment text, its default, its
-    doc, and whether its value is a secret (never printed, never logged). Built from the
-    fields of :class:`Settings`; immutable, so shared freely between threads."""
+    doc, whether its value is a secret (never printed, never logged), and its default in
+    development when that differs (``None``: the same). Built from the fields of
+    :class:`Settings`; immutable, so shared freely between threads."""
 
     name: str
     parse: Callable[[str], Any]
     default: Any
     doc: str
     secret: bool = False
+    development_default: Any = None
 
     @property
     def env(self) -> str:
@@ -138,11 +140,26 @@ class Setting:
 MiB = 1024 * 1024
 
 
-def _setting(parse: Callable[[str], Any], default: Any, doc: str, secret: bool = False) -> Any:
+def _setting(
+    parse: Callable[[str], Any],
+    default: Any,
+    doc: str,
+    secret: bool = False,
+    development_default: Any = None,
+) -> Any:
     """A :class:`Settings` field declared with what :class:`Setting` needs. The default lives
     in the metadata, not in the dataclass, so ``Settings`` is only built complete, by
-    :func:`load_settings` (typed ``Any`` so each field keeps its own annotation for mypy)."""
-    return field(metadata={"parse": parse, "default": default, "doc": doc, "secret": secret})
+    :func:`load_settings` (typed ``Any`` so each field keeps its own annotation for mypy).
+    ``default`` is production's; ``development_default``, when given, is development's."""
+    return field(
+        metadata={
+            "parse": parse,
+            "default": default,
+            "doc": doc,
+            "secret": secret,
+            "development_default": development_default,
+        }
+    )
 
 
 @dataclass(frozen=True)
@@ -153,7 +170,13 @@ class Settings:
     Each field is one setting (``WSSERVER_<NAME>``), in the order of the README's table.
     """
 
-    host: str = _setting(_host, "0.0.0.0", "Interface to listen on.")
+    host: str = _setting(
+        _host,
+        "0.0.0.0",
+        "Interface to listen on (`0.0.0.0`: every interface). Behind a proxy on the same host: "
+        "`127.0.0.1`.",
+        development_default="127.0.0.1",
+    )
     port: int = _setting(_int_in(0, 65535), 8080, "TCP port (0 picks a free one).")
     env: str = _setting(
         _choice("development", "production"),
@@ -163,9 +186,10 @@ class Settings:
     )
     rebroadcast: bool = _setting(
         _parse_bool,
-        None,
+        False,
         "Rebroadcast what a client sends to every client, as the original did. "
         "Default: on in development, off in production.",
+        development_default=True,
     )
     allowed_origins: tuple[str, ...] = _setting(
         _list,
@@ -445,17 +469,24 @@ def settings_markdown() -> str:
     """The README's settings table, generated from :data:`SETTINGS` (a test keeps them equal)."""
     rows = ["| variable | default | meaning |", "| --- | --- | --- |"]
     for setting in SETTINGS:
-        default = setting.default
-        if setting.name == "rebroadcast":
-            shown = "on in development, off in production"
-        elif default in ((), ""):
-            shown = "(unset)"
-        else:
-            if isinstance(default, float) and default.is_integer():
-                default = int(default)
-            shown = f"`{default}`"
+        shown = _shown_default(setting.default)
+        if setting.development_default is not None:
+            shown = (
+                f"{_shown_default(setting.development_default)} in development, "
+                f"{shown} in production"
+            )
         rows.append(f"| `{setting.env}` | {shown} | {setting.doc} |")
     return "\n".join(rows) + "\n"
+
+
+def _shown_default(default: Any) -> str:
+    if isinstance(default, bool):
+        return "on" if default else "off"
+    if default in ((), ""):
+        return "(unset)"
+    if isinstance(default, float) and default.is_integer():
+        default = int(default)
+    return f"`{default}`"
 
 
 def load_settings(
@@ -467,7 +498,7 @@ def load_settings(
     "not given". Raises :class:`SettingsError` naming the first bad variable.
     """
     environ = os.environ if environ is None else environ
-    values: dict[str, Any] = {s.name: s.default for s in SETTINGS}
+    values: dict[str, Any] = {}
     for setting in SETTINGS:
         raw = environ.get(setting.env)
         if raw is None or raw.strip() == "":
@@ -481,8 +512,11 @@ def load_settings(
             raise SettingsError(f"unknown setting {name!r}")
         if value is not None:
             values[name] = value
-    if values.get("rebroadcast") is None:
-        values["rebroadcast"] = values["env"] == "development"
+    development = values.get("env", _BY_NAME["env"].default) == "development"
+    for setting in SETTINGS:  # what was not given: the mode's default
+        if setting.name not in values:
+            mode_default = setting.development_default if development else None
+            values[setting.name] = setting.default if mode_default is None else mode_default
     settings = Settings(**values)
     _check_consistency(settings)
     return settings
