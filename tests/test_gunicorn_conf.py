@@ -147,6 +147,30 @@ def test_a_configuration_that_weakens_the_server_is_warned_about(conf, caplog, c
         assert text in warning
 
 
+@pytest.mark.parametrize("bind, exposed", [
+    ("0.0.0.0:8080", "listening on 0.0.0.0:8080, not loopback only"),
+    ("127.0.0.1:8080", None),
+])
+def test_development_says_once_what_it_leaves_open(conf, caplog, bind, exposed):
+    """One WARNING from the master's hook (so one per server, whatever the workers), on the
+    binds gunicorn will really use (a ``-b`` flag included); none in production."""
+    conf.settings(env="development")
+    with caplog.at_level(logging.WARNING, logger="test.gunicorn_conf.arbiter"):
+        conf.on_starting(Arbiter(bind=[bind]))
+    warnings = [w for w in _warnings(caplog) if "development mode" in w]
+    assert len(warnings) == 1, _warnings(caplog)
+    for item in ("any origin", "POST /notify from any address without a key",
+                 "without a connection token", "rebroadcast on"):
+        assert item in warnings[0]
+    assert (exposed in warnings[0]) if exposed else ("listening on" not in warnings[0])
+
+    caplog.clear()
+    conf.settings(env="production")
+    with caplog.at_level(logging.WARNING, logger="test.gunicorn_conf.arbiter"):
+        conf.on_starting(Arbiter(bind=[bind]))
+    assert not [w for w in _warnings(caplog) if "development mode" in w]
+
+
 # -- helpers -----------------------------------------------------------------------------------
 
 

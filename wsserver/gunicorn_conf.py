@@ -75,6 +75,7 @@ if _METRICS_DIR_OWNED:
 
 from wsserver.config import SettingsError, check_workers, load_settings  # noqa: E402
 from wsserver.logs import gunicorn_logconfig  # noqa: E402
+from wsserver.openness import development_warning  # noqa: E402
 
 try:
     _settings = load_settings()
@@ -148,6 +149,10 @@ def on_starting(server):  # noqa: ANN001 - gunicorn hook signature
     # closing ones linger outside it (wsserver.intake.LingeringCloses, 128 at most), and the
     # rest (listeners, logs, Redis, pipes) fits in the remainder
     _raise_open_files_limit(cfg.worker_connections + 384, server.log)
+    # once per server, here in the master: what development leaves open, on the final binds
+    warning = development_warning(_settings, cfg.address)
+    if warning:
+        server.log.warning("%s", warning)
 
 
 def post_fork(server, worker):  # noqa: ANN001
