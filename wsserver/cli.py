@@ -2,7 +2,10 @@
 
 ``wsserver serve`` runs gunicorn with the shipped config (:mod:`wsserver.gunicorn_conf`);
 flags override ``WSSERVER_*`` variables by being turned into them, so gunicorn's config
-module, the app factory and ``check-config`` all see one set of values.
+module, the app factory and ``check-config`` all see one set of values. ``--dev`` is the
+same gunicorn server in development mode: there is no second server for development (the
+Werkzeug one it used to run logged ``?token=``, had no handshake timeout and no 1001 on
+SIGTERM, and ignored the gunicorn flags).
 ``wsserver check-config`` prints the effective settings, or the first bad one.
 ``wsserver notify`` and ``wsserver listen`` publish and subscribe from a shell, through
 :mod:`wsserver.client` (imported only by them: the server does not need requests).
@@ -24,31 +27,28 @@ GUNICORN_CONFIG = "python:wsserver.gunicorn_conf"
 
 
 def _serve(args: argparse.Namespace) -> int:
+    """Replace this process with gunicorn running the shipped config (so signals, the exit
+    status and the PID are gunicorn's). ``--dev`` is the same server in development mode:
+    the flags become ``WSSERVER_*`` variables of gunicorn's environment, not of ours."""
+    environ = dict(os.environ)
     flags = {
         "host": args.host,
         "port": args.port,
         "threads": args.threads,
         "workers": args.workers,
         "log_level": args.log_level,
+        "env": "development" if args.dev else None,
     }
     for name, value in flags.items():
         if value is not None:
-            os.environ[ENV_PREFIX + name.upper()] = str(value)
-    if args.dev:
-        os.environ[ENV_PREFIX + "ENV"] = "development"
+            environ[ENV_PREFIX + name.upper()] = str(value)
     try:
-        settings = load_settings()
+        load_settings(environ)  # a bad value stops here, with the same message gunicorn's would
     except SettingsError as exc:
         print(f"wsserver: {exc}", file=sys.stderr)
         return 2
-    if args.dev:
-        from .app import create_app
-
-        app = create_app(settings)
-        app.run(host=settings.host, port=settings.port, threaded=True)
-        return 0
-    argv = ["gunicorn", "-c", GUNICORN_CONFIG, *args.gunicorn_args, APP_FACTORY]
-    os.execvp(sys.executable, [sys.executable, "-m", "gunicorn", *argv[1:]])
+    argv = [sys.executable, "-m", "gunicorn", "-c", GUNICORN_CONFIG, *args.gunicorn_args]
+    os.execve(sys.executable, [*argv, APP_FACTORY], environ)
     return 0  # not reached
 
 
@@ -363,14 +363,26 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
-    serve = sub.add_parser("serve", help="run the server under gunicorn (the shipped config)")
-    serve.add_argument("--host", help=f"interface to bind ({ENV_PREFIX}HOST, default 0.0.0.0)")
+    serve = sub.add_parser(
+        "serve",
+        help="run the server under gunicorn (the shipped config)",
+        description="Run gunicorn with the shipped config (python:wsserver.gunicorn_conf). "
+        "Flags after -- go to gunicorn as they are: wsserver serve --dev -- --reload.",
+    )
+    serve.add_argument(
+        "--host",
+        help=f"interface to bind ({ENV_PREFIX}HOST; default 127.0.0.1 in development, "
+        "0.0.0.0 in production)",
+    )
     serve.add_argument("--port", type=int, help=f"port ({ENV_PREFIX}PORT, default 8080)")
     serve.add_argument("--threads", type=int, help=f"threads per worker ({ENV_PREFIX}THREADS)")
     serve.add_argument("--workers", type=int, help=f"worker processes ({ENV_PREFIX}WORKERS)")
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     serve.add_argument(
-        "--dev", action="store_true", help="Flask's development server, development mode"
+        "--dev",
+        action="store_true",
+        help=f"development mode ({ENV_PREFIX}ENV=development): open defaults, loopback only; "
+        "the same gunicorn server",
     )
     serve.add_argument(
         "gunicorn_args", nargs=argparse.REMAINDER, help="after --: extra gunicorn flags"
