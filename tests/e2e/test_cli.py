@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -249,3 +250,122 @@ def test_check_config_masks_secrets():
     for name, value in secrets.items():
         for part in value.split(","):
             assert part not in output, f"{name} leaked"
+
+
+# -- serve --dev ---------------------------------------------------------------------------------
+
+
+def _listening_addresses(port: int) -> set[str]:
+    """The local addresses listening on TCP ``port``, read from the kernel's tables
+    (``/proc/net/tcp``, ``tcp6``: hex address, state 0A = LISTEN)."""
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            local, state = line.split()[1], line.split()[3]
+            address, _, port_hex = local.rpartition(":")
+            if state == "0A" and int(port_hex, 16) == port:
+                found.add(address)
+    return found
+
+
+def _non_loopback_address() -> str | None:
+    """This machine's own address on its default route, if it has one (a UDP connect sends
+    nothing: it only picks the source address)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(("10.255.255.255", 1))
+        except OSError:
+            return None
+        address = probe.getsockname()[0]
+    return None if address.startswith("127.") else address
+
+
+@pytest.fixture
+def dev_server(tmp_path):
+    """``wsserver serve --dev`` as a user runs it (nothing but development mode, a port, small
+    thread counts and a short handshake timeout to keep the test fast), with two workers on
+    Redis so "once per server" is seen, and gunicorn flags after ``--``. Yields (process,
+    port, log path); stopped by PID."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WSSERVER_")}
+    env.update(WSSERVER_THREADS="16", WSSERVER_HTTP_THREADS="8", WSSERVER_HANDSHAKE_TIMEOUT="0.5",
+               WSSERVER_REDIS_URL="redis://127.0.0.1:6379/0",
+               WSSERVER_REDIS_PREFIX="test-dev-" + uuid.uuid4().hex[:8])
+    log_path = tmp_path / "serve.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([*WSSERVER, "serve", "--dev", "--port", str(port), "--workers",
+                                 "2", "--", "--access-logfile", "-"],
+                                env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+
+    def ready() -> bool:
+        assert proc.poll() is None, log_path.read_text()
+        try:
+            return requests.get(url + "/", timeout=1).status_code == 200
+        except requests.RequestException:
+            return False
+
+    try:
+        wait_for(ready, timeout=20, interval=0.05, message="wsserver serve --dev")
+        wait_for(lambda: log_path.read_text().count("security:") == 2, timeout=10,
+                 message="both workers started")
+        yield proc, port, log_path
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGQUIT)
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+
+
+def test_serve_dev_is_the_gunicorn_server_on_loopback_saying_what_is_open(dev_server):
+    proc, port, log_path = dev_server
+    url = f"http://127.0.0.1:{port}"
+    # gunicorn with the shipped config: the access log (a flag after --) never shows ?token=
+    assert requests.get(url + "/?token=secret-token-5e7a", timeout=5).status_code == 200
+    wait_for(lambda: '"GET / HTTP/1.1" 200' in log_path.read_text(), timeout=5,
+             message="the access log line")
+    log = log_path.read_text()
+    assert "secret-token-5e7a" not in log and "Werkzeug" not in log
+    assert f"Listening at: http://127.0.0.1:{port}" in log
+
+    # loopback only: the kernel's listening sockets, and a connect to this host's other address
+    assert _listening_addresses(port) == {"0100007F"}  # 127.0.0.1, nothing on tcp6
+    other = _non_loopback_address()
+    if other is not None:
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection((other, port), timeout=5).close()
+
+    # one WARNING for the server (two workers), naming what is open
+    warnings = [line for line in log.splitlines() if "development mode" in line]
+    assert len(warnings) == 1 and "[WARNING]" in warnings[0], warnings
+    for item in ("any origin", "POST /notify from any address without a key",
+                 "without a connection token", "rebroadcast on"):
+        assert item in warnings[0]
+    assert "listening on" not in warnings[0]
+
+    # our worker: a client that sends nothing is answered 408 after WSSERVER_HANDSHAKE_TIMEOUT
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as silent:
+        assert silent.recv(4096).startswith(b"HTTP/1.1 408 ")
+
+
+def test_serve_dev_says_goodbye_with_1001_on_sigterm(dev_server):
+    proc, port, _ = dev_server
+    ws = websocket.create_connection(f"ws://127.0.0.1:{port}/ws", timeout=10)
+    try:
+        ws.send(json.dumps({"type": "subscribe", "room": room_name()}))
+        assert json.loads(ws.recv())["type"] == "subscribed"
+        proc.send_signal(signal.SIGTERM)  # the PID `wsserver serve` started with: exec'd
+        frame = ws.recv_frame()
+        while frame.opcode != websocket.ABNF.OPCODE_CLOSE:
+            frame = ws.recv_frame()
+        assert int.from_bytes(frame.data[:2], "big") == 1001
+    finally:
+        ws.close()
+    assert proc.wait(20) == 0
