@@ -15,7 +15,7 @@ only for a ``Host`` that is one of them (see :meth:`OriginRules.host_known`). A 
 needs no such check: a rebinding page's origin is the attacker's, never a listed one.
 
 Pure functions and an immutable object: thread-safe. Standard library only (``config``
-validates the allow-list with :func:`parse_pattern`).
+validates the allow-list with :func:`parse_pattern`; ``codes`` and ``exceptions`` are pure).
 """
 
 from __future__ import annotations
@@ -24,6 +24,9 @@ import ipaddress
 import re
 from typing import NamedTuple
 from urllib.parse import urlsplit
+
+from .codes import ErrorCode
+from .exceptions import AccessDenied
 
 __all__ = [
     "DEFAULT_PORTS",
@@ -162,6 +165,26 @@ class OriginRules:
         if parsed is None:
             return False
         return self.listed(parsed) or self.same_origin(parsed, host)
+
+    def check(self, origin: str | None, host: str | None, what: str) -> None:
+        """Raise :class:`AccessDenied` (403) unless a page from ``origin`` may ``what`` here
+        (``"publish"``, ``"read this"``): ``invalid_origin`` for an Origin header no browser
+        sends, ``origin_forbidden`` for one the rules refuse."""
+        if origin is None or self.allowed(origin, host):
+            return
+        if origin.strip() != "null" and parse_origin(origin) is None:
+            raise AccessDenied(
+                403,
+                ErrorCode.INVALID_ORIGIN,
+                "the Origin header is not scheme://host[:port]",
+                "RFC 6454",
+            )
+        raise AccessDenied(
+            403,
+            ErrorCode.ORIGIN_FORBIDDEN,
+            f"a page from this origin may not {what} here",
+            "WSSERVER_ALLOWED_ORIGINS",
+        )
 
     def listed(self, origin: Origin) -> bool:
         return any(pattern.matches(origin) for pattern in self.patterns)
