@@ -68,13 +68,16 @@ def _port_of(server: Any) -> int:
 def handshake(
     sock: socket.socket, port: int, path: str = "/ws", headers: dict[str, str] | None = None
 ) -> tuple[int, bytes, bytes]:
-    """Send the upgrade request on a connected ``sock``; read the answer's head.
+    """Send the upgrade request on a connected ``sock``; read the answer's head. A ``Host``
+    in ``headers`` replaces ``127.0.0.1:<port>`` (a hostile client names any host).
     Returns (status, head, the bytes already received past the head)."""
     key = base64.b64encode(os.urandom(16)).decode()
-    extra = "".join(f"{name}: {value}\r\n" for name, value in (headers or {}).items())
+    headers = dict(headers or {})
+    host = headers.pop("Host", f"127.0.0.1:{port}")
+    extra = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
     sock.sendall(
         (
-            f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
+            f"GET {path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\n"
             f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
             f"Sec-WebSocket-Version: 13\r\n{extra}\r\n"
         ).encode()

@@ -49,7 +49,8 @@ UPGRADE = {"Upgrade": "websocket", "Connection": "Upgrade",
 
 
 def refusals(client, reason: str) -> float:
-    text = client.get("/metrics").get_data(as_text=True)
+    # with API keys /metrics needs one (the cases' servers use k1), without keys the header is ignored
+    text = client.get("/metrics", headers={"Authorization": "Bearer k1"}).get_data(as_text=True)
     match = re.search(rf'^wsserver_refusals_total{{reason="{reason}"}} (\S+)$', text, re.M)
     return float(match.group(1)) if match else 0.0
 
@@ -122,6 +123,15 @@ CASES = [
                  "missing_api_key", "WSSERVER_API_KEYS", id="notify-401"),
     pytest.param({}, None, "POST", "/notify", {}, {"event": "e"}, 403, "publish_forbidden",
                  "WSSERVER_API_KEYS", id="notify-403"),
+    pytest.param({}, None, "POST", "/notify", {"X-Forwarded-For": "203.0.113.9"}, {"event": "e"},
+                 403, "publish_forbidden", "WSSERVER_API_KEYS unset, forwarded request",
+                 id="notify-403-forwarded"),
+    pytest.param({"allowed_origins": ("https://app.example.com",)}, None, "POST", "/notify",
+                 {"Origin": "https://evil.example"}, {"event": "e"}, 403, "origin_forbidden",
+                 "WSSERVER_ALLOWED_ORIGINS", id="notify-403-origin"),
+    pytest.param({"env": "development"}, None, "POST", "/notify",
+                 {"Content-Type": "text/plain"}, {"event": "e"}, 415, "unsupported_media_type",
+                 "Content-Type", id="notify-415"),
     pytest.param({"env": "development", "max_body_size": 100}, None, "POST", "/notify", {},
                  {"event": "e", "message": "x" * 200}, 413, "body_too_large",
                  "WSSERVER_MAX_BODY_SIZE=100", id="notify-413"),
@@ -140,6 +150,8 @@ CASES = [
                  id="notify-503-broker"),
     pytest.param({"api_keys": ("k1",)}, None, "GET", "/rooms", {}, None, 401, "missing_api_key",
                  "WSSERVER_API_KEYS", id="rooms-401"),
+    pytest.param({"api_keys": ("k1",)}, None, "GET", "/metrics", {}, None, 401,
+                 "missing_api_key", "WSSERVER_API_KEYS", id="metrics-401"),
     pytest.param({}, None, "POST", "/", {}, None, 405, "method_not_allowed", "", id="health-405"),
 ]
 

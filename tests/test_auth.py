@@ -21,9 +21,13 @@ def policy(**env: str) -> AccessPolicy:
 def test_production_origins_same_origin_and_listed_with_wildcards():
     p = policy(env="production", allowed_origins="https://app.example.com,https://*.example.org")
     assert p.origin_allowed(None, "ws.example.com")  # not a browser
-    assert p.origin_allowed("https://ws.example.com", "ws.example.com")  # same origin
+    # same origin, but with an allow-list Host must be one of the server's names (DNS rebinding)
+    assert not p.origin_allowed("https://ws.example.com", "ws.example.com")
+    assert p.origin_allowed("https://a.example.org", "a.example.org")  # listed, and a known host
+    assert p.origin_allowed("http://localhost:8080", "localhost:8080")
     assert p.origin_allowed("http://127.0.0.1:8080", "127.0.0.1:8080")
     assert not p.origin_allowed("http://127.0.0.1:9999", "127.0.0.1:8080")
+    assert policy(env="production").origin_allowed("https://ws.example.com", "ws.example.com")
     assert p.origin_allowed("https://app.example.com", "ws.example.com")
     assert p.origin_allowed("https://a.b.example.org", "ws.example.com")
     assert not p.origin_allowed("https://example.org.evil.com", "ws.example.com")

@@ -79,8 +79,74 @@ def test_cors_preflight_from_an_allowed_origin(make_app):
     assert preflight.status_code == 200
     assert preflight.headers["Access-Control-Allow-Origin"] == "https://app.example"
     assert "Authorization" in preflight.headers["Access-Control-Allow-Headers"]
-    foreign = client.options("/notify", headers={"Origin": "https://evil.example"})
+    foreign = client.options("/notify", headers={"Origin": "https://evil.example",
+                                                  "Access-Control-Request-Method": "POST"})
+    assert foreign.status_code == 403 and foreign.get_json()["code"] == "origin_forbidden"
     assert "Access-Control-Allow-Origin" not in foreign.headers
+
+
+@pytest.mark.parametrize("env", ["production", "development"])
+@pytest.mark.parametrize("content_type", [None, "text/plain", "application/x-www-form-urlencoded",
+                                          "multipart/form-data; boundary=x", "application/jsonx",
+                                          "text/json", "application/json-patch+json"])
+def test_a_body_not_declared_json_is_415_in_every_mode(make_app, env, content_type):
+    """What a cross-site form or simple fetch can send is never application/json."""
+    client = make_app(env=env).test_client()
+    headers = {"Content-Type": content_type} if content_type else {}
+    resp = client.post("/notify", data=b'{"event":"csrf"}', headers=headers)
+    assert resp.status_code == 415, resp.data
+    body = resp.get_json()
+    assert body["code"] == "unsupported_media_type" and "application/json" in body["error"]
+    assert resp.headers["Accept-Post"] == "application/json"
+
+
+@pytest.mark.parametrize("content_type", ["application/json", "Application/JSON",
+                                          "application/json; charset=utf-8",
+                                          "application/json;charset=UTF-8"])
+def test_json_with_parameters_is_accepted(client, content_type):
+    resp = client.post("/notify", data=b'{"event":"e"}', headers={"Content-Type": content_type})
+    assert resp.status_code == 200, resp.data
+
+
+def test_a_foreign_origin_may_not_publish_even_with_a_key(make_app):
+    client = make_app(env="production", api_keys=(API_KEY,),
+                      allowed_origins=("https://app.example",)).test_client()
+    key = {"Authorization": f"Bearer {API_KEY}"}
+    for origin, code in (("https://evil.example", "origin_forbidden"),
+                         ("https://app.example:8443", "origin_forbidden"),
+                         ("http://[::1", "invalid_origin")):
+        resp = client.post("/notify", json={"event": "e"}, headers={**key, "Origin": origin})
+        assert resp.status_code == 403 and resp.get_json()["code"] == code, origin
+    ok = client.post("/notify", json={"event": "e"}, headers={**key, "Origin": "https://app.example"})
+    assert ok.status_code == 200
+    assert ok.headers["Access-Control-Allow-Origin"] == "https://app.example"
+
+
+def test_csrf_without_keys_is_refused_by_origin_and_by_content_type(make_app):
+    """The issue's request: from loopback, production, no keys, Origin evil.com, text/plain."""
+    client = make_app(env="production").test_client()
+    csrf = client.post("/notify", data=b'{"event":"csrf"}',
+                       headers={"Origin": "https://evil.com", "Content-Type": "text/plain"})
+    assert csrf.status_code == 403 and csrf.get_json()["code"] == "origin_forbidden"
+    # no Origin (a browser may omit it, e.g. some redirects): the type still stops a simple request
+    plain = client.post("/notify", data=b'{"event":"csrf"}', headers={"Content-Type": "text/plain"})
+    assert plain.status_code == 415
+    assert client.post("/notify", json={"event": "local"}).status_code == 200
+
+
+def test_a_dns_rebound_page_may_not_publish_from_loopback(make_app):
+    """Host names the attacker's domain re-pointed at 127.0.0.1: not an address, not a name
+    the server knows, so the loopback grant does not apply (no Origin needed to refuse it)."""
+    client = make_app(env="production").test_client()
+    resp = client.post("/notify", json={"event": "e"}, headers={"Host": "evil.com:8080"})
+    assert resp.status_code == 403 and resp.get_json()["code"] == "publish_forbidden"
+    assert "Host" in resp.get_json()["error"]
+    for host in ("127.0.0.1:8080", "localhost:8080", "[::1]:8080"):
+        assert client.post("/notify", json={"event": "e"}, headers={"Host": host}).status_code == 200
+    # with a key the Host does not matter: a rebound page has no key
+    keyed = make_app(env="production", api_keys=(API_KEY,)).test_client()
+    assert keyed.post("/notify", json={"event": "e"}, headers={
+        "Host": "ws.example.com", "Authorization": f"Bearer {API_KEY}"}).status_code == 200
 
 
 def test_other_paths_go_to_flask(client):

@@ -14,6 +14,7 @@ from flask import Flask
 from . import console, errors, logs, views, ws
 from .config import Settings, load_settings
 from .notify import NotifyEndpoint
+from .proxies import ClientAddress, TrustedProxies
 from .service import NotificationService
 
 __all__ = ["create_app"]
@@ -34,4 +35,8 @@ def create_app(config: Mapping[str, Any] | Settings | None = None) -> Flask:
     console.init_app(app)
     # POST /notify is answered below Flask (wsserver.notify: why); everything else is Flask's
     app.wsgi_app = NotifyEndpoint(app.wsgi_app, service)  # type: ignore[method-assign]
+    if settings.trusted_proxies:
+        # outermost: every part of the app (limits, audit, publishers) reads one client address
+        proxies = TrustedProxies(settings.trusted_proxies)
+        app.wsgi_app = ClientAddress(app.wsgi_app, proxies)  # type: ignore[method-assign]
     return app

@@ -27,6 +27,7 @@ import jwt
 
 from .config import Settings, load_public_key
 from .exceptions import AccessDenied
+from .origins import OriginRules
 
 __all__ = [
     "AccessPolicy",
@@ -67,6 +68,7 @@ class AccessPolicy:
         self.development = settings.development
         self._origins = tuple(o.rstrip("/").lower() for o in settings.allowed_origins)
         self._any_origin = self.development and (not self._origins or "*" in self._origins)
+        self.origins = OriginRules(settings.allowed_origins, self.development, settings.host)
         self._keys = tuple(k.encode("utf-8") for k in settings.api_keys)
         self._private_prefix = settings.private_room_prefix
         if settings.jwt_secret:
@@ -109,26 +111,14 @@ class AccessPolicy:
     # -- origins -----------------------------------------------------------------------------
 
     def origin_allowed(self, origin: str | None, host: str | None) -> bool:
-        """May a browser page from ``origin`` open a WebSocket here? Requests without an
-        Origin header (scripts, servers) are not browsers and cannot be forged by a page."""
-        if origin is None:
-            return True
-        if not valid_origin(origin):
-            return False
-        origin = origin.rstrip("/").lower()
-        if self._any_origin:
-            return True
-        if host and _same_origin(origin, host.lower()):
-            return True
-        return self._listed(origin)
+        """May a browser page from ``origin`` use this server? Requests without an Origin
+        header (scripts, servers) are not browsers and cannot be forged by a page. The rules,
+        compared as parsed, and the Host check against DNS rebinding: :mod:`wsserver.origins`."""
+        return self.origins.allowed(origin, host)
 
     def cors_origin(self, origin: str | None) -> str | None:
         """The value for Access-Control-Allow-Origin, or None for no CORS headers."""
-        if not origin:
-            return None
-        if self._any_origin:
-            return origin
-        return origin if self._listed(origin.rstrip("/").lower()) else None
+        return self.origins.cors_origin(origin)
 
     def cors_headers(self, origin: str | None, preflight: bool = False) -> list[tuple[str, str]]:
         """CORS response headers for the HTTP API: none unless ``origin`` is allowed;
@@ -144,16 +134,6 @@ class AccessPolicy:
                 ("Access-Control-Max-Age", "600"),
             ]
         return headers
-
-    def _listed(self, origin: str) -> bool:
-        for allowed in self._origins:
-            if allowed == origin:
-                return True
-            if "://*." in allowed:
-                scheme, _, suffix = allowed.partition("://*.")
-                if origin.startswith(scheme + "://") and origin.endswith("." + suffix):
-                    return True
-        return False
 
     # -- publishers --------------------------------------------------------------------------
 
@@ -300,23 +280,3 @@ def _claim_time_ok(value: Any) -> bool:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return False
     return 0 <= value <= MAX_CLAIM_TIME  # False for nan; inf and 10**400 are out of range
-
-
-def _same_origin(origin: str, host: str) -> bool:
-    """Origin ``scheme://host[:port]`` names this server, as the request's Host header does.
-
-    Host carries no scheme and, behind a TLS-terminating proxy, gunicorn sees plain http, so
-    the host names must match and, when Host names a port, the origin's port too. Either
-    header may be malformed (an unclosed ``[``, a port of 99999): then they do not match."""
-    try:
-        parts = urlsplit(origin)
-        if not parts.hostname or parts.scheme not in ("http", "https"):
-            return False
-        host_parts = urlsplit("//" + host)
-        if parts.hostname != host_parts.hostname:
-            return False
-        if host_parts.port is None:
-            return True
-        return (parts.port or {"http": 80, "https": 443}[parts.scheme]) == host_parts.port
-    except ValueError:
-        return False

@@ -165,6 +165,9 @@ class ErrorCode(_Name):
     TOO_MANY_CONNECTIONS = "too_many_connections"
     SHUTTING_DOWN = "shutting_down"
     REBROADCAST_DISABLED = "rebroadcast_disabled"
+    ORIGIN_FORBIDDEN = "origin_forbidden"
+    INVALID_ORIGIN = "invalid_origin"
+    UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type"
 
 
 # Error frames that report the server's state, not a client mistake: they never count towards

@@ -15,11 +15,13 @@ gunicorn master applies to its final ``-w``), so each is written once.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Mapping
 
 from .exceptions import SettingsError  # defined with every other exception
+from .origins import parse_pattern
 
 __all__ = [
     "ENV_PREFIX",
@@ -84,6 +86,18 @@ def _host(text: str) -> str:
 
 def _list(text: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+def _networks(text: str) -> tuple[str, ...]:
+    """Addresses or CIDR networks (``10.0.0.0/8``, ``::1``), each normalised by ``ipaddress``
+    (a host address becomes a /32 or /128 network)."""
+    networks = []
+    for part in _list(text):
+        try:
+            networks.append(str(ipaddress.ip_network(part, strict=False)))
+        except ValueError:
+            raise ValueError(f"{part!r} is not an IP address or CIDR network") from None
+    return tuple(networks)
 
 
 def _pem(text: str) -> str:
@@ -201,9 +215,26 @@ class Settings:
     api_keys: tuple[str, ...] = _setting(
         _list,
         (),
-        "Publisher keys (comma-separated, several for rotation): when set, `POST /notify` needs "
-        "`Authorization: Bearer <key>`. Unset: production takes `/notify` from loopback only.",
+        "Publisher keys (comma-separated, several for rotation): when set, `POST /notify`, "
+        "`GET /rooms` and `GET /metrics` need `Authorization: Bearer <key>`. Unset: production "
+        "takes `/notify` and `/rooms` from loopback only, never from a request carrying "
+        "forwarding headers (a proxy).",
         secret=True,
+    )
+    trusted_proxies: tuple[str, ...] = _setting(
+        _networks,
+        (),
+        "Addresses or CIDR networks of the reverse proxies in front (comma-separated, e.g. "
+        "`127.0.0.1,10.0.0.0/8`). Only a request whose TCP peer is one of them has its client "
+        "address read from `X-Forwarded-For` (the rightmost hop not listed here; `Forwarded` "
+        "when there is none), for the per-address limits, the logs and the loopback rule. "
+        "Unset: forwarding headers are ignored.",
+    )
+    metrics_public: bool = _setting(
+        _parse_bool,
+        False,
+        "Serve `GET /metrics` without an API key even when WSSERVER_API_KEYS is set (off: it "
+        "needs a publisher key then, as `GET /rooms` does).",
     )
     jwt_secret: str = _setting(
         str,
@@ -529,10 +560,11 @@ def _check_consistency(settings: Settings) -> None:
             "in production list the origins (wildcards like https://*.example.com are fine)"
         )
     for origin in settings.allowed_origins:
-        if origin != "*" and "://" not in origin:
+        if origin != "*" and ("://" not in origin or parse_pattern(origin) is None):
             raise SettingsError(
                 f"{ENV_PREFIX}ALLOWED_ORIGINS entry {origin!r} is not an origin "
-                "(scheme://host[:port], e.g. https://app.example.com)"
+                "(scheme://host[:port], e.g. https://app.example.com; a wildcard is a whole "
+                "first label: https://*.example.com)"
             )
     if settings.jwt_secret and settings.jwt_public_key:
         raise SettingsError(f"set {ENV_PREFIX}JWT_SECRET or {ENV_PREFIX}JWT_PUBLIC_KEY, not both")

@@ -22,6 +22,9 @@ import logging
 from collections.abc import Iterable
 from typing import Any, Callable
 
+from werkzeug.http import parse_options_header
+
+from .auth import AccessPolicy
 from .codes import ErrorCode
 from .errors import error_document, wsgi_json, wsgi_refusal
 from .exceptions import BadRequest, PublishRefused, Refusal
@@ -33,6 +36,7 @@ __all__ = ["METHODS", "PATH", "NotifyEndpoint"]
 log = logging.getLogger(__name__)
 
 PATH = "/notify"
+JSON = "application/json"  # the one Content-Type a notification may be posted with
 METHODS = ("POST", "OPTIONS")
 _ALLOW = ", ".join(METHODS)
 
@@ -55,13 +59,14 @@ class NotifyEndpoint:
         if environ.get("PATH_INFO") != PATH:
             return self._app(environ, start_response)
         method = environ.get("REQUEST_METHOD")
-        headers = self._service.policy.cors_headers(
-            environ.get("HTTP_ORIGIN"), preflight=method == "OPTIONS"
-        )
+        policy = self._service.policy
+        headers = policy.cors_headers(environ.get("HTTP_ORIGIN"), preflight=method == "OPTIONS")
         try:
             if method == "POST":
                 status, document = self._post(environ)
             elif method == "OPTIONS":
+                # a preflight is answered for allowed origins only
+                _check_origin(policy, environ)
                 headers.append(("Allow", _ALLOW))
                 return wsgi_json(start_response, 200, None, headers)
             else:
@@ -80,15 +85,40 @@ class NotifyEndpoint:
         return wsgi_json(start_response, status, document, headers)
 
     def _post(self, environ: dict) -> tuple[int, dict]:
-        """Raises a :class:`Refusal` (AccessDenied, BadRequest, PublishRefused) for a refusal."""
+        """Raises a :class:`Refusal` (AccessDenied, BadRequest, PublishRefused) for a refusal.
+
+        Before the body: the Origin (a browser page may publish only from an allowed origin),
+        the publisher (:class:`wsserver.proxies.Publishers`), then the body's declared type.
+        A cross-site form or ``fetch`` without a preflight can only send a "simple" request,
+        whose Content-Type is never ``application/json``: the 415 is what keeps such a page
+        from publishing even where its Origin would not be checked (no Origin sent)."""
         service = self._service
-        service.policy.check_publisher(
-            environ.get("HTTP_AUTHORIZATION"), environ.get("REMOTE_ADDR")
-        )
+        _check_origin(service.policy, environ)
+        service.publishers.check(environ)
+        _check_json(environ.get("CONTENT_TYPE"))
         body = parse_notify_body(_read_body(environ, service.settings.max_body_size))
         if isinstance(body, list):
             return _publish_batch(service, body)
         return 200, _accepted(service.publish(parse_notification(body)))
+
+
+def _check_origin(policy: AccessPolicy, environ: dict) -> None:
+    """403 for a browser page whose origin may not publish (no Origin: not a browser)."""
+    policy.origins.check(environ.get("HTTP_ORIGIN"), environ.get("HTTP_HOST"), "publish")
+
+
+def _check_json(content_type: str | None) -> None:
+    """415 unless the body is declared JSON: ``application/json``, parameters (``charset``)
+    allowed; parsed by werkzeug, as Flask parses it."""
+    mimetype, _ = parse_options_header(content_type or "")
+    if mimetype.lower() != JSON:
+        raise BadRequest(
+            415,
+            ErrorCode.UNSUPPORTED_MEDIA_TYPE,
+            f"send the notification as JSON, with Content-Type: {JSON}",
+            "Content-Type",
+            headers=[("Accept-Post", JSON)],
+        )
 
 
 def _read_body(environ: dict, limit: int) -> bytes:

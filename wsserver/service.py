@@ -31,6 +31,7 @@ from .exceptions import QueueFull
 from .flusher import Flusher
 from .hub import Hub
 from .protocol import Notification
+from .proxies import Publishers
 from .recovery import Recovery
 
 __all__ = ["BrokerUnavailable", "NotificationService", "Published"]
@@ -67,6 +68,7 @@ class NotificationService:
         )
         self.policy = AccessPolicy(settings)
         self.admission = Admission(settings, self.policy, self.hub)
+        self.publishers = Publishers(settings, self.policy)
         self.recovery = Recovery(self)
         self.commands = ClientCommands(self)
         self.flusher: Flusher | None = None

@@ -23,6 +23,7 @@ bp = Blueprint("api", __name__)
 
 
 _PUBLISHER_ENDPOINTS = {"api.rooms"}
+_METRICS_ENDPOINT = "api.prometheus_metrics"
 
 
 def _service() -> NotificationService:
@@ -84,14 +85,27 @@ def readyz() -> Any:
     return jsonify(body), 200 if ready else 503
 
 
+def _needs_publisher(endpoint: str | None) -> bool:
+    """The room listing (room names can say who is active) always; ``/metrics`` (which counts
+    clients, refusals and rooms' traffic) when API keys are set, unless
+    ``WSSERVER_METRICS_PUBLIC``: a scraper then sends a key, as ``/rooms`` readers do."""
+    if endpoint in _PUBLISHER_ENDPOINTS:
+        return True
+    settings = _service().settings
+    return endpoint == _METRICS_ENDPOINT and bool(settings.api_keys) and not settings.metrics_public
+
+
 @bp.before_request
 def _check_publisher() -> Any:
-    """The room listing (room names can say who is active) needs a publisher, as
-    ``POST /notify`` does: an API key when keys are configured, else loopback in production."""
-    if request.method == "OPTIONS" or request.endpoint not in _PUBLISHER_ENDPOINTS:
-        return None
+    """The operator endpoints need a publisher, as ``POST /notify`` does
+    (:class:`wsserver.proxies.Publishers`: an API key when keys are configured, else loopback in
+    production). A CORS preflight is answered for allowed origins only."""
+    service = _service()
     try:
-        _service().policy.check_publisher(request.headers.get("Authorization"), request.remote_addr)
+        if request.method == "OPTIONS":
+            service.policy.origins.check(request.headers.get("Origin"), request.host, "read this")
+        elif _needs_publisher(request.endpoint):
+            service.publishers.check(request.environ)
     except AccessDenied as exc:
         return refusal_response(exc)
     return None

@@ -3,7 +3,9 @@ proxies WebSockets and HTTP to a real wsserver (over TLS, with a throw-away cert
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import http.client
 import json
 import re
 import shutil
@@ -54,6 +56,7 @@ def nginx_conf(tmp_path, upstream_port: int, listen_port: int) -> str:
     block = block.replace("listen 443 ssl;", f"listen 127.0.0.1:{listen_port} ssl;")
     block = block.replace("/etc/ssl/certs/ws.example.com.pem", str(crt))
     block = block.replace("/etc/ssl/private/ws.example.com.key", str(key))
+    block = block.replace("/var/log/nginx/wsserver.access.log", str(tmp_path / "access.log"))
     conf = tmp_path / "nginx.conf"
     conf.write_text(
         f"daemon off;\nworker_processes 1;\npid {tmp_path}/nginx.pid;\nerror_log {tmp_path}/error.log;\n"
@@ -70,8 +73,10 @@ def test_nginx_accepts_the_documented_config(tmp_path):
     assert result.returncode == 0, result.stderr
 
 
-def test_websocket_and_http_through_the_documented_nginx(make_server, tmp_path):
-    server = make_server({"WSSERVER_ENV": "development"})
+@contextlib.contextmanager
+def documented_nginx(server, tmp_path):
+    """A real nginx from docs/deploy.md in front of ``server``; yields its https base URL."""
+    tmp_path.mkdir(exist_ok=True)
     port = free_port()
     conf = nginx_conf(tmp_path, server.port, port)
     proc = subprocess.Popen([NGINX, "-c", conf, "-p", str(tmp_path)], stdout=subprocess.DEVNULL,
@@ -86,7 +91,21 @@ def test_websocket_and_http_through_the_documented_nginx(make_server, tmp_path):
                 return False
 
         wait_for(up, timeout=15, message="nginx proxying")
-        ws = websocket.create_connection(f"wss://127.0.0.1:{port}/ws", timeout=10,
+        yield base
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
+def test_websocket_and_http_through_the_documented_nginx(make_server, tmp_path):
+    server = make_server({"WSSERVER_ENV": "development"})
+    with documented_nginx(server, tmp_path) as base:
+        url = base.replace("https://", "wss://") + "/ws?token=secret-in-the-query"
+        ws = websocket.create_connection(url, timeout=10,
                                          sslopt={"cert_reqs": ssl.CERT_NONE, "check_hostname": False})
         try:
             wait_for(lambda: server.health()["clients"] == 1, message="client through nginx")
@@ -95,10 +114,41 @@ def test_websocket_and_http_through_the_documented_nginx(make_server, tmp_path):
             assert json.loads(ws.recv())["event"] == "via-nginx"
         finally:
             ws.close()
-    finally:
-        proc.send_signal(signal.SIGTERM)
+        log = tmp_path / "access.log"
+        wait_for(lambda: log.exists() and "GET /ws HTTP/1.1" in log.read_text(),
+                 message="the WebSocket's line in nginx's access log")
+        text = log.read_text()
+        assert "secret-in-the-query" not in text and "token" not in text, text
+
+
+def test_behind_the_documented_nginx_the_readme_settings_hold(make_server, tmp_path):
+    """Production behind nginx on the same host. Without API keys a proxied request is never
+    loopback (403); with the README's settings (keys, the proxy trusted) a key publishes and
+    the audit line names the address nginx saw, not nginx."""
+    closed = make_server({"WSSERVER_ENV": "production"})
+    with documented_nginx(closed, tmp_path / "a") as base:
+        r = requests.post(base + "/notify", json={"event": "e"}, verify=False, timeout=5)
+        assert r.status_code == 403 and "WSSERVER_API_KEYS" in r.json()["error"]
+        assert requests.get(base + "/rooms", verify=False, timeout=5).status_code == 403
+    key = "deploy-test-key-3c1e"
+    server = make_server({"WSSERVER_ENV": "production", "WSSERVER_API_KEYS": key,
+                          "WSSERVER_TRUSTED_PROXIES": "127.0.0.1"})
+    with documented_nginx(server, tmp_path / "b") as base:
+        auth = {"Authorization": f"Bearer {key}"}
+        assert requests.post(base + "/notify", json={"event": "e"}, headers=auth, verify=False,
+                             timeout=5).status_code == 200
+        assert requests.get(base + "/metrics", verify=False, timeout=5).status_code == 401
+        # a client at 127.0.0.2 (not the trusted proxy) writes its own X-Forwarded-For: nginx
+        # appends the address it saw, and that is the one believed
+        conn = http.client.HTTPSConnection("127.0.0.1", int(base.rsplit(":", 1)[1]), timeout=5,
+                                           source_address=("127.0.0.2", 0),
+                                           context=ssl._create_unverified_context())
         try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
+            conn.request("POST", "/notify", b'{"event":"e"}', {
+                "Content-Type": "application/json", "X-Forwarded-For": "198.51.100.7"})
+            assert conn.getresponse().status == 401
+        finally:
+            conn.close()
+        wait_for(lambda: "refused 127.0.0.2: missing_api_key" in server.log(),
+                 message="the audit line names the address nginx saw")
+        assert "refused 198.51.100.7" not in server.log()

@@ -96,6 +96,7 @@ def test_notify_body_cut_short_is_400_and_delivers_nothing(server):
     ws = connect(server)
     try:
         status, body = raw_exchange(server, b"POST /notify HTTP/1.1\r\nHost: x\r\n"
+                                    b"Content-Type: application/json\r\n"
                                     b"Content-Length: 100\r\n\r\n" + b'{"event":"cut"}')
         assert status == 400 and body["code"] == "bad_request", (status, body)
         assert server.health()["status"] == "ok"
@@ -107,6 +108,7 @@ def test_notify_body_cut_short_is_400_and_delivers_nothing(server):
 
 def test_notify_malformed_chunk_is_400(server):
     status, body = raw_exchange(server, b"POST /notify HTTP/1.1\r\nHost: x\r\n"
+                                b"Content-Type: application/json\r\n"
                                 b"Transfer-Encoding: chunked\r\n\r\nzz\r\n{}\r\n0\r\n\r\n")
     assert status == 400 and body["code"] == "bad_request", (status, body)
     assert "error" in body

@@ -41,8 +41,10 @@ ALLOWED_ORIGIN = "https://app.example"
 #   so a schema-valid batch of 100 large notifications is legitimately refused as too large.
 # - 413 for invalid data: a batch over WSSERVER_MAX_BATCH items (the spec's maxItems) is
 #   refused with 413 batch_too_large, as documented.
+# - 415 for invalid data: a request without a body carries no Content-Type, and the body's
+#   declared type is checked before the body (unsupported_media_type, as documented).
 POSITIVE_OK = ["2xx", "413"]
-NEGATIVE_OK = ["400", "405", "413"]
+NEGATIVE_OK = ["400", "405", "413", "415"]
 
 
 def _config() -> SchemathesisConfig:
@@ -225,12 +227,31 @@ def test_ws_server_full_conforms(api_server):
                      id="notify-key"),
         pytest.param("/rooms", {}, 401, "missing_api_key", id="rooms-no-key"),
         pytest.param("/rooms", {"Authorization": f"Bearer {API_KEY}"}, 200, None, id="rooms-key"),
+        pytest.param("/metrics", {}, 401, "missing_api_key", id="metrics-no-key"),
+        pytest.param("/metrics", {"Authorization": f"Bearer {API_KEY}"}, 200, None,
+                     id="metrics-key"),
+        pytest.param("/notify", {"Authorization": f"Bearer {API_KEY}",
+                                 "Origin": "https://evil.example"}, 403, "origin_forbidden",
+                     id="notify-foreign-origin"),
     ],
 )
 def test_publisher_access_conforms(path, headers, status, code, secured_server):
     method = "POST" if path == "/notify" else "GET"
     body = {"event": "e"} if path == "/notify" else None
     _call(secured_server, path, method, status, code, headers, body=body)
+
+
+@pytest.mark.parametrize("content_type", [None, "text/plain", "application/x-www-form-urlencoded"])
+def test_notify_body_not_declared_json_conforms(content_type, api_server):
+    """What a cross-site form or simple request can send: 415, as documented."""
+    import requests
+
+    headers = {"Content-Type": content_type} if content_type else {}
+    response = requests.post(api_server.url + "/notify", data=b'{"event":"e"}', timeout=10,
+                             headers=headers)
+    assert response.status_code == 415, response.text
+    case = schema["/notify"]["POST"].Case(body={"event": "e"}, media_type="application/json")
+    case.validate_response(response)
 
 
 @pytest.mark.parametrize(

@@ -24,6 +24,7 @@ notificationish = st.fixed_dictionaries(
 @given(st.one_of(st.binary(max_size=300), notificationish.map(lambda o: json.dumps(o).encode()),
                  st.lists(notificationish, max_size=4).map(lambda o: json.dumps(o).encode())))
 def test_notify_endpoint_never_answers_5xx(server, body):
-    r = requests.post(server.url + "/notify", data=body, timeout=10)
+    r = requests.post(server.url + "/notify", data=body, timeout=10,
+                      headers={"Content-Type": "application/json"})
     assert r.status_code in (200, 400, 413), r.text
     assert "error" in r.json() or r.json()["status"] in ("ok", "partial", "error")

@@ -331,7 +331,8 @@ def test_out_of_range_token_claims_are_401_at_connect_and_in_refresh(secured):
 def _refusal_counts(server) -> dict[str, float]:
     import re
 
-    text = requests.get(server.url + "/metrics", timeout=5).text
+    text = requests.get(server.url + "/metrics", headers={"Authorization": f"Bearer {API_KEY}"},
+                        timeout=5).text
     return {m.group(1): float(m.group(2)) for m in
             re.finditer(r'^wsserver_refusals_total\{reason="([^"]+)"\} (\S+)$', text, re.M)}
 
