@@ -282,8 +282,23 @@ class AccessPolicy:
         )
 
 
-def token_from(authorization: str | None, query_token: str | None) -> str | None:
-    """A connection token from ``?token=`` or ``Authorization: Bearer``."""
+def token_from(
+    authorization: str | None, query_token: str | None, offered_token: str | None = None
+) -> str | None:
+    """A connection token from the subprotocol offer (``wsserver.token.<jwt>``), ``?token=``
+    or ``Authorization: Bearer``. A token offered as a subprotocol and also sent another
+    way is refused (400 ``ambiguous_token``): which one the client meant cannot be known,
+    and checking one while the other is ignored would hide a client's bug."""
+    if offered_token is not None:
+        if query_token or _bearer(authorization):
+            raise AccessDenied(
+                400,
+                "ambiguous_token",
+                "send the token once: in the subprotocol offer, or as ?token= or "
+                "Authorization: Bearer",
+                "one token per upgrade (docs/protocol.md)",
+            )
+        return offered_token
     return query_token or _bearer(authorization)
 
 
