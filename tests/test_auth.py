@@ -74,7 +74,7 @@ def test_hs256_tokens():
     cases = {
         "missing_token": None,
         "token_expired": jwt.encode({"sub": "u", "exp": time.time() - 5}, K, algorithm="HS256"),
-        "invalid_token": jwt.encode({"sub": "u", "exp": time.time() + 60}, "x" * 40, algorithm="HS256"),
+        "invalid_token": jwt.encode({"sub": "u", "exp": time.time() + 60}, "x" * 40, "HS256"),
     }
     for code, token in cases.items():
         with pytest.raises(AccessDenied) as info:
