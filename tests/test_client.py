@@ -187,3 +187,23 @@ def test_publisher_does_not_retry_client_errors(status, kind):
     expected = (status, f"code_{status}", "nope")
     assert (err.value.status, err.value.code, err.value.reason) == expected
     assert len(fake.requests) == 1
+
+
+def test_subscriber_forgets_a_room_the_server_takes_away_without_losing_its_place():
+    """``unsubscribed`` with a ``code`` answers no command: the in-flight command queue (which
+    attributes replies) is left alone, the room is forgotten (no rejoin on reconnect) and
+    reported to on_error."""
+    from wsserver.client import Subscriber
+
+    errors = []
+    sub = Subscriber("ws://127.0.0.1:1/ws", rooms=["private-a", "lobby"], since={"private-a": "7"},
+                     on_error=errors.append)
+    sub._inflight.append(("subscribe", "lobby", False))
+    sub._on_reply({"type": "unsubscribed", "room": "private-a", "code": "room_forbidden",
+                   "reason": "the refreshed token no longer grants this room"})
+    assert sub.rooms == ["lobby"] and sub.last_ids == {}
+    assert list(sub._inflight) == [("subscribe", "lobby", False)]
+    (err,) = errors
+    assert (err.code, err.room) == ("room_forbidden", "private-a")
+    sub._on_reply({"type": "unsubscribed", "room": "lobby"})  # the answer to a command
+    assert not sub._inflight

@@ -13,6 +13,7 @@ from rawws import OP_CLOSE, OP_TEXT, close_code
 
 from wsserver.auth import Identity
 from wsserver.exceptions import AccessDenied
+from wsserver.protocol import parse_notification
 
 
 def _say(s: Served, conn, obj) -> None:
@@ -135,3 +136,86 @@ def test_the_connection_budget_refusals_before_the_upgrade(served):
         s.service.admission.check_connection("192.0.2.10")
     assert (full.value.status, full.value.code) == (503, "server_full")
     assert "WSSERVER_MAX_CONNECTIONS" in full.value.detail
+
+
+SECRET = "test-hs256-secret-0123456789abcdef"
+
+
+def _jwt(rooms: list[str], sub: str = "u", ttl: float = 600) -> str:
+    import jwt
+
+    return jwt.encode({"sub": sub, "exp": time.time() + ttl, "rooms": rooms}, SECRET, "HS256")
+
+
+def _joined(s: Served, identity_rooms: list[str], rooms: list[str]):
+    """A connection authenticated with a token granting ``identity_rooms``, in ``rooms``."""
+    identity = s.service.policy.authenticate(_jwt(identity_rooms))
+    conn, peer = s.connect(identity=identity)
+    for room in rooms:
+        _say(s, conn, {"type": "subscribe", "room": room})
+    assert [r["type"] for r in peer.messages(len(rooms))] == ["subscribed"] * len(rooms)
+    return conn, peer
+
+
+@pytest.mark.timeout(20)
+def test_a_refresh_leaves_at_once_the_rooms_the_new_token_no_longer_grants(served):
+    s = served(jwt_secret=SECRET)
+    conn, peer = _joined(s, ["private-a", "private-b", "private-team-*"],
+                         ["private-a", "private-b", "private-team-7", "lobby"])
+    _say(s, conn, {"type": "refresh", "token": _jwt(["private-b"])})
+    replies = peer.messages(3)
+    assert replies[0]["type"] == "refreshed"
+    reason = "the refreshed token no longer grants this room"
+    assert replies[1:] == [
+        {"type": "unsubscribed", "room": room, "code": "room_forbidden", "reason": reason}
+        for room in ("private-a", "private-team-7")
+    ]
+    assert s.service.hub.rooms_of(conn) == ["lobby", "private-b"]  # public rooms stay
+    assert s.service.hub.members("private-a") == []
+    # what is published there from now on does not reach it; a granted room still does
+    s.service.publish(parse_notification({"event": "secret", "room": "private-a"}))
+    s.service.publish(parse_notification({"event": "ok", "room": "private-b"}))
+    (delivered,) = peer.messages(1)
+    assert delivered["event"] == "ok" and peer.nothing_pending()
+    # and it cannot join again with the new token
+    _say(s, conn, {"type": "subscribe", "room": "private-a"})
+    assert peer.messages(1)[0]["code"] == "room_forbidden"
+
+
+@pytest.mark.timeout(20)
+def test_a_refresh_that_grants_the_same_or_more_leaves_nothing(served):
+    s = served(jwt_secret=SECRET)
+    conn, peer = _joined(s, ["private-a"], ["private-a"])
+    _say(s, conn, {"type": "refresh", "token": _jwt(["private-*"])})
+    assert peer.messages(1)[0]["type"] == "refreshed" and peer.nothing_pending()
+    assert s.service.hub.rooms_of(conn) == ["private-a"]
+
+
+@pytest.mark.timeout(20)
+def test_a_refused_refresh_keeps_the_old_token_and_its_rooms(served):
+    s = served(jwt_secret=SECRET)
+    conn, peer = _joined(s, ["private-a"], ["private-a"])
+    for token, code in ((_jwt([], sub="mallory"), "user_mismatch"), ("garbage", "invalid_token"),
+                        (_jwt([], ttl=-60), "token_expired")):
+        _say(s, conn, {"type": "refresh", "token": token})
+        assert peer.messages(1)[0]["code"] == code
+    assert s.service.hub.rooms_of(conn) == ["private-a"]
+
+
+@pytest.mark.timeout(20)
+def test_a_resume_queued_before_a_refresh_cannot_enter_a_room_the_refresh_took_away(served):
+    """The resume was checked against the old token when asked; it joins later, on the
+    broadcaster thread: it checks the token the connection holds then."""
+    from wsserver.recovery import Resume
+
+    s = served(jwt_secret=SECRET)
+    conn, peer = _joined(s, ["private-a"], [])
+    resume = Resume(s.service, s.service.recovery.slots, conn, "private-a", "1-1")
+    assert s.service.recovery.slots.acquire(conn.id, 0) is None  # as Recovery.resume does
+    _say(s, conn, {"type": "refresh", "token": _jwt([])})
+    assert peer.messages(1)[0]["type"] == "refreshed"
+    resume.run(s.service.broadcaster)
+    reply = peer.messages(1)[0]
+    assert (reply["type"], reply["code"], reply["room"]) == ("error", "room_forbidden",
+                                                             "private-a")
+    assert s.service.hub.members("private-a") == []

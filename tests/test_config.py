@@ -54,8 +54,11 @@ GOOD: dict[str, tuple[str, object, dict[str, str]]] = {
     "trusted_proxies": (" 127.0.0.1, 10.1.2.3/8 ,::1", ("127.0.0.1/32", "10.0.0.0/8", "::1/128"),
                         {}),
     "metrics_public": ("on", True, {}),
-    "jwt_secret": ("s3cret", "s3cret", {}),
+    "jwt_secret": ("s" * 32, "s" * 32, {}),
     "jwt_public_key": (PEM, PEM.strip(), {}),
+    "jwt_issuer": (" https://idp.example ", "https://idp.example",
+                   {"WSSERVER_JWT_PUBLIC_KEY": PEM}),
+    "jwt_audience": ("wsserver", "wsserver", {"WSSERVER_JWT_PUBLIC_KEY": PEM}),
     "private_room_prefix": ("vip-", "vip-", {}),
     "max_connections_per_ip": ("1000000", 1_000_000, {}),
     "rate_limit": ("0.5", 0.5, {}),
@@ -141,8 +144,8 @@ BAD: dict[str, str] = {
     "log_format": "xml",
     "log_level": "trace",
 }
-FREE_TEXT = {"allowed_origins", "api_keys", "jwt_secret", "private_room_prefix", "redis_url",
-             "redis_prefix"}
+FREE_TEXT = {"allowed_origins", "api_keys", "jwt_secret", "jwt_issuer", "jwt_audience",
+             "private_room_prefix", "redis_url", "redis_prefix"}
 
 
 def test_settings_are_declared_once_as_the_fields_of_settings():
@@ -201,7 +204,7 @@ def test_a_bad_value_raises_settings_error_naming_the_variable(name):
 
 def test_a_secret_never_appears_in_an_error_or_in_public_items():
     settings = load_settings(
-        {"WSSERVER_API_KEYS": "key-one,key-two", "WSSERVER_JWT_SECRET": "hush",
+        {"WSSERVER_API_KEYS": "key-one,key-two", "WSSERVER_JWT_SECRET": "hush-" * 8,
          "WSSERVER_REDIS_URL": "redis://:pw@h/0"}
     )
     shown = dict(settings.public_items())
@@ -254,7 +257,7 @@ def test_an_origin_needs_a_scheme():
 
 def test_one_kind_of_token_key():
     with pytest.raises(SettingsError, match="JWT_SECRET or WSSERVER_JWT_PUBLIC_KEY, not both"):
-        load_settings({"WSSERVER_JWT_SECRET": "s", "WSSERVER_JWT_PUBLIC_KEY": PEM})
+        load_settings({"WSSERVER_JWT_SECRET": "s" * 32, "WSSERVER_JWT_PUBLIC_KEY": PEM})
 
 
 def test_a_public_key_that_is_not_one_is_refused_by_name():

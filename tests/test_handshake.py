@@ -10,12 +10,16 @@ import logging
 import socket
 
 import pytest
+import simple_websocket
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from werkzeug.test import EnvironBuilder, run_wsgi_app
 from werkzeug.wrappers import Response
 
-from wsserver import audit, create_app
+from wsserver import audit, codes, create_app
+from wsserver.exceptions import HandshakeRefused
+from wsserver.handshake import negotiate_subprotocol
+from wsserver.transport import server_options
 
 KEY = "dGhlIHNhbXBsZSBub25jZQ=="
 UPGRADE = {
@@ -123,6 +127,107 @@ def test_a_well_formed_upgrade_passes_the_hook(app):
         assert response.get_json()["code"] == "client_disconnected"
 
 
+# -- the subprotocol offer ---------------------------------------------------------------------
+
+JWT_LIKE = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJhIn0.c2lnbmF0dXJlLV8"  # base64url + dots
+
+
+@pytest.mark.parametrize("offer, token, kept", [
+    ("wsserver.v1", None, "wsserver.v1"),
+    (f"wsserver.v1, wsserver.token.{JWT_LIKE}", JWT_LIKE, "wsserver.v1"),
+    (f"wsserver.token.{JWT_LIKE},wsserver.v1", JWT_LIKE, "wsserver.v1"),  # any order
+    (f"chat, wsserver.v1, wsserver.token.{JWT_LIKE}", JWT_LIKE, "chat, wsserver.v1"),
+    ("wsserver.v1,, ,", None, "wsserver.v1"),  # empty list elements (RFC 7230 7)
+    ("", None, None),  # an empty header is no offer
+    (" , ", None, None),
+])
+def test_an_offer_naming_wsserver_v1_passes_and_loses_its_token_entry(offer, token, kept):
+    environ = {"HTTP_SEC_WEBSOCKET_PROTOCOL": offer}
+    assert negotiate_subprotocol(environ) == token
+    assert environ.get("HTTP_SEC_WEBSOCKET_PROTOCOL") == kept
+    assert negotiate_subprotocol({}) is None  # no offer at all: as before
+
+
+@pytest.mark.parametrize("offer, code", [
+    ("chat", "unsupported_subprotocol"),
+    ("wsserver.v2, graphql-ws", "unsupported_subprotocol"),
+    ("WSSERVER.V1", "unsupported_subprotocol"),  # subprotocol names are case-sensitive
+    (f"wsserver.token.{JWT_LIKE}", "unsupported_subprotocol"),  # a token alone is no protocol
+    (", ".join(["wsserver.v1"] + [f"p{i}" for i in range(49)]), "invalid_subprotocol"),  # 50
+    (",".join(["wsserver.v1"] * 9), "invalid_subprotocol"),  # one over MAX_SUBPROTOCOLS
+    ("wsserver.v1, wsserver.token.", "invalid_subprotocol"),  # the prefix with no token
+    ("wsserver.v1, wsserver.token.a, wsserver.token.b", "invalid_subprotocol"),  # two tokens
+    ("wsserver.v1, wsserver.token.a b", "invalid_subprotocol"),  # not a token: a space
+    ('wsserver.v1, "quoted"', "invalid_subprotocol"),
+    ("wsserver.v1; q=1", "invalid_subprotocol"),
+    ("wsserver.v1, wsserver.token.\xe9", "invalid_subprotocol"),
+    ("wsserver.v1, wsserver.token.a/b=", "invalid_subprotocol"),  # base64, not base64url
+])
+def test_an_offer_the_server_cannot_select_is_refused_with_400(offer, code):
+    environ = {"HTTP_SEC_WEBSOCKET_PROTOCOL": offer}
+    with pytest.raises(HandshakeRefused) as info:
+        negotiate_subprotocol(environ)
+    assert (info.value.status, info.value.code) == (400, code)
+    assert JWT_LIKE not in info.value.reason and "wsserver.token.a" not in info.value.reason
+    assert (info.value.fields == {"subprotocols": ["wsserver.v1"]}) == (
+        code == "unsupported_subprotocol"
+    )
+
+
+def test_max_subprotocols_entries_pass():
+    offer = ", ".join(["wsserver.v1", "wsserver.token.t"] + [f"p{i}" for i in range(6)])
+    assert negotiate_subprotocol({"HTTP_SEC_WEBSOCKET_PROTOCOL": offer}) == "t"
+    assert len(offer.split(",")) == codes.MAX_SUBPROTOCOLS
+
+
+def test_an_unsupported_offer_is_a_json_400_naming_what_the_server_speaks(app, caplog):
+    """Before the origin and token checks (it is the handshake), with the JSON body and one
+    audit line; the body's ``subprotocols`` is what the client could offer instead."""
+    app.extensions["wsserver"].ensure_started()
+    with caplog.at_level(logging.INFO):
+        caplog.clear()
+        response = upgrade(app, {**UPGRADE, "Sec-WebSocket-Protocol": "chat",
+                                 "Origin": "https://evil.example"})
+    assert response.status_code == 400
+    assert response.get_json() == {
+        "code": "unsupported_subprotocol", "subprotocols": ["wsserver.v1"],
+        "error": "this server speaks the subprotocol wsserver.v1 only: offer it, or offer none",
+    }
+    assert "Sec-WebSocket-Protocol" not in response.headers
+    (line,) = [r for r in caplog.records if r.levelno >= logging.INFO]
+    assert "unsupported_subprotocol" in line.getMessage()
+
+
+@pytest.mark.parametrize("offer, selected", [
+    (None, None),
+    ("wsserver.v1", "wsserver.v1"),
+    (f"wsserver.v1, wsserver.token.{JWT_LIKE}", "wsserver.v1"),
+    (f"chat, wsserver.token.{JWT_LIKE}, wsserver.v1", "wsserver.v1"),
+])
+def test_the_101_selects_wsserver_v1_and_never_echoes_the_token(offer, selected):
+    """What simple-websocket answers, with our options, to the offer the hook leaves it."""
+    environ = {f"HTTP_{k.upper().replace('-', '_')}": v for k, v in UPGRADE.items()}
+    if offer is not None:
+        environ["HTTP_SEC_WEBSOCKET_PROTOCOL"] = offer
+    negotiate_subprotocol(environ)
+    ours, peer = socket.socketpair()
+    try:
+        peer.settimeout(5)
+        simple_websocket.Server({**environ, "werkzeug.socket": ours}, **server_options())
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += peer.recv(4096)
+    finally:
+        ours.close()
+        peer.close()
+    lines = head.decode().lower().split("\r\n")
+    assert lines[0].startswith("http/1.1 101")
+    chosen = [line.split(":", 1)[1].strip() for line in lines
+              if line.startswith("sec-websocket-protocol:")]
+    assert chosen == ([selected] if selected else [])
+    assert JWT_LIKE not in head.decode() and "wsserver.token" not in head.decode()
+
+
 # -- property: no header value makes the upgrade answer 500 ------------------------------------
 
 _latin1 = st.text(
@@ -139,7 +244,10 @@ _values = {
     "Origin": st.sampled_from(["http://127.0.0.1:8080", "null", "http://[::1", "https://x:0",
                                "http://127.0.0.1:99999", "file://", "http://"]) | _latin1,
     "Sec-WebSocket-Extensions": st.sampled_from(["permessage-deflate", "x; y=\xe9"]) | _latin1,
-    "Sec-WebSocket-Protocol": st.sampled_from(["chat", "a,b", ""]) | _latin1,
+    "Sec-WebSocket-Protocol": st.sampled_from(
+        ["chat", "a,b", "", "wsserver.v1", "wsserver.v1, wsserver.token.x.y.z", "wsserver.token.",
+         "wsserver.v1, wsserver.token.a, wsserver.token.b", ",".join(["wsserver.v1"] * 50)]
+    ) | _latin1,
     "Authorization": st.sampled_from(["Bearer x", "Bearer", ""]) | _latin1,
 }
 _headers = st.fixed_dictionaries(
@@ -160,6 +268,7 @@ def test_no_header_value_makes_the_upgrade_answer_500(app, headers, query):
     assert response.status_code in (400, 401, 403, 426, 429, 503), (headers, response.data)
     assert response.is_json
     body = json.loads(response.data)
-    assert set(body) == {"error", "code"}
+    assert set(body) - {"subprotocols"} == {"error", "code"}
+    assert ("subprotocols" in body) == (body["code"] == "unsupported_subprotocol")
     if response.status_code == 426:
         assert response.headers["Sec-WebSocket-Version"] == "13"

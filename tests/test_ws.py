@@ -195,6 +195,62 @@ def test_the_checks_return_the_identity_and_the_rooms(make_app):
         assert rooms == ("news", "private-team")
 
 
+def test_a_token_in_the_subprotocol_offer_is_the_same_identity(make_app):
+    app = make_app(env="production", jwt_secret=SECRET)
+    service = app.extensions["wsserver"]
+    token = _token(rooms=("private-team",))
+    with app.test_request_context("/ws?rooms=private-team", headers=UPGRADE,
+                                  environ_base={"REMOTE_ADDR": REMOTE}):
+        identity, rooms = check_upgrade(service, token)
+    assert identity.user == "alice" and rooms == ("private-team",)
+
+
+def _offer(token: str) -> dict[str, str]:
+    return {"Sec-WebSocket-Protocol": f"wsserver.v1, wsserver.token.{token}"}
+
+
+# (query, headers, status, code): the offered token is checked exactly as ?token= is
+OFFERED = [
+    pytest.param("", {"Sec-WebSocket-Protocol": "wsserver.v1"}, 401, "missing_token",
+                 id="401-offer-without-token"),
+    pytest.param("", _offer(_token(ttl=-60)), 401, "token_expired", id="401-expired"),
+    pytest.param("", _offer("garbage"), 401, "invalid_token", id="401-garbage"),
+    pytest.param("", _offer("a.b.c"), 401, "invalid_token", id="401-three-garbage-parts"),
+    pytest.param("", _offer(jwt.encode({"sub": "alice", "exp": int(time.time() + 60)},
+                                       "another-secret-another-secret-42", algorithm="HS256")),
+                 401, "invalid_token", id="401-other-key"),
+    pytest.param("?rooms=private-x", _offer(_token()), 403, "room_forbidden", id="403-room"),
+    pytest.param(f"?token={_token()}", _offer(_token()), 400, "ambiguous_token",
+                 id="400-offer-and-query"),
+    pytest.param("", {**_offer(_token()), "Authorization": f"Bearer {_token()}"}, 400,
+                 "ambiguous_token", id="400-offer-and-bearer"),
+    pytest.param("", {"Sec-WebSocket-Protocol": "wsserver.v1, wsserver.token."}, 400,
+                 "invalid_subprotocol", id="400-empty-token-entry"),
+]
+
+
+@pytest.mark.parametrize("query, headers, status, code", OFFERED)
+def test_a_token_in_the_offer_gets_the_refusals_of_a_token_in_the_url(
+    make_app, query, headers, status, code
+):
+    app = make_app(env="production", jwt_secret=SECRET)
+    response = _upgrade(app, query, headers)
+    assert response.status_code == status, response.data
+    assert response.get_json()["code"] == code
+    assert ("WWW-Authenticate" in response.headers) == (status == 401)
+    assert "Sec-WebSocket-Protocol" not in response.headers
+
+
+def test_an_offered_token_is_ignored_like_a_url_token_when_tokens_are_off(make_app, held):
+    """No token setting: anonymous connections; the offer is still checked as an offer."""
+    app = make_app(env="production")
+    service = app.extensions["wsserver"]
+    with app.test_request_context("/ws", headers={**UPGRADE, **_offer("whatever")},
+                                  environ_base={"REMOTE_ADDR": REMOTE}):
+        assert check_upgrade(service, "whatever") == (None, ())
+    assert _upgrade(app, "?token=x", _offer("y")).get_json()["code"] == "ambiguous_token"
+
+
 def test_the_hook_only_guards_the_websocket_endpoint(make_app):
     app = make_app(env="production", jwt_secret=SECRET)
     app.extensions["wsserver"].hub.set_capacity(0)

@@ -32,7 +32,8 @@ def test_client_js_parses():
 _NODE_SCRIPT = r"""
 const sockets = [];
 class FakeWebSocket {
-  constructor(url) { this.url = url; this.readyState = 0; this.sent = []; sockets.push(this);
+  constructor(url, protocols) { this.url = url; this.protocols = protocols; this.readyState = 0;
+                                this.sent = []; sockets.push(this);
                      setTimeout(() => { if (this.readyState === 0) { this.readyState = 1;
                                                                      this.onopen(); } }, 1); }
   send(data) { this.sent.push(JSON.parse(data)); }
@@ -50,7 +51,7 @@ const out = {};
 
 async function scenario(code, reason) {
   sockets.length = 0;
-  const c = new WsserverClient("ws://x/ws", {rooms: ["a"], token: "t k", backoffInitial: 5,
+  const c = new WsserverClient("ws://x/ws", {rooms: ["a"], token: "h.p.s-_", backoffInitial: 5,
                                              backoffMax: 20});
   const states = [], messages = [], replies = [];
   c.on("state", (s) => states.push(s)).on("message", (m) => messages.push(m.id))
@@ -63,7 +64,7 @@ async function scenario(code, reason) {
   first.serverClose(code, reason);
   // a reconnect (backoff 5 ms) subscribes again; a fatal code leaves it at one socket
   await until(() => sockets.length > 1 && sockets[1].sent.length, 300);
-  const r = {url: first.url, firstSent: first.sent, sockets: sockets.length, states,
+  const r = {url: first.url, protocols: first.protocols, firstSent: first.sent, sockets: sockets.length, states,
              messages, replies, lastIds: c.lastIds,
              secondSent: sockets[1] ? sockets[1].sent : null};
   c.close();
@@ -89,7 +90,8 @@ def test_client_reconnect_rules_under_node():
     assert result.returncode == 0, result.stderr
     runs = json.loads(result.stdout)
     for key, run in runs.items():
-        assert run["url"] == "ws://x/ws?token=t%20k"
+        assert run["url"] == "ws://x/ws"  # the token is never in the URL
+        assert run["protocols"] == ["wsserver.v1", "wsserver.token.h.p.s-_"]
         assert run["firstSent"] == [{"type": "subscribe", "room": "a"}]
         assert run["messages"] == ["7", "3"] and run["replies"] == ["subscribed"]
         assert run["lastIds"] == {"a": "7"}  # rooms only: the "everybody" stream has no since
@@ -104,3 +106,106 @@ def test_client_reconnect_rules_under_node():
             assert run["sockets"] == 2, key
             assert run["states"][2:] == ["reconnecting", "open", "closed"], key
             assert run["secondSent"] == [{"type": "subscribe", "room": "a", "since": "7"}], key
+
+
+# What the client offers, how it treats a room the server takes away, and a token that cannot
+# travel in the offer (not a JWT): refused on the client's side, never put in the URL.
+_OFFER_SCRIPT = r"""
+const sockets = [];
+class FakeWebSocket {
+  constructor(url, protocols) { this.url = url; this.protocols = protocols; this.readyState = 0;
+                                this.sent = []; sockets.push(this);
+                                setTimeout(() => { this.readyState = 1; this.onopen(); }, 1); }
+  send(data) { this.sent.push(JSON.parse(data)); }
+  close(code, reason) { this.readyState = 3; this.onclose({code: code || 1000, reason: ""}); }
+  deliver(obj) { this.onmessage({data: JSON.stringify(obj)}); }
+}
+global.WebSocket = FakeWebSocket;
+const WsserverClient = require(process.argv[1]);
+const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+async function until(predicate, ms) {
+  for (const end = Date.now() + ms; !predicate() && Date.now() < end;) await sleep(5);
+}
+(async () => {
+  const out = {};
+  const anon = new WsserverClient("ws://x/ws", {});
+  await until(() => sockets.length === 1, 2000);
+  out.anonymous = sockets[0].protocols;
+  anon.close();
+  const c = new WsserverClient("ws://x/ws?rooms=z", {rooms: ["private-a", "lobby"],
+                                                     token: () => "e.y.J", backoffInitial: 5});
+  await until(() => sockets.length === 2 && sockets[1].sent.length === 2, 2000);
+  const s = sockets[1];
+  out.url = s.url;
+  out.protocols = s.protocols;
+  s.deliver({type: "subscribed", room: "private-a"});
+  s.deliver({event: "e", message: "", data: null, room: "private-a", id: "9", ts: 1});
+  out.refreshSent = c.refresh("n.e.w");
+  s.deliver({type: "refreshed", exp: 2000000000});
+  s.deliver({type: "unsubscribed", room: "private-a", code: "room_forbidden", reason: "r"});
+  out.rooms = Array.from(c.rooms);
+  out.lastIds = c.lastIds;
+  out.tokenIsStillAFunction = typeof c.token === "function";
+  s.close(1006);
+  await until(() => sockets.length === 3 && sockets[2].sent.length, 2000);
+  out.resent = sockets[2].sent;
+  c.close();
+  const errors = [];
+  const bad = new WsserverClient("ws://x/ws", {token: "not a jwt"});
+  bad.on("error", (e) => errors.push(String(e.message)));
+  await sleep(30);
+  out.badSockets = sockets.length - 3;
+  out.badState = bad.state;
+  out.badErrors = errors;
+  console.log(JSON.stringify(out));
+})();
+"""
+
+
+def test_client_offers_wsserver_v1_with_its_token_and_forgets_rooms_taken_away():
+    result = subprocess.run([_node(), "-e", _OFFER_SCRIPT, str(CLIENT_JS)], check=False,
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout)
+    assert out["anonymous"] == ["wsserver.v1"]
+    assert out["url"] == "ws://x/ws?rooms=z"
+    assert out["protocols"] == ["wsserver.v1", "wsserver.token.e.y.J"]
+    assert out["refreshSent"] is True
+    assert out["rooms"] == ["lobby"] and out["lastIds"] == {}
+    assert out["tokenIsStillAFunction"] is True
+    assert out["resent"] == [{"type": "subscribe", "room": "lobby"}]  # not private-a again
+    assert out["badSockets"] == 0 and out["badState"] == "closed"
+    assert out["badErrors"] == ["the token has characters a subprotocol cannot carry"]
+
+
+_LOCATION_SCRIPT = r"""
+const WsserverClient = require(process.argv[1]);
+const out = [];
+for (const [search, hash] of [["?rooms=a&token=q.q.q", "#x=1"], ["", "#token=h.h.h"],
+                              ["?token=q.q.q", "#token=h.h.h"], ["?rooms=a", ""]]) {
+  const calls = [];
+  const history = {replaceState: (state, title, url) => calls.push(url)};
+  const token = WsserverClient.takeTokenFromLocation({pathname: "/console", search, hash},
+                                                     history);
+  out.push({token: token === undefined ? null : token, replaced: calls});
+}
+console.log(JSON.stringify(out));
+"""
+
+
+def test_the_console_takes_its_token_from_the_fragment_and_clears_the_address_bar():
+    """``/console#token=<jwt>`` (no server sees a fragment), or an old ``?token=`` link: the
+    console (templates/console.html) reads it with this helper, which removes it from the
+    address bar."""
+    result = subprocess.run([_node(), "-e", _LOCATION_SCRIPT, str(CLIENT_JS)], check=False,
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == [
+        {"token": "q.q.q", "replaced": ["/console?rooms=a#x=1"]},
+        {"token": "h.h.h", "replaced": ["/console"]},
+        {"token": "h.h.h", "replaced": ["/console"]},  # the fragment wins
+        {"token": None, "replaced": []},
+    ]
+    page = (ROOT / "wsserver" / "templates" / "console.html").read_text()
+    assert "WsserverClient.takeTokenFromLocation(location, history)" in page
+    assert 'params.get("token")' not in page

@@ -16,6 +16,7 @@ setting behind it for the audit line.
 
 from __future__ import annotations
 
+import threading
 from typing import TYPE_CHECKING, NamedTuple
 
 from .auth import AccessPolicy, Identity
@@ -63,15 +64,19 @@ class Admission:
     """The admission rules of one service: rooms (who may join which, how many per
     connection) and connections (per address, per worker, not while shutting down).
 
-    Thread-safety: holds no state of its own besides its collaborators; the hub locks, the
-    policy is read-only. Called from request threads and the broadcaster thread (a resume
-    joins its room there).
+    Thread-safety: its one lock orders refreshes against joins (see :meth:`regrant`); the
+    hub locks its own state, the policy is read-only. Called from request threads and the
+    broadcaster thread (a resume joins its room there).
     """
 
     def __init__(self, settings: Settings, policy: AccessPolicy, hub: Hub) -> None:
         self._settings = settings
         self._policy = policy
         self._hub = hub
+        # a connection's identity and its rooms change together (regrant) or are checked and
+        # entered together (join): never a join checked against a token a refresh replaced.
+        # Taken before the hub's lock, never inside it.
+        self._grants = threading.Lock()
 
     # -- rooms -----------------------------------------------------------------------------
 
@@ -96,8 +101,23 @@ class Admission:
     def join(self, conn: Connection, room: str) -> None:
         """Put ``conn`` in ``room`` (idempotent) if its identity may join it and it is in
         fewer rooms than the limit; raises :class:`AccessDenied` otherwise."""
-        self.check_join(conn.identity, room)
-        self.enter(conn, room)
+        with self._grants:
+            self.check_join(conn.identity, room)
+            self.enter(conn, room)
+
+    def regrant(self, conn: Connection, identity: Identity) -> list[str]:
+        """Give ``conn`` its refreshed ``identity`` and take it out of every room that
+        identity no longer grants (a token whose ``rooms`` claim shrank); returns the rooms
+        it left, sorted. One step under :attr:`_grants` with :meth:`join`'s check-and-enter:
+        a resume joining on the broadcaster thread meanwhile either entered before (and is
+        taken out here) or checks the new identity (and is refused)."""
+        with self._grants:
+            conn.identity = identity
+            left = []
+            for room in self._hub.rooms_of(conn):
+                if not self._policy.may_join(identity, room) and self._hub.unsubscribe(conn, room):
+                    left.append(room)
+            return left
 
     def enter(self, conn: Connection, room: str) -> None:
         """Put ``conn`` in ``room``, already checked with :meth:`check_join` (a resume checks

@@ -84,6 +84,8 @@ class AccessPolicy:
         else:
             self._jwt_key = None
             self._jwt_algorithms = []
+        self._issuer = settings.jwt_issuer or None
+        self._audience = settings.jwt_audience or None
 
     # -- posture -----------------------------------------------------------------------------
 
@@ -176,27 +178,12 @@ class AccessPolicy:
             return None
         if not token:
             raise AccessDenied(
-                401, "missing_token", "a token is required (?token= or Authorization: Bearer)"
+                401,
+                "missing_token",
+                "a token is required (subprotocol wsserver.token.<jwt>, Authorization: Bearer "
+                "or ?token=)",
             )
-        try:
-            claims = jwt.decode(
-                token,
-                self._jwt_key,
-                algorithms=self._jwt_algorithms,
-                options={"require": ["exp", "sub"]},
-            )
-        except jwt.ExpiredSignatureError:
-            raise AccessDenied(401, "token_expired", "the token has expired") from None
-        except jwt.InvalidSignatureError:
-            raise AccessDenied(401, "invalid_token", "the token's signature is not valid") from None
-        except jwt.MissingRequiredClaimError as exc:
-            raise AccessDenied(
-                401, "invalid_token", f"the token has no '{exc.claim}' claim"
-            ) from None
-        except jwt.PyJWTError:
-            raise AccessDenied(
-                401, "invalid_token", "the token is malformed or not valid"
-            ) from None
+        claims = self._decode(token)
         for claim in ("exp", "nbf", "iat"):
             if claim in claims and not _claim_time_ok(claims[claim]):
                 raise AccessDenied(
@@ -214,6 +201,47 @@ class AccessPolicy:
                 401, "invalid_token", "the token's 'rooms' claim must be a list of strings"
             )
         return Identity(user=sub, expires_at=float(claims["exp"]), rooms=tuple(rooms))
+
+    def _decode(self, token: str) -> dict[str, Any]:
+        """The claims of a validly signed token, checked by PyJWT (signature, ``exp``,
+        ``nbf``, ``iat``; ``iss`` and ``aud`` when configured); 401 otherwise. Without
+        ``WSSERVER_JWT_AUDIENCE``, ``aud`` is not checked (PyJWT would refuse every token that
+        carries one: the server has no name of its own to compare it with)."""
+        required = ["exp", "sub"] + (["iss"] if self._issuer else [])
+        try:
+            return jwt.decode(
+                token,
+                self._jwt_key,
+                algorithms=self._jwt_algorithms,
+                issuer=self._issuer,
+                audience=self._audience,
+                options={
+                    "require": required + (["aud"] if self._audience else []),
+                    "verify_aud": self._audience is not None,
+                },
+            )
+        except jwt.ExpiredSignatureError:
+            raise AccessDenied(401, "token_expired", "the token has expired") from None
+        except jwt.InvalidSignatureError:
+            raise AccessDenied(401, "invalid_token", "the token's signature is not valid") from None
+        except jwt.MissingRequiredClaimError as exc:
+            raise AccessDenied(
+                401, "invalid_token", f"the token has no '{exc.claim}' claim"
+            ) from None
+        except jwt.InvalidIssuerError:
+            raise AccessDenied(
+                401, "invalid_token", "the token's 'iss' is not this server's issuer",
+                "WSSERVER_JWT_ISSUER",
+            ) from None
+        except jwt.InvalidAudienceError:
+            raise AccessDenied(
+                401, "invalid_token", "the token's 'aud' does not name this server",
+                "WSSERVER_JWT_AUDIENCE",
+            ) from None
+        except jwt.PyJWTError:
+            raise AccessDenied(
+                401, "invalid_token", "the token is malformed or not valid"
+            ) from None
 
     def refresh(self, identity: Identity | None, token: str | None) -> Identity:
         """A new token for the same user (the ``refresh`` command); AccessDenied otherwise."""
@@ -234,8 +262,23 @@ class AccessPolicy:
         )
 
 
-def token_from(authorization: str | None, query_token: str | None) -> str | None:
-    """A connection token from ``?token=`` or ``Authorization: Bearer``."""
+def token_from(
+    authorization: str | None, query_token: str | None, offered_token: str | None = None
+) -> str | None:
+    """A connection token from the subprotocol offer (``wsserver.token.<jwt>``), ``?token=``
+    or ``Authorization: Bearer``. A token offered as a subprotocol and also sent another
+    way is refused (400 ``ambiguous_token``): which one the client meant cannot be known,
+    and checking one while the other is ignored would hide a client's bug."""
+    if offered_token is not None:
+        if query_token or _bearer(authorization):
+            raise AccessDenied(
+                400,
+                "ambiguous_token",
+                "send the token once: in the subprotocol offer, or as ?token= or "
+                "Authorization: Bearer",
+                "one token per upgrade (docs/protocol.md)",
+            )
+        return offered_token
     return query_token or _bearer(authorization)
 
 

@@ -53,7 +53,13 @@ from urllib.parse import urlsplit, urlunsplit
 import requests
 import websocket
 
-from .codes import SERVER_SIDE_ERRORS, CloseAction, close_action
+from .codes import (
+    SERVER_SIDE_ERRORS,
+    SUBPROTOCOL,
+    TOKEN_SUBPROTOCOL_PREFIX,
+    CloseAction,
+    close_action,
+)
 
 __all__ = [
     "AuthError",
@@ -431,9 +437,16 @@ class Subscriber:
     ``on_error(SubscriptionError)``. An exception in a callback is logged, never fatal.
 
     ``token`` (a string, or a callable returning a fresh one at every connect, which also
-    makes an expired-token close 4001 reconnectable) is sent as ``Authorization: Bearer``
-    rather than ``?token=`` so it stays out of access logs. No Origin header is sent: this is
-    not a browser.
+    makes an expired-token close 4001 reconnectable) is sent in the subprotocol offer
+    (``Sec-WebSocket-Protocol: wsserver.v1, wsserver.token.<token>``, as the browser client
+    does) rather than as ``?token=``, so it stays out of access logs; the server selects
+    ``wsserver.v1`` and never echoes the token. The offer names ``wsserver.v1`` with or
+    without a token, and the handshake fails unless the server selects it. No Origin header
+    is sent: this is not a browser.
+
+    A room the server takes away (``unsubscribed`` with a ``code``, e.g. after a ``refresh``
+    whose token no longer grants it) is dropped from :attr:`rooms` and reported to
+    ``on_error`` as a :class:`SubscriptionError` with that code and room.
     """
 
     def __init__(
@@ -680,14 +693,16 @@ class Subscriber:
                 raise _Retry(f"the token callable failed: {exc!r}") from None
         else:
             token = self.token
-        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        offer = [SUBPROTOCOL] + ([TOKEN_SUBPROTOCOL_PREFIX + token] if token else [])
         ws = websocket.WebSocket(enable_multithread=True)
         with self._lock:
             self._ws = ws
         if self._stopping.is_set():
             raise _Retry("stopping")
         try:
-            ws.connect(self.url, timeout=self.connect_timeout, header=headers, suppress_origin=True)
+            ws.connect(
+                self.url, timeout=self.connect_timeout, subprotocols=offer, suppress_origin=True
+            )
         except websocket.WebSocketBadStatusException as exc:
             status = exc.status_code
             code, reason = self._refusal(exc)
@@ -699,7 +714,10 @@ class Subscriber:
                 ) from None
             raise SubscriptionError(reason, status=status, code=code) from None
         except (OSError, websocket.WebSocketException) as exc:
-            raise _Retry(f"cannot connect to {self.url}: {exc}") from None
+            # websocket-client names the whole offer when the server selects no subprotocol
+            # of it (a server older than wsserver.v1): the token must not reach a log line
+            text = str(exc).replace(token, "<token>") if token else str(exc)
+            raise _Retry(f"cannot connect to {self.url}: {text}") from None
         self.connects += 1
         return ws
 
@@ -801,6 +819,9 @@ class Subscriber:
         kind = reply.get("type")
         if kind not in ("subscribed", "unsubscribed", "error"):
             return  # pong, refreshed, future replies
+        if kind == "unsubscribed" and "code" in reply:
+            self._taken_away(reply)
+            return
         room = reply.get("room")
         with self._lock:
             # replies come in command order (see _pump_locked), so the oldest in-flight
@@ -829,6 +850,22 @@ class Subscriber:
             log.warning("wsserver subscriber: %s", err)
             if self.on_error is not None:
                 self._call(self.on_error, err)
+
+    def _taken_away(self, reply: dict) -> None:
+        """The server left a room on its own: ``unsubscribed`` with a ``code`` (a refreshed
+        token no longer grants it, docs/protocol.md). It answers no command of ours, so no
+        in-flight command is popped; the room is forgotten, so no reconnect asks for it."""
+        room = reply.get("room")
+        with self._lock:
+            if room in self._rooms:
+                self._rooms.remove(room)
+            self._last_ids.pop(room, None)
+        err = SubscriptionError(
+            str(reply.get("reason", "")), code=str(reply.get("code")), room=str(room)
+        )
+        log.warning("wsserver subscriber: %s", err)
+        if self.on_error is not None:
+            self._call(self.on_error, err)
 
     def _pump_locked(self, ws: websocket.WebSocket) -> None:
         """Send what the outbox holds, keeping replies attributable (holds ``_lock``).

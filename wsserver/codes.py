@@ -51,7 +51,10 @@ __all__ = [
     "REASON_SLOW_CONSUMER",
     "REASON_TOKEN_EXPIRED",
     "REASON_TOO_MANY_CONNECTIONS",
+    "MAX_SUBPROTOCOLS",
     "SERVER_SIDE_ERRORS",
+    "SUBPROTOCOL",
+    "TOKEN_SUBPROTOCOL_PREFIX",
     "CloseAction",
     "ErrorCode",
     "close_action",
@@ -59,6 +62,15 @@ __all__ = [
 ]
 
 WEBSOCKET_VERSION = "13"  # the only Sec-WebSocket-Version spoken (RFC 6455)
+
+# -- the subprotocol offer (Sec-WebSocket-Protocol, docs/protocol.md "Connecting") -------------
+
+SUBPROTOCOL = "wsserver.v1"  # the one application subprotocol spoken: selected when offered
+# an offer's entry carrying the connection token (+ a JWT, whose characters are all header
+# token characters): how a browser, which cannot set Authorization, keeps it out of the URL.
+# Never selected, never echoed.
+TOKEN_SUBPROTOCOL_PREFIX = "wsserver.token."
+MAX_SUBPROTOCOLS = 8  # entries in one offer; more is refused (400 invalid_subprotocol)
 
 # -- close codes the server sends (docs/protocol.md, "Close codes the server sends") -----------
 
@@ -186,4 +198,6 @@ def js_constants() -> dict:
             str(code): sorted(reasons) for code, reasons in sorted(GIVE_UP_REASONS.items())
         },
         "serverSideErrors": sorted(SERVER_SIDE_ERRORS),
+        "subprotocol": SUBPROTOCOL,
+        "tokenSubprotocolPrefix": TOKEN_SUBPROTOCOL_PREFIX,
     }

@@ -16,7 +16,12 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Union
 
 from . import audit, metrics
-from .codes import CLOSE_POLICY_VIOLATION, REASON_INVALID_COMMANDS, SERVER_SIDE_ERRORS
+from .codes import (
+    CLOSE_POLICY_VIOLATION,
+    REASON_INVALID_COMMANDS,
+    SERVER_SIDE_ERRORS,
+    ErrorCode,
+)
 from .exceptions import AccessDenied, CommandError
 from .frames import OP_BINARY, OP_TEXT, encode_frame
 from .limits import TokenBucket
@@ -26,7 +31,7 @@ if TYPE_CHECKING:
     from .connection import Connection
     from .service import NotificationService
 
-__all__ = ["RESUME_COST", "ClientCommands"]
+__all__ = ["REASON_ROOM_REVOKED", "RESUME_COST", "ClientCommands", "revoked_reply"]
 
 
 # what a subscribe with ``since`` counts as against WSSERVER_MAX_COMMAND_RATE: it replays up
@@ -36,6 +41,19 @@ __all__ = ["RESUME_COST", "ClientCommands"]
 RESUME_COST = 5.0
 
 Payload = Union[str, bytes]
+
+REASON_ROOM_REVOKED = "the refreshed token no longer grants this room"
+
+
+def revoked_reply(room: str) -> dict[str, str]:
+    """The ``unsubscribed`` reply for a room the server left on its own: told apart from the
+    answer to an ``unsubscribe`` command by its ``code`` (clients forget the room)."""
+    return {
+        "type": "unsubscribed",
+        "room": room,
+        "code": ErrorCode.ROOM_FORBIDDEN,
+        "reason": REASON_ROOM_REVOKED,
+    }
 
 
 class ClientCommands:
@@ -143,12 +161,18 @@ class ClientCommands:
             conn.send(encode_json_frame({"type": "unsubscribed", "room": command.room}))
 
     def _refresh(self, conn: Connection, token: str | None) -> None:
+        """Swap the connection's token for a new one of the same user; then leave, at once,
+        every private room the new token no longer grants, each with an ``unsubscribed``
+        reply carrying ``code`` and ``reason`` (docs/protocol.md, "Tokens expire")."""
         try:
-            conn.identity = self._service.policy.refresh(conn.identity, token)
+            identity = self._service.policy.refresh(conn.identity, token)
         except AccessDenied as exc:
             self._failed(conn, exc.code, exc.reason)
             return
-        conn.send(encode_json_frame({"type": "refreshed", "exp": int(conn.identity.expires_at)}))
+        left = self._service.admission.regrant(conn, identity)
+        conn.send(encode_json_frame({"type": "refreshed", "exp": int(identity.expires_at)}))
+        for room in left:
+            conn.send(encode_json_frame(revoked_reply(room)))
 
     def _subscribe(self, conn: Connection, room: str, since: str | None) -> None:
         try:

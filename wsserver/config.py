@@ -25,6 +25,7 @@ from .origins import parse_pattern
 
 __all__ = [
     "ENV_PREFIX",
+    "MIN_HS256_SECRET_BYTES",
     "SETTINGS",
     "Setting",
     "Settings",
@@ -239,13 +240,25 @@ class Settings:
     jwt_secret: str = _setting(
         str,
         "",
-        "HS256 secret: when set, `/ws` needs a token (`?token=` or `Authorization: Bearer`).",
+        "HS256 secret, at least 32 bytes: when set, `/ws` needs a token (subprotocol "
+        "`wsserver.token.<jwt>`, `Authorization: Bearer`, or `?token=`).",
         secret=True,
     )
     jwt_public_key: str = _setting(
         _pem,
         "",
         "RS256/ES256 public key (PEM text, or a path to a PEM file): as WSSERVER_JWT_SECRET.",
+    )
+    jwt_issuer: str = _setting(
+        str.strip,
+        "",
+        "When set, a token must carry this `iss` claim. Unset: `iss` is not checked.",
+    )
+    jwt_audience: str = _setting(
+        str.strip,
+        "",
+        "When set, a token must carry this `aud` (a string, or a list naming it). Unset: `aud` "
+        "is not checked; set it when the issuer signs tokens for other services too.",
     )
     private_room_prefix: str = _setting(
         str,
@@ -573,12 +586,37 @@ def _check_consistency(settings: Settings) -> None:
             load_public_key(settings.jwt_public_key)
         except ValueError as exc:
             raise SettingsError(f"{ENV_PREFIX}JWT_PUBLIC_KEY: {exc}") from None
+    _check_jwt(settings)
     if settings.http_threads >= settings.threads:
         raise SettingsError(
             f"{ENV_PREFIX}HTTP_THREADS={settings.http_threads} must be below "
             f"{ENV_PREFIX}THREADS={settings.threads}: no thread would be left for WebSockets"
         )
     check_workers(settings.workers, settings.redis_url)
+
+
+# RFC 7518 3.2: an HS256 key must be at least as long as the hash output (256 bits)
+MIN_HS256_SECRET_BYTES = 32
+
+
+def _check_jwt(settings: Settings) -> None:
+    """A short HS256 secret can be brute-forced offline from any one token a client shows
+    (a log, a browser's devtools): refuse to start with one. Issuer and audience rules are
+    refused without a key to verify tokens with: they would silently check nothing."""
+    size = len(settings.jwt_secret.encode("utf-8"))
+    if settings.jwt_secret and size < MIN_HS256_SECRET_BYTES:
+        raise SettingsError(
+            f"{ENV_PREFIX}JWT_SECRET is {size} bytes: an HS256 secret must be at least "
+            f"{MIN_HS256_SECRET_BYTES} bytes (RFC 7518 3.2); generate one with "
+            "python3 -c 'import secrets; print(secrets.token_urlsafe(32))'"
+        )
+    tokens = settings.jwt_secret or settings.jwt_public_key
+    for name in ("jwt_issuer", "jwt_audience"):
+        if getattr(settings, name) and not tokens:
+            raise SettingsError(
+                f"{ENV_PREFIX}{name.upper()} is set but tokens are not: set "
+                f"{ENV_PREFIX}JWT_SECRET or {ENV_PREFIX}JWT_PUBLIC_KEY too"
+            )
 
 
 def check_workers(workers: int, redis_url: str) -> None:

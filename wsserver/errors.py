@@ -17,6 +17,7 @@ import json
 import logging
 from collections.abc import Callable
 from http import HTTPStatus
+from typing import Any
 
 from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import HTTPException
@@ -70,13 +71,13 @@ def json_error(status: int, code: str, reason: str) -> Response:
 
 def refusal_answer(
     exc: Refusal, remote: str | None, audited: bool = True
-) -> tuple[int, list[Header], dict[str, str]]:
+) -> tuple[int, list[Header], dict[str, Any]]:
     """Any refusal as (status, headers, JSON body), reported to :mod:`wsserver.audit` unless
     ``audited`` is False (a 404 is a miss, not a refusal). The one mapping: every answer to a
     refused request, in Flask or plain WSGI, is built here."""
     if audited:
         audit.refused(str(exc.code), remote or "?", exc.detail)
-    return exc.status, exc.headers, error_document(str(exc.code), exc.reason)
+    return exc.status, exc.headers, {**exc.fields, **error_document(str(exc.code), exc.reason)}
 
 
 def refusal_response(exc: Refusal, audited: bool = True) -> Response:

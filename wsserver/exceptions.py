@@ -35,6 +35,7 @@ name); ``detail`` is for the audit log only: the setting or rule behind the refu
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 from .codes import WEBSOCKET_VERSION, ErrorCode
 
@@ -65,6 +66,8 @@ class Refusal(Exception):
     applies; it is never client input. ``headers`` are what the answer carries besides the
     body: the ones given (e.g. ``Allow``) and the ones the refusal implies (a subclass says
     which). ``retry_after`` (seconds), when set, is sent as ``Retry-After`` with a 429 or 503.
+    ``fields`` are added to the JSON body beside ``error`` and ``code`` (e.g. the subprotocols
+    a refused offer could have named).
 
     Instances are built and raised on one thread; nothing is shared."""
 
@@ -84,6 +87,7 @@ class Refusal(Exception):
         self.reason = reason
         self.detail = detail
         self.extra_headers: list[Header] = list(headers)
+        self.fields: dict[str, Any] = {}
 
     @property
     def headers(self) -> list[Header]:

@@ -19,7 +19,14 @@ Answers (each a :class:`~wsserver.exceptions.HandshakeRefused`):
 
 A missing ``Upgrade: websocket`` / ``Connection: Upgrade`` never gets here: the router treats
 such a request as plain HTTP, answered 400 ``bad_request`` by :mod:`wsserver.errors`.
-Pure functions of the WSGI environ; thread-safe.
+
+:func:`negotiate_subprotocol` then reads the subprotocol offer (``Sec-WebSocket-Protocol``):
+the server speaks ``wsserver.v1``, and an offer may carry the connection token as an entry
+``wsserver.token.<jwt>`` (a browser cannot set ``Authorization`` on a WebSocket, and a
+``?token=`` is written to every proxy's access log). A client that offers subprotocols
+aborts unless the 101 selects one of them, so an offer without ``wsserver.v1`` is refused
+here, 400 ``unsupported_subprotocol`` naming what the server speaks, instead of a 101 the
+client would drop. Pure functions of the WSGI environ; thread-safe.
 """
 
 from __future__ import annotations
@@ -29,17 +36,20 @@ import binascii
 import re
 from typing import Any
 
-from .codes import WEBSOCKET_VERSION
+from .codes import MAX_SUBPROTOCOLS, SUBPROTOCOL, TOKEN_SUBPROTOCOL_PREFIX, WEBSOCKET_VERSION
 from .exceptions import HandshakeRefused
 from .transport import handshake_rejection
 
-__all__ = ["check_handshake"]
+__all__ = ["check_handshake", "negotiate_subprotocol"]
 
 _RULE = "RFC 6455 4.2.1"
 
 # host: a bracketed IPv6 literal, or a name / IPv4 address without the characters that would
 # make it something else (a path, a userinfo, a second port); then an optional port
 _HOST_RE = re.compile(r"(?:\[[0-9A-Fa-f:.]+\]|[^\s/?#@\[\]:]+)(?::(\d{1,5}))?\Z")
+
+# RFC 6455 4.1 / RFC 7230 3.2.6: each offered subprotocol is a token
+_TOKEN_RE = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
 
 
 def check_handshake(environ: dict[str, Any]) -> None:
@@ -95,3 +105,49 @@ def _valid_host(host: str | None) -> bool:
     except UnicodeError:
         return False
     return True
+
+
+def negotiate_subprotocol(environ: dict[str, Any]) -> str | None:
+    """Check the subprotocol offer and take the token out of it; returns the offered token
+    (None when the offer carries none, or there is no offer).
+
+    Raises :class:`HandshakeRefused` 400 ``invalid_subprotocol`` for an offer that is not a
+    list of at most :data:`MAX_SUBPROTOCOLS` tokens with at most one non-empty token entry,
+    and 400 ``unsupported_subprotocol`` for one without ``wsserver.v1``. The token entry is
+    removed from the environ, so simple-websocket, which selects ``wsserver.v1``, never sees
+    it, and nothing downstream (a traceback's environ, a debug dump) can show it."""
+    offer = environ.get("HTTP_SEC_WEBSOCKET_PROTOCOL")
+    if offer is None:
+        return None
+    entries = [entry.strip() for entry in offer.split(",") if entry.strip()]
+    if len(entries) > MAX_SUBPROTOCOLS or not all(_TOKEN_RE.match(e) for e in entries):
+        raise _invalid_offer(
+            f"Sec-WebSocket-Protocol must list at most {MAX_SUBPROTOCOLS} subprotocols, each a "
+            "token (RFC 6455 4.1)"
+        )
+    tokens = [e[len(TOKEN_SUBPROTOCOL_PREFIX):] for e in entries if _is_token_entry(e)]
+    protocols = [e for e in entries if not _is_token_entry(e)]
+    if len(tokens) > 1 or (tokens and not tokens[0]):
+        raise _invalid_offer(f"offer one {TOKEN_SUBPROTOCOL_PREFIX}<token> entry, with a token")
+    if entries and SUBPROTOCOL not in protocols:
+        refused = HandshakeRefused(
+            400,
+            "unsupported_subprotocol",
+            f"this server speaks the subprotocol {SUBPROTOCOL} only: offer it, or offer none",
+            "RFC 6455 4.2.2",
+        )
+        refused.fields["subprotocols"] = [SUBPROTOCOL]
+        raise refused
+    if protocols:
+        environ["HTTP_SEC_WEBSOCKET_PROTOCOL"] = ", ".join(protocols)
+    else:  # an empty header: no offer
+        del environ["HTTP_SEC_WEBSOCKET_PROTOCOL"]
+    return tokens[0] if tokens else None
+
+
+def _is_token_entry(entry: str) -> bool:
+    return entry.startswith(TOKEN_SUBPROTOCOL_PREFIX)
+
+
+def _invalid_offer(reason: str) -> HandshakeRefused:
+    return HandshakeRefused(400, "invalid_subprotocol", reason, "RFC 6455 4.1")

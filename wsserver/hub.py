@@ -176,6 +176,11 @@ class Hub:
                 del self._rooms[room]
         self._room_snapshots.pop(room, None)
 
+    def rooms_of(self, conn: Connection) -> list[str]:
+        """The rooms ``conn`` is in now, sorted (a copy: other threads join and leave)."""
+        with self._locked():
+            return sorted(conn.rooms)
+
     def snapshot(self) -> list[Connection]:
         """The connected clients now, as a list the caller may use without the lock.
 

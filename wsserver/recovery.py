@@ -157,8 +157,9 @@ class Resume:
             conn.send(error_frame("history_unavailable", "history cannot be read now; retry", room))
             return
         try:
-            service.admission.enter(conn, room)
-        except AccessDenied as exc:  # the room limit, reached since the resume was asked
+            # checked again: a refresh since the resume was asked may have taken the room away
+            service.admission.join(conn, room)
+        except AccessDenied as exc:  # that, or the room limit, reached since then
             conn.send(error_frame(exc.code, exc.reason, room))
             return
         missed = len(recovery.frames) if recovery.recovered else 0

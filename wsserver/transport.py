@@ -26,6 +26,8 @@ from wsproto.events import AcceptConnection, Request
 from wsproto.extensions import PerMessageDeflate
 from wsproto.handshake import H11Handshake
 
+from .codes import SUBPROTOCOL
+
 __all__ = ["Transport", "handshake_rejection", "server_options", "strip_compression_offer"]
 
 
@@ -48,8 +50,14 @@ class _NoReaderThread:
 
 def server_options() -> dict[str, Any]:
     """``SOCK_SERVER_OPTIONS`` for flask-sock: no reader thread, no library-side limits or
-    pings (ours are in :mod:`wsserver.session`)."""
-    return {"thread_class": _NoReaderThread, "ping_interval": None, "max_message_size": None}
+    pings (ours are in :mod:`wsserver.session`); ``wsserver.v1`` selected when offered (the
+    ``/ws`` hook has refused offers without it, see :mod:`wsserver.handshake`)."""
+    return {
+        "thread_class": _NoReaderThread,
+        "ping_interval": None,
+        "max_message_size": None,
+        "subprotocols": [SUBPROTOCOL],
+    }
 
 
 def strip_compression_offer(environ: dict[str, Any]) -> None:

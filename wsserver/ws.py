@@ -18,7 +18,7 @@ from .auth import Identity, token_from, valid_origin
 from .codes import CLOSE_TRY_AGAIN_LATER
 from .errors import refusal_response
 from .exceptions import AccessDenied, CommandError, Refusal
-from .handshake import check_handshake
+from .handshake import check_handshake, negotiate_subprotocol
 from .protocol import error_frame, parse_room_list
 from .service import NotificationService
 from .session import run_session
@@ -44,8 +44,9 @@ def init_app(app: Flask) -> None:
         try:
             strip_compression_offer(request.environ)
             check_handshake(request.environ)
+            offered_token = negotiate_subprotocol(request.environ)
             service.ensure_started()
-            g.wsserver_identity, g.wsserver_rooms = check_upgrade(service)
+            g.wsserver_identity, g.wsserver_rooms = check_upgrade(service, offered_token)
         except Refusal as exc:  # HandshakeRefused, AccessDenied
             return refusal_response(exc)
         return None
@@ -68,11 +69,14 @@ def init_app(app: Flask) -> None:
         )
 
 
-def check_upgrade(service: NotificationService) -> tuple[Identity | None, tuple[str, ...]]:
+def check_upgrade(
+    service: NotificationService, offered_token: str | None = None
+) -> tuple[Identity | None, tuple[str, ...]]:
     """Everything that can refuse a well-formed handshake, in order: origin (403), token
-    (401), rooms (400/403), this address's share (429), this worker's budget (503).
-    Returns the verified identity and the connect-time rooms. Each refusal's ``detail``
-    names the setting behind it, for the audit line."""
+    (400 when sent twice, 401), rooms (400/403), this address's share (429), this worker's
+    budget (503). ``offered_token`` is the one the subprotocol offer carried. Returns the
+    verified identity and the connect-time rooms. Each refusal's ``detail`` names the
+    setting behind it, for the audit line."""
     policy = service.policy
     origin = request.headers.get("Origin")
     if origin is not None and not valid_origin(origin):
@@ -88,7 +92,9 @@ def check_upgrade(service: NotificationService) -> tuple[Identity | None, tuple[
         )
     try:
         identity = policy.authenticate(
-            token_from(request.headers.get("Authorization"), request.args.get("token"))
+            token_from(
+                request.headers.get("Authorization"), request.args.get("token"), offered_token
+            )
         )
     except AccessDenied as exc:
         exc.detail = exc.detail or policy.token_setting

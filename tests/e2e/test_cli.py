@@ -241,7 +241,7 @@ def test_listen_timeout_and_usage(server, capsys):
 
 def test_check_config_masks_secrets():
     secrets = {"WSSERVER_API_KEYS": "sk-alpha-91f3,sk-beta-77c2",
-               "WSSERVER_JWT_SECRET": "jwt-secret-c0ffee"}
+               "WSSERVER_JWT_SECRET": "jwt-secret-c0ffee-0123456789abcdef"}
     done = run("check-config", env={**secrets, "WSSERVER_QUEUE_SIZE": "77"})
     assert done.returncode == 0, done.stderr
     output = done.stdout + done.stderr

@@ -380,7 +380,8 @@ def gunicorn_cmd(*flags: str) -> list:
 
 WSSERVER = str(Path(sys.executable).parent / "wsserver")
 
-BAD_SETTINGS = [("WSSERVER_PORT", "abc"), ("WSSERVER_QUEUE_SIZE", "0"), ("WSSERVER_ENV", "staging")]
+BAD_SETTINGS = [("WSSERVER_PORT", "abc"), ("WSSERVER_QUEUE_SIZE", "0"), ("WSSERVER_ENV", "staging"),
+                ("WSSERVER_JWT_SECRET", "a-31-byte-secret-is-too-short!!")]
 
 
 @pytest.mark.parametrize("name,value", BAD_SETTINGS)

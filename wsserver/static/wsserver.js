@@ -7,10 +7,13 @@
  *   client.on("message", (n) => console.log(n.room, n.id, n.event, n.message, n.data));
  *   client.subscribe("chat");
  *
- * Options: rooms (joined at every (re)connect), token (sent as ?token=; browsers cannot set
- * headers on a WebSocket; a function is called at every connect for a fresh one, which also
- * makes an expired-token close 4001 reconnect), backoffInitial / backoffMax (reconnect delays,
- * ms). After a close it reconnects or stops as WsserverClient.closeAction(code, reason) says
+ * Options: rooms (joined at every (re)connect), token (a JWT, sent in the subprotocol offer as
+ * "wsserver.token.<jwt>" beside "wsserver.v1": browsers cannot set headers on a WebSocket, and a
+ * ?token= in the URL ends up in proxies' access logs; the server selects "wsserver.v1" and never
+ * echoes the token; a function is called at every connect for a fresh one, which also makes an
+ * expired-token close 4001 reconnect), backoffInitial / backoffMax (reconnect delays, ms).
+ * A room the server takes away (an "unsubscribed" reply with a "code", e.g. after a refresh
+ * whose token no longer grants it) is forgotten: it is not joined again on reconnect. After a close it reconnects or stops as WsserverClient.closeAction(code, reason) says
  * (docs/protocol.md, "Close codes the server sends").
  * Events (on/off): open; close (code, reason); state ("connecting", "open", "reconnecting",
  * "closed"); message (every notification object); reply (every command reply: subscribed,
@@ -31,8 +34,13 @@
       "1008": "reconnect", "1009": "give_up", "1010": "give_up", "1011": "reconnect",
       "1012": "reconnect", "1013": "reconnect", "1014": "reconnect", "4001": "new_token"},
     "giveUpReasons": {"1008": ["too many invalid commands"]},
-    "serverSideErrors": ["busy", "history_unavailable", "queue_full"]
+    "serverSideErrors": ["busy", "history_unavailable", "queue_full"],
+    "subprotocol": "wsserver.v1",
+    "tokenSubprotocolPrefix": "wsserver.token."
   };
+
+  // A subprotocol entry must be an HTTP token (RFC 6455 4.1); a JWT always is.
+  const TOKEN_CHARS = /^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$/;
 
   // codes.close_action: the table; a code not in it gives up if 4000-4999, else reconnects.
   const closeAction = (code, reason) => {
@@ -41,6 +49,25 @@
     const action = CODES.closeActions[code];
     if (action !== undefined) return action;
     return code >= 4000 && code <= 4999 ? "give_up" : "reconnect";
+  };
+
+  // The token a page was opened with: "#token=<jwt>" (a fragment is never sent to a server,
+  // so no access log has it) or "?token=" (old links). Either way it is taken out of the
+  // address bar (history.replaceState), so it is not bookmarked, shared or sent as a Referer.
+  const takeTokenFromLocation = (loc, hist) => {
+    const query = new URLSearchParams(loc.search);
+    const frag = new URLSearchParams((loc.hash || "").replace(/^#/, ""));
+    const token = frag.get("token") || query.get("token") || undefined;
+    if (query.has("token") || frag.has("token")) {
+      query.delete("token");
+      frag.delete("token");
+      const q = query.toString();
+      const f = frag.toString();
+      if (hist && hist.replaceState) {
+        hist.replaceState(null, "", loc.pathname + (q ? "?" + q : "") + (f ? "#" + f : ""));
+      }
+    }
+    return token;
   };
 
   class WsserverClient {
@@ -93,6 +120,13 @@
       return this.send({type: "ping"});
     }
 
+    // Renew the connection's token (same user) without reconnecting; a string token option is
+    // replaced, so reconnects use the new one. Rooms it no longer grants are left by the server.
+    refresh(token) {
+      if (typeof this.token !== "function") this.token = token;
+      return this.send({type: "refresh", token: token});
+    }
+
     // Send a command object (or a string/binary free-form message); false when not open.
     send(data) {
       if (!this._ws || this._ws.readyState !== 1) return false;
@@ -129,7 +163,6 @@
     _connect() {
       if (this._stopped) return;
       this._setState(this.state === "closed" ? "connecting" : "reconnecting");
-      let url = this.url;
       let token;
       try {
         token = typeof this.token === "function" ? this.token() : this.token;
@@ -138,12 +171,19 @@
         this._scheduleReconnect();
         return;
       }
+      const offer = [CODES.subprotocol];
       if (token) {
-        url += (url.indexOf("?") >= 0 ? "&" : "?") + "token=" + encodeURIComponent(token);
+        if (!TOKEN_CHARS.test(token)) { // not a JWT: it cannot travel in the offer
+          this._stopped = true;
+          this._emit("error", new Error("the token has characters a subprotocol cannot carry"));
+          this._setState("closed");
+          return;
+        }
+        offer.push(CODES.tokenSubprotocolPrefix + token);
       }
       let ws;
       try {
-        ws = new WebSocket(url);
+        ws = new WebSocket(this.url, offer);
       } catch (err) { // a malformed URL: retrying cannot help
         this._stopped = true;
         this._emit("error", err);
@@ -214,6 +254,10 @@
       if (obj === null || typeof obj !== "object" || Array.isArray(obj)) {
         this._emit("raw", data);
       } else if (typeof obj.type === "string" && !("event" in obj)) {
+        if (obj.type === "unsubscribed" && obj.code !== undefined) { // taken away by the server
+          this.rooms.delete(obj.room);
+          delete this.lastIds[obj.room];
+        }
         this._emit("reply", obj);
         if (obj.type === "error") this._emit("error", obj);
       } else if (typeof obj.event === "string" && "id" in obj) {
@@ -230,6 +274,7 @@
 
   WsserverClient.CODES = CODES;
   WsserverClient.closeAction = closeAction;
+  WsserverClient.takeTokenFromLocation = takeTokenFromLocation;
   root.WsserverClient = WsserverClient;
   if (typeof module === "object" && module && module.exports) module.exports = WsserverClient;
 })(typeof self !== "undefined" ? self : this);
