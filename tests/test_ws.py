@@ -209,7 +209,9 @@ def _offer(token: str) -> dict[str, str]:
     return {"Sec-WebSocket-Protocol": f"wsserver.v1, wsserver.token.{token}"}
 
 
-# (query, headers, status, code): the offered token is checked exactly as ?token= is
+# (query, headers, status, code): the offered token is checked exactly as ?token= is. These
+# tokens are made when the module is collected, minutes before the test runs: they live an hour
+LONG = 3600
 OFFERED = [
     pytest.param("", {"Sec-WebSocket-Protocol": "wsserver.v1"}, 401, "missing_token",
                  id="401-offer-without-token"),
@@ -219,10 +221,10 @@ OFFERED = [
     pytest.param("", _offer(jwt.encode({"sub": "alice", "exp": int(time.time() + 60)},
                                        "another-secret-another-secret-42", algorithm="HS256")),
                  401, "invalid_token", id="401-other-key"),
-    pytest.param("?rooms=private-x", _offer(_token()), 403, "room_forbidden", id="403-room"),
-    pytest.param(f"?token={_token()}", _offer(_token()), 400, "ambiguous_token",
+    pytest.param("?rooms=private-x", _offer(_token(ttl=LONG)), 403, "room_forbidden", id="403-room"),
+    pytest.param(f"?token={_token(ttl=LONG)}", _offer(_token(ttl=LONG)), 400, "ambiguous_token",
                  id="400-offer-and-query"),
-    pytest.param("", {**_offer(_token()), "Authorization": f"Bearer {_token()}"}, 400,
+    pytest.param("", {**_offer(_token(ttl=LONG)), "Authorization": f"Bearer {_token(ttl=LONG)}"}, 400,
                  "ambiguous_token", id="400-offer-and-bearer"),
     pytest.param("", {"Sec-WebSocket-Protocol": "wsserver.v1, wsserver.token."}, 400,
                  "invalid_subprotocol", id="400-empty-token-entry"),

@@ -6,10 +6,11 @@ to that audience's stream (``XADD``, capped at ``WSSERVER_HISTORY_SIZE`` entries
 channel every worker listens to. One channel and an atomic script mean every worker sees
 messages in the order the streams numbered them: in order per room, on every worker.
 
-Each worker runs a listener thread (``wsserver-redis-listener``, redis-py ``PubSub`` with a
-1 s read timeout) that hands messages to its broadcaster, reconnects with backoff and
-re-subscribes after Redis restarts, and every 2 s reports this worker's counts under a key
-that expires, so ``GET /`` can add up the cluster and a dead worker's numbers disappear.
+Each worker runs a listener thread (``wsserver-redis-listener``, redis-py ``PubSub`` polled
+every 0.2 s, which bounds how long a stop waits) that hands messages to its broadcaster,
+reconnects with backoff and re-subscribes after Redis restarts, and every 2 s reports this
+worker's counts under a key that expires, so ``GET /`` can add up the cluster and a dead
+worker's numbers disappear.
 
 While Redis is down, ``publish`` raises :class:`BrokerUnavailable` (``POST /notify`` answers
 503: nothing is accepted that cannot be delivered), ``ready`` is False (``/readyz`` 503).
@@ -60,6 +61,9 @@ return ids
 """
 
 _REPORT_EVERY = 2.0
+# how long the listener waits for a message before checking whether it should stop: it bounds
+# how long shutdown waits for this thread (a 1 s poll made every stop take a second)
+_POLL = 0.2
 _REPORT_TTL_MS = 6000
 
 
@@ -231,7 +235,7 @@ class RedisBroker(Broker):
                 if pubsub is None:
                     pubsub = self._redis.pubsub()
                     pubsub.subscribe(self._channel)
-                message = pubsub.get_message(timeout=1.0)
+                message = pubsub.get_message(timeout=_POLL)
                 kind = message.get("type") if message is not None else None
                 if kind == "message":
                     self._deliver(message["data"])
