@@ -79,11 +79,13 @@ def ssl_socketpair(sndbuf: int | None = None,
     a.settimeout(10)
     b.settimeout(10)
     client: list[ssl.SSLSocket] = []
+    # both contexts before the thread: the certificate is made once, on first use
+    server_side, client_side = server_context(), client_context()
     thread = threading.Thread(
-        target=lambda: client.append(client_context().wrap_socket(b, server_hostname="localhost"))
+        target=lambda: client.append(client_side.wrap_socket(b, server_hostname="localhost"))
     )
     thread.start()
-    server = server_context().wrap_socket(a, server_side=True)
+    server = server_side.wrap_socket(a, server_side=True)
     thread.join(10)
     assert client, "the TLS handshake did not complete"
     return server, client[0]
