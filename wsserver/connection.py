@@ -297,10 +297,6 @@ class Connection:
             self.echoes.clear_locked()
         self._flusher.forget(self._fd)
 
-    def end_stream(self) -> None:
-        """After our last frame, before the half-close: nothing to add over plain TCP (the
-        FIN ends the stream); :class:`TlsConnection` sends TLS's close_notify."""
-
     def wake(self) -> None:
         """Make the connection's thread return from its read wait (it sees end of input).
 
@@ -453,6 +449,10 @@ class TlsConnection(Connection):
       session reads through :meth:`recv`, under the same ``_lock`` as every write; a
       non-blocking read holds it for one record's decryption at most.
 
+    The stream ends as gunicorn ends TLS connections: no close_notify, the TCP FIN after our
+    close frame (clients read it as the end; sending close_notify with ``unwrap`` left
+    OpenSSL errors that failed the next TLS request on the same pool thread).
+
     The plain :class:`Connection` keeps its own path; nothing here costs it anything.
     """
 
@@ -501,20 +501,6 @@ class TlsConnection(Connection):
             except _TLS_WOULD_BLOCK:
                 return None
         return data
-
-    def end_stream(self) -> None:
-        """After our last frame: TLS's close_notify, so the peer sees the stream end
-        cleanly rather than cut (a truncation attack, to TLS). Only once nothing is pending;
-        without waiting for the peer's (the session then waits for its TCP FIN)."""
-        with self._lock:
-            if self._pending or self._state is not _CLOSE_SENT:
-                return
-            try:
-                # sends close_notify, then wants the peer's: fine, we do not wait here. The SSL
-                # object stays: unwrap only drops it once both sides said goodbye
-                self.sock.unwrap()  # type: ignore[attr-defined]
-            except (OSError, ValueError):
-                pass
 
     def _flush_locked(self, watch: bool = True) -> None:
         """Write as much of ``_pending`` as the socket takes now, ``_TLS_CHUNK`` bytes per

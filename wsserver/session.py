@@ -482,10 +482,8 @@ class Session:
             if self._unresponsive or conn.slow or not drained:
                 _discard_pending_input(sock)
                 conn.abort()
-            else:
-                conn.end_stream()
-                if not _await_peer_close(sock, self._settings.close_timeout):
-                    conn.abort()  # the peer keeps its side open: cut it here, not in gunicorn
+            elif not _await_peer_close(sock, self._settings.close_timeout):
+                conn.abort()  # the peer keeps its side open: cut it here, not in gunicorn
         finally:
             self._sleep()
 
