@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from tlscerts import self_signed, test_cert
 
 from wsserver import config
 from wsserver.config import (
@@ -38,11 +39,14 @@ def _public_pem() -> str:
 
 
 PEM = _public_pem()
+CERT, KEY = (str(path) for path in test_cert())
 
 # name: (environment text, parsed value, other variables the value needs to be consistent)
 GOOD: dict[str, tuple[str, object, dict[str, str]]] = {
     "host": (" ::1 ", "::1", {}),
     "port": ("0", 0, {}),
+    "tls_cert": (f" {CERT} ", CERT, {"WSSERVER_TLS_KEY": KEY}),
+    "tls_key": (KEY, KEY, {"WSSERVER_TLS_CERT": CERT}),
     "env": (" Development ", "development", {}),
     "rebroadcast": ("off", False, {"WSSERVER_ENV": "development"}),
     "allowed_origins": (
@@ -103,6 +107,8 @@ GOOD: dict[str, tuple[str, object, dict[str, str]]] = {
 BAD: dict[str, str] = {
     "host": "two words",
     "port": "65536",
+    "tls_cert": "/nonexistent/cert.pem",
+    "tls_key": "/nonexistent/key.pem",
     "env": "staging",
     "rebroadcast": "maybe",
     "trusted_proxies": "10.0.0.0/33",
@@ -267,6 +273,26 @@ def test_a_public_key_that_is_not_one_is_refused_by_name():
     with pytest.raises(ValueError, match="not a PEM public key"):
         load_public_key(not_a_key)
     assert isinstance(load_public_key(PEM), ec.EllipticCurvePublicKey)
+
+
+@pytest.mark.parametrize("given,missing", [("CERT", "KEY"), ("KEY", "CERT")])
+def test_tls_needs_both_the_certificate_and_its_key(given, missing):
+    value = CERT if given == "CERT" else KEY
+    with pytest.raises(SettingsError) as info:
+        load_settings({f"WSSERVER_TLS_{given}": value})
+    text = str(info.value)
+    assert text.startswith(f"WSSERVER_TLS_{given} is set but WSSERVER_TLS_{missing} is not")
+    assert "set both WSSERVER_TLS_CERT and WSSERVER_TLS_KEY" in text
+
+
+def test_a_certificate_and_key_that_do_not_load_together_are_refused(tmp_path):
+    _, other_key = self_signed(tmp_path)  # a key, but not this certificate's
+    with pytest.raises(SettingsError, match="do not load as a certificate chain"):
+        load_settings({"WSSERVER_TLS_CERT": CERT, "WSSERVER_TLS_KEY": str(other_key)})
+    with pytest.raises(SettingsError, match="do not load as a certificate chain"):
+        load_settings({"WSSERVER_TLS_CERT": KEY, "WSSERVER_TLS_KEY": KEY})  # a key as the cert
+    settings = load_settings({"WSSERVER_TLS_CERT": CERT, "WSSERVER_TLS_KEY": KEY})
+    assert (settings.tls_cert, settings.tls_key) == (CERT, KEY)
 
 
 def test_http_threads_must_leave_threads_for_websockets():

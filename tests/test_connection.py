@@ -4,14 +4,22 @@ in progress, and closing is idempotent."""
 
 from __future__ import annotations
 
+import select
 import socket
 import struct
 
 import pytest
 from rawws import OP_CLOSE, FrameParser
 from support import wait_for
+from tlscerts import ssl_socketpair
 
-from wsserver.connection import Connection, SendResult, WriteState
+from wsserver.connection import (
+    Connection,
+    SendResult,
+    TlsConnection,
+    WriteState,
+    connection_class,
+)
 from wsserver.frames import OP_TEXT, encode_frame
 
 
@@ -126,4 +134,106 @@ def test_locked_helpers_refuse_to_run_without_the_lock(pair, flusher):
         conn.queue_locked(frame)
         assert conn.write_locked() is SendResult.OK
     assert conn.pending_bytes == 0
+    conn.detach()
+
+
+# -- over TLS: the same guarantees through SSL_write (a real handshake on a socketpair) ------
+
+
+@pytest.fixture
+def tls_pair():
+    """(server end, client end), TLS over small kernel buffers: writes stop short often."""
+    a, b = ssl_socketpair(sndbuf=8192, rcvbuf=8192)
+    yield a, b
+    a.close()
+    b.close()
+
+
+def test_a_tls_socket_gets_the_tls_write_path_and_a_plain_one_keeps_its_own(tls_pair, pair):
+    assert connection_class(tls_pair[0]) is TlsConnection
+    assert connection_class(pair[0]) is Connection
+    # the plain fast path is the base class's own: TLS overrides it, adds nothing to it
+    assert TlsConnection.send_frames is not Connection.send_frames
+    assert "ssl" not in Connection.send_frames.__code__.co_names
+
+
+def test_a_tls_backlog_is_flushed_in_order_when_the_reader_catches_up(tls_pair, flusher):
+    a, b = tls_pair
+    conn = TlsConnection(11, a, "test", buffer_limit=10 * 1024 * 1024, flusher=flusher)
+    assert a.gettimeout() == 0.0, "a TLS socket is made non-blocking (SSL takes no flags)"
+    frames = [encode_frame(OP_TEXT, (f"{i:05d}" + "x" * 995).encode()) for i in range(300)]
+    owed = []
+    for i in range(0, 300, 30):  # batches, as the broadcaster sends them
+        assert conn.send_frames(frames[i:i + 30]) == SendResult.OK
+        owed.append(conn._owed)
+    assert conn.pending_bytes > 0, "the socket buffer is small: some bytes must wait"
+    assert any(owed), "an SSL_write would block: OpenSSL took bytes the retry must present"
+    got = read_frames(b, 300)
+    assert [p[:5] for _, p in got] == [f"{i:05d}".encode() for i in range(300)]
+    wait_for(lambda: conn.pending_bytes == 0, message="backlog flushed")
+    assert conn._owed == 0 and conn.state is WriteState.OPEN
+    conn.detach()
+
+
+def test_a_big_frame_goes_out_over_tls_in_chunks(tls_pair, flusher):
+    a, b = tls_pair
+    conn = TlsConnection(12, a, "test", buffer_limit=4 * 1024 * 1024, flusher=flusher)
+    payload = bytes(range(256)) * 4096  # 1 MiB
+    assert conn.send(encode_frame(OP_TEXT, payload)) is SendResult.OK
+    assert conn.pending_bytes > 0
+    assert read_frames(b, 1) == [(OP_TEXT, payload)]
+    wait_for(lambda: conn.pending_bytes == 0, message="the frame written")
+    conn.detach()
+
+
+def test_a_tls_slow_consumer_keeps_what_openssl_took_and_closes_cleanly(tls_pair, flusher):
+    """The drop keeps every frame an SSL_write that would block took part of: the retry
+    must present those bytes again, or OpenSSL fails the connection ("bad length") and the
+    client never sees its close frame."""
+    a, b = tls_pair
+    conn = TlsConnection(13, a, "test", buffer_limit=64 * 1024, flusher=flusher)
+    frame = encode_frame(OP_TEXT, b"y" * 4000)
+    results = [conn.send_frames([frame] * 4) for _ in range(40)]
+    assert SendResult.SLOW in results
+    first_slow = results.index(SendResult.SLOW)
+    assert all(r == SendResult.CLOSED for r in results[first_slow + 1:]), "no writes after"
+    assert conn.slow and conn.pending_bytes >= conn._owed
+    got = read_frames(b, 1000, timeout=5)
+    assert got[-1][0] == OP_CLOSE
+    assert struct.unpack("!H", got[-1][1][:2])[0] == 1008 and got[-1][1][2:] == b"slow consumer"
+    assert all(op == OP_TEXT and len(p) == 4000 for op, p in got[:-1]), "no torn frame"
+    assert conn.state is WriteState.CLOSE_SENT, "the stream did not fail"
+    conn.detach()
+
+
+def test_waking_a_tls_connection_keeps_its_ssl_object(tls_pair, flusher):
+    """SSLSocket.shutdown drops the SSL object, after which writes would go out unencrypted;
+    wake() and abort() shut the plain socket down instead."""
+    a, b = tls_pair
+    conn = TlsConnection(14, a, "test", buffer_limit=1 << 20, flusher=flusher)
+    conn.wake()
+    assert conn.send(encode_frame(OP_TEXT, b"still encrypted")) is SendResult.OK
+    assert read_frames(b, 1) == [(OP_TEXT, b"still encrypted")]
+    assert conn.recv(100) == b"", "after wake the session's read sees the end of input"
+    conn.detach()
+
+
+def test_tls_reads_wait_for_a_whole_record(tls_pair, flusher):
+    a, b = tls_pair
+    conn = TlsConnection(15, a, "test", buffer_limit=1 << 20, flusher=flusher)
+    assert conn.recv(100) is None, "nothing yet: not an error, not the end"
+    b.sendall(b"x" * 40000)  # three TLS records
+    got = b""
+    wait_for(lambda: select.select([a], [], [], 0.05)[0], message="readable")
+    while len(got) < 40000:
+        data = conn.recv(65536)
+        if data is None:
+            select.select([a], [], [], 1)
+            continue
+        got += data
+    assert got == b"x" * 40000
+    conn.close(1000, "")
+    assert read_frames(b, 1) == [(OP_CLOSE, struct.pack("!H", 1000))]
+    conn.abort()
+    assert b.recv(10) == b"", "the end of the stream"
     conn.detach()

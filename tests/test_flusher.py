@@ -4,10 +4,14 @@ over real sockets; it calls each target once per watch, survives a failing targe
 
 from __future__ import annotations
 
+import select
 import socket
+import ssl
 import threading
+import time
 
 import pytest
+from tlscerts import ssl_socketpair
 
 from wsserver.flusher import Flusher
 
@@ -97,3 +101,47 @@ def test_stop_is_idempotent_and_ends_the_thread():
     f.stop()
     f.stop()  # idempotent
     assert "wsserver-flusher" not in {t.name for t in threading.enumerate()}
+
+
+def test_a_full_tls_socket_is_reported_when_its_reader_catches_up(flusher):
+    """Over TLS (a real handshake): the socket is full once SSL_write would block, and the
+    flusher reports it when the peer has read what reached the kernel; the retry of the same
+    bytes then goes through."""
+    a, b = ssl_socketpair(sndbuf=4096, rcvbuf=4096)
+    try:
+        a.setblocking(False)
+        chunk = b"x" * 16384
+        with pytest.raises(ssl.SSLWantWriteError):
+            for _ in range(1000):
+                a.send(chunk)
+        target = Target()
+        flusher.watch(a.fileno(), target)
+        assert not target.called.wait(0.2), "still full: not writable yet"
+        b.setblocking(False)
+        _read_until(b, target.called.is_set)
+        assert target.called.is_set(), "reported once the kernel took the backlog"
+        sent: list[int] = []
+
+        def retry() -> bool:  # the same bytes again: taken, or would block again, never refused
+            try:
+                sent.append(a.send(chunk))
+            except ssl.SSLWantWriteError:
+                return False
+            return True
+
+        _read_until(b, retry)
+        assert sent == [len(chunk)]
+    finally:
+        a.close()
+        b.close()
+
+
+def _read_until(sock: ssl.SSLSocket, done, timeout: float = 5.0) -> None:
+    """Read what ``sock`` has (non-blocking) until ``done()``; at most ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while not done() and time.monotonic() < deadline:
+        select.select([sock], [], [], 0.05)
+        try:
+            sock.recv(65536)
+        except ssl.SSLWantReadError:
+            pass

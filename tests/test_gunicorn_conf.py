@@ -21,6 +21,7 @@ from types import SimpleNamespace
 
 import pytest
 from gunicorn.config import Config
+from tlscerts import self_signed, test_cert
 
 from wsserver import create_app
 from wsserver.config import load_settings
@@ -271,3 +272,42 @@ def test_child_exit_drops_the_dead_workers_live_gauges(conf, tmp_path):
     kept.write_bytes(b"")
     conf.child_exit(None, SimpleNamespace(pid=424242))
     assert not dead.exists() and kept.exists(), "counters outlive the worker, live gauges not"
+
+
+# -- TLS --------------------------------------------------------------------------------------
+
+
+def test_the_tls_settings_become_gunicorns_certfile_and_keyfile():
+    crt, key = test_cert()
+    result = _run("import wsserver.gunicorn_conf as c; print(c.certfile, c.keyfile)",
+                  WSSERVER_TLS_CERT=str(crt), WSSERVER_TLS_KEY=str(key))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == [str(crt), str(key)]
+    plain = _run("import wsserver.gunicorn_conf as c; print(c.certfile, c.keyfile)")
+    assert plain.stdout.split() == ["None", "None"]
+    alone = _run("import wsserver.gunicorn_conf", WSSERVER_TLS_CERT=str(crt))
+    assert alone.returncode == 2 and "WSSERVER_TLS_KEY is not" in alone.stderr
+
+
+def test_one_ssl_context_per_worker_until_the_files_change(conf, tmp_path):
+    import ssl
+
+    crt, key = self_signed(tmp_path)
+    cfg = Config()
+    cfg.set("certfile", str(crt))
+    cfg.set("keyfile", str(key))
+    built = []
+
+    def factory():
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(str(crt), str(key))
+        built.append(context)
+        return context
+
+    first = conf.ssl_context(cfg, factory)
+    assert conf.ssl_context(cfg, factory) is first and len(built) == 1
+    assert first.options & ssl.OP_NO_RENEGOTIATION
+    self_signed(tmp_path)  # a renewal: new files in place
+    os.utime(crt, ns=(0, os.stat(crt).st_mtime_ns + 1_000_000))
+    renewed = conf.ssl_context(cfg, factory)
+    assert renewed is not first and len(built) == 2

@@ -115,6 +115,16 @@ def _pem(text: str) -> str:
     return pem
 
 
+def _readable_file(text: str) -> str:
+    value = text.strip()
+    try:
+        with open(value, "rb"):
+            pass
+    except OSError as exc:
+        raise ValueError(f"cannot read {value!r} ({exc.strerror})") from None
+    return value
+
+
 def load_public_key(pem: str) -> Any:
     """The verification key from PEM text; ValueError if it is not an RSA or EC public key.
 
@@ -193,6 +203,19 @@ class Settings:
         development_default="127.0.0.1",
     )
     port: int = _setting(_int_in(0, 65535), 8080, "TCP port (0 picks a free one).")
+    tls_cert: str = _setting(
+        _readable_file,
+        "",
+        "TLS certificate chain (path to a PEM file), with WSSERVER_TLS_KEY: gunicorn itself "
+        "serves https:// and wss:// (as its `--certfile`). Unset: plain HTTP, TLS ending at a "
+        "proxy such as nginx.",
+    )
+    tls_key: str = _setting(
+        _readable_file,
+        "",
+        "The certificate's private key (path to a PEM file, unencrypted): set with "
+        "WSSERVER_TLS_CERT (as gunicorn's `--keyfile`).",
+    )
     env: str = _setting(
         _choice("development", "production"),
         "production",
@@ -579,6 +602,7 @@ def _check_consistency(settings: Settings) -> None:
                 "(scheme://host[:port], e.g. https://app.example.com; a wildcard is a whole "
                 "first label: https://*.example.com)"
             )
+    _check_tls(settings.tls_cert, settings.tls_key)
     if settings.jwt_secret and settings.jwt_public_key:
         raise SettingsError(f"set {ENV_PREFIX}JWT_SECRET or {ENV_PREFIX}JWT_PUBLIC_KEY, not both")
     if settings.jwt_public_key:
@@ -617,6 +641,27 @@ def _check_jwt(settings: Settings) -> None:
                 f"{ENV_PREFIX}{name.upper()} is set but tokens are not: set "
                 f"{ENV_PREFIX}JWT_SECRET or {ENV_PREFIX}JWT_PUBLIC_KEY too"
             )
+
+
+def _check_tls(cert: str, key: str) -> None:
+    """Both or neither, and a pair that loads: refused here, the server would start and then
+    fail every TLS handshake in its worker."""
+    if bool(cert) != bool(key):
+        given, missing = ("TLS_CERT", "TLS_KEY") if cert else ("TLS_KEY", "TLS_CERT")
+        raise SettingsError(
+            f"{ENV_PREFIX}{given} is set but {ENV_PREFIX}{missing} is not: set both "
+            f"{ENV_PREFIX}TLS_CERT and {ENV_PREFIX}TLS_KEY (TLS served by gunicorn), or neither"
+        )
+    if cert:
+        import ssl
+
+        try:
+            ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(cert, key)
+        except (ssl.SSLError, OSError) as exc:
+            raise SettingsError(
+                f"{ENV_PREFIX}TLS_CERT={cert!r} and {ENV_PREFIX}TLS_KEY={key!r} do not load as a "
+                f"certificate chain and its private key: {exc}"
+            ) from None
 
 
 def check_workers(workers: int, redis_url: str) -> None:

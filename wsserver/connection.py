@@ -19,14 +19,21 @@ is dropped (except the rest of a frame already half written), a close frame 1008
 The order of a client's pongs and close frame behind the echoes of its own relayed messages
 is :mod:`wsserver.echo`'s job (``conn.echoes``); this module only hands it every broadcast
 while it waits for one.
+
+TLS (gunicorn's ``--certfile``, ``WSSERVER_TLS_CERT``): an ``ssl.SSLSocket`` takes no flags on
+``send`` and has no ``sendmsg``, so :func:`connection_class` gives such a socket a
+:class:`TlsConnection`, which makes the socket non-blocking and writes through ``SSL_write``
+(see its docstring); the plain-TCP path above is untouched by it.
 """
 
 from __future__ import annotations
 
 import enum
+import itertools
 import logging
 import select
 import socket
+import ssl
 import threading
 import time
 from collections import deque
@@ -40,11 +47,15 @@ from .limits import TokenBucket
 if TYPE_CHECKING:
     from .flusher import Flusher
 
-__all__ = ["Connection", "SendResult", "WriteState"]
+__all__ = ["Connection", "SendResult", "TlsConnection", "WriteState", "connection_class"]
 
 log = logging.getLogger(__name__)
 
 _IOV_MAX = 512  # buffers per sendmsg call; Linux allows 1024
+_TLS_CHUNK = 64 * 1024  # bytes per SSL_write: four TLS records, joined from small frames
+# what a non-blocking SSL call raises when the socket cannot go on yet ("would block"); a
+# write may want a read during a TLS 1.2 renegotiation, which the gunicorn config refuses
+_TLS_WOULD_BLOCK = (ssl.SSLWantWriteError, ssl.SSLWantReadError, BlockingIOError, InterruptedError)
 
 
 class SendResult(enum.Enum):
@@ -287,16 +298,20 @@ class Connection:
         self._flusher.forget(self._fd)
 
     def wake(self) -> None:
-        """Make the connection's thread return from its read wait (it sees end of input)."""
+        """Make the connection's thread return from its read wait (it sees end of input).
+
+        ``socket.socket.shutdown`` also for TLS: ``SSLSocket.shutdown`` drops the socket's SSL
+        object, and the other threads' writes would then go out unencrypted."""
         try:
-            self.sock.shutdown(socket.SHUT_RD)
+            socket.socket.shutdown(self.sock, socket.SHUT_RD)
         except OSError:
             pass
 
     def abort(self) -> None:
-        """Cut the TCP connection both ways: for peers that will not close politely."""
+        """Cut the TCP connection both ways: for peers that will not close politely (the
+        plain socket's shutdown, as in :meth:`wake`)."""
         try:
-            self.sock.shutdown(socket.SHUT_RDWR)
+            socket.socket.shutdown(self.sock, socket.SHUT_RDWR)
         except OSError:
             pass
 
@@ -367,11 +382,7 @@ class Connection:
             except (BlockingIOError, InterruptedError):
                 break
             except OSError:
-                # the peer is gone; its thread will notice on read and clean up
-                self._state = _CLOSED
-                pending.clear()
-                self._pending_bytes = 0
-                self.echoes.clear_locked()
+                self._fail_locked()
                 return
             self._pending_bytes -= sent
             offset = self._head_offset + sent
@@ -384,20 +395,173 @@ class Connection:
             self._watched = True
             self._flusher.watch(self._fd, self)
 
+    def _fail_locked(self) -> None:
+        """The socket failed (the peer is gone): nothing more is written. Its thread notices
+        on read and cleans up."""
+        self._state = _CLOSED
+        self._pending.clear()
+        self._pending_bytes = 0
+        self.echoes.clear_locked()
+
     def _drop_as_slow_locked(self) -> None:
-        """Keep only the unfinished frame, then queue close 1008."""
+        """Keep only the unfinished frame(s), then queue close 1008."""
         assert self._lock.locked()
         self.slow = True
         self.echoes.clear_locked()
         pending = self._pending
-        head = pending[0] if (pending and self._head_offset) else None
+        kept = [pending.popleft() for _ in range(self._unfinished_locked())]
         pending.clear()
-        self._pending_bytes = 0
-        if head is not None:
-            pending.append(head)
-            self._pending_bytes = len(head) - self._head_offset
+        pending.extend(kept)
+        if kept:
+            self._pending_bytes = sum(map(len, kept)) - self._head_offset
         else:
+            self._pending_bytes = 0
             self._head_offset = 0
         self.queue_close_locked(close_frame(CLOSE_SLOW_CONSUMER, REASON_SLOW_CONSUMER))
         if not self._watched:
             self._flush_locked()
+
+    def _unfinished_locked(self) -> int:
+        """How many frames at the head of ``_pending`` must still be written whole: the one
+        half written, if any."""
+        return 1 if (self._pending and self._head_offset) else 0
+
+
+class TlsConnection(Connection):
+    """One client over TLS (an ``ssl.SSLSocket``): the same write path, through ``SSL_write``.
+
+    Why a class of its own: ``SSLSocket`` refuses flags on ``send`` and has no ``sendmsg``,
+    so the plain path's ``MSG_DONTWAIT`` gather write is not to be had. Instead:
+
+    * the socket is made non-blocking for good (there is no per-call flag), and a write that
+      would block raises ``SSLWantWriteError`` (``SSLWantReadError`` if TLS wants a read
+      first), both taken as "would block": the bytes stay pending and the flusher is armed;
+    * frames are joined into writes of at most ``_TLS_CHUNK`` bytes (no gather write in SSL;
+      encryption copies every byte anyway), a big frame sliced without copying;
+    * ``SSL_write`` is all or nothing, and a write that would block has already turned part
+      of its buffer into TLS records: OpenSSL requires the retry to present the same bytes,
+      at least as many (a shorter one fails with "bad length" and kills the connection).
+      ``_owed`` is that length; ``_pending`` keeps those bytes from ``_head_offset`` on
+      until a write succeeds (the next write is ``min(pending, _TLS_CHUNK)`` bytes from
+      there, never fewer), and a slow consumer's drop keeps every frame they touch;
+    * one thread at a time in the SSL object: OpenSSL does not allow a read and a write on
+      one SSL object at once (a read may write: an alert, a TLS 1.3 key update), so the
+      session reads through :meth:`recv`, under the same ``_lock`` as every write; a
+      non-blocking read holds it for one record's decryption at most.
+
+    The stream ends as gunicorn ends TLS connections: no close_notify, the TCP FIN after our
+    close frame (clients read it as the end; sending close_notify with ``unwrap`` left
+    OpenSSL errors that failed the next TLS request on the same pool thread).
+
+    The plain :class:`Connection` keeps its own path; nothing here costs it anything.
+    """
+
+    __slots__ = ("_owed",)
+
+    def __init__(
+        self,
+        conn_id: int,
+        sock: socket.socket,
+        remote: str,
+        buffer_limit: int,
+        flusher: Flusher,
+    ) -> None:
+        super().__init__(conn_id, sock, remote, buffer_limit, flusher)
+        self._owed = 0  # bytes an SSL_write that would block took: the retry presents them
+        sock.setblocking(False)
+
+    def send_frames(self, frames: Sequence[bytes], total: int | None = None) -> SendResult:
+        """Queue encoded frames and write what the socket takes now (see the class)."""
+        if total is None:
+            total = sum(len(f) for f in frames)
+        with self._lock:
+            state = self._state
+            if state is _CLOSE_SENT or state is _CLOSED:
+                return _REFUSED
+            if self.echoes.held:
+                self.echoes.relay_locked(frames)
+            else:
+                self._pending.extend(frames)
+                self._pending_bytes += total
+            return self._write_locked()
+
+    def recv(self, size: int) -> bytes | None:
+        """The session's read: what arrived, decrypted; ``b""`` at the end of the stream; None
+        when nothing can be read yet (part of a TLS record). Raises ``OSError`` when the
+        connection failed.
+
+        Decrypted bytes left in OpenSSL's buffer do not make the socket readable to
+        ``poll``, so they are taken now too."""
+        with self._lock:
+            sock: ssl.SSLSocket = self.sock  # type: ignore[assignment]
+            try:
+                data = sock.recv(size)
+                while data and sock.pending():
+                    data += sock.recv(sock.pending())
+            except _TLS_WOULD_BLOCK:
+                return None
+        return data
+
+    def _flush_locked(self, watch: bool = True) -> None:
+        """Write as much of ``_pending`` as the socket takes now, ``_TLS_CHUNK`` bytes per
+        ``SSL_write``. Arms the flusher if bytes are left."""
+        assert self._lock.locked()
+        pending = self._pending
+        sock = self.sock
+        while pending:
+            chunk = self._chunk_locked()
+            try:
+                sent = sock.send(chunk)
+            except _TLS_WOULD_BLOCK:
+                self._owed = len(chunk)
+                break
+            except OSError:
+                self._owed = 0
+                self._fail_locked()
+                return
+            self._owed = 0
+            self._pending_bytes -= sent
+            offset = self._head_offset + sent
+            while pending and offset >= len(pending[0]):
+                offset -= len(pending.popleft())
+            self._head_offset = offset if pending else 0
+        if pending and watch and not self._watched:
+            self._watched = True
+            self._flusher.watch(self._fd, self)
+
+    def _chunk_locked(self) -> bytes | memoryview:
+        """The next write: ``min(pending bytes, _TLS_CHUNK)`` bytes from ``_head_offset``,
+        which is never less than ``_owed`` (see the class)."""
+        pending = self._pending
+        head = pending[0]
+        offset = self._head_offset
+        if len(pending) == 1 or len(head) - offset >= _TLS_CHUNK:
+            if not offset and len(head) <= _TLS_CHUNK:
+                return head
+            return memoryview(head)[offset : offset + _TLS_CHUNK]
+        parts: list[bytes | memoryview] = [memoryview(head)[offset:] if offset else head]
+        size = len(head) - offset
+        for frame in itertools.islice(pending, 1, None):
+            if size >= _TLS_CHUNK:
+                break
+            parts.append(frame)
+            size += len(frame)
+        data = b"".join(parts)
+        return data if size <= _TLS_CHUNK else memoryview(data)[:_TLS_CHUNK]
+
+    def _unfinished_locked(self) -> int:
+        """The frame half written, and every frame an ``SSL_write`` that would block took
+        part of: the retry must present those bytes again."""
+        need = self._head_offset + self._owed
+        count = 0
+        for frame in self._pending:
+            if need <= 0:
+                break
+            need -= len(frame)
+            count += 1
+        return count
+
+
+def connection_class(sock: socket.socket) -> type[Connection]:
+    """The connection class for ``sock``: :class:`TlsConnection` for a TLS socket."""
+    return TlsConnection if isinstance(sock, ssl.SSLSocket) else Connection

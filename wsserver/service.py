@@ -26,7 +26,7 @@ from .brokers import Broker, BrokerUnavailable, Outgoing, make_broker
 from .codes import CLOSE_GOING_AWAY, REASON_SHUTTING_DOWN
 from .commands import ClientCommands
 from .config import Settings
-from .connection import Connection
+from .connection import Connection, connection_class
 from .exceptions import QueueFull
 from .flusher import Flusher
 from .hub import Hub
@@ -223,7 +223,7 @@ class NotificationService:
         assert self.flusher is not None
         if self.settings.send_buffer:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.settings.send_buffer)
-        conn = Connection(
+        conn = connection_class(sock)(
             self.hub.next_id(), sock, remote, self.settings.client_buffer, self.flusher
         )
         if identity is not None:

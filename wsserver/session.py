@@ -46,7 +46,7 @@ from .codes import (
     REASON_SLOW_CONSUMER,
     REASON_TOKEN_EXPIRED,
 )
-from .connection import Connection
+from .connection import Connection, TlsConnection
 from .frames import OP_CLOSE, OP_PING, OP_PONG, encode_frame
 from .limits import TokenBucket
 from .protocol import is_command
@@ -272,6 +272,10 @@ class Session:
         self.conn = conn
         self._transport = transport
         self._sock = transport.sock
+        # TLS: the connection reads (decrypts) under its write lock; None means "not yet"
+        self._recv: Callable[[int], bytes | None] = (
+            conn.recv if isinstance(conn, TlsConnection) else transport.sock.recv
+        )
         self._proto = transport.protocol
         self._settings = settings
         self._on_message = on_message
@@ -374,9 +378,11 @@ class Session:
         """Read what arrived and act on it: why the session ends, or None."""
         conn = self.conn
         try:
-            data = self._sock.recv(_RECV_BYTES)
+            data = self._recv(_RECV_BYTES)
         except OSError:
             return "reset"
+        if data is None:  # TLS: part of a record came, nothing to parse yet
+            return None
         if not data:
             return REASON_SLOW_CONSUMER if conn.slow else "eof"
         self._life_deadline = None  # any bytes prove the peer is there
@@ -499,11 +505,12 @@ def _discard_pending_input(sock: socket.socket) -> None:
     """Read away what already arrived, without waiting: closing a socket with unread input
     makes the kernel send a reset, which can destroy our close frame still in flight. At
     most ``_LINGER_BYTES``: a peer still flooding would otherwise keep this loop going for
-    as long as it sends."""
+    as long as it sends. The plain socket's ``recv``, also for TLS (which takes no flags):
+    what is discarded need not be decrypted."""
     discarded = 0
     try:
         while discarded < _LINGER_BYTES:
-            data = sock.recv(_RECV_BYTES, socket.MSG_DONTWAIT)
+            data = socket.socket.recv(sock, _RECV_BYTES, socket.MSG_DONTWAIT)
             if not data:
                 return
             discarded += len(data)
@@ -519,9 +526,12 @@ def _await_peer_close(sock: socket.socket, timeout: float) -> bool:
     Why here: gunicorn does the same half-close and drain once the route returns, but on its
     main thread, blocking for up to two seconds, so a peer that answers the close handshake
     and keeps its side open would stall every accept and keep-alive request meanwhile. After
-    this, gunicorn's drain sees end of input at once (or a cut socket)."""
+    this, gunicorn's drain sees end of input at once (or a cut socket).
+
+    The plain socket's calls, also for TLS: ``SSLSocket.shutdown`` would drop the SSL object
+    another thread may still hold, and what the peer sends now is discarded undecrypted."""
     try:
-        sock.shutdown(socket.SHUT_WR)
+        socket.socket.shutdown(sock, socket.SHUT_WR)
     except OSError:
         return True
     poller = select.poll()
@@ -533,7 +543,9 @@ def _await_peer_close(sock: socket.socket, timeout: float) -> bool:
         if left <= 0 or not poller.poll(left * 1000 + 1):
             return False
         try:
-            data = sock.recv(_RECV_BYTES)
+            data = socket.socket.recv(sock, _RECV_BYTES)
+        except (BlockingIOError, InterruptedError):  # a TLS socket is non-blocking
+            continue
         except OSError:
             return True
         if not data:

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import rawws
 import requests
-from support import serving
+from support import ROOT, serving
 
 OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
 
@@ -472,6 +472,27 @@ def test_autobahn_quick_mode(make_server, tmp_path):
     summary = result.stdout.strip().splitlines()
     assert result.returncode == 0, result.stdout + result.stderr
     assert summary and summary[-1].startswith("autobahn: ") and " 0 failed" in summary[-1]
+    assert not any(line.startswith("unclean close") for line in summary), result.stdout
+
+
+@pytest.mark.timeout(420)
+@pytest.mark.skipif(not WSTEST.exists(),
+                    reason="Autobahn|Testsuite not installed (scripts/conformance install)")
+def test_autobahn_quick_mode_over_tls(tmp_path):
+    """The same over wss://, TLS served by gunicorn (``--tls``: the script starts the server
+    with a throw-away certificate): the SSL write path keeps every case's frames and closes
+    (~10 s)."""
+    env = dict(os.environ, WSSERVER_PYTHON=sys.executable, PYTHONPATH=str(ROOT))
+    result = subprocess.run(
+        [sys.executable, str(CONFORMANCE), "run", "--tls", "--mode", "quick",
+         "--out", str(tmp_path), "--timeout", "300"],
+        capture_output=True, text=True, timeout=360, check=False, env=env,
+    )
+    summary = result.stdout.strip().splitlines()
+    assert "against wss://" in result.stderr, result.stderr
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert summary and summary[-1].startswith("autobahn: ") and " 0 failed" in summary[-1]
+    assert " 0 non-strict" in summary[-1]
     assert not any(line.startswith("unclean close") for line in summary), result.stdout
 
 
