@@ -14,6 +14,7 @@ to compute delivery latency (identical to the ``data.t`` the clients receive; th
 spot-check that). A 503 is retried after a short sleep with a fresh ``t``; a transport error
 (refused/reset) is retried up to ``max_attempts`` times on a new connection, then the
 message counts as failed; a timeout is not retried (the server may have queued it).
+With ``tls`` the connections are https (one TLS handshake per connection, kept alive).
 """
 
 from __future__ import annotations
@@ -29,7 +30,18 @@ from collections import Counter
 
 
 def poster_main(ctrl, host, port, seq0, count, mode, rate, threads, pad_bytes, timeout,
-                deadline, t0, retry_sleep, max_attempts=3):
+                deadline, t0, retry_sleep, max_attempts=3, tls=False):
+    """``tls``: POST over https (keep-alive as over http; certificate not verified)."""
+    if tls:
+        from benchlib.tlsutil import client_context
+
+        ctx = client_context()
+
+        def connect():
+            return http.client.HTTPSConnection(host, port, timeout=timeout, context=ctx)
+    else:
+        def connect():
+            return http.client.HTTPConnection(host, port, timeout=timeout)
     t_sent = array("d", [math.nan]) * count
     http_ms = array("d")
     lag_ms = array("d")
@@ -44,7 +56,7 @@ def poster_main(ctrl, host, port, seq0, count, mode, rate, threads, pad_bytes, t
     headers = {"Content-Type": "application/json"}
 
     def worker():
-        conn = http.client.HTTPConnection(host, port, timeout=timeout)
+        conn = connect()
         local_http = []
         local_lag = []
         local_status = Counter()
@@ -78,7 +90,7 @@ def poster_main(ctrl, host, port, seq0, count, mode, rate, threads, pad_bytes, t
                 except (OSError, http.client.HTTPException) as exc:
                     local_err[type(exc).__name__] += 1
                     conn.close()
-                    conn = http.client.HTTPConnection(host, port, timeout=timeout)
+                    conn = connect()
                     attempts += 1
                     # a timeout may have been queued by the server: do not send it twice
                     if (attempts >= max_attempts or time.time() > deadline

@@ -86,9 +86,13 @@ def proc_children(pid: int) -> list[int]:
     return sorted(set(out))
 
 
-def http_get_json(host, port, path="/", timeout=2.0, errors=None):
-    """GET and parse JSON; None on any failure (then ``errors`` gets a reason appended)."""
-    conn = http.client.HTTPConnection(host, port, timeout=timeout)
+def http_get_json(host, port, path="/", timeout=2.0, errors=None, ssl_context=None):
+    """GET and parse JSON; None on any failure (then ``errors`` gets a reason appended).
+    With ``ssl_context``: over https."""
+    if ssl_context is not None:
+        conn = http.client.HTTPSConnection(host, port, timeout=timeout, context=ssl_context)
+    else:
+        conn = http.client.HTTPConnection(host, port, timeout=timeout)
     try:
         conn.request("GET", path, headers={"Connection": "close"})
         resp = conn.getresponse()
@@ -110,8 +114,10 @@ class ServerProc:
     """One gunicorn master (+ worker(s)) running either wsserver or the naive app."""
 
     def __init__(self, kind, repo, venv_bin, threads, log_path, host="127.0.0.1",
-                 extra_env=None, log=print, nworkers=1, drop_env=()):
+                 extra_env=None, log=print, nworkers=1, drop_env=(), ssl_context=None):
         self.kind = kind
+        # wsserver serving TLS itself (WSSERVER_TLS_CERT/KEY in extra_env): GET / over https
+        self.ssl_context = ssl_context
         # wsserver with nworkers > 1 (`-w N`, needs WSSERVER_REDIS_URL): clients() is then
         # the cluster's count (``cluster.clients`` of GET /, the sum of every worker's report)
         self.nworkers = nworkers
@@ -172,7 +178,8 @@ class ServerProc:
 
     def health(self, timeout=2.0):
         errors = []
-        h = http_get_json(self.host, self.port, "/", timeout=timeout, errors=errors)
+        h = http_get_json(self.host, self.port, "/", timeout=timeout, errors=errors,
+                          ssl_context=self.ssl_context)
         self.last_health_error = errors[0] if errors else None
         return h
 

@@ -15,6 +15,14 @@ checked); server frames are parsed in bulk straight out of each ``recv`` buffer:
 
 Aggregation (latency percentiles etc.) happens in the parent after the run, from the arrays.
 Only the standard library is used.
+
+With ``tls`` (wss://) the same loop drives non-blocking TLS: after the TCP connect the socket
+is wrapped (``do_handshake_on_connect=False``) and ``do_handshake()`` is retried on the epoll
+events its ``SSLWantReadError``/``SSLWantWriteError`` ask for; then the HTTP upgrade goes over
+TLS as above, and a readable connection is read (``SSLSocket.recv``, one TLS record per call)
+until ``SSLWantReadError``, so that nothing decrypted is left inside OpenSSL where epoll
+cannot see it. The decrypted bytes go through the same frame parser. The plain path reads
+with one ``recv`` per event as before.
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ import re
 import resource
 import select
 import socket
+import ssl
 import time
 from array import array
 from collections import Counter
@@ -35,6 +44,7 @@ from collections import Counter
 WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 SEQ_RE = re.compile(rb'"seq":\s*(\d+)')
 RECV_BYTES = 1 << 18
+TLS_READ_CAP = 1 << 20  # TLS: decrypted bytes per event at most (epoll reports the rest)
 MESSAGE_KEYS = ("event", "message", "data", "room", "id", "ts")
 
 
@@ -240,7 +250,7 @@ def receiver_main(*a):
 
 
 def _receiver_main(ctrl, proc_idx, host, port, path, n_clients, concurrency, rcvbuf,
-                   handshake_timeout, progress, coalesce_s):
+                   handshake_timeout, progress, coalesce_s, tls=False):
     """Entry point of one receiver process (forked). Talks to the parent over ``ctrl``.
 
     Protocol: sends ("connected", info) once every handshake has finished or failed; then
@@ -250,6 +260,8 @@ def _receiver_main(ctrl, proc_idx, host, port, path, n_clients, concurrency, rcv
     Established connections are read from the moment their handshake completes, also while
     others are still connecting: a server's pings must be answered during a long connect
     phase too (10k connections can take minutes).
+
+    ``tls``: wss:// (see the module docstring); the certificate is not verified (loopback).
     """
     _raise_nofile()
     ep = select.epoll()
@@ -333,7 +345,6 @@ def _receiver_main(ctrl, proc_idx, host, port, path, n_clients, concurrency, rcv
         return out, close_payload
 
     def on_readable(c):
-        nonlocal total
         try:
             data = c.sock.recv(RECV_BYTES)
         except BlockingIOError:
@@ -344,8 +355,42 @@ def _receiver_main(ctrl, proc_idx, host, port, path, n_clients, concurrency, rcv
         if not data:
             close_conn(c, "eof")
             return
-        now = now_fn()
         stats["recvs"] += 1
+        on_data(c, data, now_fn())
+
+    def on_readable_tls(c):
+        """Read decrypted data until OpenSSL wants more from the socket (or TLS_READ_CAP),
+        then parse it in one go; EOF with or without close_notify is an "eof"."""
+        sock = c.sock
+        chunks = []
+        size = 0
+        gone = None
+        while size < TLS_READ_CAP:
+            try:
+                d = sock.recv(RECV_BYTES)
+            except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                break
+            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+                gone = "eof"
+                break
+            except OSError as exc:
+                gone = "reset " + errno.errorcode.get(exc.errno or 0, str(exc))
+                break
+            if not d:
+                gone = "eof"
+                break
+            chunks.append(d)
+            size += len(d)
+        stats["recvs"] += len(chunks)
+        fd = sock.fileno()
+        if chunks:
+            on_data(c, chunks[0] if len(chunks) == 1 else b"".join(chunks), now_fn())
+        if gone is not None and conns.get(fd) is c:
+            close_conn(c, gone)
+
+    def on_data(c, data, now):
+        """Count the frames in ``data`` (bytes read from ``c`` at ``now``)."""
+        nonlocal total
         if c.rem:
             data = c.rem + data
         n = len(data)
@@ -415,6 +460,11 @@ def _receiver_main(ctrl, proc_idx, host, port, path, n_clients, concurrency, rcv
 
     # ---- connect phase: non-blocking connects, at most `concurrency` handshakes in flight
     t_begin = time.time()
+    if tls:
+        from benchlib.tlsutil import client_context
+
+        tls_ctx = client_context()
+    read_conn = on_readable_tls if tls else on_readable  # for every established client
     inflight: dict[int, list] = {}
     next_idx = 0
     last_sweep = t_begin
@@ -427,6 +477,33 @@ def _receiver_main(ctrl, proc_idx, host, port, path, n_clients, concurrency, rcv
         except OSError:
             pass
         st[0].close()
+
+    def send_upgrade(fd, st):
+        """Send the HTTP upgrade request (over TLS once its handshake is done); False if the
+        connection failed."""
+        try:
+            st[0].send(handshake_request(host, port, path, st[1]))
+        except OSError as exc:
+            fail(fd, "send " + errno.errorcode.get(exc.errno or 0, str(exc)))
+            return False
+        st[4] = 1
+        ep.modify(fd, select.EPOLLIN)
+        return True
+
+    def tls_step(fd, st):
+        """One step of the non-blocking TLS handshake (state 2); sends the upgrade when done."""
+        try:
+            st[0].do_handshake()
+        except ssl.SSLWantReadError:
+            ep.modify(fd, select.EPOLLIN)
+            return
+        except ssl.SSLWantWriteError:
+            ep.modify(fd, select.EPOLLOUT)
+            return
+        except OSError as exc:  # ssl.SSLError included
+            fail(fd, "tls " + (getattr(exc, "reason", None) or type(exc).__name__))
+            return
+        send_upgrade(fd, st)
 
     while next_idx < n_clients or inflight:
         while next_idx < n_clients and len(inflight) < concurrency:
@@ -451,7 +528,7 @@ def _receiver_main(ctrl, proc_idx, host, port, path, n_clients, concurrency, rcv
             if st is None:
                 c = conns.get(fd)
                 if c is not None:
-                    on_readable(c)  # an established client: pings, early frames
+                    read_conn(c)  # an established client: pings, early frames
                 continue
             s = st[0]
             if st[4] == 0:  # TCP connect finished (or failed)
@@ -459,17 +536,19 @@ def _receiver_main(ctrl, proc_idx, host, port, path, n_clients, concurrency, rcv
                 if err:
                     fail(fd, "connect " + errno.errorcode.get(err, str(err)))
                     continue
-                try:
-                    s.send(handshake_request(host, port, path, st[1]))
-                except OSError as exc:
-                    fail(fd, "send " + errno.errorcode.get(exc.errno or 0, str(exc)))
-                    continue
-                st[4] = 1
-                ep.modify(fd, select.EPOLLIN)
+                if tls:  # same fd, now an SSLSocket
+                    st[0] = tls_ctx.wrap_socket(s, do_handshake_on_connect=False)
+                    st[4] = 2
+                    tls_step(fd, st)
+                else:
+                    send_upgrade(fd, st)
+                continue
+            if st[4] == 2:
+                tls_step(fd, st)
                 continue
             try:
                 data = s.recv(65536)
-            except BlockingIOError:
+            except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
                 continue
             except OSError as exc:
                 fail(fd, "recv " + errno.errorcode.get(exc.errno or 0, str(exc)))
@@ -492,6 +571,8 @@ def _receiver_main(ctrl, proc_idx, host, port, path, n_clients, concurrency, rcv
             conns[fd] = c
             per_conn[c.idx] = 0
             hs_times.append(now - st[2])
+            if tls and s.pending():  # decrypted frames behind the 101 (epoll cannot tell)
+                read_conn(c)
         if now - last_sweep > 0.5:
             last_sweep = now
             for fd in [fd for fd, st in inflight.items() if now - st[2] > handshake_timeout]:
@@ -525,7 +606,7 @@ def _receiver_main(ctrl, proc_idx, host, port, path, n_clients, concurrency, rcv
             if fd != ctrl_fd:
                 c = conns.get(fd)
                 if c is not None:
-                    on_readable(c)
+                    read_conn(c)
                 continue
             cmd = ctrl.recv()
             if cmd[0] == "status":
@@ -581,10 +662,10 @@ def _receiver_main(ctrl, proc_idx, host, port, path, n_clients, concurrency, rcv
 
 
 class ReceiverPool:
-    """Parent-side handle on the receiver processes (fork start method)."""
+    """Parent-side handle on the receiver processes (fork start method); ``tls``: wss://."""
 
     def __init__(self, host, port, n_clients, procs, path="/ws", concurrency=100, rcvbuf=None,
-                 handshake_timeout=30.0, coalesce_s=0.0):
+                 handshake_timeout=30.0, coalesce_s=0.0, tls=False):
         import multiprocessing as mp
 
         self.ctx = mp.get_context("fork")
@@ -599,7 +680,7 @@ class ReceiverPool:
             p = self.ctx.Process(
                 target=receiver_main,
                 args=(child, i, host, port, path, n, concurrency, rcvbuf, handshake_timeout,
-                      self.progress, coalesce_s),
+                      self.progress, coalesce_s, tls),
                 daemon=True,
             )
             self.procs.append(p)
