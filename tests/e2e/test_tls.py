@@ -12,6 +12,7 @@ downloaded).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
 import subprocess
@@ -156,6 +157,72 @@ def test_simple_websocket_client_over_wss(tls_server):
         assert not ws.thread.is_alive()
     wait_for(lambda: tls_server.get("/", timeout=5).json()["clients"] == 0, timeout=10,
              message="the server ended the connection")
+
+
+SUBPROTOCOL = "wsserver.v1"
+
+
+def test_websockets_sync_client_over_wss(tls_server):
+    from websockets.sync.client import connect
+
+    with connect(tls_server.ws_url, ssl=client_context(), subprotocols=[SUBPROTOCOL],
+                 open_timeout=10, close_timeout=10) as ws:
+        assert ws.subprotocol == SUBPROTOCOL
+        posted(tls_server, "to websockets (sync)")
+        assert json.loads(ws.recv(timeout=10))["message"] == "to websockets (sync)"
+        assert ws.ping(b"sync").wait(10), "no pong"
+        ws.close(1000, "bye")
+    _closed_by_our_close_and_the_servers_reply(ws.protocol)
+
+
+def test_websockets_asyncio_client_over_wss(tls_server):
+    from websockets.asyncio.client import connect
+
+    async def session() -> Any:
+        async with connect(tls_server.ws_url, ssl=client_context(), subprotocols=[SUBPROTOCOL],
+                           open_timeout=10, close_timeout=10) as ws:
+            assert ws.subprotocol == SUBPROTOCOL
+            await asyncio.to_thread(posted, tls_server, "to websockets (asyncio)")
+            message = await asyncio.wait_for(ws.recv(), 10)
+            assert json.loads(message)["message"] == "to websockets (asyncio)"
+            await asyncio.wait_for(await ws.ping(b"asyncio"), 10)  # the pong came
+            await ws.close(1000, "bye")
+        return ws.protocol
+
+    _closed_by_our_close_and_the_servers_reply(asyncio.run(session()))
+
+
+def _closed_by_our_close_and_the_servers_reply(protocol: Any) -> None:
+    """websockets' sans-I/O state: we closed first and the server's close frame answered."""
+    assert protocol.close_sent is not None and protocol.close_sent.code == 1000
+    assert protocol.close_rcvd is not None and protocol.close_rcvd.code == 1000
+    assert protocol.close_rcvd_then_sent is False
+
+
+def test_aiohttp_ws_connect_over_wss(tls_server):
+    import aiohttp
+
+    async def session() -> tuple[Any, ...]:
+        async with aiohttp.ClientSession() as http:
+            # autoping off: the pong is handed to us instead of being swallowed
+            # (bounded by wait_for: the float timeouts of ws_connect are deprecated since
+            # 3.11, and ClientWSTimeout is not in 3.9)
+            async with http.ws_connect(tls_server.ws_url, ssl=client_context(),
+                                       protocols=[SUBPROTOCOL], autoping=False) as ws:
+                protocol = ws.protocol
+                await asyncio.to_thread(posted, tls_server, "to aiohttp")
+                message = await ws.receive_json()
+                await ws.ping(b"aiohttp")
+                pong = await ws.receive()
+                closed = await ws.close(code=1000, message=b"bye")
+                return protocol, message, pong, closed, ws.close_code
+
+    protocol, message, pong, closed, code = asyncio.run(asyncio.wait_for(session(), 20))
+    assert protocol == SUBPROTOCOL
+    assert message["message"] == "to aiohttp"
+    assert (pong.type, pong.data) == (aiohttp.WSMsgType.PONG, b"aiohttp")
+    # close() waits for the server's close frame: the code it reports is the server's
+    assert closed is True and code == 1000
 
 
 NODE_CLIENT = textwrap.dedent("""
