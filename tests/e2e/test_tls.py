@@ -5,15 +5,19 @@ over https, pings, and closes cleanly; a 1 MiB broadcast goes through the SSL wr
 partial writes. Real handshakes against a throw-away self-signed certificate
 (:mod:`tlscerts`); the clients verify it.
 
-Clients: websocket-client, trio-websocket and simple-websocket's client (all in the
-project's environment); Node's ``ws`` only when it is installed already (nothing is
-downloaded).
+Clients: websocket-client, trio-websocket, simple-websocket's client, python-websockets (sync
+and asyncio) and aiohttp (all in the project's environment; the last three offer
+``wsserver.v1`` and check it is selected); Node's own WebSocket (undici, the browsers' API)
+when ``node`` is there, trusting the certificate through ``NODE_EXTRA_CA_CERTS``; Node's ``ws``
+only when it is installed already (nothing is downloaded). Headless Chromium over wss:
+``test_browser.py``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -258,6 +262,64 @@ def test_node_ws_over_wss(tls_server):
     finally:
         proc.kill()
         proc.wait(10)
+
+
+NODE_BUILTIN_CLIENT = textwrap.dedent("""
+    const ws = new WebSocket(process.argv[1], ["wsserver.v1"]);
+    const say = (line) => console.log(line);
+    ws.onopen = () => say("open " + ws.protocol);
+    ws.onmessage = (event) => {
+        if (JSON.parse(event.data).type === "pong") {
+            say("pong");
+            ws.close(1000, "bye");
+        } else {
+            say("message " + event.data);
+            ws.send(JSON.stringify({type: "ping"}));  // the browser API has no ping frames
+        }
+    };
+    ws.onclose = (event) => { say(`close ${event.code} ${event.wasClean}`); process.exit(0); };
+    // (node 20 fires no close event after a failed handshake)
+    ws.onerror = (event) => { say("error " + event.message); process.exit(1); };
+    setTimeout(() => { say("timeout"); process.exit(2); }, 15000);
+""")
+
+
+def _node_builtin_websocket() -> list[str]:
+    """``node`` with its own WebSocket (undici): global in node 22+, behind a flag in 20."""
+    node = shutil.which("node")
+    if node is None:
+        pytest.skip("node is not installed")
+    for flags in ([], ["--experimental-websocket"]):
+        probe = subprocess.run([node, *flags, "-e", "process.exit(typeof WebSocket === "
+                                "'function' ? 0 : 1)"], capture_output=True, timeout=30)
+        if probe.returncode == 0:
+            return [node, *flags]
+    pytest.skip("this node has no WebSocket (node 22+, or 20 with --experimental-websocket)")
+
+
+def test_node_builtin_websocket_over_wss(tls_server):
+    """undici's WebSocket, with the browsers' API and rules, trusting the test certificate
+    through NODE_EXTRA_CA_CERTS (its SAN names 127.0.0.1); without it the handshake fails."""
+    cmd = [*_node_builtin_websocket(), "-e", NODE_BUILTIN_CLIENT, tls_server.ws_url]
+    untrusted = subprocess.run(cmd, capture_output=True, text=True, timeout=20,
+                               env={k: v for k, v in os.environ.items()
+                                    if k != "NODE_EXTRA_CA_CERTS"})
+    assert untrusted.returncode == 1 and untrusted.stdout.startswith("error "), untrusted.stdout
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "NODE_EXTRA_CA_CERTS": str(test_cert()[0])})
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "open wsserver.v1"
+        posted(tls_server, "to node's WebSocket")
+        stdout, stderr = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    lines = stdout.strip().splitlines()
+    assert json.loads(lines[0].split(" ", 1)[1])["message"] == "to node's WebSocket", stderr
+    # wasClean: our close was answered by the server's before the TCP connection ended
+    assert lines[1:] == ["pong", "close 1000 true"], stdout + stderr
 
 
 # -- the SSL write path under load -------------------------------------------------------------
