@@ -5,6 +5,9 @@ restarted on the same port, rejoin its room with ``since``, and show the next no
 (The console's and the JS client's in-process tests: ``tests/test_console.py``,
 ``tests/test_wsserver_js.py``.)
 
+Over TLS: the console served by a wss server, and a page script's ``new WebSocket(wss://...,
+["wsserver.v1"])`` (the certificate is the test's self-signed one).
+
 Selenium never downloads anything: the driver and browser paths are given explicitly (so
 Selenium Manager is not run) and ``SE_OFFLINE`` is set should it be. Every wait is bounded.
 """
@@ -23,7 +26,7 @@ CHROMEDRIVER = "/usr/bin/chromedriver"
 # -- the real browser ---------------------------------------------------------------------------
 
 
-def _chrome(profile: Path):
+def _chrome(profile: Path, *extra_flags: str):
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
@@ -32,7 +35,7 @@ def _chrome(profile: Path):
     for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic",
                  "--no-first-run", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage",
-                 "--window-size=1280,900", f"--user-data-dir={profile}"):
+                 "--window-size=1280,900", f"--user-data-dir={profile}", *extra_flags):
         options.add_argument(flag)
     service = Service(executable_path=CHROMEDRIVER,
                       log_output=str(profile.parent / "chromedriver.log"))
@@ -42,7 +45,8 @@ def _chrome(profile: Path):
     return driver
 
 
-def test_console_in_a_real_browser(tmp_path, monkeypatch):
+def _need_chromium(monkeypatch) -> None:
+    """Skip unless Debian's chromium and chromedriver are there; keep Selenium offline."""
     missing = [p for p in (CHROMIUM, CHROMEDRIVER) if not os.access(p, os.X_OK)]
     if missing:
         pytest.skip(f"{' and '.join(missing)} not installed "
@@ -50,6 +54,10 @@ def test_console_in_a_real_browser(tmp_path, monkeypatch):
     # Selenium Manager is never needed (both paths are explicit); should it run, offline.
     monkeypatch.setenv("SE_OFFLINE", "true")
     monkeypatch.setenv("SE_AVOID_STATS", "true")
+
+
+def test_console_in_a_real_browser(tmp_path, monkeypatch):
+    _need_chromium(monkeypatch)
     from selenium.common.exceptions import TimeoutException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
@@ -160,3 +168,48 @@ def test_console_in_a_real_browser(tmp_path, monkeypatch):
             driver.quit()
         for srv in servers:
             srv.stop()
+
+
+# -- over TLS ------------------------------------------------------------------------------------
+
+_OPEN_WSS = """
+const done = arguments[arguments.length - 1];
+const ws = new WebSocket(arguments[0], ["wsserver.v1"]);
+window.probe = {messages: []};
+ws.onmessage = (event) => window.probe.messages.push(JSON.parse(event.data));
+ws.onopen = () => done(ws.protocol);
+ws.onerror = () => done("error");
+"""
+
+
+def test_a_page_served_over_https_connects_over_wss_with_wsserver_v1(tmp_path, monkeypatch):
+    """The console served by the TLS server (the test's self-signed certificate, hence
+    ``--ignore-certificate-errors``): its own connection goes over wss, and a page script's
+    ``new WebSocket("wss://...", ["wsserver.v1"])`` gets the subprotocol and a notification."""
+    _need_chromium(monkeypatch)
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from e2e.test_tls import TlsServer, tls_env
+
+    server = TlsServer(env=tls_env()).start()
+    driver = None
+    try:
+        driver = _chrome(tmp_path / "profile", "--ignore-certificate-errors")
+        driver.get(server.url + "/console")
+        assert driver.title == "wsserver console"
+        WebDriverWait(driver, 15, poll_frequency=0.1).until(
+            lambda d: d.find_element(By.ID, "state").get_attribute("data-state") == "open")
+        assert driver.execute_async_script(_OPEN_WSS, server.ws_url) == "wsserver.v1"
+        resp = server.notify({"event": "browser.tls", "message": "over wss"})
+        assert resp.status_code == 200 and resp.json()["clients"] == 2, resp.text
+        events = WebDriverWait(driver, 10, poll_frequency=0.1).until(
+            lambda d: d.execute_script(
+                "return window.probe.messages.map((m) => m.event)") or None)
+        assert events == ["browser.tls"]
+        WebDriverWait(driver, 10, poll_frequency=0.1).until(lambda d: d.find_elements(
+            By.CSS_SELECTOR, 'li[data-kind="message"][data-event="browser.tls"]'))
+    finally:
+        if driver is not None:
+            driver.quit()
+        server.stop(graceful=False)

@@ -5,8 +5,8 @@ takes away the rooms its token no longer grants; ``iss`` / ``aud`` when configur
 
 Clients: websocket-client (``subprotocols=[...]``), the Python ``Subscriber``, the browser
 client ``static/wsserver.js`` under node's own WebSocket (undici, the browsers' rules: it
-fails a handshake whose 101 selects none of the offered subprotocols), ``websockets`` when it
-is installed, and the suite's raw client for what no library sends (50 entries, two tokens).
+fails a handshake whose 101 selects none of the offered subprotocols), ``websockets`` (sync
+client), and the suite's raw client for what no library sends (50 entries, two tokens).
 """
 
 from __future__ import annotations
@@ -116,13 +116,22 @@ def test_no_offer_works_as_before(secured):
         ws.close()
 
 
-def test_the_websockets_library_if_installed(secured):
-    websockets_sync = pytest.importorskip("websockets.sync.client")
-    tok = token()
-    with websockets_sync.connect(secured.ws_url, subprotocols=offer(tok), open_timeout=10) as ws:
+def test_the_websockets_library_with_its_token_in_the_offer(secured):
+    """python-websockets (a test dependency: this test never skips) offers the token as the
+    second entry; the 101 selects only ``wsserver.v1``."""
+    from websockets.sync.client import connect
+
+    tok = token("gina", rooms=["private-g"])
+    with connect(secured.ws_url + "?rooms=private-g", subprotocols=offer(tok),
+                 open_timeout=10, close_timeout=10) as ws:
         assert ws.subprotocol == "wsserver.v1"
+        assert ws.response.headers["Sec-WebSocket-Protocol"] == "wsserver.v1"
         ws.send(json.dumps({"type": "ping"}))
         assert json.loads(ws.recv(timeout=10)) == {"type": "pong"}
+        publish(secured, {"event": "for-g", "room": "private-g"})
+        assert json.loads(ws.recv(timeout=10))["event"] == "for-g"
+    assert ws.protocol.close_rcvd is not None and ws.protocol.close_rcvd.code == 1000
+    assert tok not in secured.log()
 
 
 # -- 2. tokens out of URLs: refusals and hostile offers -----------------------------------------

@@ -5,14 +5,19 @@ over https, pings, and closes cleanly; a 1 MiB broadcast goes through the SSL wr
 partial writes. Real handshakes against a throw-away self-signed certificate
 (:mod:`tlscerts`); the clients verify it.
 
-Clients: websocket-client, trio-websocket and simple-websocket's client (all in the
-project's environment); Node's ``ws`` only when it is installed already (nothing is
-downloaded).
+Clients: websocket-client, trio-websocket, simple-websocket's client, python-websockets (sync
+and asyncio) and aiohttp (all in the project's environment; the last three offer
+``wsserver.v1`` and check it is selected); Node's own WebSocket (undici, the browsers' API)
+when ``node`` is there, trusting the certificate through ``NODE_EXTRA_CA_CERTS``; Node's ``ws``
+only when it is installed already (nothing is downloaded). Headless Chromium over wss:
+``test_browser.py``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -158,6 +163,72 @@ def test_simple_websocket_client_over_wss(tls_server):
              message="the server ended the connection")
 
 
+SUBPROTOCOL = "wsserver.v1"
+
+
+def test_websockets_sync_client_over_wss(tls_server):
+    from websockets.sync.client import connect
+
+    with connect(tls_server.ws_url, ssl=client_context(), subprotocols=[SUBPROTOCOL],
+                 open_timeout=10, close_timeout=10) as ws:
+        assert ws.subprotocol == SUBPROTOCOL
+        posted(tls_server, "to websockets (sync)")
+        assert json.loads(ws.recv(timeout=10))["message"] == "to websockets (sync)"
+        assert ws.ping(b"sync").wait(10), "no pong"
+        ws.close(1000, "bye")
+    _closed_by_our_close_and_the_servers_reply(ws.protocol)
+
+
+def test_websockets_asyncio_client_over_wss(tls_server):
+    from websockets.asyncio.client import connect
+
+    async def session() -> Any:
+        async with connect(tls_server.ws_url, ssl=client_context(), subprotocols=[SUBPROTOCOL],
+                           open_timeout=10, close_timeout=10) as ws:
+            assert ws.subprotocol == SUBPROTOCOL
+            await asyncio.to_thread(posted, tls_server, "to websockets (asyncio)")
+            message = await asyncio.wait_for(ws.recv(), 10)
+            assert json.loads(message)["message"] == "to websockets (asyncio)"
+            await asyncio.wait_for(await ws.ping(b"asyncio"), 10)  # the pong came
+            await ws.close(1000, "bye")
+        return ws.protocol
+
+    _closed_by_our_close_and_the_servers_reply(asyncio.run(session()))
+
+
+def _closed_by_our_close_and_the_servers_reply(protocol: Any) -> None:
+    """websockets' sans-I/O state: we closed first and the server's close frame answered."""
+    assert protocol.close_sent is not None and protocol.close_sent.code == 1000
+    assert protocol.close_rcvd is not None and protocol.close_rcvd.code == 1000
+    assert protocol.close_rcvd_then_sent is False
+
+
+def test_aiohttp_ws_connect_over_wss(tls_server):
+    import aiohttp
+
+    async def session() -> tuple[Any, ...]:
+        async with aiohttp.ClientSession() as http:
+            # autoping off: the pong is handed to us instead of being swallowed
+            # (bounded by wait_for: the float timeouts of ws_connect are deprecated since
+            # 3.11, and ClientWSTimeout is not in 3.9)
+            async with http.ws_connect(tls_server.ws_url, ssl=client_context(),
+                                       protocols=[SUBPROTOCOL], autoping=False) as ws:
+                protocol = ws.protocol
+                await asyncio.to_thread(posted, tls_server, "to aiohttp")
+                message = await ws.receive_json()
+                await ws.ping(b"aiohttp")
+                pong = await ws.receive()
+                closed = await ws.close(code=1000, message=b"bye")
+                return protocol, message, pong, closed, ws.close_code
+
+    protocol, message, pong, closed, code = asyncio.run(asyncio.wait_for(session(), 20))
+    assert protocol == SUBPROTOCOL
+    assert message["message"] == "to aiohttp"
+    assert (pong.type, pong.data) == (aiohttp.WSMsgType.PONG, b"aiohttp")
+    # close() waits for the server's close frame: the code it reports is the server's
+    assert closed is True and code == 1000
+
+
 NODE_CLIENT = textwrap.dedent("""
     const WebSocket = require('ws');
     const [url, ca] = process.argv.slice(1);
@@ -191,6 +262,64 @@ def test_node_ws_over_wss(tls_server):
     finally:
         proc.kill()
         proc.wait(10)
+
+
+NODE_BUILTIN_CLIENT = textwrap.dedent("""
+    const ws = new WebSocket(process.argv[1], ["wsserver.v1"]);
+    const say = (line) => console.log(line);
+    ws.onopen = () => say("open " + ws.protocol);
+    ws.onmessage = (event) => {
+        if (JSON.parse(event.data).type === "pong") {
+            say("pong");
+            ws.close(1000, "bye");
+        } else {
+            say("message " + event.data);
+            ws.send(JSON.stringify({type: "ping"}));  // the browser API has no ping frames
+        }
+    };
+    ws.onclose = (event) => { say(`close ${event.code} ${event.wasClean}`); process.exit(0); };
+    // (node 20 fires no close event after a failed handshake)
+    ws.onerror = (event) => { say("error " + event.message); process.exit(1); };
+    setTimeout(() => { say("timeout"); process.exit(2); }, 15000);
+""")
+
+
+def _node_builtin_websocket() -> list[str]:
+    """``node`` with its own WebSocket (undici): global in node 22+, behind a flag in 20."""
+    node = shutil.which("node")
+    if node is None:
+        pytest.skip("node is not installed")
+    for flags in ([], ["--experimental-websocket"]):
+        probe = subprocess.run([node, *flags, "-e", "process.exit(typeof WebSocket === "
+                                "'function' ? 0 : 1)"], capture_output=True, timeout=30)
+        if probe.returncode == 0:
+            return [node, *flags]
+    pytest.skip("this node has no WebSocket (node 22+, or 20 with --experimental-websocket)")
+
+
+def test_node_builtin_websocket_over_wss(tls_server):
+    """undici's WebSocket, with the browsers' API and rules, trusting the test certificate
+    through NODE_EXTRA_CA_CERTS (its SAN names 127.0.0.1); without it the handshake fails."""
+    cmd = [*_node_builtin_websocket(), "-e", NODE_BUILTIN_CLIENT, tls_server.ws_url]
+    untrusted = subprocess.run(cmd, capture_output=True, text=True, timeout=20,
+                               env={k: v for k, v in os.environ.items()
+                                    if k != "NODE_EXTRA_CA_CERTS"})
+    assert untrusted.returncode == 1 and untrusted.stdout.startswith("error "), untrusted.stdout
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "NODE_EXTRA_CA_CERTS": str(test_cert()[0])})
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "open wsserver.v1"
+        posted(tls_server, "to node's WebSocket")
+        stdout, stderr = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    lines = stdout.strip().splitlines()
+    assert json.loads(lines[0].split(" ", 1)[1])["message"] == "to node's WebSocket", stderr
+    # wasClean: our close was answered by the server's before the TCP connection ended
+    assert lines[1:] == ["pong", "close 1000 true"], stdout + stderr
 
 
 # -- the SSL write path under load -------------------------------------------------------------
