@@ -255,7 +255,10 @@ class ThreadWorker(_GthreadWorker):
             )
 
     def _head_readable(self, conn: _Conn, sock: socket.socket) -> None:
-        assert conn.head is not None
+        if conn.head is None or conn not in self._pending:
+            # an event from the same poller batch as the one that ended this connection's
+            # wait (evicted by a newer connection, handed to the pool, expired): stale
+            return
         try:
             data = sock.recv(_RECV_BYTES)
         except (BlockingIOError, InterruptedError):
