@@ -113,7 +113,9 @@ CASES = [
                  id="ws-400-room"),
     pytest.param({"max_rooms_per_connection": 2}, None, "GET", "/ws?rooms=a,b,c", UPGRADE, None,
                  400, "too_many_rooms", "WSSERVER_MAX_ROOMS_PER_CONNECTION=2", id="ws-400-rooms"),
-    pytest.param({"max_connections_per_ip": 2}, lambda app: _hold_connections(app, REMOTE, 2),
+    # no session serves the held connections: shutdown would wait its whole timeout for them
+    pytest.param({"max_connections_per_ip": 2, "shutdown_timeout": 0.1},
+                 lambda app: _hold_connections(app, REMOTE, 2),
                  "GET", "/ws", UPGRADE, None, 429, "too_many_connections",
                  "WSSERVER_MAX_CONNECTIONS_PER_IP=2", id="ws-429"),
     pytest.param({}, _full, "GET", "/ws", UPGRADE, None, 503, "server_full",

@@ -10,6 +10,7 @@ thread per connection, and a slow socket never holds up anyone else's writes.
 from __future__ import annotations
 
 import logging
+import os
 import select
 import threading
 from typing import Protocol
@@ -34,6 +35,9 @@ class Flusher:
 
     def __init__(self, poll_timeout: float = 0.5) -> None:
         self._epoll = select.epoll()
+        # stop() writes here to end the poll at once, instead of after up to poll_timeout
+        self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._epoll.register(self._wake, select.EPOLLIN)
         self._targets: dict[int, Writable] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -70,7 +74,10 @@ class Flusher:
                     pass
 
     def stop(self, timeout: float = 2.0) -> None:
+        if self._stop.is_set():
+            return
         self._stop.set()
+        os.eventfd_write(self._wake, 1)
         thread = self._thread
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout)
@@ -80,6 +87,7 @@ class Flusher:
             self._epoll.close()
         except OSError:
             pass
+        os.close(self._wake)
 
     def _run(self) -> None:
         while not self._stop.is_set():
