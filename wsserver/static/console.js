@@ -39,13 +39,21 @@
     bad_request: "not a WebSocket request",
   };
 
-  const str = (v) => (v === null || v === undefined ? "" : String(v));
+  // a server's field as text: a JSON object may carry its own "toString" (even null), so
+  // only primitives go through String()
+  const str = (v) => {
+    if (v === null || v === undefined) return "";
+    if (typeof v === "string" || typeof v === "number" || typeof v === "boolean") return String(v);
+    try { return JSON.stringify(v); } catch (err) { return "?"; }
+  };
+  const own = (table, key) => (Object.prototype.hasOwnProperty.call(table, key) ? table[key]
+    : undefined);
 
   const explainRefusal = (status, body, origin) => {
     const b = body && typeof body === "object" ? body : {};
     const code = str(b.code);
     const retry = status === 429 || status === 503 || status >= 500;
-    let words = REFUSALS[code];
+    let words = own(REFUSALS, code);
     if (code === "origin_forbidden" && origin) {
       words = "origin not allowed: add " + origin + " to WSSERVER_ALLOWED_ORIGINS";
     }
@@ -73,7 +81,7 @@
   const explainClose = (code, reason, opened) => {
     if (code === 1000) return null;
     if ((code === 1006 || code === 1005) && !opened) return null; // refused: ask the server
-    let words = CLOSES[code];
+    let words = own(CLOSES, code);
     if (code === 1008) {
       words = reason === "too many invalid commands" ? "closed for invalid commands: fix the client"
         : "closed by a server limit; reconnecting";
