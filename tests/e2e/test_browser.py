@@ -246,11 +246,11 @@ def _skip_without_browser(monkeypatch) -> None:
     monkeypatch.setenv("SE_AVOID_STATS", "true")
 
 
-def _production(port: int, origins: str) -> GunicornServer:
+def _production(port: int, origins: str, **env: str) -> GunicornServer:
     return GunicornServer(port=port, env={
         "WSSERVER_ENV": "production", "WSSERVER_CONSOLE": "on",
         "WSSERVER_JWT_SECRET": SECRET, "WSSERVER_API_KEYS": API_KEY,
-        "WSSERVER_ALLOWED_ORIGINS": origins, "WSSERVER_LOG_LEVEL": "debug",
+        "WSSERVER_ALLOWED_ORIGINS": origins, "WSSERVER_LOG_LEVEL": "debug", **env,
     })
 
 
@@ -349,6 +349,41 @@ def test_console_explains_a_forbidden_origin(tmp_path, monkeypatch):
         assert f"add {origin} to WSSERVER_ALLOWED_ORIGINS" in text and "origin_forbidden" in text
         driver.save_screenshot(str(tmp_path / "console-origin.png"))
     finally:
+        if driver is not None:
+            driver.quit()
+        for srv in servers:
+            srv.stop()
+
+
+def test_console_explains_a_full_server_and_keeps_trying(tmp_path, monkeypatch):
+    """A worker whose one WebSocket slot is taken: the page says "server full (503 ...)" and,
+    unlike a token refusal, keeps reconnecting; it connects by itself once the slot is free."""
+    _skip_without_browser(monkeypatch)
+    import websocket
+    from support import free_port
+
+    port = free_port()
+    server = _production(port, f"http://127.0.0.1:{port}", WSSERVER_MAX_CONNECTIONS="1")
+    servers, driver, holder = [server], None, None
+    try:
+        server.start()
+        holder = websocket.create_connection(
+            server.ws_url, timeout=5, header=[f"Authorization: Bearer {_token('holder')}"])
+        driver = _chrome(tmp_path / "profile")
+        page = _Console(driver, servers)
+        driver.get(server.url + "/console#token=" + _token("carol"))
+        page.wait("the explanation", lambda: "(503 server_full)" in page.text("explain"))
+        assert page.text("explain").startswith("server full")
+        assert page.state() in ("reconnecting", "connecting"), page.describe()
+        holder.close()
+        holder = None
+        page.wait("the reconnect once the slot is free", lambda: page.state() == "open",
+                  timeout=20)
+        page.wait("the connection count", lambda: page.text("clients") == "1", timeout=3)
+        assert page.text("explain") == "connected with the token"
+    finally:
+        if holder is not None:
+            holder.close()
         if driver is not None:
             driver.quit()
         for srv in servers:
