@@ -290,9 +290,11 @@ def test_console_in_production_with_a_token_and_a_key(tmp_path, monkeypatch):
         page.connect(good)
         page.wait("the console to connect", lambda: page.state() == "open")
         assert page.text("state") == "connected"
-        # once connected, the count is right at once (read again after the pong), not a
-        # stale 0 until the next poll
-        page.wait("the connection count", lambda: page.text("clients") == "1", timeout=3)
+        # once connected, GET / is read again after the pong (the server registered the
+        # connection by then): that read already says 1, no stale 0 until the next poll
+        page.wait("the read after the open", lambda: page.find("clients").get_attribute(
+            "data-read-after-open") == page.find("state").get_attribute("data-opens"), timeout=3)
+        assert page.text("clients") == "1"
         # the key reads GET /rooms (a publisher endpoint)
         page.wait("the rooms list", lambda: page.text("rooms") == "none")
 
