@@ -8,6 +8,16 @@ no external asset, so it works on a machine without internet.
 On in development, off in production unless ``WSSERVER_CONSOLE`` is on: :func:`init_app`
 registers the blueprint only then, so in production ``/console`` is the app's JSON 404.
 
+A WebSocket refused before the upgrade (a 401 for a bad token, a 403 for an origin, a 503
+when full) is invisible to a page: the browser reports close 1006 and nothing else. So the
+console, after a connection that failed before it opened, asks ``POST /console/check``, which
+runs the same checks as ``GET /ws`` (:func:`wsserver.ws.check_upgrade`) on this request and
+answers what ``/ws`` would have answered: the same status and JSON body, or 200
+``{"accepted": true, ...}``. The page sends its token there as ``Authorization: Bearer`` (a
+``fetch`` cannot set ``Sec-WebSocket-Protocol``), to this same server only; POST so that the
+browser sends ``Origin``, as it does on a WebSocket. It reveals nothing ``/ws`` does not tell
+any non-browser client, changes nothing, and is not counted as a refusal (no audit line).
+
 The browser client itself, ``/static/wsserver.js``, is not served from here: the app is
 ``Flask("wsserver")``, whose root is this package, so Flask's own static route serves
 ``wsserver/static/`` at ``/static/`` in every mode. That is on purpose: production pages may
@@ -22,9 +32,13 @@ import re
 import secrets
 from typing import Any
 
-from flask import Blueprint, Flask, current_app, render_template, request
+from flask import Blueprint, Flask, current_app, jsonify, render_template, request
 
-__all__ = ["bp", "enabled", "init_app"]
+from .errors import refusal_response
+from .exceptions import AccessDenied
+from .ws import check_upgrade
+
+__all__ = ["bp", "check", "enabled", "init_app"]
 
 bp = Blueprint("console", __name__, template_folder="templates")
 
@@ -62,4 +76,23 @@ def page() -> Any:
     )
     response.headers["Cache-Control"] = "no-store"
     response.headers["Referrer-Policy"] = "no-referrer"
+    return response
+
+
+@bp.post("/console/check")
+def check() -> Any:
+    """What ``GET /ws`` would answer this browser now, for the page to explain a refused
+    connection in words: the refusal's own status, headers and body (not audited: nothing was
+    refused), or 200 with the token's user when it would be accepted."""
+    service = current_app.extensions["wsserver"]
+    service.ensure_started()
+    try:
+        identity, _rooms = check_upgrade(service)
+    except AccessDenied as exc:
+        return refusal_response(exc, audited=False)
+    body: dict[str, Any] = {"accepted": True, "user": None}
+    if identity is not None:
+        body.update(user=identity.user, exp=identity.expires_at)
+    response = jsonify(body)
+    response.headers["Cache-Control"] = "no-store"
     return response
