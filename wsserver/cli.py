@@ -57,8 +57,9 @@ def _serve(args: argparse.Namespace) -> int:
     except SettingsError as exc:
         print(f"wsserver: {exc}", file=sys.stderr)
         return 2
-    binds = any(a in ("-b", "--bind") or a.startswith("--bind=") for a in args.gunicorn_args)
-    problem = None if binds else bind_problem((settings.host, settings.port))
+    # gunicorn's own -b or --reuse-port decide: then its on_starting hook probes the binds
+    own = any(a.startswith(("-b", "--bind", "--reuse-port")) for a in args.gunicorn_args)
+    problem = None if own else bind_problem((settings.host, settings.port))
     if problem:  # gunicorn would retry 5 times a second apart, an ERROR line each
         print(f"wsserver: {problem}", file=sys.stderr)
         return 1
