@@ -11,6 +11,7 @@ import sys
 
 import pytest
 
+from wsserver import __version__, cli
 from wsserver.config import load_settings
 
 SECRETS = {"WSSERVER_API_KEYS": "sk-alpha-91f3,sk-beta-77c2",
@@ -104,14 +105,16 @@ def execve(monkeypatch) -> Exec:
             monkeypatch.delenv(name)
     recorder = Exec()
     monkeypatch.setattr(os, "execve", recorder)
+    # these tests name ports others may hold; the probe itself: test_serve_refuses_a_taken_port
+    monkeypatch.setattr(cli, "bind_problem", lambda address: None)
     return recorder
 
 
 def test_serve_dev_runs_the_same_gunicorn_server_in_development_on_loopback(runner, execve):
     done = runner.invoke("serve", "--dev", "--port", "9001")
     assert done.exit_code == 0, done.stderr
-    assert execve.argv == [sys.executable, "-m", "gunicorn", "-c", "python:wsserver.gunicorn_conf",
-                           "wsserver:create_app()"]
+    assert execve.argv == [sys.executable, cli.GUNICORN_MAIN, "-c",
+                           "python:wsserver.gunicorn_conf", "wsserver:create_app()"]
     assert execve.env["WSSERVER_ENV"] == "development"
     settings = execve.settings()
     assert (settings.host, settings.port, settings.rebroadcast) == ("127.0.0.1", 9001, True)
@@ -138,7 +141,7 @@ def test_serve_dev_hands_gunicorn_the_flags_after_the_separator(runner, execve):
     done = runner.invoke("serve", "--dev", "--", "--certfile", "c.pem", "--keyfile", "k.pem",
                          "--reload")
     assert done.exit_code == 0, done.stderr
-    assert execve.argv[3:] == ["-c", "python:wsserver.gunicorn_conf", "--certfile", "c.pem",
+    assert execve.argv[2:] == ["-c", "python:wsserver.gunicorn_conf", "--certfile", "c.pem",
                                "--keyfile", "k.pem", "--reload", "wsserver:create_app()"]
 
 
@@ -146,3 +149,111 @@ def test_a_gunicorn_flag_without_the_separator_is_a_usage_error_not_ignored(runn
     done = runner.invoke("serve", "--dev", "--certfile", "c.pem")
     assert done.exit_code == 2 and "--certfile" in done.stderr
     assert execve.argv == []  # nothing was started
+
+
+# -- issue 15: the command's own surface ---------------------------------------------------------
+
+
+def test_version(runner):
+    done = runner.invoke("--version")
+    assert done.exit_code == 0 and done.stdout.strip() == f"wsserver {__version__}"
+
+
+def _actions(parser):
+    import argparse
+
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from ((f"{name} {a}", h) for a, h in _actions(sub))
+        else:
+            yield "/".join(action.option_strings) or action.dest, action.help
+
+
+def test_every_command_and_flag_has_help():
+    parser = cli.build_parser()
+    missing = [name for name, help_ in _actions(parser) if not help_]
+    assert missing == []
+    commands = next(a for a in parser._actions if a.choices and "serve" in a.choices)
+    helps = {c.dest: c.help for c in commands._choices_actions}
+    assert set(helps) == {"serve", "check-config", "notify", "listen"} and all(helps.values())
+
+
+def test_check_config_names_the_variable_and_the_form(runner):
+    done = runner.invoke("check-config", env={"WSSERVER_PORT": "abc"})
+    assert done.exit_code == 2 and done.stdout == ""
+    assert done.stderr.strip() == (
+        "wsserver: WSSERVER_PORT must be an integer from 0 to 65535, got 'abc'"
+    )
+
+
+def test_check_config_warns_about_an_unknown_variable_with_the_closest_name(runner):
+    done = runner.invoke("check-config", env={"WSSERVER_QUEUE_SIZ": "7"})
+    assert done.exit_code == 0
+    assert "WSSERVER_QUEUE_SIZ is not a wsserver variable" in done.stderr
+    assert "did you mean WSSERVER_QUEUE_SIZE?" in done.stderr
+
+
+def test_check_config_prints_values_as_the_environment_takes_them(runner):
+    done = runner.invoke("check-config", env={
+        "WSSERVER_ENV": "development", "WSSERVER_ALLOWED_ORIGINS": "https://a,https://b",
+        "WSSERVER_CONSOLE": "no"})
+    assert done.exit_code == 0, done.stderr
+    lines = dict(line.split(None, 1) if " " in line else (line, "")
+                 for line in done.stdout.splitlines() if line.startswith("WSSERVER_"))
+    assert lines["WSSERVER_ALLOWED_ORIGINS"] == "https://a,https://b"
+    assert lines["WSSERVER_REBROADCAST"].strip() == "on"
+    assert lines["WSSERVER_CONSOLE"].strip() == "off"
+    assert lines["WSSERVER_TLS_CERT"] == ""  # unset: empty, as an unset variable
+    assert lines["WSSERVER_HISTORY_TTL"].strip() == "300"
+    assert "()" not in done.stdout and "False" not in done.stdout and "('" not in done.stdout
+
+
+@pytest.mark.parametrize("url, said", [
+    ("http://x", "WSSERVER_REDIS_URL must be a URL redis://"),
+    ("redis://127.0.0.1:6379/0?foo=bar", "no query parameter redis-py does not know ('foo')"),
+    ("redis://127.0.0.1:6379/zero", "database number is a whole number"),
+    ("redis://:s3cret@127.0.0.1:notaport/0", "port is a number"),
+])
+def test_check_config_refuses_a_malformed_redis_url_as_serve_does(runner, url, said):
+    for command in ("check-config", "serve"):
+        done = runner.invoke(command, env={"WSSERVER_REDIS_URL": url})
+        assert done.exit_code == 2 and said in done.stderr, (command, done.stderr)
+        assert "s3cret" not in done.stderr and "unreachable" not in done.stderr
+
+
+def test_check_config_tells_an_unreachable_redis_from_a_refusing_one(runner):
+    done = runner.invoke("check-config", env={"WSSERVER_REDIS_URL": "redis://:pw1@127.0.0.1:1/0"})
+    assert done.exit_code == 3 and "unreachable" in done.stderr and "pw1" not in done.stderr
+    assert runner.invoke("check-config", "--no-connect",
+                         env={"WSSERVER_REDIS_URL": "redis://127.0.0.1:1/0"}).exit_code == 0
+
+
+def test_serve_refuses_a_taken_port_in_one_line_before_gunicorn(runner, monkeypatch):
+    import socket
+
+    started: list = []
+    monkeypatch.setattr(os, "execve", lambda *a: started.append(a))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = runner.invoke("serve", "--host", "127.0.0.1", "--port", str(port))
+    assert done.exit_code == 1 and started == []
+    assert done.stderr == f"wsserver: cannot listen on 127.0.0.1:{port}: address already in use\n"
+
+
+def test_notify_to_a_dead_port_says_so_in_one_sentence(runner):
+    done = runner.invoke("notify", "--url", NOWHERE, "--event", "x", "--retries", "0")
+    assert done.exit_code == 1
+    assert done.stderr == f"wsserver: cannot reach {NOWHERE}: connection refused\n"
+
+
+@pytest.mark.parametrize("command", [["notify", "--event", "x"], ["listen"]])
+def test_client_commands_say_which_extra_to_install(runner, monkeypatch, command):
+    monkeypatch.setitem(sys.modules, "requests", None)  # as if not installed
+    monkeypatch.delitem(sys.modules, "wsserver.client", raising=False)
+    done = runner.invoke(*command, "--url", NOWHERE)
+    assert done.exit_code == 1
+    assert f"wsserver {command[0]} needs the client extra" in done.stderr
+    assert "pip install 'wsserver[client]'" in done.stderr

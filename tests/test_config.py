@@ -204,8 +204,63 @@ def test_a_bad_value_raises_settings_error_naming_the_variable(name):
     env = BY_NAME[name].env
     with pytest.raises(SettingsError) as info:
         load_settings({env: BAD[name]})
-    assert str(info.value).startswith(f"{env}=")
-    assert "is not valid" in str(info.value)
+    # the variable, the form it takes, and what it got (a secret's value never shown)
+    assert str(info.value).startswith(f"{env} must be "), str(info.value)
+    shown = "a value (hidden: it is a secret)" if BY_NAME[name].secret else repr(BAD[name])
+    if name != "redis_url":
+        assert str(info.value).endswith(f", got {shown}"), str(info.value)
+
+
+def test_a_bad_integer_says_the_form_not_pythons_words():
+    with pytest.raises(SettingsError) as info:
+        load_settings({"WSSERVER_PORT": "abc"})
+    assert str(info.value) == "WSSERVER_PORT must be an integer from 0 to 65535, got 'abc'"
+    with pytest.raises(SettingsError) as info:
+        load_settings({"WSSERVER_HISTORY_TTL": "nan"})
+    assert str(info.value) == "WSSERVER_HISTORY_TTL must be a number from 1 to 2592000, got 'nan'"
+
+
+@pytest.mark.parametrize("url, said", [
+    ("http://x", "must be a URL redis://host:port/db, rediss://... or unix:///path?db=N"),
+    ("redis://h/0?foo=bar", "no query parameter redis-py does not know ('foo')"),
+    ("redis://h/x", "database number is a whole number (not 'x')"),
+    ("redis://h/0?socket_timeout=soon", "redis-py can read"),
+    ("unix://", "naming the socket's path"),
+    ("redis://:pw9@h:port/0", "port is a number"),
+])
+def test_a_redis_url_is_checked_for_form(url, said):
+    with pytest.raises(SettingsError) as info:
+        load_settings({"WSSERVER_REDIS_URL": url})
+    assert said in str(info.value) and "pw9" not in str(info.value)
+
+
+@pytest.mark.parametrize("url", ["redis://127.0.0.1:6379/0", "redis://h/99", "rediss://h:1/2",
+                                 "unix:///run/redis.sock?db=3", "redis://h?socket_timeout=2"])
+def test_a_well_formed_redis_url_passes_whether_or_not_it_answers(url):
+    assert load_settings({"WSSERVER_REDIS_URL": url}).redis_url == url
+
+
+def test_redis_problem_tells_unreachable_from_refusing_without_the_password():
+    from wsserver.config import redis_problem
+
+    down = redis_problem("redis://:pw7@127.0.0.1:1/0", timeout=1)
+    assert down is not None and "unreachable" in down and "pw7" not in down
+    refusing = redis_problem("redis://127.0.0.1:6379/99", timeout=1)  # Redis has 16 databases
+    if refusing is not None and "unreachable" in refusing:
+        pytest.skip("no Redis at 127.0.0.1:6379")
+    assert refusing is not None and "refused to serve" in refusing and "DB index" in refusing
+
+
+def test_unknown_variables_are_named_with_the_closest_known_one():
+    from wsserver.config import unknown_variables
+
+    warnings = unknown_variables({"WSSERVER_TYPO": "1", "WSSERVER_QUEUESIZE": "3",
+                                  "WSSERVER_API_KEY": "k", "WSSERVER_TOKEN": "t",
+                                  "WSSERVER_URL": "u", "WSSERVER_PORT": "1", "OTHER": "x"})
+    assert len(warnings) == 2, warnings
+    assert warnings[0] == ("WSSERVER_QUEUESIZE is not a wsserver variable and is ignored; "
+                           "did you mean WSSERVER_QUEUE_SIZE?")
+    assert warnings[1].startswith("WSSERVER_TYPO is not a wsserver variable")
 
 
 def test_a_secret_never_appears_in_an_error_or_in_public_items():

@@ -115,7 +115,7 @@ def test_the_graph_sees_function_level_and_relative_imports():
     graph = import_graph()
     assert "wsserver.config" in graph["wsserver.auth"]  # module level, relative
     assert "wsserver.app" in graph["wsserver"]  # inside __getattr__
-    assert "wsserver.brokers.redis" in graph["wsserver.gunicorn_conf"]  # inside a hook
+    assert "wsserver.client" in graph["wsserver.cli"]  # inside a function
     assert {"wsserver.console", "wsserver.ws"} <= graph["wsserver.app"]  # from . import a, b
     assert "wsserver.brokers" in graph["wsserver.brokers.memory"]  # from . import Broker
 
@@ -208,3 +208,17 @@ def test_no_function_is_over_60_lines():
     the session loop was 143 lines). argparse declarations are exempt (today
     ``cli._add_client_commands``): see ``PARSER_CALLS``."""
     assert long_functions() == []
+
+
+def test_the_server_imports_no_client_dependency():
+    """``pip install wsserver`` leaves requests and websocket-client out (they are the
+    ``client`` extra): neither the app, nor the gunicorn config, nor the command may need them."""
+    import subprocess
+    import sys
+
+    code = ("import sys, wsserver.app, wsserver.cli, wsserver.__main__; "
+            "wsserver.app.create_app(); "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('requests', 'websocket')))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"

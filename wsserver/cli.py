@@ -18,12 +18,22 @@ import os
 import sys
 from typing import Any, Sequence
 
-from .config import ENV_PREFIX, SettingsError, load_settings
+from . import __version__
+from .config import (
+    ENV_PREFIX,
+    SettingsError,
+    load_settings,
+    redis_problem,
+    unknown_variables,
+)
 
 __all__ = ["main"]
 
 APP_FACTORY = "wsserver:create_app()"
 GUNICORN_CONFIG = "python:wsserver.gunicorn_conf"
+# run as a script, not `-m gunicorn`: the current directory must not decide which wsserver
+GUNICORN_MAIN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "gunicorn_main.py")
+CLIENT_EXTRA = "pip install 'wsserver[client]'"
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -43,31 +53,94 @@ def _serve(args: argparse.Namespace) -> int:
         if value is not None:
             environ[ENV_PREFIX + name.upper()] = str(value)
     try:
-        load_settings(environ)  # a bad value stops here, with the same message gunicorn's would
+        settings = load_settings(environ)  # a bad value stops here, as gunicorn's would
     except SettingsError as exc:
         print(f"wsserver: {exc}", file=sys.stderr)
         return 2
-    argv = [sys.executable, "-m", "gunicorn", "-c", GUNICORN_CONFIG, *args.gunicorn_args]
+    # gunicorn's own -b or --reuse-port decide: then its on_starting hook probes the binds
+    own = any(a.startswith(("-b", "--bind", "--reuse-port")) for a in args.gunicorn_args)
+    problem = None if own else bind_problem((settings.host, settings.port))
+    if problem:  # gunicorn would retry 5 times a second apart, an ERROR line each
+        print(f"wsserver: {problem}", file=sys.stderr)
+        return 1
+    argv = [sys.executable, GUNICORN_MAIN, "-c", GUNICORN_CONFIG, *args.gunicorn_args]
     os.execve(sys.executable, [*argv, APP_FACTORY], environ)
     return 0  # not reached
 
 
-def _check_config(_: argparse.Namespace) -> int:
+def bind_problem(address: Any) -> str | None:
+    """Why ``address`` (a (host, port) pair, as gunicorn parses ``-b``) cannot be bound, or
+    ``None``. Binds with SO_REUSEADDR as gunicorn does, so a port in TIME_WAIT passes; port 0
+    always binds. Used by ``serve`` before it execs gunicorn and by the shipped gunicorn
+    config's ``on_starting`` (plain ``gunicorn -c python:wsserver.gunicorn_conf``)."""
+    import socket
+
+    if not isinstance(address, tuple):
+        return None  # a unix socket path (gunicorn removes a stale one itself) or an fd
+    host, port = address[0], address[1]
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    shown = f"[{host}]:{port}" if family == socket.AF_INET6 else f"{host}:{port}"
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((host, port))
+    except OSError as exc:
+        why = os.strerror(exc.errno).lower() if exc.errno else str(exc)
+        return f"cannot listen on {shown}: {why}"
+    return None
+
+
+def _check_config(args: argparse.Namespace) -> int:
+    """What ``serve`` would check before starting, in the same order and words: settings
+    (exit 2), then Redis reachability (exit 3); unknown ``WSSERVER_*`` variables are warned
+    about. Values are printed as the variables take them."""
+    for warning in unknown_variables():
+        print(f"wsserver: warning: {warning}", file=sys.stderr)
     try:
         settings = load_settings()
     except SettingsError as exc:
         print(f"wsserver: {exc}", file=sys.stderr)
         return 2
-    width = max(len(name) for name, _ in settings.public_items())
-    for name, value in settings.public_items():
-        print(f"{name:<{width}}  {value}")
+    items = settings.environment_items()
+    width = max(len(name) for name, _ in items)
+    for name, value in items:
+        print(f"{name:<{width}}  {value}".rstrip())
     print(f"{'(WebSocket budget per worker)':<{width}}  {settings.connection_budget}")
+    sys.stdout.flush()  # here, where a closed pipe is handled, not at exit
+    problem = redis_problem(settings.redis_url) if settings.redis_url else None
+    if problem and not args.no_connect:
+        print(f"wsserver: {problem}", file=sys.stderr)
+        return 3
     return 0
 
 
 # -- client commands: notify and listen (wsserver.client) ------------------------------------
 
 DEFAULT_CLIENT_URL = "http://127.0.0.1:8080"
+# the client commands' variables (flags win); config.CLIENT_VARIABLES lists them as known
+URL_VARIABLE, API_KEY_VARIABLE, TOKEN_VARIABLE = (
+    ENV_PREFIX + "URL",
+    ENV_PREFIX + "API_KEY",
+    ENV_PREFIX + "TOKEN",
+)
+
+
+def _client(command: str) -> Any:
+    """:mod:`wsserver.client`, or ``None`` after saying which extra to install: the server
+    does not need requests and websocket-client, so ``pip install wsserver`` leaves them out."""
+    import importlib
+
+    try:
+        client = importlib.import_module(__package__ + ".client")
+    except ImportError as exc:
+        missing = getattr(exc, "name", None) or "a dependency"
+        print(
+            f"wsserver {command} needs the client extra ({missing} is not installed): "
+            f"{CLIENT_EXTRA}",
+            file=sys.stderr,
+        )
+        return None
+    return client
 
 
 def _positive_int(text: str) -> int:
@@ -94,11 +167,15 @@ def _add_client_commands(sub: argparse._SubParsersAction) -> None:
         "per-item errors, listed on stderr), 1 refused or unreachable (code and reason on "
         "stderr), 2 usage error.",
     )
-    notify.add_argument("--url", default=DEFAULT_CLIENT_URL, help="server base URL (%(default)s)")
+    notify.add_argument(
+        "--url",
+        default=os.environ.get(URL_VARIABLE) or DEFAULT_CLIENT_URL,
+        help=f"server base URL (default: ${URL_VARIABLE}, else {DEFAULT_CLIENT_URL})",
+    )
     notify.add_argument(
         "--api-key",
-        default=os.environ.get("WSSERVER_API_KEY") or None,
-        help="publisher key, sent as Authorization: Bearer (default: $WSSERVER_API_KEY)",
+        default=os.environ.get(API_KEY_VARIABLE) or None,
+        help=f"publisher key, sent as Authorization: Bearer (default: ${API_KEY_VARIABLE})",
     )
     notify.add_argument(
         "--event", help="event name; without it the notification is read from stdin"
@@ -136,8 +213,9 @@ def _add_client_commands(sub: argparse._SubParsersAction) -> None:
     )
     listen.add_argument(
         "--url",
-        default=DEFAULT_CLIENT_URL,
-        help="server base URL (%(default)s); http->ws, https->wss, path /ws",
+        default=os.environ.get(URL_VARIABLE) or DEFAULT_CLIENT_URL,
+        help=f"server base URL (default: ${URL_VARIABLE}, else {DEFAULT_CLIENT_URL}); "
+        "http->ws, https->wss, path /ws",
     )
     listen.add_argument(
         "--room",
@@ -149,8 +227,8 @@ def _add_client_commands(sub: argparse._SubParsersAction) -> None:
     )
     listen.add_argument(
         "--token",
-        default=os.environ.get("WSSERVER_TOKEN") or None,
-        help="connection token (JWT), sent as Authorization: Bearer (default: $WSSERVER_TOKEN)",
+        default=os.environ.get(TOKEN_VARIABLE) or None,
+        help=f"connection token (JWT), sent as Authorization: Bearer (default: ${TOKEN_VARIABLE})",
     )
     listen.add_argument("--since", metavar="ID", help="resume the one --room after this message id")
     listen.add_argument("--count", type=_positive_int, help="exit after this many notifications")
@@ -168,8 +246,14 @@ class _Usage(ValueError):
 
 
 def _notify(args: argparse.Namespace) -> int:
-    from .client import Publisher, PublishError, WsserverError
-
+    client = _client("notify")
+    if client is None:
+        return 1
+    Publisher, PublishError, WsserverError = (
+        client.Publisher,
+        client.PublishError,
+        client.WsserverError,
+    )
     try:
         body = _stdin_notification(args) if args.event is None else None
         data = _json_flag("--data", args.data)
@@ -193,8 +277,10 @@ def _notify(args: argparse.Namespace) -> int:
                     user=args.user,
                 )
     except PublishError as exc:
-        status = exc.status if exc.status is not None else "no answer"
-        print(f"wsserver notify: {status} {exc.code}: {exc.reason}", file=sys.stderr)
+        if exc.status is None:  # no answer: the reason is already one sentence
+            print(f"wsserver: {exc.reason}", file=sys.stderr)
+        else:
+            print(f"wsserver notify: {exc.status} {exc.code}: {exc.reason}", file=sys.stderr)
         return 1
     except WsserverError as exc:
         print(f"wsserver notify: {exc}", file=sys.stderr)
@@ -253,10 +339,12 @@ class _ListenReport:
     the subscriber's thread; ``stopping`` is set by the main thread once it stops reading
     (a bool read without a lock: at worst one last "reconnecting" line)."""
 
-    def __init__(self, ws_url: str) -> None:
+    def __init__(self, ws_url: str, rooms: list[str]) -> None:
         self.ws_url = ws_url
+        self.rooms = rooms
         self.subscriber: Any = None  # set once built (the callbacks need it)
         self.stopping = False
+        self.refused: dict[str, Any] = {}  # room -> SubscriptionError
 
     @staticmethod
     def say(text: str) -> None:
@@ -264,6 +352,8 @@ class _ListenReport:
 
     def on_state(self, state: str) -> None:
         subscriber = self.subscriber
+        if self.stopping:
+            return
         if state == "connecting":
             if subscriber.last_failure is None:
                 self.say(f"connecting to {self.ws_url}")
@@ -272,38 +362,55 @@ class _ListenReport:
         elif state == "ready":
             where = ", ".join(subscriber.rooms) or "no rooms (notifications to everybody only)"
             self.say(f"connected to {self.ws_url}, subscribed to {where}")
-        elif state == "closed" and not self.stopping:
+        elif state == "closed":
             close = subscriber.last_close
             why = f" ({close[0]} {close[1]})".rstrip() if close else ""
             self.say(f"disconnected{why}; reconnecting")
 
-    def on_gap(self, room: str | None, reply: dict) -> None:
-        import json
-
+    def on_gap(self, room: str | None, info: dict) -> None:
         what = f"room {room}" if room is not None else "notifications to everybody"
         self.say(
-            f"warning: {what}: notifications may have been missed "
-            f"(not recoverable: {json.dumps(reply)})"
+            f"warning: {what}: notifications may have been missed since {info.get('since')} "
+            "(history cannot tell how many)"
         )
 
     def on_error(self, err: Any) -> None:
-        if err.room is not None:  # one room refused; fatal errors are reported by _listen
+        """One room refused: a warning, unless it was the last requested room still
+        standing; then the subscriber stops and ``_listen`` reports it once, exit 1. Fatal
+        errors are reported by ``_listen`` too."""
+        if err.room is None:
+            return
+        self.refused[err.room] = err
+        if self.all_refused:
+            self.stopping = True
+            self.subscriber.stop()  # from its own thread: it ends when this returns
+        else:
             self.say(f"warning: {err}")
+
+    @property
+    def all_refused(self) -> bool:
+        return bool(self.rooms) and all(room in self.refused for room in self.rooms)
 
 
 def _listen(args: argparse.Namespace) -> int:
-    from .client import Subscriber, http_to_ws_url
+    import logging
 
+    client = _client("listen")
+    if client is None:
+        return 1
+    # what the subscriber logs, this command says itself on stderr: without a handler,
+    # Python's last-resort one printed every refusal a second time
+    logging.getLogger("wsserver.client").addHandler(logging.NullHandler())
     try:
-        ws_url = http_to_ws_url(args.url)
+        ws_url = client.http_to_ws_url(args.url)
     except ValueError as exc:
         return _usage_error("listen", str(exc))
     rooms = list(dict.fromkeys(args.rooms))
     if args.since is not None and len(rooms) != 1:
         return _usage_error("listen", "--since resumes one room: give exactly one --room")
-    report = _ListenReport(ws_url)
+    report = _ListenReport(ws_url, rooms)
     try:
-        report.subscriber = Subscriber(
+        report.subscriber = client.Subscriber(
             ws_url,
             rooms=rooms,
             token=args.token,
@@ -320,6 +427,10 @@ def _listen(args: argparse.Namespace) -> int:
         return 0
     if ended is not None:
         return ended
+    if report.all_refused:
+        why = "; ".join(str(err) for err in report.refused.values())
+        report.say(f"the server refused the subscription: {why}")
+        return 1
     if args.count is not None and received < args.count:
         report.say(f"timed out after {args.timeout}s with {received} of {args.count} notifications")
         return 1
@@ -347,8 +458,7 @@ def _print_notifications(report: _ListenReport, args: argparse.Namespace) -> tup
         report.say(f"the server refused the subscription: {exc}")
         return 1, received
     except BrokenPipeError:  # `wsserver listen | head -1`: the reader left, a normal end
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
+        _stdout_to_devnull()
         return 0, received
     finally:
         report.stopping = True
@@ -360,6 +470,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="wsserver", description="Real-time notification service (WebSocket fan-out)."
     )
+    parser.add_argument("--version", action="version", version=f"wsserver {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
@@ -377,7 +488,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, help=f"port ({ENV_PREFIX}PORT, default 8080)")
     serve.add_argument("--threads", type=int, help=f"threads per worker ({ENV_PREFIX}THREADS)")
     serve.add_argument("--workers", type=int, help=f"worker processes ({ENV_PREFIX}WORKERS)")
-    serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    serve.add_argument(
+        "--log-level",
+        choices=["debug", "info", "warning", "error"],
+        help=f"log level of the server and gunicorn ({ENV_PREFIX}LOG_LEVEL, default info)",
+    )
     serve.add_argument(
         "--dev",
         action="store_true",
@@ -389,7 +504,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.set_defaults(func=_serve)
 
-    check = sub.add_parser("check-config", help="print the effective settings and exit")
+    check = sub.add_parser(
+        "check-config",
+        help="check the settings as serve would, print them, and exit",
+        description="Check the WSSERVER_* settings as serve does before starting (each bad "
+        "one named with the form it expects; unknown WSSERVER_* variables warned about), "
+        "print the effective values as the variables take them (on/off, comma lists, empty "
+        "for unset; secrets hidden), then check that Redis answers when WSSERVER_REDIS_URL "
+        "is set. Exit status: 0 fine, 2 a bad setting, 3 Redis does not answer.",
+    )
+    check.add_argument(
+        "--no-connect",
+        action="store_true",
+        help="check the settings only, without trying to reach Redis",
+    )
     check.set_defaults(func=_check_config)
     _add_client_commands(sub)
     return parser
@@ -399,7 +527,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if getattr(args, "gunicorn_args", None) and args.gunicorn_args[0] == "--":
         args.gunicorn_args = args.gunicorn_args[1:]
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except BrokenPipeError:  # `wsserver check-config | head -1`: the reader left, a normal end
+        _stdout_to_devnull()
+        return 0
+
+
+def _stdout_to_devnull() -> None:
+    """After a closed pipe: send what is left (the flush at exit) nowhere, quietly."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
 
 
 if __name__ == "__main__":

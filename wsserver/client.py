@@ -184,6 +184,27 @@ def _backoff(attempt: int, initial: float, maximum: float) -> float:
     return random.uniform(0.0, min(maximum, initial * (2 ** min(attempt, 32))))
 
 
+def _connection_failure(exc: BaseException) -> str:
+    """Why a connection could not be made, in a few words ("connection refused"): the
+    operating system's reason, found under the layers requests and urllib3 wrap it in."""
+    seen: set[int] = set()
+    stack: list[Any] = [exc]
+    while stack:
+        err = stack.pop()
+        if err is None or id(err) in seen:
+            continue
+        seen.add(id(err))
+        if isinstance(err, socket.gaierror):
+            return f"the host name does not resolve ({err.strerror or err})"
+        if isinstance(err, socket.timeout):
+            return "timed out connecting"
+        if isinstance(err, OSError) and err.errno:
+            return (err.strerror or str(err)).lower()
+        stack.extend([err.__cause__, err.__context__, getattr(err, "reason", None)])
+        stack.extend(a for a in getattr(err, "args", ()) if isinstance(a, BaseException))
+    return str(exc) or exc.__class__.__name__
+
+
 def _retry_after(value: str | None) -> float | None:
     """Seconds from a ``Retry-After`` header (delta-seconds or an HTTP date); None if absent
     or unreadable."""
@@ -321,10 +342,11 @@ class Publisher:
                 raise PublishError(None, "tls_error", str(exc)) from exc
             except requests.exceptions.ConnectionError as exc:  # also ConnectTimeout
                 if last:
+                    tries = f" ({attempts} attempts)" if attempts > 1 else ""
                     raise Unavailable(
                         None,
                         "unreachable",
-                        f"no connection to {self.url} after {attempts} attempts: {exc}",
+                        f"cannot reach {self.url}: {_connection_failure(exc)}{tries}",
                     ) from exc
                 self._wait(_backoff(attempt, self.backoff_initial, self.backoff_max))
                 continue
@@ -413,9 +435,13 @@ class Subscriber:
     notifications sent to everybody or to a user). On any disconnect it reconnects after an
     exponential backoff with full jitter and subscribes again with ``since``, so a server
     that keeps history can replay what was missed; one that cannot answers
-    ``"recovered": false``, which is reported to ``on_gap(room, reply)`` and kept in
-    :attr:`gaps`. Room-less notifications have no resume: after a reconnect,
-    ``on_gap(None, {"type": "reconnected", "room": None, "recovered": False, "since": id})``
+    ``"recovered": false``, which is reported to ``on_gap(room, info)`` and kept in
+    :attr:`gaps`: ``info`` is the server's reply with ``"since"`` (the id sent) and
+    ``"missed": None`` (unknown: none or many may be lost; the server's ``0`` there says
+    nothing). Every resume, recovered or not, is kept in :attr:`resumes` as (room, info); a
+    recovered one has ``"recovered": True`` and ``"missed"`` = the number replayed (0: nothing
+    was lost). Room-less notifications have no resume: after a reconnect, ``on_gap(None,
+    {"type": "reconnected", "room": None, "recovered": False, "missed": None, "since": id})``
     says some may have been missed. Close codes that mean "fix the client" (1002, 1007,
     1008 "too many invalid commands", 1009, 4001 with a fixed token; the table is
     :data:`wsserver.codes.CLOSE_ACTIONS`) and refused handshakes
@@ -489,10 +515,10 @@ class Subscriber:
         self.backoff_max = backoff_max
         self.connect_timeout = connect_timeout
         self.keepalive = keepalive
-
         self.state = "new"
         self.error: SubscriptionError | None = None
         self.last_close: tuple[int, str] | None = None  # (code, reason) of the last close seen
+        self.resumes: deque[tuple[str | None, dict]] = deque(maxlen=100)
         self.gaps: deque[tuple[str | None, dict]] = deque(maxlen=100)
         self.connects = 0  # successful handshakes so far
         self.last_failure: str | None = None  # why the last connection attempt or connection ended
@@ -744,7 +770,14 @@ class Subscriber:
             no_resume = self._last_ids.get(None) if reconnect else None
         if no_resume is not None:
             self._gap(
-                None, {"type": "reconnected", "room": None, "recovered": False, "since": no_resume}
+                None,
+                {
+                    "type": "reconnected",
+                    "room": None,
+                    "recovered": False,
+                    "missed": None,
+                    "since": no_resume,
+                },
             )
         self._check_ready()
         ping_out = False
@@ -824,6 +857,7 @@ class Subscriber:
             return
         room = reply.get("room")
         with self._lock:
+            since = self._last_ids.get(room) if isinstance(room, str) else None
             # replies come in command order (see _pump_locked), so the oldest in-flight
             # command is the one answered; error frames carry no room, hence the order
             command = self._inflight.popleft() if self._inflight else None
@@ -841,8 +875,8 @@ class Subscriber:
             ws = self._ws
             if ws is not None:
                 self._pump_locked(ws)
-        if kind == "subscribed" and reply.get("recovered") is False:
-            self._gap(room, reply)
+        if kind == "subscribed" and "recovered" in reply:
+            self._resumed(room, since, reply)
         elif kind == "error" and not transient:
             err = SubscriptionError(
                 str(reply.get("reason", "")), code=reply.get("code"), room=failed or "?"
@@ -919,6 +953,17 @@ class Subscriber:
         return ready
 
     # -- plumbing --------------------------------------------------------------------------
+
+    def _resumed(self, room: str | None, since: str | None, reply: dict) -> None:
+        """A resume answered: kept in :attr:`resumes`; a gap when history could not vouch.
+        The server says ``"missed": 0`` with ``"recovered": false`` (docs/protocol.md), but
+        then nothing is known of what was missed, none or many: reported as ``None``."""
+        recovered = reply.get("recovered") is True
+        missed = reply.get("missed") if recovered else None
+        info = {**reply, "since": since, "missed": missed}
+        self.resumes.append((room, info))
+        if not recovered:
+            self._gap(room, info)
 
     def _gap(self, room: str | None, info: dict) -> None:
         self.gaps.append((room, info))

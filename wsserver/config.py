@@ -15,7 +15,9 @@ gunicorn master applies to its final ``-w``), so each is written once.
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
+import math
 import os
 from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Mapping
@@ -30,10 +32,14 @@ __all__ = [
     "Setting",
     "Settings",
     "SettingsError",
+    "CLIENT_VARIABLES",
     "check_workers",
+    "environment_text",
     "load_public_key",
     "load_settings",
+    "redis_problem",
     "settings_markdown",
+    "unknown_variables",
 ]
 
 ENV_PREFIX = "WSSERVER_"
@@ -45,14 +51,17 @@ def _parse_bool(text: str) -> bool:
         return True
     if lowered in ("0", "false", "no", "off"):
         return False
-    raise ValueError("expected one of on/off, true/false, yes/no, 1/0")
+    raise ValueError("one of on/off, true/false, yes/no, 1/0")
 
 
 def _int_in(low: int, high: int) -> Callable[[str], int]:
     def parse(text: str) -> int:
-        value = int(text.strip())
+        try:
+            value = int(text.strip())
+        except ValueError:
+            value = low - 1  # not an integer: the same message as out of range
         if not low <= value <= high:
-            raise ValueError(f"expected an integer from {low} to {high}")
+            raise ValueError(f"an integer from {low} to {high}")
         return value
 
     return parse
@@ -60,9 +69,12 @@ def _int_in(low: int, high: int) -> Callable[[str], int]:
 
 def _float_in(low: float, high: float) -> Callable[[str], float]:
     def parse(text: str) -> float:
-        value = float(text.strip())
-        if not low <= value <= high:
-            raise ValueError(f"expected a number from {low} to {high}")
+        try:
+            value = float(text.strip())
+        except ValueError:
+            value = math.nan  # not a number: the same message as out of range
+        if not low <= value <= high:  # also refuses nan
+            raise ValueError(f"a number from {_number(low)} to {_number(high)}")
         return value
 
     return parse
@@ -72,7 +84,7 @@ def _choice(*options: str) -> Callable[[str], str]:
     def parse(text: str) -> str:
         value = text.strip().lower()
         if value not in options:
-            raise ValueError("expected one of " + ", ".join(options))
+            raise ValueError("one of " + ", ".join(options))
         return value
 
     return parse
@@ -81,7 +93,7 @@ def _choice(*options: str) -> Callable[[str], str]:
 def _host(text: str) -> str:
     value = text.strip()
     if not value or any(c.isspace() for c in value):
-        raise ValueError("expected a host name or IP address")
+        raise ValueError("a host name or IP address")
     return value
 
 
@@ -97,7 +109,9 @@ def _networks(text: str) -> tuple[str, ...]:
         try:
             networks.append(str(ipaddress.ip_network(part, strict=False)))
         except ValueError:
-            raise ValueError(f"{part!r} is not an IP address or CIDR network") from None
+            raise ValueError(
+                f"IP addresses or CIDR networks, comma-separated ({part!r} is neither)"
+            ) from None
     return tuple(networks)
 
 
@@ -109,9 +123,9 @@ def _pem(text: str) -> str:
         with open(value, encoding="ascii") as f:
             pem = f.read().strip()
     except OSError as exc:
-        raise ValueError(f"neither PEM text nor a readable PEM file ({exc.strerror})") from None
+        raise ValueError(f"PEM text or the path of a readable PEM file ({exc.strerror})") from None
     if not pem.startswith("-----BEGIN"):
-        raise ValueError("the file does not hold a PEM key")
+        raise ValueError("PEM text or the path of a PEM file (that file holds no PEM key)")
     return pem
 
 
@@ -121,8 +135,88 @@ def _readable_file(text: str) -> str:
         with open(value, "rb"):
             pass
     except OSError as exc:
-        raise ValueError(f"cannot read {value!r} ({exc.strerror})") from None
+        raise ValueError(f"the path of a readable file ({exc.strerror})") from None
     return value
+
+
+def _number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else str(value)
+
+
+_REDIS_SCHEMES = ("redis", "rediss", "unix")
+
+
+def _redis_url(text: str) -> str:
+    """A Redis URL checked for form only (reaching it is :func:`redis_problem`'s job):
+    scheme ``redis``/``rediss``/``unix``, a port and database number that are numbers, and
+    no query parameter redis-py does not know (redis-py would pass it on to the connection
+    and fail only when the server starts)."""
+    from urllib.parse import parse_qs, unquote, urlsplit
+
+    value = text.strip()
+    parts = urlsplit(value)
+    if parts.scheme.lower() not in _REDIS_SCHEMES or "://" not in value:
+        raise ValueError("a URL redis://host:port/db, rediss://... or unix:///path?db=N")
+    try:
+        parts.port  # noqa: B018 - raises on a port that is not a number
+    except ValueError:
+        raise ValueError("a URL whose port is a number from 0 to 65535") from None
+    query = parse_qs(parts.query, keep_blank_values=True)
+    unknown = sorted(set(query) - _redis_query_names(parts.scheme.lower()))
+    if unknown:
+        raise ValueError(f"a URL with no query parameter redis-py does not know ({unknown[0]!r})")
+    db = unquote(parts.path).strip("/") if parts.scheme.lower() != "unix" else ""
+    db = query["db"][0] if "db" in query else db
+    if db and not (db.isdigit() and db.isascii()):
+        raise ValueError(f"a URL whose database number is a whole number (not {db!r})")
+    if parts.scheme.lower() == "unix" and not parts.path:
+        raise ValueError("a unix:// URL naming the socket's path (unix:///run/redis.sock)")
+    try:
+        import redis.connection
+
+        redis.connection.parse_url(value)  # the values of known parameters, as redis-py reads them
+    except ValueError as exc:
+        raise ValueError(f"a URL redis-py can read ({exc})") from None
+    return value
+
+
+def _redis_query_names(scheme: str) -> set[str]:
+    import inspect
+
+    import redis.connection
+
+    names = set(redis.connection.URL_QUERY_ARGUMENT_PARSERS) | {"client_name", "username"}
+    if scheme == "rediss":
+        ssl_names = inspect.signature(redis.connection.SSLConnection).parameters
+        names |= {n for n in ssl_names if n.startswith("ssl_")}
+    return names
+
+
+def redis_problem(url: str, timeout: float = 2.0) -> str | None:
+    """Why Redis at ``url`` (already checked for form) cannot serve, in one sentence, or
+    ``None`` when it answers a PING. Unreachable and refusing (a database number past the
+    server's, a wrong password) are told apart: the fixes differ. The password never shows."""
+    import redis
+
+    client = redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
+    try:
+        client.ping()
+    except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+        why = _redact_url_password(str(exc) or exc.__class__.__name__, url)
+        return f"Redis at {ENV_PREFIX}REDIS_URL is unreachable: {why}"
+    except redis.RedisError as exc:
+        why = _redact_url_password(str(exc) or exc.__class__.__name__, url)
+        return f"Redis at {ENV_PREFIX}REDIS_URL answered but refused to serve: {why}"
+    finally:
+        client.close()
+    return None
+
+
+def _redact_url_password(text: str, url: str) -> str:
+    from urllib.parse import urlsplit
+
+    password = urlsplit(url).password
+    return text.replace(password, "***") if password else text
 
 
 def load_public_key(pem: str) -> Any:
@@ -327,7 +421,7 @@ class Settings:
         "error frame `busy`. Keeps the broadcast queue free for publishers.",
     )
     redis_url: str = _setting(
-        str,
+        _redis_url,
         "",
         "Redis for several workers/hosts and durable-ish history (e.g. redis://127.0.0.1:6379/0). "
         "Unset: the embedded in-memory broker (one worker).",
@@ -512,6 +606,11 @@ class Settings:
     def development(self) -> bool:
         return self.env == "development"
 
+    def environment_items(self) -> list[tuple[str, str]]:
+        """(environment name, value as the variable takes it) pairs, secrets masked: what
+        ``wsserver check-config`` prints, so a line can be pasted back as a variable."""
+        return [(name, environment_text(value)) for name, value in self.public_items()]
+
     def public_items(self) -> list[tuple[str, Any]]:
         """(environment name, value) pairs for display, secrets masked."""
         return [(s.env, _masked(s, getattr(self, s.name))) for s in SETTINGS]
@@ -530,6 +629,50 @@ def _masked(setting: Setting, value: Any) -> Any:
     if isinstance(value, tuple):
         return f"({len(value)} set, hidden)"
     return "(set, hidden)"
+
+
+def _shown_raw(setting: Setting, raw: str) -> str:
+    """A refused value as an error may show it: a secret never, a Redis URL without its
+    password."""
+    if setting.name == "redis_url":
+        return repr(_redact_url_password(raw, raw))
+    return "a value (hidden: it is a secret)" if setting.secret else repr(raw)
+
+
+def environment_text(value: Any) -> str:
+    """A setting's value written the way its variable takes it: ``on``/``off``, comma lists,
+    ``300`` rather than ``300.0``, empty for unset."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, tuple):
+        return ",".join(value)
+    if isinstance(value, float):
+        return _number(value)
+    return str(value)
+
+
+# variables of the ``wsserver notify``/``listen`` commands and the repository's scripts: not
+# server settings, but not typos either
+CLIENT_VARIABLES = ("API_KEY", "TOKEN", "URL")
+TOOL_VARIABLES = (
+    "PYTHON", "VENV", "UV_VENV", "LOWEST_VENV", "CONFORMANCE_VENV", "CONFORMANCE_BOOTSTRAP",
+)
+
+
+def unknown_variables(environ: Mapping[str, str] | None = None) -> list[str]:
+    """One warning per ``WSSERVER_*`` variable that nothing reads, naming the closest known
+    one: a misspelt setting would otherwise be silently ignored, its default used."""
+    environ = os.environ if environ is None else environ
+    known = [s.env for s in SETTINGS] + [ENV_PREFIX + n for n in CLIENT_VARIABLES]
+    ignored = set(known) | {ENV_PREFIX + n for n in TOOL_VARIABLES}
+    warnings = []
+    for name in sorted(environ):
+        if not name.startswith(ENV_PREFIX) or name in ignored:
+            continue
+        close = difflib.get_close_matches(name.upper(), known, n=1, cutoff=0.6)
+        hint = f"; did you mean {close[0]}?" if close else ""
+        warnings.append(f"{name} is not a wsserver variable and is ignored{hint}")
+    return warnings
 
 
 def settings_markdown() -> str:
@@ -573,7 +716,8 @@ def load_settings(
         try:
             values[setting.name] = setting.parse(raw)
         except ValueError as exc:
-            raise SettingsError(f"{setting.env}={raw!r} is not valid: {exc}") from None
+            shown = _shown_raw(setting, raw)
+            raise SettingsError(f"{setting.env} must be {exc}, got {shown}") from None
     for name, value in (overrides or {}).items():
         if name not in _BY_NAME:
             raise SettingsError(f"unknown setting {name!r}")

@@ -80,7 +80,14 @@ if _METRICS_DIR_OWNED:
         if os.getpid() == _MASTER_PID:
             shutil.rmtree(os.environ["PROMETHEUS_MULTIPROC_DIR"], ignore_errors=True)
 
-from wsserver.config import SettingsError, check_workers, load_settings  # noqa: E402
+from wsserver.cli import bind_problem  # noqa: E402
+from wsserver.config import (  # noqa: E402
+    SettingsError,
+    check_workers,
+    load_settings,
+    redis_problem,
+    unknown_variables,
+)
 from wsserver.logs import gunicorn_logconfig  # noqa: E402
 from wsserver.openness import development_warning  # noqa: E402
 
@@ -124,17 +131,13 @@ def on_starting(server):  # noqa: ANN001 - gunicorn hook signature
     except SettingsError as exc:
         sys.stderr.write(f"wsserver: {exc}\n")
         raise SystemExit(2) from None
-    if _settings.redis_url:
-        from wsserver.brokers.redis import check_redis
-
-        try:
-            check_redis(_settings.redis_url)
-        except Exception as exc:  # noqa: BLE001 - any failure to reach Redis stops the start
-            sys.stderr.write(
-                f"wsserver: Redis at WSSERVER_REDIS_URL is unreachable ({exc.__class__.__name__}: "
-                f"{_redact(str(exc))}); not starting. Start Redis or fix the URL.\n"
-            )
-            raise SystemExit(3) from None
+    for warning in unknown_variables():
+        server.log.warning("wsserver: %s", warning)
+    _refuse_taken_addresses(cfg)
+    problem = redis_problem(_settings.redis_url) if _settings.redis_url else None
+    if problem:
+        sys.stderr.write(f"wsserver: {problem}; not starting. Start Redis or fix the URL.\n")
+        raise SystemExit(3)
     if cfg.worker_class_str not in _THREAD_WORKERS:
         server.log.warning(
             "wsserver: worker class %r is not gthread; WebSockets need a thread each",
@@ -253,12 +256,18 @@ def child_exit(server, worker):  # noqa: ANN001
     multiprocess.mark_process_dead(worker.pid)
 
 
-def _redact(text: str) -> str:
-    """Error text without the URL's password."""
-    from urllib.parse import urlsplit
-
-    password = urlsplit(_settings.redis_url).password
-    return text.replace(password, "***") if password else text
+def _refuse_taken_addresses(cfg) -> None:  # noqa: ANN001
+    """Stop with one line when an address to bind is taken. gunicorn would try each bind 5
+    times a second apart, logging an ERROR each time, then exit. Probed here, in the master
+    before gunicorn binds (on_starting); skipped when gunicorn inherits its sockets (a
+    re-exec on USR2: GUNICORN_FD, systemd: LISTEN_FDS) or shares the port (reuse_port)."""
+    if os.environ.get("GUNICORN_FD") or os.environ.get("LISTEN_FDS") or cfg.reuse_port:
+        return
+    for address in cfg.address:
+        problem = bind_problem(address)
+        if problem:
+            sys.stderr.write(f"wsserver: {problem}\n")
+            raise SystemExit(1)
 
 
 def _bound_request_reads(worker, seconds: float) -> None:  # noqa: ANN001

@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 import uuid
 from pathlib import Path
 
@@ -206,7 +207,7 @@ def test_listen_reports_unrecoverable_since_and_exits_0_on_ctrl_c(server):
     proc, out, err = start_listen("--url", server.url, "--room", room, "--since", "7")
     try:
         wait_for(lambda: room_has_listener(server, room), timeout=30, message="listen subscribed")
-        wait_for(lambda: any('"recovered": false' in line for line in err.lines), timeout=30,
+        wait_for(lambda: any("may have been missed since 7" in line for line in err.lines), timeout=30,
                  message="the gap warning")
         server.notify({"event": "ping-me", "room": room})
         wait_for(lambda: out.lines, timeout=30, message="the notification printed")
@@ -369,3 +370,130 @@ def test_serve_dev_says_goodbye_with_1001_on_sigterm(dev_server):
     finally:
         ws.close()
     assert proc.wait(20) == 0
+
+
+# -- issue 15: the command as a user meets it ----------------------------------------------------
+
+
+def test_python_m_wsserver_and_version():
+    done = subprocess.run([sys.executable, "-m", "wsserver", "--version"], capture_output=True,
+                          text=True, timeout=60, check=False)
+    assert done.returncode == 0 and done.stdout.startswith("wsserver ")
+    for command in ("serve", "check-config", "notify", "listen"):
+        helped = subprocess.run([sys.executable, "-m", "wsserver", command, "--help"],
+                                capture_output=True, text=True, timeout=60, check=False)
+        assert helped.returncode == 0 and f"usage: wsserver {command}" in helped.stdout
+
+
+def _clean_env(**extra: str) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WSSERVER_")}
+    env.update(extra)
+    return env
+
+
+@pytest.mark.parametrize("how", ["serve", "gunicorn"])
+def test_a_taken_port_is_one_line_and_exit_1_at_once(how):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        if how == "serve":
+            argv = [*WSSERVER, "serve", "--host", "127.0.0.1", "--port", str(port)]
+        else:  # plain gunicorn with the shipped config: stopped by its on_starting hook
+            argv = [sys.executable, "-m", "gunicorn", "-c", "python:wsserver.gunicorn_conf",
+                    "-b", f"127.0.0.1:{port}", "wsserver:create_app()"]
+        started = time.monotonic()
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False,
+                              env=_clean_env(WSSERVER_THREADS="16", WSSERVER_HTTP_THREADS="8"))
+        took = time.monotonic() - started
+    assert done.returncode == 1, done.stderr
+    said = f"wsserver: cannot listen on 127.0.0.1:{port}: address already in use"
+    errors = [line for line in done.stderr.splitlines() if "[INFO]" not in line]
+    assert errors == [said]  # gunicorn said ERROR "Connection in use" 5 times over 5 s
+    assert "Retrying" not in done.stderr and took < 4, (took, done.stderr)
+
+
+def test_check_config_into_a_closed_pipe_ends_quietly():
+    """`wsserver check-config | head -1`: the reader leaves; no BrokenPipeError traceback."""
+    proc = subprocess.Popen([*WSSERVER, "check-config"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=_clean_env())
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()  # before it writes: every write meets a closed pipe
+    err = proc.stderr.read().decode()
+    assert proc.wait(30) == 0
+    assert "Traceback" not in err and "BrokenPipe" not in err and err == ""
+
+
+def test_check_config_with_a_redis_url_serve_refuses(tmp_path):
+    done = run("check-config", env={"WSSERVER_REDIS_URL": "http://x"})
+    assert done.returncode == 2
+    assert done.stderr.startswith("wsserver: WSSERVER_REDIS_URL must be a URL redis://")
+    done = run("check-config", env={"WSSERVER_TYPO": "1"})
+    assert done.returncode == 0
+    assert "WSSERVER_TYPO is not a wsserver variable and is ignored; did you mean" in done.stderr
+
+
+def test_listen_exits_1_saying_once_that_every_room_was_refused(server):
+    started = time.monotonic()
+    done = run("listen", "--url", server.url, "--room", "bad room", "--timeout", "20")
+    assert done.returncode == 1
+    assert time.monotonic() - started < 15  # it ended itself, not at --timeout
+    assert done.stderr.count("invalid_room") == 1, done.stderr
+    assert "the server refused the subscription" in done.stderr
+    assert "reconnecting" not in done.stderr
+
+
+def test_listen_with_one_good_room_of_two_keeps_listening(server):
+    room = room_name()
+    proc, out, err = start_listen("--url", server.url, "--room", "bad room", "--room", room,
+                                  "--count", "1", "--timeout", "30")
+    try:
+        wait_for(lambda: room_has_listener(server, room), timeout=30, message="listen subscribed")
+        server.notify({"event": "still-here", "room": room})
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    out.join(5)
+    err.join(5)
+    assert json.loads(out.lines[0])["event"] == "still-here"
+    assert sum("invalid_room" in line for line in err.lines) == 1  # a warning, once
+
+
+def test_notify_to_a_dead_port_is_one_sentence():
+    dead = f"http://127.0.0.1:{free_port()}"
+    done = run("notify", "--url", dead, "--event", "x", "--retries", "0")
+    assert done.returncode == 1
+    assert done.stderr == f"wsserver: cannot reach {dead}: connection refused\n"
+
+
+def test_serve_does_not_depend_on_the_current_directory(tmp_path):
+    """Run from a folder holding a ``wsserver/`` directory (here: an empty package), serve
+    still runs the installed wsserver (it failed with "Failed to find attribute 'create_app'")."""
+    (tmp_path / "wsserver").mkdir()
+    (tmp_path / "wsserver" / "__init__.py").write_text("")
+    port = free_port()
+    log_path = tmp_path / "serve.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([*WSSERVER, "serve", "--dev", "--port", str(port)], cwd=tmp_path,
+                                env=_clean_env(WSSERVER_THREADS="16", WSSERVER_HTTP_THREADS="8"),
+                                stdout=log, stderr=subprocess.STDOUT)
+
+    def ready() -> bool:
+        assert proc.poll() is None, log_path.read_text()
+        try:
+            return requests.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200
+        except requests.RequestException:
+            return False
+
+    try:
+        wait_for(ready, timeout=20, interval=0.05, message="wsserver serve from another folder")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+    assert "Failed to find attribute" not in log_path.read_text()
