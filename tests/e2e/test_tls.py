@@ -232,8 +232,8 @@ def test_aiohttp_ws_connect_over_wss(tls_server):
 NODE_CLIENT = textwrap.dedent("""
     const WebSocket = require('ws');
     const [url, ca] = process.argv.slice(1);
-    const ws = new WebSocket(url, {ca: require('fs').readFileSync(ca)});
-    ws.on('open', () => console.log('open'));
+    const ws = new WebSocket(url, ['wsserver.v1'], {ca: require('fs').readFileSync(ca)});
+    ws.on('open', () => console.log('open ' + ws.protocol));
     ws.on('message', (data) => { console.log('message ' + data); ws.ping('node'); });
     ws.on('pong', (data) => { console.log('pong ' + data); ws.close(1000); });
     ws.on('close', (code) => { console.log('close ' + code); process.exit(0); });
@@ -241,20 +241,27 @@ NODE_CLIENT = textwrap.dedent("""
 """)
 
 
+# where .ci/run installs Node's ws package (npm install --prefix), outside the repository
+NODE_MODULES = os.environ.get(
+    "WSSERVER_NODE_MODULES", os.path.expanduser("~/.cache/wsserver-node/node_modules"))
+NODE_ENV = {**os.environ, "NODE_PATH": NODE_MODULES}
+
+
 def _node_ws() -> bool:
     node = shutil.which("node")
     return bool(node) and subprocess.run(
-        [node, "-e", "require('ws')"], capture_output=True, cwd=ROOT, timeout=20
+        [node, "-e", "require('ws')"], capture_output=True, cwd=ROOT, timeout=20, env=NODE_ENV
     ).returncode == 0
 
 
-@pytest.mark.skipif(not _node_ws(), reason="Node's ws package is not installed")
+@pytest.mark.skipif(not _node_ws(), reason=f"Node's ws package is not installed (.ci/run: "
+                    f"npm install --prefix {os.path.dirname(NODE_MODULES)} ws@8)")
 def test_node_ws_over_wss(tls_server):
     proc = subprocess.Popen(["node", "-e", NODE_CLIENT, tls_server.ws_url, str(test_cert()[0])],
-                            cwd=ROOT, stdout=subprocess.PIPE, text=True)
+                            cwd=ROOT, stdout=subprocess.PIPE, text=True, env=NODE_ENV)
     try:
         assert proc.stdout is not None
-        assert proc.stdout.readline().strip() == "open"
+        assert proc.stdout.readline().strip() == "open wsserver.v1"
         posted(tls_server, "to node")
         lines = [proc.stdout.readline().strip() for _ in range(3)]
         assert json.loads(lines[0].split(" ", 1)[1])["message"] == "to node"
