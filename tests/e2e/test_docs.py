@@ -192,7 +192,8 @@ SERVER_BLOCKS = [
 ]
 
 
-@pytest.mark.parametrize("file, first", SERVER_BLOCKS, ids=[f"{f}:{t[:24]}" for f, t in SERVER_BLOCKS])
+@pytest.mark.parametrize("file, first", SERVER_BLOCKS,
+                         ids=[f"{f}:{t[:24]}" for f, t in SERVER_BLOCKS])
 def test_server_blocks(file, first, tmp_path):
     """Each line of each block serves, as written (ports and paths aside), in production
     mode, without the keep-alive warning (README's ``--threads 5000`` once turned it off)."""
@@ -222,7 +223,8 @@ def test_readme_scripts(tmp_path):
     pytest with its arguments, with a virtualenv already set up (the "fast when run again"
     path; setting one up is ``pip install``, run by test_deploy_install)."""
     text = block("README.md", "./scripts/serve   #")
-    assert [c.split("#")[0].strip() for c in commands(text)] == ["./scripts/serve", "./scripts/test"]
+    lines = [c.split("#")[0].strip() for c in commands(text)]
+    assert lines == ["./scripts/serve", "./scripts/test"]
     venv = tmp_path / "venv"
     venv.mkdir()
     shutil.copy(VENV_BIN.parent / "pyvenv.cfg", venv / "pyvenv.cfg")
