@@ -169,3 +169,46 @@ def test_the_http_handler_is_registered_for_every_http_exception(app):
     werkzeug's routing, by ``abort``, by a request body check) gets the JSON shape."""
     handlers = app.error_handler_spec[None][None]
     assert HTTPException in handlers and Exception in handlers
+
+
+# -- one shape on the wire (the same from /notify, the worker and gunicorn's parser errors:
+# e2e/test_errors.py reads them off raw sockets) ------------------------------------------------
+
+
+@pytest.mark.parametrize("path, method, status, phrase", [
+    ("/nowhere", "get", 404, "Not Found"),
+    ("/healthz", "delete", 405, "Method Not Allowed"),
+    ("/rooms", "get", 401, "Unauthorized"),
+])
+def test_flask_errors_have_python_reason_phrases_and_compact_ordered_bodies(
+        make_app, path, method, status, phrase):
+    client = make_app(env="production", api_keys="k" * 32).test_client()
+    response = getattr(client, method)(path)
+    assert response.status == f"{status} {phrase}"  # not werkzeug's "401 UNAUTHORIZED"
+    body = response.get_data()
+    assert body.startswith(b'{"error":"') and not body.endswith(b"\n"), body
+    assert list(json.loads(body)) == ["error", "code"]
+
+
+def test_a_success_has_the_same_status_line_style(client):
+    assert client.get("/healthz").status == "200 OK"
+
+
+def test_a_refusals_extra_fields_come_after_error_and_code():
+    from wsserver.exceptions import Refusal
+
+    refusal = Refusal(400, "bad_request", "no")
+    refusal.fields = {"supported": ["wsserver.v1"], "code": "not this one"}
+    _, _, document = errors.refusal_answer(refusal, "127.0.0.1", audited=False)
+    assert list(document) == ["error", "code", "supported"] and document["code"] == "bad_request"
+
+
+def test_http_error_bytes_is_a_whole_closing_answer():
+    raw = errors.http_error_bytes(431, "request_head_too_large", 'a "quoted" reason')
+    head, _, body = raw.partition(b"\r\n\r\n")
+    lines = head.decode().split("\r\n")
+    assert lines[0] == "HTTP/1.1 431 Request Header Fields Too Large"
+    assert "Connection: close" in lines and "Content-Type: application/json" in lines
+    assert f"Content-Length: {len(body)}" in lines
+    assert body == b'{"error":"a \\"quoted\\" reason","code":"request_head_too_large"}'
+    assert errors.status_line(599) == "599 Unknown"

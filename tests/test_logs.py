@@ -69,3 +69,38 @@ def test_gunicorn_logconfig_only_for_json():
     assert config["formatters"]["json"]["()"] == "wsserver.logs.JsonFormatter"
     assert config["loggers"]["gunicorn.error"]["level"] == "WARNING"
     assert config["version"] == 1
+
+
+# -- one text line shape and timestamp, gunicorn's and ours ------------------------------------
+
+TEXT_LINE = r"\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3} [+-]\d{4}\] \[\d+\] \[[A-Z]+\] [\w.]+: "
+
+
+def test_a_text_line_has_one_timestamp_shape():
+    import re
+
+    line = logs.TextFormatter().format(_record())
+    assert re.match(TEXT_LINE + "hello world$", line), line
+
+
+def test_gunicorn_logger_writes_its_error_log_in_our_text_lines(capsys):
+    """gunicorn's own error-log handler is given :class:`logs.TextFormatter` (in text mode),
+    and keeps it after a second ``setup`` (a config reload)."""
+    import re
+
+    from gunicorn.config import Config
+
+    cfg = Config()
+    cfg.set("errorlog", "-")
+    logger = logs.GunicornLogger(cfg)
+    try:
+        logger.setup(cfg)
+        logger.info("Listening at: %s", "http://127.0.0.1:1")
+    finally:
+        for log in (logger.error_log, logger.access_log):
+            for handler in list(log.handlers):
+                log.removeHandler(handler)
+    err = capsys.readouterr().err.strip()
+    assert re.match(TEXT_LINE + "Listening at: http://127.0.0.1:1$", err), err
+    assert "gunicorn.error: " in err
+

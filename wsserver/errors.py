@@ -9,6 +9,12 @@ answer: status, headers (``Retry-After``, ``WWW-Authenticate``, ``Sec-WebSocket-
 ``Allow``), the JSON body, and the :func:`wsserver.audit.refused` line. Flask code (the ``/ws``
 hook, the views, the handler here) answers with :func:`refusal_response`; plain WSGI code
 (``POST /notify``, served below Flask) with :func:`wsgi_refusal`. Both call it.
+
+One shape on the wire, whoever answers (Flask routes, ``/notify``, the worker's own 408/431/503
+and gunicorn's parser errors, see :func:`http_error_bytes`): the status line with Python's
+reason phrase (``401 Unauthorized``, not werkzeug's ``401 UNAUTHORIZED``), and a compact JSON
+body ``{"error":...,"code":...}`` in that order, a refusal's extra fields after them, no
+trailing newline (:func:`encode_document`).
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ from collections.abc import Callable
 from http import HTTPStatus
 from typing import Any
 
-from flask import Flask, Response, jsonify, request
+from flask import Flask, Response, request
 from werkzeug.exceptions import HTTPException
 from werkzeug.routing import WebsocketMismatch
 
@@ -27,11 +33,14 @@ from . import audit
 from .exceptions import Refusal
 
 __all__ = [
+    "encode_document",
     "error_document",
+    "http_error_bytes",
     "init_app",
     "json_error",
     "refusal_answer",
     "refusal_response",
+    "status_line",
     "wsgi_json",
     "wsgi_refusal",
 ]
@@ -62,11 +71,40 @@ def error_document(code: str, reason: str) -> dict[str, str]:
     return {"error": reason, "code": code}
 
 
+def encode_document(document: dict[str, Any]) -> bytes:
+    """The bytes of a JSON error body: compact, keys in the order given, no newline."""
+    return json.dumps(document, separators=(",", ":")).encode()
+
+
+def status_line(status: int) -> str:
+    """``"401 Unauthorized"``: the status with Python's reason phrase (``http.HTTPStatus``),
+    the style of every answer wsserver or its worker writes."""
+    try:
+        return f"{status} {HTTPStatus(status).phrase}"
+    except ValueError:
+        return f"{status} Unknown"
+
+
+def http_error_bytes(status: int, code: str, reason: str) -> bytes:
+    """A whole HTTP/1.1 error answer that closes the connection, for the worker's answers
+    written before any WSGI app runs (a pending request cut, a parser error)."""
+    body = encode_document(error_document(code, reason))
+    head = (
+        f"HTTP/1.1 {status_line(status)}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    )
+    return head.encode("latin-1") + body
+
+
+def _flask_json(status: int, document: dict[str, Any]) -> Response:
+    return Response(
+        encode_document(document), status=status_line(status), mimetype="application/json"
+    )
+
+
 def json_error(status: int, code: str, reason: str) -> Response:
     """An error answer that is not a refusal (a server fault, a client gone)."""
-    response = jsonify(error_document(code, reason))
-    response.status_code = status
-    return response
+    return _flask_json(status, error_document(code, reason))
 
 
 def refusal_answer(
@@ -77,14 +115,15 @@ def refusal_answer(
     refused request, in Flask or plain WSGI, is built here."""
     if audited:
         audit.refused(str(exc.code), remote or "?", exc.detail)
-    return exc.status, exc.headers, {**exc.fields, **error_document(str(exc.code), exc.reason)}
+    document = error_document(str(exc.code), exc.reason)
+    document.update((k, v) for k, v in exc.fields.items() if k not in document)
+    return exc.status, exc.headers, document
 
 
 def refusal_response(exc: Refusal, audited: bool = True) -> Response:
     """:func:`refusal_answer` as a Flask response, for the request being served."""
     status, headers, document = refusal_answer(exc, request.remote_addr, audited)
-    response = jsonify(document)
-    response.status_code = status
+    response = _flask_json(status, document)
     response.headers.extend(headers)
     return response
 
@@ -101,15 +140,21 @@ def wsgi_json(
     start_response: Callable, status: int, document: dict | None, headers: list[Header]
 ) -> list[bytes]:
     """A WSGI answer with a compact JSON body (none when ``document`` is None)."""
-    body = b"" if document is None else json.dumps(document, separators=(",", ":")).encode()
+    body = b"" if document is None else encode_document(document)
     if document is not None:
         headers.append(("Content-Type", "application/json"))
     headers.append(("Content-Length", str(len(body))))
-    start_response(f"{status} {HTTPStatus(status).phrase}", headers)
+    start_response(status_line(status), headers)
     return [body]
 
 
 def init_app(app: Flask) -> None:
+    @app.after_request
+    def _status_phrase(response: Response) -> Response:
+        # werkzeug writes "401 UNAUTHORIZED"; every other answer says "401 Unauthorized"
+        response.status = status_line(response.status_code)
+        return response
+
     @app.errorhandler(HTTPException)
     def _http_error(exc: HTTPException) -> Response:
         status = exc.code or 500

@@ -8,7 +8,8 @@ Why each choice (measured traps, see docs/design.md):
   so ``threads`` is the connection capacity plus ``WSSERVER_HTTP_THREADS`` kept for HTTP; the
   app refuses upgrades past that budget with 503, so ``GET /`` and ``POST /notify`` always
   find a thread;
-* ``worker_connections`` well above ``threads``: at or below it gthread turns keep-alive off;
+* ``worker_connections`` well above ``threads``: at or below it gthread turns keep-alive off
+  (``on_starting`` recomputes it from the final ``--threads`` unless it was given too);
   the worker keeps connections still sending their request (``WSSERVER_MAX_PENDING``) from
   ever taking the count to ``worker_connections``, where gthread stops accepting;
 * no control socket: gunicorn 27 shares one path machine-wide, parallel servers collide;
@@ -52,6 +53,7 @@ __all__ = [
     "keepalive",
     "keyfile",
     "logconfig_dict",
+    "logger_class",
     "loglevel",
     "on_starting",
     "post_fork",
@@ -114,6 +116,8 @@ timeout = 30
 graceful_timeout = int(_settings.shutdown_timeout) + 5
 loglevel = _settings.log_level
 logconfig_dict = gunicorn_logconfig(_settings.log_level, _settings.log_format) or {}
+# gunicorn's error log in wsserver's text lines (one timestamp format in the whole log)
+logger_class = "wsserver.logs.GunicornLogger"
 control_socket_disable = True
 errorlog = "-"
 # the path without the query string: connection tokens travel in ?token= and must not be logged
@@ -152,6 +156,7 @@ def on_starting(server):  # noqa: ANN001 - gunicorn hook signature
             cfg.worker_class_str,
             worker_class,
         )
+    _follow_threads(cfg)
     if cfg.worker_connections <= cfg.threads:
         server.log.warning(
             "wsserver: --worker-connections (%d) <= --threads (%d) turns HTTP keep-alive off",
@@ -166,6 +171,17 @@ def on_starting(server):  # noqa: ANN001 - gunicorn hook signature
     warning = development_warning(_settings, cfg.address)
     if warning:
         server.log.warning("%s", warning)
+
+
+def _follow_threads(cfg) -> None:  # noqa: ANN001
+    """``worker_connections`` = the final ``threads`` + 1000, unless it was set on its own.
+
+    Why here: this module computes it at import from ``WSSERVER_THREADS``, before gunicorn
+    applies its command line, so ``--threads 5000`` alone would leave it at 2100 and turn
+    keep-alive off. Hooks see the final values. A ``--worker-connections`` (or a value other
+    than the one computed here) is the user's and stays."""
+    if cfg.worker_connections == worker_connections and cfg.threads != threads:
+        cfg.set("worker_connections", cfg.threads + 1000)
 
 
 def post_fork(server, worker):  # noqa: ANN001

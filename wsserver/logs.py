@@ -1,7 +1,11 @@
 """Logging set-up: standard ``logging``, as text lines or JSON lines (``WSSERVER_LOG_FORMAT``).
 
 Why here: the app factory configures the ``wsserver`` loggers and the gunicorn config
-configures gunicorn's (error and access), and both must agree on the format.
+configures gunicorn's (error and access), and both must agree on the format. In text, one
+line shape and one timestamp for both: ``[2026-11-30 09:39:32.057 +0000] [pid] [LEVEL]
+logger: message`` (:class:`TextFormatter`); gunicorn's own error-log formatter (seconds, no
+logger name) is replaced by :class:`GunicornLogger`, the ``logger_class`` the shipped config
+names.
 """
 
 from __future__ import annotations
@@ -11,9 +15,46 @@ import logging
 import time
 from typing import Any
 
-__all__ = ["JsonFormatter", "TEXT_FORMAT", "configure", "gunicorn_logconfig"]
+from gunicorn.glogging import Logger as _GunicornLogger
+
+__all__ = [
+    "GunicornLogger",
+    "JsonFormatter",
+    "TEXT_FORMAT",
+    "TextFormatter",
+    "configure",
+    "gunicorn_logconfig",
+]
 
 TEXT_FORMAT = "[%(asctime)s] [%(process)d] [%(levelname)s] %(name)s: %(message)s"
+
+
+class TextFormatter(logging.Formatter):
+    """:data:`TEXT_FORMAT` with one timestamp shape: local time to the millisecond with its UTC
+    offset (``2026-11-30 09:39:32.057 +0000``), gunicorn's offset and our milliseconds."""
+
+    def __init__(self) -> None:
+        super().__init__(TEXT_FORMAT)
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:  # noqa: N802
+        local = time.localtime(record.created)
+        return (
+            time.strftime("%Y-%m-%d %H:%M:%S", local)
+            + f".{int(record.msecs):03d}"
+            + time.strftime(" %z", local)
+        )
+
+
+class GunicornLogger(_GunicornLogger):
+    """gunicorn's logger with its error log in :class:`TextFormatter`'s lines (in JSON mode the
+    ``logconfig_dict`` has already replaced that handler). ``setup`` runs again on every config
+    reload (SIGHUP), so the formatter follows."""
+
+    def setup(self, cfg: Any) -> None:
+        super().setup(cfg)
+        handler = self._get_gunicorn_handler(self.error_log)
+        if handler is not None:
+            handler.setFormatter(TextFormatter())
 
 
 class JsonFormatter(logging.Formatter):
@@ -34,7 +75,7 @@ class JsonFormatter(logging.Formatter):
 
 
 def _formatter(fmt: str) -> logging.Formatter:
-    return JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT)
+    return JsonFormatter() if fmt == "json" else TextFormatter()
 
 
 def configure(level: str, fmt: str) -> None:

@@ -19,7 +19,6 @@ WebSocket by then; nothing relies on the interpreter joining pool threads at exi
 from __future__ import annotations
 
 import errno
-import json
 import queue
 import selectors
 import socket
@@ -31,12 +30,13 @@ from http import HTTPStatus
 from typing import Any, Callable
 
 from gunicorn import http
+from gunicorn import util as gunicorn_util
 from gunicorn.workers.gthread import _DEFER, STOP_KEEPALIVE_LINGER, TConn
 from gunicorn.workers.gthread import ThreadWorker as _GthreadWorker
 
 from . import audit
 from .config import load_settings
-from .errors import error_document
+from .errors import http_error_bytes
 from .intake import LingeringCloses, PendingConnections, request_end
 
 __all__ = ["WEBSOCKET_STARTED", "DaemonThreadPool", "ThreadWorker"]
@@ -356,13 +356,9 @@ class ThreadWorker(_GthreadWorker):
         connection must be untracked and unregistered already."""
         self.nr_conns -= 1
         conn.head = None
-        body = json.dumps(error_document(code, reason)).encode()
-        head = (
-            f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
-        ).encode("latin-1")
         try:
-            conn.sock.send(head + body)  # non-blocking: a fresh socket's buffer takes it
+            # non-blocking: a fresh socket's buffer takes it
+            conn.sock.send(http_error_bytes(status, code, reason))
         except OSError:
             pass
         self._linger(conn)
@@ -372,6 +368,23 @@ class ThreadWorker(_GthreadWorker):
             conn.close(graceful=True)
         else:
             self._lingering.add(conn.sock)
+
+    def handle_error(self, req: Any, client: Any, addr: Any, exc: BaseException) -> None:
+        """gunicorn's error answer (a bad request line or header: 400, 414, 431, ...; an
+        exception escaping the app: 500) as JSON in wsserver's shape instead of its HTML page.
+
+        gunicorn's own ``handle_error`` still decides the status, logs and writes the access
+        line; only the page it writes is caught (:class:`_Written`) and replaced."""
+        written = _Written()
+        super().handle_error(req, written, addr, exc)
+        status = written.status()
+        if status is None:
+            return
+        code, reason = _parser_error(status, exc)
+        try:
+            gunicorn_util.write_nonblock(client, http_error_bytes(status, code, reason))
+        except Exception:  # noqa: BLE001 - as gunicorn: the client may be gone
+            self.log.debug("Failed to send error message.")
 
     # -- requests on pool threads: the deadline --------------------------------------------
 
@@ -463,6 +476,44 @@ class ThreadWorker(_GthreadWorker):
         self._cut_overdue(now)
         if self._lingering is not None:
             self._lingering.reap(now)
+
+
+class _Written:
+    """Stands in for the client socket while gunicorn writes its HTML error page, to learn the
+    status it chose (the page itself is dropped)."""
+
+    def __init__(self) -> None:
+        self.data = b""
+
+    def gettimeout(self) -> float:
+        return 0.0  # gunicorn's write_nonblock then writes without touching blocking mode
+
+    def sendall(self, data: bytes) -> None:
+        self.data += data
+
+    def status(self) -> int | None:
+        parts = self.data.split(b"\r\n", 1)[0].split(b" ", 2)
+        return int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else None
+
+
+_PARSER_CODES = {
+    400: "bad_request",
+    403: "forbidden",
+    414: "request_line_too_long",
+    417: "expectation_failed",
+    431: "request_head_too_large",
+    500: "internal_error",
+    501: "not_implemented",
+}
+
+
+def _parser_error(status: int, exc: BaseException) -> tuple[str, str]:
+    """(code, reason) for an error gunicorn answered before the app: the code by status, the
+    reason gunicorn's exception gives (never a server fault's text)."""
+    code = _PARSER_CODES.get(status, "http_error")
+    if status >= 500:
+        return code, "internal server error"
+    return code, f"{HTTPStatus(status).phrase}: {exc}" if str(exc) else HTTPStatus(status).phrase
 
 
 def _mark_websocket(conn: _Conn) -> None:

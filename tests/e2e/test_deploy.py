@@ -1,5 +1,7 @@
 """docs/deploy.md's nginx config is real: `nginx -t` accepts it, and a real nginx built from it
-proxies WebSockets and HTTP to a real wsserver (over TLS, with a throw-away certificate)."""
+proxies WebSockets and HTTP to a real wsserver (over TLS, with a throw-away certificate). Its
+systemd unit is real too: `systemd-analyze verify` accepts it, and its environment, environment
+file and `ExecStart` run a server that stops cleanly on the unit's `KillSignal`."""
 
 from __future__ import annotations
 
@@ -7,11 +9,16 @@ import contextlib
 import datetime
 import http.client
 import json
+import os
 import re
+import resource
+import shlex
 import shutil
 import signal
 import ssl
 import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import requests
@@ -19,8 +26,12 @@ import websocket
 from support import ROOT, free_port, wait_for
 
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
-pytestmark = pytest.mark.skipif(not shutil.which("nginx") and not __import__("os").path.exists(NGINX),
-                                reason="nginx is not installed (.ci/run installs nginx-light)")
+needs_nginx = pytest.mark.skipif(
+    not shutil.which("nginx") and not os.path.exists(NGINX),
+    reason="nginx is not installed (.ci/run installs nginx-light)",
+)
+SYSTEMD_ANALYZE = shutil.which("systemd-analyze")
+VENV_BIN = Path(sys.executable).parent
 
 
 def deploy_server_block() -> str:
@@ -66,6 +77,7 @@ def nginx_conf(tmp_path, upstream_port: int, listen_port: int) -> str:
     return str(conf)
 
 
+@needs_nginx
 def test_nginx_accepts_the_documented_config(tmp_path):
     conf = nginx_conf(tmp_path, 8080, free_port())
     result = subprocess.run([NGINX, "-t", "-c", conf, "-p", str(tmp_path)], capture_output=True,
@@ -101,6 +113,7 @@ def documented_nginx(server, tmp_path):
             proc.wait(5)
 
 
+@needs_nginx
 def test_websocket_and_http_through_the_documented_nginx(make_server, tmp_path):
     server = make_server({"WSSERVER_ENV": "development"})
     with documented_nginx(server, tmp_path) as base:
@@ -121,6 +134,7 @@ def test_websocket_and_http_through_the_documented_nginx(make_server, tmp_path):
         assert "secret-in-the-query" not in text and "token" not in text, text
 
 
+@needs_nginx
 def test_behind_the_documented_nginx_the_readme_settings_hold(make_server, tmp_path):
     """Production behind nginx on the same host. Without API keys a proxied request is never
     loopback (403); with the README's settings (keys, the proxy trusted) a key publishes and
@@ -152,3 +166,100 @@ def test_behind_the_documented_nginx_the_readme_settings_hold(make_server, tmp_p
         wait_for(lambda: "refused 127.0.0.2: missing_api_key" in server.log(),
                  message="the audit line names the address nginx saw")
         assert "refused 198.51.100.7" not in server.log()
+
+
+# -- the systemd unit -------------------------------------------------------------------------
+
+
+def documented_unit() -> str:
+    text = (ROOT / "docs" / "deploy.md").read_text()
+    block = re.search(r"```ini\n(.*?)```", text, re.S)
+    assert block, "docs/deploy.md has a systemd unit (an ini block)"
+    return block.group(1)
+
+
+def unit_entries(unit: str) -> list[tuple[str, str, str]]:
+    """(section, key, value) as systemd reads a unit: ``#`` and ``;`` start a comment only at
+    the start of a line; a value is everything after ``=``, a trailing ``# ...`` included."""
+    section, entries = "", []
+    for raw in unit.splitlines():
+        line = raw.strip()
+        if not line or line[0] in "#;":
+            continue
+        if line.startswith("["):
+            section = line.strip("[]")
+            continue
+        key, sep, value = line.partition("=")
+        assert sep, f"not a key=value line: {raw!r}"
+        entries.append((section, key.strip(), value.strip()))
+    return entries
+
+
+def test_systemd_analyze_verifies_the_documented_unit(tmp_path):
+    if SYSTEMD_ANALYZE is None:
+        pytest.skip("systemd-analyze is not installed (Debian: the systemd package)")
+    unit = tmp_path / "wsserver.service"
+    # ExecStart must name an executable that exists; the rest is verified as written
+    unit.write_text(documented_unit().replace("/opt/wsserver/venv/bin/", f"{VENV_BIN}/"))
+    result = subprocess.run([SYSTEMD_ANALYZE, "verify", str(unit)], capture_output=True,
+                            text=True, timeout=60)
+    complaints = [line for line in (result.stdout + result.stderr).splitlines()
+                  if "wsserver.service" in line]
+    assert result.returncode == 0 and not complaints, result.stdout + result.stderr
+
+
+def test_the_documented_unit_runs_a_server(tmp_path):
+    """What systemd would run: the unit's Environment= values, its EnvironmentFile (whose
+    whole value is the path: no room for a comment), its ExecStart (from a test virtualenv),
+    its LimitNOFILE; then GET /, the API keys from the secrets file in force, no keep-alive
+    warning, and a clean exit within TimeoutStopSec after KillSignal."""
+    entries = unit_entries(documented_unit())
+    service = [(k, v) for s, k, v in entries if s == "Service"]
+    env = {"PATH": f"{VENV_BIN}:/usr/bin:/bin", "PYTHONPATH": str(ROOT)}
+    for key, value in service:
+        if key == "Environment":
+            env.update(item.split("=", 1) for item in shlex.split(value))
+    files = [v.removeprefix("-") for k, v in service if k == "EnvironmentFile"]
+    assert files, "the unit reads its secrets from an EnvironmentFile"
+    key = "k" * 32
+    for path in files:
+        assert os.path.isabs(path) and not re.search(r"\s", path), (
+            f"EnvironmentFile={path!r}: systemd takes the whole value as the path")
+        local = tmp_path / Path(path).name
+        local.write_text(f"WSSERVER_API_KEYS={key}\nWSSERVER_JWT_SECRET={'s' * 40}\n")
+        env.update(line.split("=", 1) for line in local.read_text().splitlines())
+    port = free_port()
+    env["WSSERVER_PORT"] = str(port)
+    settings = dict(service)
+    command = shlex.split(settings["ExecStart"].replace("/opt/wsserver/venv/bin/", f"{VENV_BIN}/"))
+    nofile = int(settings["LimitNOFILE"])
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    limit = nofile if hard == resource.RLIM_INFINITY else min(nofile, hard)
+    log = tmp_path / "unit.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            command, cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT,
+            preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (limit, hard)),
+        )
+    try:
+        base = f"http://127.0.0.1:{port}"
+
+        def up() -> bool:
+            assert proc.poll() is None, log.read_text()
+            try:
+                return requests.get(base + "/", timeout=1).status_code == 200
+            except requests.RequestException:
+                return False
+
+        wait_for(up, timeout=30, message="the unit's server")
+        body = {"event": "deployed"}
+        assert requests.post(base + "/notify", json=body, timeout=5).status_code == 401
+        answer = requests.post(base + "/notify", json=body, timeout=5,
+                               headers={"Authorization": f"Bearer {key}"})
+        assert answer.status_code == 200, answer.text
+    finally:
+        proc.send_signal(getattr(signal, settings["KillSignal"]))
+        code = proc.wait(int(settings["TimeoutStopSec"]))
+    text = log.read_text()
+    assert code == 0, text
+    assert "turns HTTP keep-alive off" not in text and "Traceback" not in text, text
