@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import queue
 import selectors
+import signal
 import socket
 import threading
 import time
@@ -202,6 +204,20 @@ class ThreadWorker(_GthreadWorker):
             super().run()
         finally:
             self._lingering.close_all()
+
+    def is_parent_alive(self) -> bool:
+        """gthread asks after every poll (at most 1 s apart). When the master is gone
+        (SIGKILLed), gthread would stop accepting but keep the listeners bound while it
+        waits ``graceful_timeout`` for open WebSockets, so a new server could not bind the
+        port for seconds. An orphan closes its listeners at once (the port is free) and
+        shuts down as on SIGTERM: wsserver's hook closes every client with 1001."""
+        if super().is_parent_alive():
+            return True
+        self.set_accept_enabled(False)
+        for listener in self.sockets:
+            listener.close()
+        os.kill(os.getpid(), signal.SIGTERM)  # our SIGTERM hook, on this thread at once
+        return False
 
     # -- accept and the request head, in the poller ------------------------------------------
 
