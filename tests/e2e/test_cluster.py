@@ -243,23 +243,20 @@ def expected_rooms(plans: Iterable[tuple[tuple[str, ...], bool]]) -> dict[str, i
 
 def wait_cluster(ask: list[Callable[[], dict]], workers: int, clients: int,
                  rooms: dict[str, int]) -> None:
-    """Wait until ``GET /`` reports the whole cluster (each worker reports every 0.25 s),
-    asking each of ``ask`` in turn (pinned connections stay busy, so they stay open)."""
-    turn = [0]
-
-    def health() -> dict:
-        turn[0] += 1
-        return ask[turn[0] % len(ask)]()
+    """Wait until ``GET /`` reports the whole cluster on every one of ``ask`` in one round
+    (each worker reports every 0.25 s and reads the others' reports as often, so one worker
+    may see a change up to half a second before another)."""
+    last: list[dict] = []
 
     def matches() -> bool:
-        cluster = health().get("cluster")
-        return bool(cluster) and cluster["workers"] == workers and cluster["clients"] == clients \
-            and cluster["rooms"] == rooms
+        last[:] = [health().get("cluster") or {} for health in ask]
+        return all(c.get("workers") == workers and c.get("clients") == clients
+                   and c.get("rooms") == rooms for c in last)
 
     try:
         wait_for(matches, timeout=15, interval=0.1, message="the cluster counts")
     except AssertionError:
-        raise AssertionError(f"cluster counts never matched: {health().get('cluster')}")
+        raise AssertionError(f"cluster counts never matched: {last}")
 
 
 def notification(seq: int, targets: tuple[str, ...] | None) -> dict:
