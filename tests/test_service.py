@@ -105,3 +105,111 @@ def test_a_new_connection_carries_its_identity_and_command_bucket(served):
     conn, _ = s.connect(identity=identity)
     assert conn.identity is identity and conn.user == "carol"
     assert conn.commands.rate == 3 and conn.commands.burst == 4 * 5 + 2 * 3
+
+
+# -- several workers are one service (Redis) -------------------------------------------------
+
+REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+@pytest.fixture
+def redis_workers(served):
+    """``workers(n)``: n started services ("workers") on one Redis and one key prefix of this
+    test's own, deleted afterwards."""
+    import uuid
+
+    import redis
+
+    prefix = f"wstest-{uuid.uuid4().hex[:10]}"
+    yield lambda n: [served(redis_url=REDIS_URL, redis_prefix=prefix) for _ in range(n)]
+    client = redis.Redis.from_url(REDIS_URL)
+    keys = list(client.scan_iter(f"{prefix}*"))
+    if keys:
+        client.delete(*keys)
+    client.close()
+
+
+def _census(s) -> tuple:
+    _mine, cluster = s.service.census()
+    return None if cluster is None else (cluster.workers, cluster.clients, cluster.rooms,
+                                         cluster.users)
+
+
+def _wait_within(predicate, limit: float, what: str) -> float:
+    """Wait (at most 5 s) for ``predicate``; fail unless it held within ``limit`` s."""
+    from support import wait_for
+
+    start = time.monotonic()
+    wait_for(predicate, timeout=5, interval=0.01, message=what)
+    took = time.monotonic() - start
+    assert took <= limit, f"{what}: took {took:.2f}s, more than {limit}s"
+    return took
+
+
+@pytest.mark.timeout(30)
+def test_workers_on_one_redis_count_as_one_service(redis_workers):
+    a, b = redis_workers(2)
+    for s in (a, b):
+        s.service.broker.wait_ready(5)
+    u1 = Identity("u1", time.time() + 600)
+    conns_a = [a.connect(identity=u1)[0], a.connect()[0], a.connect()[0]]
+    conns_b = [b.connect(identity=u1)[0], b.connect()[0]]
+    for conn in conns_a[:2]:
+        a.service.hub.subscribe(conn, "x")
+    b.service.hub.subscribe(conns_b[0], "x")
+    want = (2, 5, {"x": 3}, {"u1": 2})
+    _wait_within(lambda: _census(a) == want and _census(b) == want, 1.0, "both see 5 clients")
+
+    # POST /notify's clients: the audience across both workers, this worker's beside it
+    for note, total, mine in ((Notification("e", "", 1), 5, 3),
+                              (Notification("e", "", 1, rooms=("x",)), 3, 2),
+                              (Notification("e", "", 1, user="u1"), 2, 1)):
+        published = a.service.publish(note)
+        assert (published.clients, published.worker_clients) == (total, mine), note
+    mine, rooms = b.service.rooms()
+    assert mine == {"x": 1} and rooms == {"x": 3}
+
+    # churn on b: a sees each change within a second
+    b.service.hub.remove(conns_b[0])
+    _wait_within(lambda: _census(a) == (2, 4, {"x": 2}, {"u1": 1}), 1.0, "a sees b's leaver")
+    b.service.hub.subscribe(conns_b[1], "y")
+    _wait_within(lambda: _census(a) == (2, 4, {"x": 2, "y": 1}, {"u1": 1}), 1.0, "a sees a join")
+
+    # a stopped worker's numbers go at once
+    b.close()
+    _wait_within(lambda: _census(a) == (1, 3, {"x": 2}, {"u1": 1}), 0.5, "b gone")
+
+
+@pytest.mark.timeout(30)
+def test_a_dead_workers_numbers_expire_within_two_seconds(redis_workers):
+    a, b = redis_workers(2)
+    b.connect()
+    _wait_within(lambda: _census(a) == (2, 1, {}, {}), 1.5, "a sees b's client")
+    broker = b.service.broker
+    # what a SIGKILL leaves: b's threads stop without deleting its report
+    broker._stop.set()
+    for thread in (broker._thread, broker._reporter):
+        thread.join(5)
+    took = _wait_within(lambda: _census(a) == (1, 0, {}, {}), 2.0, "b's report expired")
+    assert took > 0.5, "expiry, not a stop, removed it"
+
+
+def test_without_a_view_of_the_others_a_worker_shows_its_own(served):
+    s = served()  # memory: one process
+    s.connect()
+    mine, cluster = s.service.census()
+    assert cluster is None and mine.clients == 1 and mine.workers == 1
+    published = s.service.publish(Notification("e", "", 1))
+    assert (published.clients, published.worker_clients) == (1, 1)
+
+
+def test_the_start_log_names_the_redis_host_port_and_db_never_the_password(served, caplog):
+    from wsserver.brokers import make_broker
+
+    caplog.set_level("INFO", "wsserver.service")
+    s = served(redis_url=REDIS_URL, redis_prefix="wstest-log")
+    assert "broker: redis 127.0.0.1:6379/0 prefix wstest-log; history" in caplog.text
+    s.service.broker.wait_ready(5)
+    secret = make_broker(load_settings({}, {"redis_url": "redis://me:s3cret@10.1.2.3:6380/4",
+                                             "redis_prefix": "p"}))
+    assert secret.describe() == "redis 10.1.2.3:6380/4 prefix p"

@@ -4,11 +4,39 @@ WSGI stack, no sockets); the publisher check on /rooms and CORS for allowed orig
 from __future__ import annotations
 
 import os
+import socket
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 API_KEY = "views-test-key-41c9"
+UPGRADE = {"Upgrade": "websocket", "Connection": "Upgrade",
+           "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==", "Sec-WebSocket-Version": "13",
+           "Sec-WebSocket-Protocol": "wsserver.v1"}
+
+
+@pytest.fixture
+def register(app):
+    """``register(rooms=())``: a connection (over a socketpair) in the app's hub, joined to
+    ``rooms``; every one is taken out and closed after the test."""
+    service = app.extensions["wsserver"]
+    made = []
+
+    def add(rooms=()):
+        ours, theirs = socket.socketpair()
+        conn = service.new_connection(ours, "192.0.2.9")
+        assert service.hub.add(conn) is None
+        for room in rooms:
+            service.hub.subscribe(conn, room)
+        made.append((conn, ours, theirs))
+        return conn
+
+    yield add
+    for conn, ours, theirs in made:
+        service.hub.remove(conn)
+        conn.detach()
+        ours.close()
+        theirs.close()
 
 
 def test_health_keeps_the_original_shape_plus_totals(client):
@@ -20,12 +48,33 @@ def test_health_keeps_the_original_shape_plus_totals(client):
     assert body["accepting"] is True and body["capacity"] > 0
     assert body["pid"] == os.getpid()
     assert body["broker"] == {"kind": "memory", "connected": True}
+    # one process: the numbers are this worker's, and say so
+    assert body["scope"] == "worker" and "cluster" not in body
+    assert body["worker"] == {"pid": os.getpid(), "clients": 0, "rooms": 0, "subscriptions": 0,
+                              "capacity": body["capacity"], "queue": 0, "accepting": True}
+
+
+def test_health_rooms_and_notify_count_this_worker_with_the_memory_broker(client, register):
+    register(("a",))
+    register(("a", "b"))
+    register()
+    body = client.get("/").get_json()
+    assert (body["clients"], body["rooms"], body["subscriptions"]) == (3, 2, 3)
+    assert (body["worker"]["clients"], body["worker"]["rooms"]) == (3, 2)
+    assert client.get("/rooms").get_json() == {
+        "rooms": [{"room": "a", "clients": 2, "worker_clients": 2},
+                  {"room": "b", "clients": 1, "worker_clients": 1}],
+        "count": 2, "scope": "worker"}
+    for post, clients in (({"event": "e"}, 3), ({"event": "e", "room": "a"}, 2),
+                          ({"event": "e", "rooms": ["a", "b"]}, 3)):
+        answer = client.post("/notify", json=post).get_json()
+        assert (answer["clients"], answer["worker_clients"]) == (clients, clients), answer
 
 
 def test_probes_before_and_after_the_service_runs(client, app):
     assert client.get("/healthz").get_json() == {"status": "ok"}
     assert client.get("/readyz").get_json() == {"status": "ready", "accepting": True,
-                                                "broker": True}
+                                                "full": False, "broker": True}
     app.extensions["wsserver"].ensure_started()  # the delivery threads now run
     assert client.get("/healthz").status_code == 200
     assert client.get("/readyz").status_code == 200
@@ -36,7 +85,27 @@ def test_readyz_is_503_once_shutdown_stops_accepting(client, app):
     resp = client.get("/readyz")
     assert resp.status_code == 503
     assert resp.get_json()["status"] == "not_ready" and resp.get_json()["accepting"] is False
+    assert resp.get_json()["reason"] == "shutting_down"
     assert client.get("/").get_json()["accepting"] is False
+
+
+@pytest.mark.parametrize("settings_overrides", [{"max_connections": 2}])
+def test_readyz_is_503_server_full_while_upgrades_are_refused(client, app, register):
+    """A load balancer must stop sending clients to a worker that refuses them: /readyz says
+    ``server_full`` exactly while an upgrade would get 503 ``server_full``."""
+    app.extensions["wsserver"].ensure_started()
+    first = register()
+    assert client.get("/readyz").status_code == 200
+    register()
+    ready = client.get("/readyz")
+    assert ready.status_code == 503, ready.get_json()
+    assert ready.get_json()["reason"] == "server_full" and ready.get_json()["full"] is True
+    refused = client.get("/ws", headers=UPGRADE)  # a client trying anyway
+    assert refused.status_code == 503 and refused.get_json()["code"] == "server_full"
+    assert client.get("/").status_code == 200  # full is not unhealthy, nor degraded
+    assert client.get("/").get_json()["status"] == "ok"
+    app.extensions["wsserver"].hub.remove(first)  # a slot frees up: ready again
+    assert client.get("/readyz").status_code == 200
 
 
 def test_metrics_is_prometheus_text(client):
@@ -47,7 +116,7 @@ def test_metrics_is_prometheus_text(client):
 
 
 def test_rooms_lists_nothing_before_anyone_joins(client):
-    assert client.get("/rooms").get_json() == {"rooms": [], "count": 0}
+    assert client.get("/rooms").get_json() == {"rooms": [], "count": 0, "scope": "worker"}
 
 
 @pytest.fixture

@@ -21,6 +21,7 @@ from contextlib import contextmanager
 from enum import Enum
 from typing import TYPE_CHECKING, Iterator
 
+from .brokers import Census
 from .exceptions import RoomLimitReached  # defined with every other exception
 
 if TYPE_CHECKING:
@@ -60,6 +61,7 @@ class Hub:
         self._max_rooms = max_rooms_per_connection
         self._accepting = True
         self._next_id = 0
+        self._version = 0  # changes whenever a count does (census reports skip the rest)
         self._snapshot: list[Connection] | None = None
         self._room_snapshots: dict[str, list[Connection]] = {}
 
@@ -80,6 +82,7 @@ class Hub:
             if conn.user is not None:
                 self._users.setdefault(conn.user, {})[conn.id] = conn
             self._snapshot = None
+            self._version += 1
             return None
 
     @contextmanager
@@ -122,6 +125,7 @@ class Hub:
                 if not mine:
                     del self._users[conn.user]
         self._snapshot = None
+        self._version += 1
         return True
 
     def refusal(self, address: str) -> HubRefusal | None:
@@ -157,6 +161,7 @@ class Hub:
             conn.rooms.add(room)
             self._rooms.setdefault(room, {})[conn.id] = conn
             self._room_snapshots.pop(room, None)
+            self._version += 1
             return True
 
     def unsubscribe(self, conn: Connection, room: str) -> bool:
@@ -175,6 +180,7 @@ class Hub:
             if not members:
                 del self._rooms[room]
         self._room_snapshots.pop(room, None)
+        self._version += 1
 
     def rooms_of(self, conn: Connection) -> list[str]:
         """The rooms ``conn`` is in now, sorted (a copy: other threads join and leave)."""
@@ -223,19 +229,54 @@ class Hub:
         with self._locked():
             return {room: len(members) for room, members in self._rooms.items()}
 
+    def audience(self, rooms: tuple[str, ...] | None, user: str | None) -> int:
+        """How many of this worker's clients a notification to ``rooms``/``user`` reaches
+        (everybody when both are None; a client in two of the rooms counts twice)."""
+        with self._locked():
+            if user is not None:
+                return len(self._users.get(user, ()))
+            if rooms is None:
+                return len(self._clients)
+            return sum(len(self._rooms.get(room, ())) for room in rooms)
+
     def totals(self) -> tuple[int, int, int]:
         """(clients, rooms, subscriptions), read at one instant."""
         with self._locked():
             subs = sum(len(m) for m in self._rooms.values())
             return len(self._clients), len(self._rooms), subs
 
+    def census(self) -> Census:
+        """Clients, per room and per user, and the budget, all read at one instant: what
+        this worker reports to the others (:mod:`wsserver.brokers.redis`)."""
+        with self._locked():
+            return Census(
+                len(self._clients),
+                {room: len(members) for room, members in self._rooms.items()},
+                {user: len(mine) for user, mine in self._users.items()},
+                self._capacity,
+                1,
+            )
+
+    def version(self) -> int:
+        """A number that changes whenever :meth:`census` would (pending departures applied
+        first): a reporter rewrites its counts only when it moved."""
+        with self._locked():
+            return self._version
+
     @property
     def capacity(self) -> int:
         return self._capacity
 
+    @property
+    def full(self) -> bool:
+        """The connection budget is taken (readiness: send no more clients here)."""
+        with self._locked():
+            return len(self._clients) >= self._capacity
+
     def set_capacity(self, capacity: int) -> None:
         with self._locked():
             self._capacity = max(capacity, 0)
+            self._version += 1
 
     def stop_accepting(self) -> list[Connection]:
         """Refuse new clients from now on; returns who is connected (for shutdown)."""

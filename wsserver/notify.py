@@ -199,12 +199,14 @@ def _publish_batch(service: NotificationService, items: list) -> tuple[int, dict
 
 
 def _accepted(published: Published) -> dict[str, Any]:
-    """One accepted notification: its id (the first target's), per-room ids, deliveries."""
+    """One accepted notification: its id (the first target's), per-room ids, and how many
+    clients its audience has across every worker (``clients``) and on this one."""
     ids = published.ids
     body: dict[str, Any] = {
         "status": "ok",
         "id": next(iter(ids.values())),
         "clients": published.clients,
+        "worker_clients": published.worker_clients,
     }
     if None not in ids:
         body["ids"] = ids

@@ -22,8 +22,8 @@ from . import audit, metrics
 from .admission import Admission
 from .auth import AccessPolicy, Identity
 from .broadcaster import Broadcaster
-from .brokers import Broker, BrokerUnavailable, Outgoing, make_broker
-from .codes import CLOSE_GOING_AWAY, REASON_SHUTTING_DOWN
+from .brokers import Broker, BrokerUnavailable, Census, Outgoing, make_broker
+from .codes import CLOSE_GOING_AWAY, REASON_SHUTTING_DOWN, ErrorCode
 from .commands import ClientCommands
 from .config import Settings
 from .connection import Connection, connection_class
@@ -41,13 +41,18 @@ log = logging.getLogger(__name__)
 
 class Published:
     """What ``publish`` accepted: the message id per target (``None`` is everybody) and how
-    many deliveries were queued (a client in two target rooms counts twice)."""
+    many clients its audience has (a client in two target rooms counts twice): ``clients``
+    across every worker (fresh within a second; this worker's alone with one process),
+    ``worker_clients`` on this worker."""
 
-    __slots__ = ("ids", "clients")
+    __slots__ = ("ids", "clients", "worker_clients")
 
-    def __init__(self, ids: dict[str | None, str], clients: int) -> None:
+    def __init__(
+        self, ids: dict[str | None, str], clients: int, worker_clients: int | None = None
+    ) -> None:
         self.ids = ids
         self.clients = clients
+        self.worker_clients = clients if worker_clients is None else worker_clients
 
 
 class NotificationService:
@@ -115,7 +120,7 @@ class NotificationService:
                 )
             log.info(
                 "broker: %s; history %d messages for %gs",
-                self.broker.kind,
+                self.broker.describe(),
                 self.settings.history_size,
                 self.settings.history_ttl,
             )
@@ -137,10 +142,35 @@ class NotificationService:
 
     @property
     def ready(self) -> bool:
-        """Readiness: healthy, taking clients, and the broker connected."""
-        return (
-            self.healthy and self.hub.accepting and (self._pid != os.getpid() or self.broker.ready)
-        )
+        """Readiness: healthy, taking clients (not shutting down, not full), and the broker
+        connected."""
+        return self.not_ready() is None
+
+    @property
+    def broker_ready(self) -> bool:
+        """The broker delivers (or has not been needed yet in this process)."""
+        return self._pid != os.getpid() or self.broker.ready
+
+    def not_ready(self) -> str | None:
+        """Why a load balancer should send no traffic here now (None: ready): ``unhealthy``,
+        ``shutting_down``, ``server_full`` (upgrades would be refused with that code) or
+        ``broker_unavailable`` (publishing would be)."""
+        if not self.healthy:
+            return "unhealthy"
+        if not self.hub.accepting:
+            return str(ErrorCode.SHUTTING_DOWN)
+        if self.hub.full:
+            return str(ErrorCode.SERVER_FULL)
+        if not self.broker_ready:
+            return str(ErrorCode.BROKER_UNAVAILABLE)
+        return None
+
+    def census(self) -> tuple[Census, Census | None]:
+        """(this worker's counts, every worker's added up): the second is None when the
+        broker has no view of other workers (memory; Redis unreachable)."""
+        mine = self.hub.census()
+        peers = self.broker.peers()
+        return mine, (mine + peers if peers is not None else None)
 
     def shutdown(self) -> None:
         """Stop taking clients, deliver what is queued, close every client with 1001, wait
@@ -196,21 +226,22 @@ class NotificationService:
                 f"WSSERVER_QUEUE_SIZE={settings.queue_size}, "
                 f"WSSERVER_ENQUEUE_TIMEOUT={settings.enqueue_timeout:g}"
             )
-        if notification.user is not None:
-            clients = len(self.hub.user_connections(notification.user))
-        elif notification.rooms is None:
-            clients = self.hub.count()
-        else:
-            counts = self.hub.room_counts()
-            clients = sum(counts.get(room, 0) for room in notification.rooms)
-        return Published(dict(zip(targets, ids)), clients)
+        mine = self.hub.audience(notification.rooms, notification.user)
+        peers = self.broker.peers()
+        clients = mine + (peers.audience(notification.rooms, notification.user) if peers else 0)
+        return Published(dict(zip(targets, ids)), clients, mine)
 
     def _rejected(self) -> None:
         metrics.PUBLISH_REJECTED.labels("queue_full").inc()
         return None
 
-    def rooms(self) -> dict[str, int]:
-        return self.hub.room_counts()
+    def rooms(self) -> tuple[dict[str, int], dict[str, int] | None]:
+        """(this worker's subscribers per room, every worker's; None without a view)."""
+        mine = self.hub.room_counts()
+        peers = self.broker.peers()
+        if peers is None:
+            return mine, None
+        return mine, (Census(rooms=mine) + peers).rooms
 
     @property
     def queue_depth(self) -> int:

@@ -34,26 +34,47 @@ def _service() -> NotificationService:
 def health() -> Any:
     """The original's health shape plus totals. ``status``: ``ok``; ``degraded`` while the
     broker is unreachable (200: the worker lives, but publishing answers 503); ``unhealthy``
-    (503) when a delivery thread died."""
+    (503) when a delivery thread died.
+
+    Several workers are one service: ``clients``, ``rooms``, ``subscriptions`` and
+    ``capacity`` are every worker's added up (fresh within a second; ``scope`` says
+    ``cluster``), whichever worker answers; ``worker`` holds this worker's own. With one
+    process, or while the broker has no view of the others, both are this worker's
+    (``scope``: ``worker``). ``queue``, ``accepting`` and ``pid`` are this worker's."""
     service = _service()
     healthy = service.healthy
-    clients, rooms, subscriptions = service.hub.totals()
-    status = "ok" if service.ready or not service.hub.accepting else "degraded"
+    accepting = service.hub.accepting
+    status = "ok" if service.broker_ready or not accepting else "degraded"
+    mine, cluster = service.census()
+    shown = cluster or mine
     body: dict = {
         "status": status if healthy else "unhealthy",
         "service": "ws",
-        "clients": clients,
-        "rooms": rooms,
-        "subscriptions": subscriptions,
-        "capacity": service.hub.capacity,
+        "scope": "cluster" if cluster is not None else "worker",
+        "clients": shown.clients,
+        "rooms": len(shown.rooms),
+        "subscriptions": shown.subscriptions,
+        "capacity": shown.capacity,
         "queue": service.queue_depth,
-        "accepting": service.hub.accepting,
+        "accepting": accepting,
         "pid": os.getpid(),
         "broker": {"kind": service.broker.kind, "connected": service.broker.ready},
+        "worker": {
+            "pid": os.getpid(),
+            "clients": mine.clients,
+            "rooms": len(mine.rooms),
+            "subscriptions": mine.subscriptions,
+            "capacity": mine.capacity,
+            "queue": service.queue_depth,
+            "accepting": accepting,
+        },
     }
-    cluster = service.broker.cluster()
     if cluster is not None:
-        body["cluster"] = cluster
+        body["cluster"] = {
+            "workers": cluster.workers,
+            "clients": cluster.clients,
+            "rooms": cluster.rooms,
+        }
     return jsonify(body), 200 if healthy else 503
 
 
@@ -74,15 +95,20 @@ def healthz() -> Any:
 
 @bp.get("/readyz")
 def readyz() -> Any:
-    """Readiness, for a load balancer: send traffic here only when 200."""
+    """Readiness, for a load balancer: send traffic here only when 200. 503 with
+    ``reason`` (``server_full``, ``shutting_down``, ``broker_unavailable``, ``unhealthy``)
+    while this worker would refuse what it is sent."""
     service = _service()
-    ready = service.ready
-    body = {
-        "status": "ready" if ready else "not_ready",
+    reason = service.not_ready()
+    body: dict = {
+        "status": "ready" if reason is None else "not_ready",
         "accepting": service.hub.accepting,
+        "full": service.hub.full,
         "broker": service.broker.ready,
     }
-    return jsonify(body), 200 if ready else 503
+    if reason is not None:
+        body["reason"] = reason
+    return jsonify(body), 200 if reason is None else 503
 
 
 def _needs_publisher(endpoint: str | None) -> bool:
@@ -129,11 +155,18 @@ def _cors(response: Response) -> Response:
 
 @bp.get("/rooms")
 def rooms() -> Any:
-    """Rooms with subscribers and their counts, read at one instant."""
-    counts = _service().rooms()
+    """Rooms with subscribers: ``clients`` across every worker (fresh within a second;
+    ``scope`` ``cluster``), ``worker_clients`` on the worker that answered. With one
+    process, or no view of the others, both are this worker's (``scope``: ``worker``)."""
+    mine, cluster = _service().rooms()
+    counts = cluster if cluster is not None else mine
     return jsonify(
         {
-            "rooms": [{"room": name, "clients": n} for name, n in sorted(counts.items())],
+            "rooms": [
+                {"room": name, "clients": n, "worker_clients": mine.get(name, 0)}
+                for name, n in sorted(counts.items())
+            ],
             "count": len(counts),
+            "scope": "cluster" if cluster is not None else "worker",
         }
     )

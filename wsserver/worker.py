@@ -19,8 +19,10 @@ WebSocket by then; nothing relies on the interpreter joining pool threads at exi
 from __future__ import annotations
 
 import errno
+import os
 import queue
 import selectors
+import signal
 import socket
 import threading
 import time
@@ -47,6 +49,8 @@ __all__ = ["WEBSOCKET_STARTED", "DaemonThreadPool", "ThreadWorker"]
 WEBSOCKET_STARTED = "wsserver.websocket_started"
 
 _RECV_BYTES = 65536
+# how long the main loop polls at most: the parent check and the deadlines run after each poll
+_POLL_CAP = 0.25
 
 
 class DaemonThreadPool(Executor):
@@ -202,6 +206,28 @@ class ThreadWorker(_GthreadWorker):
             super().run()
         finally:
             self._lingering.close_all()
+
+    def wait_for_and_dispatch_events(self, timeout: float) -> None:
+        """gthread's poll, at most ``_POLL_CAP`` (0.25 s) instead of 1 s: the parent check
+        (:meth:`is_parent_alive`) and the deadlines of ``murder_pending`` run after each."""
+        super().wait_for_and_dispatch_events(min(timeout, _POLL_CAP))
+
+    def is_parent_alive(self) -> bool:
+        """gthread asks after every poll (at most 0.25 s apart here). When the master is gone
+        (SIGKILLed), gthread would stop accepting but keep the listeners bound while it
+        waits ``graceful_timeout`` for open WebSockets, so a new server could not bind the
+        port for seconds. An orphan closes its listeners at once (the port is free) and
+        shuts down as on SIGTERM: wsserver's hook closes every client with 1001. Nobody
+        waits for an orphan, so it gives its clients 1 s to answer (not ``graceful_timeout``)
+        and is gone within about 2 s of its master."""
+        if super().is_parent_alive():
+            return True
+        self.set_accept_enabled(False)
+        for listener in self.sockets:
+            listener.close()
+        self.cfg.set("graceful_timeout", 1)
+        os.kill(os.getpid(), signal.SIGTERM)  # our SIGTERM hook, on this thread at once
+        return False
 
     # -- accept and the request head, in the poller ------------------------------------------
 

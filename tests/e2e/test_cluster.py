@@ -9,7 +9,9 @@ killed and restarted by PID. Every wait is bounded.
 from __future__ import annotations
 
 import json
+import os
 import random
+import signal
 import subprocess
 import sys
 import threading
@@ -143,7 +145,7 @@ def open_client(server: GunicornServer, rooms: tuple[str, ...], name: str,
 
 class Worker:
     """A keep-alive HTTP connection known to be served by one worker (pid): its ``GET /``
-    shows that worker's own counts. Every answer is checked to come from the same worker,
+    shows that worker's own counts under ``worker`` (the top-level ones are the cluster's). Every answer is checked to come from the same worker,
     so a silent reconnect to another worker would fail the test rather than mislead it."""
 
     def __init__(self, server: GunicornServer, session: requests.Session, pid: int) -> None:
@@ -193,7 +195,7 @@ def connect_balanced(server: GunicornServer, workers: list[Worker], plans: list[
     counts = {w.pid: 0 for w in workers}
 
     def local() -> dict[int, int]:
-        return {w.pid: w.health()["clients"] for w in workers}
+        return {w.pid: w.health()["worker"]["clients"] for w in workers}
 
     def counted() -> dict[int, int] | None:
         now = local()
@@ -241,23 +243,20 @@ def expected_rooms(plans: Iterable[tuple[tuple[str, ...], bool]]) -> dict[str, i
 
 def wait_cluster(ask: list[Callable[[], dict]], workers: int, clients: int,
                  rooms: dict[str, int]) -> None:
-    """Wait until ``GET /`` reports the whole cluster (refreshed every 2 s by each worker),
-    asking each of ``ask`` in turn (pinned connections stay busy, so they stay open)."""
-    turn = [0]
-
-    def health() -> dict:
-        turn[0] += 1
-        return ask[turn[0] % len(ask)]()
+    """Wait until ``GET /`` reports the whole cluster on every one of ``ask`` in one round
+    (each worker reports every 0.25 s and reads the others' reports as often, so one worker
+    may see a change up to half a second before another)."""
+    last: list[dict] = []
 
     def matches() -> bool:
-        cluster = health().get("cluster")
-        return bool(cluster) and cluster["workers"] == workers and cluster["clients"] == clients \
-            and cluster["rooms"] == rooms
+        last[:] = [health().get("cluster") or {} for health in ask]
+        return all(c.get("workers") == workers and c.get("clients") == clients
+                   and c.get("rooms") == rooms for c in last)
 
     try:
         wait_for(matches, timeout=15, interval=0.1, message="the cluster counts")
     except AssertionError:
-        raise AssertionError(f"cluster counts never matched: {health().get('cluster')}")
+        raise AssertionError(f"cluster counts never matched: {last}")
 
 
 def notification(seq: int, targets: tuple[str, ...] | None) -> dict:
@@ -373,11 +372,11 @@ def test_two_workers_share_one_audience(prefix, servers):
     plans = plan_clients(20)
     clients = connect_balanced(srv, workers, plans)
     try:
-        assert sorted(w.health()["clients"] for w in workers) == [10, 10]
+        assert sorted(w.health()["worker"]["clients"] for w in workers) == [10, 10]
         wait_cluster([w.health for w in workers], workers=2, clients=20,
                      rooms=expected_rooms(plans))
         for w in workers:  # whichever worker answers, it reports the whole cluster
-            assert w.health()["cluster"]["clients"] == 20
+            assert w.health()["cluster"]["clients"] == w.health()["clients"] == 20
 
         accepted = post_all([w.post for w in workers], 1000, seed=1)
         assert [w.posts for w in workers] == [500, 500]  # each checked its worker every 50
@@ -395,7 +394,7 @@ def test_two_servers_share_one_redis(prefix, servers):
                for i, (rooms, by_command) in enumerate(plans)]
     try:
         for srv in (first, second):
-            wait_for(lambda s=srv: s.health()["clients"] == 10, timeout=10,
+            wait_for(lambda s=srv: s.health()["worker"]["clients"] == 10, timeout=10,
                      message="clients counted")
         wait_cluster([first.health, second.health], workers=2, clients=20,
                      rooms=expected_rooms(plans))
@@ -408,6 +407,136 @@ def test_two_servers_share_one_redis(prefix, servers):
         ]
         accepted = post_all(posters, 1000, seed=2)
         collect_and_check(clients, accepted, posters[0])
+    finally:
+        for client in clients:
+            client.close()
+
+
+# -- several workers are one service to every observer ----------------------------------------
+
+# POST /notify audiences whose ``clients`` an observer reads
+AUDIENCES = {
+    "everybody": {"event": "count"},
+    "orders": {"event": "count", "room": "orders"},
+    "both": {"event": "count", "rooms": ["orders", "news"]},
+}
+
+
+def observed(worker: Worker) -> dict:
+    """What one worker tells an observer: ``GET /``'s totals, ``GET /rooms``, and the
+    ``clients`` of a ``POST /notify`` to each audience."""
+    health = worker.health()
+    listed = worker.session.get(worker.server.url + "/rooms", timeout=5).json()
+    assert listed["scope"] == health["scope"] == "cluster", (listed, health)
+    return {
+        "clients": health["clients"],
+        "rooms": health["rooms"],
+        "subscriptions": health["subscriptions"],
+        "listed": {r["room"]: r["clients"] for r in listed["rooms"]},
+        "posts": {name: worker.post(body).json()["clients"] for name, body in AUDIENCES.items()},
+    }
+
+
+def agree_within(observers: list[Worker], want: dict, limit: float) -> float:
+    """Read every observer in rounds until one round shows ``want`` everywhere; fail unless
+    that round started within ``limit`` s. Returns when it started (seconds from now)."""
+    start = time.monotonic()
+    last: list[dict] = []
+    while True:
+        began = time.monotonic() - start
+        last = [observed(w) for w in observers]
+        if all(seen == want for seen in last):
+            return began
+        assert began <= limit, f"not every worker said {want} within {limit}s: {last}"
+        time.sleep(0.02)
+
+
+def stable_parts(seen: dict) -> tuple:
+    return (seen["listed"].get("orders"), seen["listed"].get("news"),
+            seen["posts"]["orders"], seen["posts"]["both"])
+
+
+class Churn(threading.Thread):
+    """Clients joining room ``churn`` (or none) and leaving, on both servers, until stopped;
+    every one is closed when it ends."""
+
+    def __init__(self, targets: list[GunicornServer]) -> None:
+        super().__init__(daemon=True)
+        self.targets, self.stop, self.errors, self.cycles = targets, threading.Event(), [], 0
+
+    def run(self) -> None:
+        open_now: list[Client] = []
+        try:
+            while not self.stop.is_set():
+                server = self.targets[self.cycles % len(self.targets)]
+                rooms = ("churn",) if self.cycles % 3 else ()
+                open_now.append(open_client(server, rooms, f"churn{self.cycles}"))
+                if len(open_now) > 6:
+                    open_now.pop(0).close()
+                self.cycles += 1
+        except Exception as exc:  # noqa: BLE001 - reported by the test
+            self.errors.append(repr(exc))
+        finally:
+            for client in open_now:
+                client.close()
+
+
+def test_two_servers_of_two_workers_are_one_service(prefix, servers):
+    """Issue 15: whichever of 4 workers (2 servers x 2) answers, ``GET /``, ``GET /rooms``
+    and ``POST /notify``'s ``clients`` give the cluster's numbers, exact within 1 s of a
+    change, and rooms nobody joins or leaves stay exact while others churn."""
+    first = servers(redis_env(prefix), args=["-w", "2"])
+    second = servers(redis_env(prefix), args=["-w", "2"])
+    plans = [(("orders",), False)] * 20 + [(("news",), False)] * 10 + [((), False)] * 4
+    clients: list[Client] = []
+    churn = Churn([first, second])
+    try:
+        observers = distinct_workers(first, 2) + distinct_workers(second, 2)
+        clients += connect_balanced(first, observers[:2], plans[0::2])
+        clients += connect_balanced(second, observers[2:], plans[1::2])
+        assert all(w.health()["worker"]["clients"] >= 8 for w in observers)
+        want = {"clients": 34, "rooms": 2, "subscriptions": 30,
+                "listed": {"orders": 20, "news": 10},
+                "posts": {"everybody": 34, "orders": 20, "both": 30}}
+        agree_within(observers, want, 1.0)
+
+        churn.start()
+        readings = 0
+        deadline = time.monotonic() + 2.0
+        while time.monotonic() < deadline or churn.cycles < 20:
+            for worker in observers:
+                seen = observed(worker)
+                assert stable_parts(seen) == (20, 10, 20, 30), seen
+                assert seen["clients"] >= 34, seen
+                readings += 1
+            assert not churn.errors, churn.errors
+        churn.stop.set()
+        churn.join(15)
+        assert not churn.is_alive() and not churn.errors, churn.errors
+        took = agree_within(observers, want, 1.0)
+        print(f"{churn.cycles} churn cycles, {readings} readings; exact {took:.2f}s after")
+    finally:
+        churn.stop.set()
+        for client in clients:
+            client.close()
+
+
+def test_a_killed_workers_clients_leave_the_count_within_two_seconds(prefix, servers):
+    srv = servers(redis_env(prefix), args=["-w", "2"])
+    workers = distinct_workers(srv, 2)
+    clients = connect_balanced(srv, workers, [(("k",), False)] * 4)
+    try:
+        survivor, victim = workers
+        wait_for(lambda: survivor.health()["clients"] == 4, timeout=5, message="4 counted")
+        os.kill(victim.pid, signal.SIGKILL)
+        killed = time.monotonic()
+        wait_for(lambda: survivor.health()["clients"] == 2, timeout=5, interval=0.02,
+                 message="the killed worker's clients to leave the count")
+        took = time.monotonic() - killed
+        assert took <= 2.0, f"a killed worker was counted {took:.2f}s after its death"
+        print(f"a killed worker's clients left the count {took:.2f}s after its death")
+        listed = survivor.session.get(srv.url + "/rooms", timeout=5).json()["rooms"]
+        assert listed == [{"room": "k", "clients": 2, "worker_clients": 2}]
     finally:
         for client in clients:
             client.close()

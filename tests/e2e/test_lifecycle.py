@@ -363,6 +363,58 @@ def test_sigterm_exits_promptly_when_clients_keep_their_socket_after_close(make_
             ws.shutdown()
 
 
+def exited(pid: int) -> bool:
+    """Gone, or a zombie nobody reaped yet (its parent, the master, is dead)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+def port_free(port: int) -> bool:
+    """A listener can bind the port again, as gunicorn's does (SO_REUSEADDR)."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+            s.listen()
+        except OSError:
+            return False
+        return True
+
+
+def test_sigkill_of_the_master_closes_clients_1001_and_frees_the_port(make_server):
+    """Issue 15: a worker that loses its master (SIGKILL, OOM killer) used to hold the port
+    ~10 s ("Parent changed, shutting down") while it waited for its WebSockets, so the
+    immediate restart failed. It must see the loss within about a second, close its
+    listeners, say goodbye with 1001 as on SIGTERM, and exit within 2 s, even with a client
+    that never answers the close."""
+    srv = make_server()
+    socks = [connect(srv, timeout=15) for _ in range(3)]
+    silent, _ = rawws.open_ws(srv.port)  # never reads, never answers the close
+    wait_for(lambda: clients(srv) == 4, message="4 clients")
+    pid = srv.worker_pid()
+    readers = [CloseReader(ws) for ws in socks]
+    assert srv.proc is not None
+    srv.proc.kill()  # SIGKILL the master
+    srv.proc.wait(5)
+    killed = time.monotonic()
+    wait_for(lambda: port_free(srv.port), timeout=3, interval=0.02, message="the port free")
+    freed = time.monotonic() - killed
+    wait_for(lambda: exited(pid), timeout=5, interval=0.02, message="the orphan to exit")
+    gone = time.monotonic() - killed
+    for r in readers:
+        r.thread.join(5)
+        assert r.error is None and r.code == 1001, (r.error, r.code)
+    silent.close()
+    assert gone <= 2.0, f"the orphaned worker exited {gone:.2f}s after its master died"
+    print(f"port free after {freed:.2f}s, worker gone after {gone:.2f}s")
+    # and a new server starts on that port at once
+    again = make_server(port=srv.port)
+    assert again.health()["clients"] == 0
+
+
 # -- startup: settings, flags, the wsserver command --------------------------------------------
 
 

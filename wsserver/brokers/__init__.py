@@ -11,6 +11,10 @@ everybody), keep the last ``WSSERVER_HISTORY_SIZE`` messages of each audience fo
 ``WSSERVER_HISTORY_TTL`` seconds, and answer :meth:`Broker.history` the same way, so the
 same test suite runs against both (tests/test_brokers.py).
 
+With several workers, every observer must see one service: each worker's counts (a
+:class:`Census`) reach the others through the broker (:meth:`Broker.peers`), and
+``GET /``, ``GET /rooms`` and ``POST /notify`` add this worker's live counts to them.
+
 Both raise :class:`~wsserver.exceptions.BrokerUnavailable` (the message could not be stored or
 published, history cannot be read: answer 503); it is defined with every other refusal in
 :mod:`wsserver.exceptions` and re-exported here, where the brokers import it from.
@@ -32,6 +36,7 @@ if TYPE_CHECKING:
 __all__ = [
     "Broker",
     "BrokerUnavailable",
+    "Census",
     "Outgoing",
     "Recovery",
     "audience_key",
@@ -59,6 +64,49 @@ class Recovery:
 
     recovered: bool
     frames: list[tuple[tuple, bytes]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Census:
+    """Connected clients, per room and per user, and the connection budget: one worker's
+    (:meth:`wsserver.hub.Hub.census`, ``workers`` 1) or several workers' added up."""
+
+    clients: int = 0
+    rooms: dict[str, int] = field(default_factory=dict)
+    users: dict[str, int] = field(default_factory=dict)
+    capacity: int = 0
+    workers: int = 0
+
+    def __add__(self, other: Census) -> Census:
+        return Census(
+            self.clients + other.clients,
+            _added(self.rooms, other.rooms),
+            _added(self.users, other.users),
+            self.capacity + other.capacity,
+            self.workers + other.workers,
+        )
+
+    @property
+    def subscriptions(self) -> int:
+        return sum(self.rooms.values())
+
+    def audience(self, rooms: tuple[str, ...] | None, user: str | None) -> int:
+        """How many clients a notification to ``rooms``/``user`` reaches (everybody when
+        both are None; a client in two of the rooms counts twice, as it gets two messages)."""
+        if user is not None:
+            return self.users.get(user, 0)
+        if rooms is None:
+            return self.clients
+        return sum(self.rooms.get(room, 0) for room in rooms)
+
+
+def _added(a: dict[str, int], b: dict[str, int]) -> dict[str, int]:
+    if not b:
+        return dict(a)
+    total = dict(a)
+    for key, n in b.items():
+        total[key] = total.get(key, 0) + n
+    return total
 
 
 def audience_key(room: str | None, user: str | None) -> str:
@@ -123,9 +171,16 @@ class Broker:
         """The broker's own threads run (liveness)."""
         raise NotImplementedError
 
-    def cluster(self) -> dict | None:
-        """Totals across every worker (clients, per-room counts, workers), or None."""
+    def peers(self) -> Census | None:
+        """Every other worker's counts added up, fresh within a second, read without I/O
+        (``POST /notify`` asks on every publish). None when there is nobody else to ask
+        (one process) or the broker lost track of them (Redis unreachable): the caller then
+        shows this worker's own counts."""
         return None
+
+    def describe(self) -> str:
+        """The broker for the start-up log line (never a password)."""
+        return self.kind
 
 
 def make_broker(settings: Settings) -> Broker:

@@ -8,9 +8,19 @@ messages in the order the streams numbered them: in order per room, on every wor
 
 Each worker runs a listener thread (``wsserver-redis-listener``, redis-py ``PubSub`` polled
 every 0.2 s, which bounds how long a stop waits) that hands messages to its broadcaster,
-reconnects with backoff and re-subscribes after Redis restarts, and every 2 s reports this
-worker's counts under a key that expires, so ``GET /`` can add up the cluster and a dead
-worker's numbers disappear.
+reconnects with backoff and re-subscribes after Redis restarts.
+
+Several workers are one service to every observer: a reporter thread
+(``wsserver-redis-reporter``) writes this worker's counts (clients, per room, per user, its
+budget) every ``_REPORT_EVERY`` (0.25 s) under a key that expires after ``_REPORT_TTL_MS``
+(1.5 s), and in the same round reads every other worker's report into a local view
+(:meth:`RedisBroker.peers`), which ``GET /``, ``GET /rooms`` and ``POST /notify`` add to this
+worker's live counts without a Redis call of their own. A peer's numbers are therefore at
+most two periods old (0.5 s, plus the round trips); a stopped worker deletes its report at
+once; a killed one's expires within the TTL and leaves every view within TTL + one period
+(1.75 s). The big fields (rooms, users) are rewritten, and read by the others, only when the
+worker's hub changed (``gen``); otherwise a round only refreshes the expiry. Liveness is
+the report key's own expiry, kept by Redis's clock, so hosts' clocks need not agree.
 
 While Redis is down, ``publish`` raises :class:`BrokerUnavailable` (``POST /notify`` answers
 503: nothing is accepted that cannot be delivered), ``ready`` is False (``/readyz`` 503).
@@ -31,7 +41,16 @@ import redis
 
 from .. import metrics
 from ..broadcaster import Broadcast
-from . import Broker, BrokerUnavailable, Outgoing, Recovery, audience_key, envelope_frame, order_of
+from . import (
+    Broker,
+    BrokerUnavailable,
+    Census,
+    Outgoing,
+    Recovery,
+    audience_key,
+    envelope_frame,
+    order_of,
+)
 
 if TYPE_CHECKING:
     from ..broadcaster import Broadcaster
@@ -60,11 +79,16 @@ end
 return ids
 """
 
-_REPORT_EVERY = 2.0
 # how long the listener waits for a message before checking whether it should stop: it bounds
 # how long shutdown waits for this thread (a 1 s poll made every stop take a second)
 _POLL = 0.2
-_REPORT_TTL_MS = 6000
+# counts: written and read every _REPORT_EVERY seconds; a report lives _REPORT_TTL_MS, so a
+# killed worker's numbers are gone from every view within TTL + one period (1.75 s < 2 s),
+# and a worker may stall for TTL - period (1.25 s) before the others stop counting it
+_REPORT_EVERY = 0.25
+_REPORT_TTL_MS = 1500
+# a view of the others older than this is not shown (Redis unreachable, reporter stalled)
+_VIEW_STALE = 2.0
 
 
 def check_redis(url: str, timeout: float = 2.0) -> None:
@@ -98,8 +122,24 @@ class RedisBroker(Broker):
         self._stop = threading.Event()
         self._connected = threading.Event()  # set while subscribed: publishing is open
         self._thread: threading.Thread | None = None
+        self._reporter: threading.Thread | None = None
         self._broadcaster: Broadcaster | None = None
         self._hub: Hub | None = None
+        self._reported: int | None = None  # the hub version our report holds
+        self._known: dict[str, tuple[bytes, Census]] = {}  # peer -> (gen, counts); reporter's
+        self._view: tuple[float, Census] | None = None  # (monotonic time read, peers' sum)
+        self._total = Census()  # the peers' sum, recomputed when one of them changed
+
+    def describe(self) -> str:
+        """``redis 127.0.0.1:6379/0 prefix wsserver``: where, never who (no password)."""
+        pool = self._redis.connection_pool
+        kwargs = pool.connection_kwargs
+        if kwargs.get("path"):
+            where = f"unix:{kwargs['path']}"
+        else:
+            where = f"{kwargs.get('host', 'localhost')}:{kwargs.get('port', 6379)}"
+        tls = " (TLS)" if pool.connection_class is redis.SSLConnection else ""
+        return f"redis {where}/{kwargs.get('db', 0)}{tls} prefix {self._prefix}"
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -110,11 +150,16 @@ class RedisBroker(Broker):
             target=self._listen, name="wsserver-redis-listener", daemon=True
         )
         self._thread.start()
+        self._reporter = threading.Thread(
+            target=self._reporting, name="wsserver-redis-reporter", daemon=True
+        )
+        self._reporter.start()
 
     def stop(self) -> None:
         self._stop.set()
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join(3.0)
+        for thread in (self._thread, self._reporter):
+            if thread is not None and thread is not threading.current_thread():
+                thread.join(3.0)
         try:
             self._redis.delete(self._worker_key)
             self._redis.zrem(self._workers_key, self._worker)
@@ -128,7 +173,8 @@ class RedisBroker(Broker):
 
     @property
     def alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+        threads = (self._thread, self._reporter)
+        return all(t is not None and t.is_alive() for t in threads)
 
     def wait_ready(self, timeout: float) -> bool:
         return self._connected.wait(timeout) and self.ready
@@ -190,28 +236,13 @@ class RedisBroker(Broker):
             frames.append((order_of(mid) or (), envelope_frame(prefix, mid)))
         return Recovery(True, frames)
 
-    def cluster(self) -> dict | None:
-        """Sum of every live worker's last report (each expires after 6 s)."""
-        try:
-            now_ms = int(time.time() * 1000)
-            self._redis.zremrangebyscore(self._workers_key, "-inf", now_ms)
-            workers = [_text(w) for w in self._redis.zrange(self._workers_key, 0, -1)]
-            pipe = self._redis.pipeline(transaction=False)
-            for worker in workers:
-                pipe.hgetall(f"{self._prefix}:worker:{worker}")
-            reports = pipe.execute()
-        except (redis.RedisError, OSError):
+    def peers(self) -> Census | None:
+        """The other workers' counts as the reporter last read them (at most 0.25 s ago,
+        each at most 0.25 s old when read); None when that read is over 2 s old."""
+        view = self._view
+        if view is None or time.monotonic() - view[0] > _VIEW_STALE:
             return None
-        clients, live = 0, 0
-        rooms: dict[str, int] = {}
-        for report in reports:
-            if not report:
-                continue
-            live += 1
-            clients += int(report.get(b"clients", 0))
-            for room, n in json.loads(report.get(b"rooms", b"{}")).items():
-                rooms[room] = rooms.get(room, 0) + n
-        return {"workers": live, "clients": clients, "rooms": rooms}
+        return view[1]
 
     # -- the listener thread ---------------------------------------------------------------
 
@@ -220,7 +251,7 @@ class RedisBroker(Broker):
 
     @property
     def _worker_key(self) -> str:
-        return f"{self._prefix}:worker:{self._worker}"
+        return self._key_of(self._worker)
 
     @property
     def _workers_key(self) -> str:
@@ -229,7 +260,6 @@ class RedisBroker(Broker):
     def _listen(self) -> None:
         pubsub: Any = None
         backoff = 0.1
-        next_report = 0.0
         while not self._stop.is_set():
             try:
                 if pubsub is None:
@@ -245,9 +275,6 @@ class RedisBroker(Broker):
                     log.info("redis: listening on %s", self._channel)
                     self._connected.set()
                     backoff = 0.1
-                if time.monotonic() >= next_report:
-                    self._report()
-                    next_report = time.monotonic() + _REPORT_EVERY
             except (redis.RedisError, OSError) as exc:
                 if self._connected.is_set():
                     log.warning("redis: connection lost (%s); reconnecting", exc.__class__.__name__)
@@ -286,18 +313,93 @@ class RedisBroker(Broker):
             if self._stop.is_set():
                 return
 
-    def _report(self) -> None:
+    # -- the reporter thread ---------------------------------------------------------------
+
+    def _reporting(self) -> None:
+        """Every period: write this worker's counts, read the others'. Errors only make the
+        view stale (the listener reports the outage); the next round tries again."""
+        while True:
+            try:
+                members = self._report()
+                self._view = (time.monotonic(), self._read_peers(members))
+            except (redis.RedisError, OSError):
+                self._reported = None  # Redis may have lost our report: write it whole
+            except Exception:  # a bug must not silently freeze the counts
+                log.exception("redis: reporter error")
+            if self._stop.wait(_REPORT_EVERY):
+                return
+
+    def _report(self) -> list[str]:
+        """Refresh this worker's report (rewritten only when the hub changed) and its place
+        in the workers set; the members of that set."""
         assert self._hub is not None
-        clients, _rooms, _subs = self._hub.totals()
+        version = self._hub.version()
+        key = self._worker_key
         pipe = self._redis.pipeline(transaction=False)
-        pipe.hset(
-            self._worker_key,
-            mapping={"clients": clients, "rooms": json.dumps(self._hub.room_counts())},
-        )
-        pipe.pexpire(self._worker_key, _REPORT_TTL_MS)
-        pipe.zadd(self._workers_key, {self._worker: int(time.time() * 1000) + _REPORT_TTL_MS})
+        if version != self._reported:
+            census = self._hub.census()
+            pipe.hset(key, mapping={
+                "gen": version,
+                "clients": census.clients,
+                "capacity": census.capacity,
+                "rooms": json.dumps(census.rooms, ensure_ascii=False),
+                "users": json.dumps(census.users, ensure_ascii=False),
+            })
+        pipe.pexpire(key, _REPORT_TTL_MS)
+        pipe.zadd(self._workers_key, {self._worker: int(time.time() * 1000)})
         pipe.pexpire(self._workers_key, _REPORT_TTL_MS)  # gone with the last live worker
-        pipe.execute()
+        pipe.zrange(self._workers_key, 0, -1)
+        *results, members = pipe.execute()
+        if not results[-3]:  # our report had expired (a stall, or Redis restarted)
+            self._reported = None
+            return self._report()
+        self._reported = version
+        return [_text(m) for m in members]
+
+    def _read_peers(self, members: list[str]) -> Census:
+        """The other live workers' counts added up: their ``gen`` first, the counts only of
+        those whose ``gen`` changed. Members whose report expired are dropped from the set."""
+        others = [m for m in members if m != self._worker]
+        pipe = self._redis.pipeline(transaction=False)
+        for worker in others:
+            pipe.hget(self._key_of(worker), "gen")
+        gens = pipe.execute() if others else []
+        live = {w: g for w, g in zip(others, gens) if g is not None}
+        dead = [w for w, g in zip(others, gens) if g is None]
+        changed = [w for w, g in live.items() if self._known.get(w, (None,))[0] != g]
+        if changed or dead:
+            pipe = self._redis.pipeline(transaction=False)
+            for worker in changed:
+                pipe.hmget(self._key_of(worker), "gen", "clients", "capacity", "rooms", "users")
+            if dead:
+                pipe.zrem(self._workers_key, *dead)
+            fetched = pipe.execute()
+            for worker, fields in zip(changed, fetched):
+                if fields[0] is not None:  # not expired between the two reads
+                    self._known[worker] = (fields[0], _census(fields))
+        gone = [w for w in self._known if w not in live]
+        for worker in gone:
+            del self._known[worker]
+        if changed or gone or self._view is None:
+            self._total = Census()
+            for _gen, census in self._known.values():
+                self._total = self._total + census
+        return self._total
+
+    def _key_of(self, worker: str) -> str:
+        return f"{self._prefix}:worker:{worker}"
+
+
+def _census(fields: list) -> Census:
+    """A peer's report (``HMGET gen clients capacity rooms users``) as counts."""
+    _gen, clients, capacity, rooms, users = fields
+    return Census(
+        int(clients or 0),
+        json.loads(rooms or b"{}"),
+        json.loads(users or b"{}"),
+        int(capacity or 0),
+        1,
+    )
 
 
 def _text(value: Any) -> str:
