@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import socket
+import struct
+import threading
 import time
 import uuid
 
@@ -16,10 +18,11 @@ from support import wait_for
 
 from wsserver.broadcaster import Broadcaster
 from wsserver.brokers import Outgoing, make_broker, order_of
+from wsserver.codes import CLOSE_INTERNAL_ERROR, REASON_MISSED_MESSAGES
 from wsserver.config import load_settings
 from wsserver.connection import Connection
 from wsserver.flusher import Flusher
-from wsserver.frames import OP_TEXT
+from wsserver.frames import OP_CLOSE, OP_TEXT
 from wsserver.hub import Hub
 from wsserver.protocol import Notification
 
@@ -227,3 +230,167 @@ def test_memory_history_keeps_at_most_max_bytes(memory):
         frame_size = frame_size or kept
         assert kept <= 20000
     assert broker.stats()[1] > 20000 - 2 * frame_size, "kept up to the budget, not far below"
+
+
+# -- a dropped subscription loses nothing (issue 14) -----------------------------------------
+
+
+class Peer:
+    """One client on ``hub`` over a socketpair, in ``rooms``: a thread records the ids of the
+    notifications it receives and the close frame, if one comes."""
+
+    def __init__(self, hub: Hub, flusher: Flusher, conn_id: int, rooms: tuple[str, ...]):
+        self.ours, self.theirs = socket.socketpair()
+        self.conn = Connection(conn_id, self.ours, "test", 1 << 22, flusher)
+        assert hub.add(self.conn) is None
+        for room in rooms:
+            hub.subscribe(self.conn, room)
+        self.ids: list[str] = []
+        self.close: tuple[int, str] | None = None
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        parser = FrameParser()
+        self.theirs.settimeout(30)
+        try:
+            while self.close is None:
+                data = self.theirs.recv(65536)
+                if not data:
+                    return
+                for opcode, payload in parser.feed(data):
+                    if opcode == OP_TEXT:
+                        self.ids.append(json.loads(payload)["id"])
+                    elif opcode == OP_CLOSE:
+                        self.close = (struct.unpack("!H", payload[:2])[0], payload[2:].decode())
+        except OSError:
+            return
+
+    def shut(self) -> None:
+        self.ours.close()
+        self.theirs.close()
+
+
+@pytest.fixture
+def peers():
+    """``peers(hub, *rooms_each)``: clients on ``hub``; all closed after the test."""
+    flusher = Flusher(poll_timeout=0.05)
+    flusher.start()
+    made: list[Peer] = []
+
+    def build(hub: Hub, *rooms_each: tuple[str, ...]) -> list[Peer]:
+        new = [Peer(hub, flusher, len(made) + i + 1, rooms) for i, rooms in enumerate(rooms_each)]
+        made.extend(new)
+        return new
+
+    yield build
+    flusher.stop()
+    for peer in made:
+        peer.shut()
+
+
+def drop_subscription(broker) -> bool:  # noqa: ANN001
+    """Kill the Redis connection of ``broker``'s listener, found by its client name, as
+    ``CLIENT KILL`` or Redis's output-buffer limit would (never another process's). False
+    for the memory broker, which has no subscription to lose."""
+    if broker.kind != "redis":
+        return False
+    name = broker._listener_redis.connection_pool.connection_kwargs["client_name"]
+    client = redis.Redis.from_url(REDIS_URL)
+    try:
+        wait_for(lambda: any(c["name"] == name for c in client.client_list()),
+                 message="the listener connected")
+        killed = 0
+        for entry in client.client_list():
+            if entry["name"] == name:
+                killed += client.client_kill_filter(_id=entry["id"])
+        return killed > 0
+    finally:
+        client.close()
+
+
+def test_a_dropped_subscription_is_caught_up_in_order_without_duplicates(make, peers):
+    """Another worker publishes right after this worker's subscription was killed, 6 times:
+    each client gets every message of its audiences once, in publish order, and the catch-up
+    (not the live channel) delivered some of them. The memory broker: nothing to drop."""
+    hub = Hub(10)
+    listener = make(size=100, hub=hub)
+    publisher = make(size=100) if listener.kind == "redis" else listener
+    clients = peers(hub, (), ("a",), ("a", "b"))
+    audiences = (("a",), ("b",), None)
+    sent: list[tuple[str | None, str]] = []
+    for round_ in range(6):
+        drop_subscription(listener)
+        for i in range(12):
+            rooms = audiences[i % 3]
+            room = rooms[0] if rooms else None
+            [mid] = publisher.publish((message(room, data=i),), 1)
+            sent.append((room, mid))
+        wait_for(lambda: listener.ready, message="resubscribed")
+    for peer, rooms in zip(clients, ((), ("a",), ("a", "b"))):
+        expected = [mid for room, mid in sent if room is None or room in rooms]
+        wait_for(lambda: len(peer.ids) >= len(expected), timeout=10, message="every message")
+        assert peer.ids == expected, "every message once, in publish order"
+        assert peer.close is None
+    if listener.kind == "redis":
+        assert listener.replayed > 0, "some messages came by the catch-up"
+        assert listener.gaps == 0
+
+
+def _cut_off_then(make, peers, damage):  # noqa: ANN001, ANN202
+    """A worker whose subscription is killed while ``damage(publisher, admin)`` runs."""
+    hub = Hub(10)
+    listener = make(size=3, hub=hub)
+    if listener.kind != "redis":
+        pytest.skip("the memory broker has no subscription to lose")
+    publisher = make(size=3)
+    clients = peers(hub, ("a",), ())
+    [first] = publisher.publish((message("a"),), 1)
+    wait_for(lambda: clients[0].ids == [first], message="the first message live")
+    admin = redis.Redis.from_url(REDIS_URL)
+    try:
+        assert drop_subscription(listener)
+        damage(publisher, admin, listener)
+    finally:
+        admin.close()
+    for peer in clients:
+        wait_for(lambda: peer.close is not None, timeout=10, message="the close to resume")
+        assert peer.close == (CLOSE_INTERNAL_ERROR, REASON_MISSED_MESSAGES)
+    assert listener.gaps == 1
+    return listener, publisher, clients, first
+
+
+def test_history_trimmed_past_the_drop_closes_clients_to_resume(make, peers):
+    """10 messages to a room keeping 3, published while the subscription is down: the first
+    missed ones cannot be replayed, so the clients are told (1011) and resume with since,
+    where recovery answers ``recovered: false``."""
+    def publish_ten(publisher, admin, listener):  # noqa: ANN001, ANN202
+        for i in range(10):
+            publisher.publish((message("a", data=i),), 1)
+
+    listener, publisher, clients, first = _cut_off_then(make, peers, publish_ten)
+    assert not listener.history("a", first).recovered
+    assert clients[0].ids == [first], "nothing replayed out of order before the close"
+    wait_for(lambda: listener.ready, message="subscribed again")
+    later = peers(listener._hub, ("a",))[0]
+    [mid] = publisher.publish((message("a"),), 1)
+    wait_for(lambda: later.ids == [mid], message="live again after the gap")
+
+
+def test_a_lost_bus_log_closes_clients_to_resume(make, peers):
+    """Redis lost the bus log (restarted without persistence, flushed) while the subscription
+    was down: nothing can vouch for what was missed, so the clients are told."""
+    def lose_log(publisher, admin, listener):  # noqa: ANN001, ANN202
+        admin.delete(listener._bus)
+
+    _cut_off_then(make, peers, lose_log)
+
+
+def test_reconnect_delays_carry_jitter():
+    """Workers cut off together (a Redis restart) must not come back in lockstep: the
+    listener draws each wait from [half, all] of the backoff."""
+    import inspect
+
+    from wsserver.brokers import redis as redis_broker
+
+    assert "random.uniform(backoff / 2, backoff)" in inspect.getsource(redis_broker)

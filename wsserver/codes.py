@@ -44,6 +44,7 @@ __all__ = [
     "GIVE_UP_REASONS",
     "REASON_INVALID_COMMANDS",
     "REASON_KEEPALIVE_TIMEOUT",
+    "REASON_MISSED_MESSAGES",
     "REASON_RATE_LIMIT",
     "REASON_SERVER_FULL",
     "REASON_SERVER_RESTARTING",
@@ -81,7 +82,7 @@ CLOSE_ABNORMAL = 1006  # never sent: what a client sees when the connection ends
 CLOSE_POLICY_VIOLATION = 1008  # a limit or a rule; see GIVE_UP_REASONS
 CLOSE_SLOW_CONSUMER = 1008  # reason REASON_SLOW_CONSUMER: the client fell a buffer behind
 CLOSE_MESSAGE_TOO_BIG = 1009  # inbound message over WSSERVER_MAX_MESSAGE_SIZE / _FRAGMENTS
-CLOSE_INTERNAL_ERROR = 1011  # keepalive timeout or a server fault: reconnect
+CLOSE_INTERNAL_ERROR = 1011  # keepalive timeout, missed messages or a server fault: reconnect
 CLOSE_TRY_AGAIN_LATER = 1013  # server over capacity, or restarting: reconnect later
 CLOSE_TOKEN_EXPIRED = 4001  # the connection token expired: get a new token, reconnect
 
@@ -92,6 +93,9 @@ REASON_SLOW_CONSUMER = "slow consumer"  # 1008
 REASON_INVALID_COMMANDS = "too many invalid commands"  # 1008, the one that means "give up"
 REASON_RATE_LIMIT = "rate limit exceeded"  # 1008, WSSERVER_RATE_LIMIT
 REASON_KEEPALIVE_TIMEOUT = "keepalive ping timeout"  # 1011
+# 1011: this worker lost messages it cannot replay (a Redis subscription dropped and history no
+# longer reaches back): reconnect and resume every room with since
+REASON_MISSED_MESSAGES = "missed messages; resume"
 REASON_SERVER_FULL = "server full"  # 1013
 REASON_SERVER_RESTARTING = "server restarting"  # 1013
 REASON_TOO_MANY_CONNECTIONS = "too many connections from this address"  # 1013

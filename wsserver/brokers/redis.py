@@ -31,6 +31,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import random
 import socket
 import threading
 import time
@@ -41,6 +42,7 @@ import redis
 
 from .. import metrics
 from ..broadcaster import Broadcast
+from ..codes import CLOSE_INTERNAL_ERROR, REASON_MISSED_MESSAGES
 from . import (
     Broker,
     BrokerUnavailable,
@@ -61,23 +63,39 @@ __all__ = ["RedisBroker", "check_redis"]
 
 log = logging.getLogger(__name__)
 
-# KEYS: one stream per message. ARGV: channel, maxlen, ttl_ms, then a meta string per message.
-# Returns the ids. A message on the channel is "<id> <meta>"; a relayed raw frame is "!<frame>".
+# KEYS: one stream per message, then the bus log (last). ARGV: channel, maxlen, ttl_ms, then a
+# meta string per message. Returns the ids. A message on the channel is "<bus id> <id> <meta>"
+# (the bus id: that message's entry in the bus log); a relayed raw frame is "!<frame>".
 _PUBLISH = """
 local channel, maxlen, ttl = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local bus = KEYS[#KEYS]
 local now = redis.call('TIME')
 local horizon = (tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)) - ttl
 local ids = {}
-for i, key in ipairs(KEYS) do
-  local meta = ARGV[3 + i]
+for i = 1, #KEYS - 1 do
+  local key, meta = KEYS[i], ARGV[3 + i]
   local id = redis.call('XADD', key, 'MAXLEN', maxlen, '*', 'm', meta)
   redis.call('XTRIM', key, 'MINID', horizon)
   redis.call('PEXPIRE', key, ttl)
-  redis.call('PUBLISH', channel, id .. ' ' .. meta)
+  local seq = redis.call('XADD', bus, 'MAXLEN', '~', %d, '*', 'k', key, 'i', id)
+  redis.call('PUBLISH', channel, seq .. ' ' .. id .. ' ' .. meta)
   ids[i] = id
 end
 return ids
 """
+
+# the bus log: one compact entry (stream key, id) per message published, in publish order
+# across every audience, kept for the last _BUS_LENGTH messages (at least: trimmed with '~').
+# A worker whose subscription dropped replays from it what it missed (see _catch_up).
+_BUS_LENGTH = 10_000
+# a catch-up reads the log this many entries at a time, and gives up (a gap: its clients are
+# closed to resume) when it has not caught up within _REPLAY_BUDGET seconds
+_REPLAY_PAGE = 500
+_REPLAY_BUDGET = 2.0
+# the listener's reconnect delay: starts at _BACKOFF_MIN, doubles up to _BACKOFF_MAX; each wait
+# is drawn from [half, all] of it so that workers cut off together do not come back together
+_BACKOFF_MIN = 0.1
+_BACKOFF_MAX = 2.0
 
 # how long the listener waits for a message before checking whether it should stop: it bounds
 # how long shutdown waits for this thread (a 1 s poll made every stop take a second)
@@ -117,10 +135,25 @@ class RedisBroker(Broker):
         self._redis = redis.Redis.from_url(
             self._url, socket_timeout=2.0, socket_connect_timeout=2.0
         )
-        self._script = self._redis.register_script(_PUBLISH)
+        self._script = self._redis.register_script(_PUBLISH % _BUS_LENGTH)
+        self._bus = f"{self._prefix}:log"
         self._worker = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._stop = threading.Event()
         self._connected = threading.Event()  # set while subscribed: publishing is open
+        # the listener's own connection, named so an operator (or a test) can find it in
+        # CLIENT LIST: "<prefix>:listener:<worker>"
+        self._listener_redis = redis.Redis.from_url(
+            self._url, socket_timeout=2.0, socket_connect_timeout=2.0,
+            client_name="".join(c if c.isprintable() and not c.isspace() else "_"
+                                for c in f"{self._prefix}:listener:{self._worker}"),
+        )
+        # the listener thread's own: the bus id of the last message it handed on (or the
+        # log's end when it first subscribed), and the log's end at the last catch-up (a
+        # message at or before it came by the catch-up: its live copy is skipped)
+        self._position: str | None = None
+        self._replayed_to: tuple | None = None
+        self.replayed = 0  # messages a catch-up delivered (tests, logs)
+        self.gaps = 0  # catch-ups that could not replay everything (their clients closed)
         self._thread: threading.Thread | None = None
         self._reporter: threading.Thread | None = None
         self._broadcaster: Broadcaster | None = None
@@ -166,6 +199,7 @@ class RedisBroker(Broker):
         except (redis.RedisError, OSError):
             pass
         self._redis.close()
+        self._listener_redis.close()
 
     @property
     def ready(self) -> bool:
@@ -186,6 +220,7 @@ class RedisBroker(Broker):
             # this worker's listener is not subscribed: it would miss its own message
             raise BrokerUnavailable("redis: not subscribed yet")
         keys = [self._stream(audience_key(m.room, m.user)) for m in messages]
+        keys.append(self._bus)
         metas = [json.dumps([m.room, m.user, m.prefix], ensure_ascii=False) for m in messages]
         try:
             ids = self._script(keys=keys, args=[self._channel, self._maxlen, self._ttl_ms, *metas])
@@ -259,55 +294,154 @@ class RedisBroker(Broker):
 
     def _listen(self) -> None:
         pubsub: Any = None
-        backoff = 0.1
+        backoff = _BACKOFF_MIN
         while not self._stop.is_set():
             try:
                 if pubsub is None:
-                    pubsub = self._redis.pubsub()
+                    pubsub = self._listener_redis.pubsub()
                     pubsub.subscribe(self._channel)
                 message = pubsub.get_message(timeout=_POLL)
                 kind = message.get("type") if message is not None else None
                 if kind == "message":
                     self._deliver(message["data"])
                 elif kind == "subscribe":
-                    # only now does a PUBLISH reach this worker: publishing opens here, not
-                    # when the connection comes back (a 200 would precede a lost message)
-                    log.info("redis: listening on %s", self._channel)
-                    self._connected.set()
-                    backoff = 0.1
+                    # subscribed (again): first replay what was missed while not, then open
+                    # publishing (a 200 before this would precede a lost message)
+                    self._subscribed()
+                    backoff = _BACKOFF_MIN
             except (redis.RedisError, OSError) as exc:
                 if self._connected.is_set():
                     log.warning("redis: connection lost (%s); reconnecting", exc.__class__.__name__)
                 self._connected.clear()
                 metrics.BROKER_ERRORS.inc()
-                if pubsub is not None:
-                    try:
-                        pubsub.close()
-                    except (redis.RedisError, OSError):
-                        pass
-                    pubsub = None
+                _close_quietly(pubsub)
+                pubsub = None
                 metrics.BROKER_RECONNECTS.inc()
-                self._stop.wait(backoff)
-                backoff = min(backoff * 2, 2.0)
+                self._stop.wait(random.uniform(backoff / 2, backoff))
+                backoff = min(backoff * 2, _BACKOFF_MAX)
             except Exception:  # a bad message must not kill the listener
                 log.exception("redis: listener error")
-        if pubsub is not None:
-            try:
-                pubsub.close()
-            except (redis.RedisError, OSError):
-                pass
+        _close_quietly(pubsub)
+
+    def _subscribed(self) -> None:
+        """The channel's subscription is confirmed: from now on every message reaches us.
+        The first time, delivery starts here (the bus log's end); after a drop, everything
+        published since the last message delivered is replayed first, or the gap told."""
+        if self._position is None:
+            self._position = self._bus_end()
+            self._replayed_to = None
+        else:
+            self._catch_up()
+        log.info("redis: listening on %s", self._channel)
+        self._connected.set()
+
+    def _bus_end(self) -> str:
+        """The bus log's last id, creating the log (with a marker entry) when it is missing,
+        so that a later catch-up can tell "nothing published since" from "history lost"."""
+        try:
+            info = self._redis.xinfo_stream(self._bus)
+        except redis.ResponseError:  # no such key: nothing ever published, or Redis lost it
+            return _text(self._redis.xadd(self._bus, {"s": "1"}, maxlen=_BUS_LENGTH))
+        return _text(info["last-generated-id"])
+
+    def _catch_up(self) -> None:
+        """Replay, in bus order, every message published after ``_position`` up to the log's
+        end now (later ones arrive live), in pages, within ``_REPLAY_BUDGET``. When that is
+        not possible (the log or an audience's history no longer reaches back, Redis lost
+        them, or the budget ran out) close this worker's clients so that they resume."""
+        deadline = time.monotonic() + _REPLAY_BUDGET
+        position = self._position
+        assert position is not None
+        try:
+            end = _text(self._redis.xinfo_stream(self._bus)["last-generated-id"])
+        except redis.ResponseError:
+            return self._gap("the bus log is gone (Redis restarted or was flushed)")
+        replayed = 0
+        while position != end:
+            if time.monotonic() > deadline:
+                return self._gap(f"catch-up over {_REPLAY_BUDGET:g} s ({replayed} replayed)")
+            page = self._page(position, end)
+            if page is None:
+                return self._gap(f"history no longer reaches back to {position}")
+            for bus_id, item in page:
+                if item is not None:
+                    self._submit(item)
+                    replayed += 1
+                self._position = position = bus_id
+            if not page:
+                break
+        self._replayed_to = order_of(end)
+        self.replayed += replayed
+        if replayed:
+            log.info("redis: resubscribed; replayed %d missed message(s)", replayed)
+        return None
+
+    def _page(self, position: str, end: str) -> list[tuple[str, Broadcast | None]] | None:
+        """The next log entries after ``position`` (up to ``end``) as (bus id, broadcast;
+        None for a marker), read with ``position``'s own entry in one transaction: None when
+        that entry is gone (trimmed, or Redis lost it) or a message's payload is."""
+        pipe = self._redis.pipeline(transaction=True)
+        pipe.xrange(self._bus, position, position)
+        pipe.xrange(self._bus, "(" + position, end, count=_REPLAY_PAGE)
+        exact, entries = pipe.execute()
+        if not exact:
+            return None
+        wanted: dict[str, list[str]] = {}  # stream key -> message ids, in order
+        for _bus_id, fields in entries:
+            if b"k" in fields:
+                wanted.setdefault(_text(fields[b"k"]), []).append(_text(fields[b"i"]))
+        pipe = self._redis.pipeline(transaction=False)
+        for key, ids in wanted.items():
+            pipe.xrange(key, ids[0], ids[-1])
+        metas: dict[tuple[str, str], bytes] = {}
+        for key, found in zip(wanted, pipe.execute() if wanted else []):
+            for mid, fields in found:
+                metas[(key, _text(mid))] = fields[b"m"]
+        page: list[tuple[str, Broadcast | None]] = []
+        for bus_id, fields in entries:
+            item = None
+            if b"k" in fields:
+                mid = _text(fields[b"i"])
+                meta = metas.get((_text(fields[b"k"]), mid))
+                if meta is None:
+                    return None  # its audience's history was trimmed past it
+                item = _broadcast(mid, meta)
+            page.append((_text(bus_id), item))
+        return page
+
+    def _gap(self, why: str) -> None:
+        """Messages were missed and cannot be replayed: close every client of this worker
+        with 1011 "missed messages; resume", so each reconnects and resumes its rooms with
+        ``since`` (recovery then says what history still holds); go on from the log's end."""
+        self.gaps += 1
+        assert self._hub is not None
+        clients = self._hub.snapshot()
+        log.warning("redis: resubscribed but %s; closing %d client(s) to resume",
+                    why, len(clients))
+        for conn in clients:
+            conn.close(CLOSE_INTERNAL_ERROR, REASON_MISSED_MESSAGES)
+        self._position = self._bus_end()
+        self._replayed_to = order_of(self._position)
 
     def _deliver(self, data: bytes) -> None:
-        assert self._broadcaster is not None
         if data[:1] == b"!":
-            item = Broadcast(data[1:], time.monotonic())
-        else:
-            head, _, meta = data.partition(b" ")
-            mid = head.decode()
-            room, user, prefix = json.loads(meta)
-            item = Broadcast(
-                envelope_frame(prefix, mid), time.monotonic(), room, user, order_of(mid)
-            )
+            self._submit(Broadcast(data[1:], time.monotonic()))
+            return
+        head, _, rest = data.partition(b" ")
+        if rest[:1] == b"[":  # "<id> <meta>": from a worker that keeps no bus log
+            self._submit(_broadcast(head.decode(), rest))
+            return
+        bus_id = head.decode()
+        if self._replayed_to is not None:
+            order = order_of(bus_id)
+            if order is not None and order <= self._replayed_to:
+                return  # the catch-up delivered it already
+        mid, _, meta = rest.partition(b" ")
+        self._submit(_broadcast(mid.decode(), meta))
+        self._position = bus_id
+
+    def _submit(self, item: Broadcast) -> None:
+        assert self._broadcaster is not None
         # never drop what Redis accepted: wait for room in the local queue
         while not self._broadcaster.submit(item, 1.0):
             if self._stop.is_set():
@@ -400,6 +534,20 @@ def _census(fields: list) -> Census:
         int(capacity or 0),
         1,
     )
+
+
+def _broadcast(mid: str, meta: bytes) -> Broadcast:
+    """A published message (its id and its meta ``[room, user, prefix]``) as a broadcast."""
+    room, user, prefix = json.loads(meta)
+    return Broadcast(envelope_frame(prefix, mid), time.monotonic(), room, user, order_of(mid))
+
+
+def _close_quietly(pubsub: Any) -> None:
+    if pubsub is not None:
+        try:
+            pubsub.close()
+        except (redis.RedisError, OSError):
+            pass
 
 
 def _text(value: Any) -> str:
