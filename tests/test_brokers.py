@@ -16,9 +16,9 @@ from support import wait_for
 
 from wsserver.broadcaster import Broadcaster
 from wsserver.brokers import Idempotency, Outgoing, Repeated, make_broker, order_of
-from wsserver.exceptions import BadRequest
 from wsserver.config import load_settings
 from wsserver.connection import Connection
+from wsserver.exceptions import BadRequest
 from wsserver.flusher import Flusher
 from wsserver.frames import OP_TEXT
 from wsserver.hub import Hub
