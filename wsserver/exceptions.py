@@ -174,8 +174,9 @@ class QueueFull(PublishRefused):
 
 
 class BrokerUnavailable(PublishRefused):
-    """The broker cannot take the message now (or read history); nothing was published.
-    ``cause`` says what failed, for logs (``"redis: ConnectionError"``); it is not sent."""
+    """The broker cannot take the message now (or read history): nothing was published, unless
+    it is a :class:`BrokerTimedOut`. ``cause`` says what failed, for logs
+    (``"redis: ConnectionError"``); it is not sent."""
 
     CODE = ErrorCode.BROKER_UNAVAILABLE
     REASON = "the message broker is unreachable; nothing was published"
