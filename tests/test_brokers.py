@@ -17,10 +17,11 @@ from rawws import FrameParser
 from support import wait_for
 
 from wsserver.broadcaster import Broadcaster
-from wsserver.brokers import Outgoing, make_broker, order_of
+from wsserver.brokers import Idempotency, Outgoing, Repeated, make_broker, order_of
 from wsserver.codes import CLOSE_INTERNAL_ERROR, REASON_MISSED_MESSAGES
 from wsserver.config import load_settings
 from wsserver.connection import Connection
+from wsserver.exceptions import BadRequest
 from wsserver.flusher import Flusher
 from wsserver.frames import OP_CLOSE, OP_TEXT
 from wsserver.hub import Hub
@@ -152,6 +153,52 @@ def test_user_and_everybody_audiences_have_their_own_ids(make):
     b = broker.publish((message(None, None),), 1)[0]
     c = broker.publish((message(None, "u1"),), 1)[0]
     assert order_of(c) > order_of(a) and b
+
+
+# -- idempotency keys -------------------------------------------------------------------------
+
+
+def test_a_repeated_idempotency_key_answers_the_first_ids_and_publishes_nothing(make):
+    broker = make(size=10)
+    key = Idempotency(f"k-{uuid.uuid4()}", "fp1")
+    first = broker.publish((message("a"), message("b")), 1, key)
+    assert not isinstance(first, Repeated)
+    again = broker.publish((message("a"), message("b")), 1, key)
+    assert isinstance(again, Repeated) and list(again) == first
+    for room, mid in zip("ab", first):  # nothing after the first ids: nothing was published
+        recovery = broker.history(room, mid)
+        assert recovery.recovered and recovery.frames == []
+    other = broker.publish((message("a"),), 1, Idempotency(f"k-{uuid.uuid4()}", "fp1"))
+    assert order_of(other[0]) > order_of(first[0]), "another key publishes"
+    with pytest.raises(BadRequest) as reused:
+        broker.publish((message("a"),), 1, Idempotency(key.key, "fp2"))
+    assert (reused.value.status, reused.value.code) == (422, "idempotency_key_reused")
+    assert broker.history("a", other[0]).frames == [], "the reused key published nothing"
+
+
+def test_an_idempotency_key_is_forgotten_after_the_history_ttl(make):
+    broker = make(ttl=1.0)
+    key = Idempotency("ttl-key", "fp")
+    first = broker.publish((message("t"),), 1, key)
+    assert broker.publish((message("t"),), 1, key) == first
+    wait_for(lambda: not isinstance(broker.publish((message("t"),), 1, key), Repeated),
+             timeout=5, message="key expiry")
+
+
+def test_memory_idempotency_keys_are_capped_oldest_first(memory):
+    broker = memory(idempotency_max_keys="3")
+    firsts = [broker.publish((message("c"),), 1, Idempotency(f"k{i}", "fp")) for i in range(5)]
+    assert broker.idempotency_keys() == 3
+    assert isinstance(broker.publish((message("c"),), 1, Idempotency("k4", "fp")), Repeated)
+    assert broker.publish((message("c"),), 1, Idempotency("k4", "fp")) == firsts[4]
+    assert not isinstance(broker.publish((message("c"),), 1, Idempotency("k0", "fp")), Repeated)
+
+
+def test_memory_idempotency_keys_are_swept(memory):
+    broker = memory(history_ttl="1")
+    broker.publish((message("s"),), 1, Idempotency("swept", "fp"))
+    assert broker.idempotency_keys() == 1
+    wait_for(lambda: broker.idempotency_keys() == 0, timeout=5, message="sweep")
 
 
 # -- the memory broker keeps bounded history ---------------------------------------------------

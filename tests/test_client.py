@@ -13,9 +13,10 @@ import json
 import socket
 import threading
 import time
+import uuid
 
 import pytest
-from support import free_port
+from support import free_port, wait_for
 
 from wsserver.client import (
     AuthError,
@@ -163,6 +164,43 @@ def test_publisher_retries_a_dropped_connection_and_503_without_hint():
             assert pub.publish_batch([{"event": "a"}, {"event": "b"}]) == OK[2]
     assert len(fake.requests) == 3
     assert json.loads(fake.requests[2][2]) == [{"event": "a"}, {"event": "b"}]
+
+
+def test_publisher_sends_one_idempotency_key_per_call_and_reuses_it_on_retries():
+    bare_503 = (503, {}, {"error": "busy", "code": "broker_unavailable"})
+    with ScriptedServer("drop", bare_503, OK) as fake:
+        with Publisher(fake.url, backoff_initial=0.01, backoff_max=0.05) as pub:
+            pub.publish("e", room="r")
+            pub.publish_batch([{"event": "a"}])
+            pub.publish("e", idempotency_key="mine-7")
+    keys = [headers.get("Idempotency-Key") for _, headers, _ in fake.requests]
+    assert len(keys) == 5
+    assert keys[0] == keys[1] == keys[2], "the retries of one call send its key"
+    assert str(uuid.UUID(keys[0], version=4)) == keys[0]
+    assert keys[3] != keys[0] and str(uuid.UUID(keys[3], version=4)) == keys[3]
+    assert keys[4] == "mine-7"
+
+
+def test_publisher_retries_a_read_timeout_with_the_same_key_and_says_which_key():
+    slow = ScriptedServer(OK)
+    with slow as fake:
+        gate = threading.Event()
+        original = fake.httpd.RequestHandlerClass.do_POST
+
+        def late(handler) -> None:  # the first two requests are answered too late
+            if len(fake.requests) < 2:
+                gate.wait(1.0)
+            original(handler)
+
+        fake.httpd.RequestHandlerClass.do_POST = late
+        with Publisher(fake.url, timeout=0.2, retries=1, backoff_initial=0.01) as pub:
+            with pytest.raises(Unavailable) as err:
+                pub.publish("e")
+        gate.set()
+        wait_for(lambda: len(fake.requests) >= 2, timeout=5, message="both attempts")
+    assert err.value.code == "timeout" and err.value.idempotency_key
+    keys = {headers["Idempotency-Key"] for _, headers, _ in fake.requests}
+    assert keys == {err.value.idempotency_key}
 
 
 def test_publisher_unreachable_server_is_unavailable():

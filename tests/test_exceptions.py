@@ -13,6 +13,7 @@ from wsserver import create_app, errors, exceptions, metrics
 from wsserver.exceptions import (
     AccessDenied,
     BadRequest,
+    BrokerTimedOut,
     BrokerUnavailable,
     CommandError,
     HandshakeRefused,
@@ -97,6 +98,10 @@ ANSWERS = [
     pytest.param(BrokerUnavailable("redis: ConnectionError"), 503, [("Retry-After", "1")],
                  "broker_unavailable", "the message broker is unreachable; nothing was published",
                  id="BrokerUnavailable"),
+    pytest.param(BrokerTimedOut("redis: TimeoutError"), 503, [("Retry-After", "1")],
+                 "broker_unavailable",
+                 "the message broker did not answer in time; the notification may have been "
+                 "published: retry with the same Idempotency-Key", id="BrokerTimedOut"),
 ]
 
 

@@ -152,3 +152,86 @@ def test_a_dns_rebound_page_may_not_publish_from_loopback(make_app):
 def test_other_paths_go_to_flask(client):
     assert client.get("/notify/x").status_code == 404
     assert client.get("/").get_json()["service"] == "ws"
+
+
+# -- idempotency keys ---------------------------------------------------------------------------
+
+
+def _n(message_id: str) -> int:
+    """The counter of a memory-broker id (``<boot>-<n>``): consecutive per audience."""
+    return int(message_id.split("-")[1])
+
+
+def test_a_repeated_idempotency_key_answers_the_first_ids_and_publishes_nothing(client):
+    headers = {"Idempotency-Key": "order-7/shipped"}
+    body = {"event": "e", "rooms": ["a", "b"], "data": {"n": 1}}
+    first = client.post("/notify", json=body, headers=headers).get_json()
+    assert "repeated" not in first
+    again = client.post("/notify", json=body, headers=headers)
+    assert again.status_code == 200
+    repeated = again.get_json()
+    assert repeated["repeated"] is True
+    assert (repeated["id"], repeated["ids"]) == (first["id"], first["ids"])
+    after = client.post("/notify", json={"event": "e", "room": "a"}).get_json()
+    assert _n(after["id"]) == _n(first["ids"]["a"]) + 1, "the repeat published nothing"
+
+
+def test_an_idempotency_key_reused_for_another_notification_is_422(client):
+    headers = {"Idempotency-Key": "k-422"}
+    first = client.post("/notify", json={"event": "e", "room": "r"}, headers=headers).get_json()
+    for other in ({"event": "e", "room": "r", "data": 1}, {"event": "e", "room": "s"},
+                  {"event": "f", "room": "r"}, {"event": "e", "room": "r", "message": "x"}):
+        resp = client.post("/notify", json=other, headers=headers)
+        assert resp.status_code == 422, other
+        assert resp.get_json()["code"] == "idempotency_key_reused"
+    after = client.post("/notify", json={"event": "e", "room": "r"}).get_json()
+    assert _n(after["id"]) == _n(first["id"]) + 1, "nothing was published by the 422s"
+
+
+@pytest.mark.parametrize("key", ["", " ", "a b", "x" * 201, "caf\u00e9", "tab\there"])
+def test_an_invalid_idempotency_key_header_is_400(client, key):
+    resp = client.post("/notify", json={"event": "e"},
+                       headers={"Idempotency-Key": key.encode("utf-8").decode("latin-1")})
+    assert resp.status_code == 400
+    assert resp.get_json()["code"] == "invalid_idempotency_key"
+
+
+def test_the_longest_idempotency_key_is_accepted(client):
+    key = "~" * 200
+    first = client.post("/notify", json={"event": "e"}, headers={"Idempotency-Key": key})
+    assert first.status_code == 200
+    again = client.post("/notify", json={"event": "e"}, headers={"Idempotency-Key": key})
+    assert again.get_json()["repeated"] and again.get_json()["id"] == first.get_json()["id"]
+
+
+@pytest.mark.parametrize("key", [7, "", "x" * 201, "a b", ["k"]])
+def test_an_invalid_idempotency_key_field_is_an_item_error(client, key):
+    resp = client.post("/notify", json=[{"event": "e", "idempotency_key": key}, {"event": "e"}])
+    assert resp.status_code == 200
+    results = resp.get_json()["results"]
+    assert results[0]["code"] == "invalid_idempotency_key" and results[1]["status"] == "ok"
+    single = client.post("/notify", json={"event": "e", "idempotency_key": key})
+    assert single.status_code == 400 and single.get_json()["code"] == "invalid_idempotency_key"
+
+
+def test_a_retried_batch_publishes_only_what_was_not_published(client):
+    headers = {"Idempotency-Key": "batch-1"}
+    items = [{"event": "a", "room": "q"}, {"event": 7}, {"event": "c", "room": "q"}]
+    first = client.post("/notify", json=items, headers=headers).get_json()
+    assert [r["status"] for r in first["results"]] == ["ok", "error", "ok"]
+    items[1] = {"event": "b", "room": "q"}  # fixed, retried with the same key
+    again = client.post("/notify", json=items, headers=headers).get_json()
+    results = again["results"]
+    assert [r.get("repeated", False) for r in results] == [True, False, True]
+    assert results[0]["id"] == first["results"][0]["id"]
+    assert results[2]["id"] == first["results"][2]["id"]
+    assert _n(results[1]["id"]) == _n(first["results"][2]["id"]) + 1, "only the new item"
+
+
+def test_an_item_key_wins_over_the_header(client):
+    body = [{"event": "a", "idempotency_key": "own"}, {"event": "b"}]
+    first = client.post("/notify", json=body, headers={"Idempotency-Key": "h"}).get_json()
+    alone = client.post("/notify", json={"event": "a", "idempotency_key": "own"}).get_json()
+    assert alone["repeated"] and alone["id"] == first["results"][0]["id"]
+    derived = client.post("/notify", json={"event": "b"}, headers={"Idempotency-Key": "h/1"})
+    assert derived.get_json()["id"] == first["results"][1]["id"]

@@ -18,7 +18,8 @@ Exceptions (all importable from this module)::
     WsserverError                        anything this module raises on purpose
      ├── PublishError(status, code, reason)   POST /notify was not accepted
      │    ├── AuthError                  401 / 403: the API key is missing or wrong
-     │    ├── InvalidNotification        400 / 413: the notification (or batch) is invalid
+     │    ├── InvalidNotification        400 / 413 / 422: the notification (or batch) is
+     │    │                              invalid, or its idempotency key was used for another
      │    └── Unavailable                503 after every retry, or no answer at all
      │                                   (status None, code "unreachable" / "timeout")
      └── SubscriptionError(reason, close_code, status, code, room)
@@ -45,6 +46,7 @@ import random
 import socket
 import threading
 import time
+import uuid
 from collections import deque
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, Callable, Union
@@ -108,21 +110,29 @@ class AuthError(PublishError):
 
 
 class InvalidNotification(PublishError):
-    """400 or 413: the notification (or batch) is malformed or too large. Retrying the same
-    body will fail the same way."""
+    """400 or 413: the notification (or batch) is malformed or too large; 422: its
+    idempotency key was used for another notification. Retrying the same body (and key)
+    will fail the same way."""
 
 
 class Unavailable(PublishError):
     """The server could not take the notification now: 503 after every retry (``status``
     503, ``retry_after`` the server's last hint), or no answer at all (``status`` None,
     ``code`` ``"unreachable"``, or ``"timeout"`` when the request was sent but the answer did
-    not come in time: then it may or may not have been published). Try again later."""
+    not come in time: then it may or may not have been published). Try again later, with
+    ``idempotency_key`` (the key every attempt sent) if it must not be published twice."""
 
     def __init__(
-        self, status: int | None, code: str, reason: str, retry_after: float | None = None
+        self,
+        status: int | None,
+        code: str,
+        reason: str,
+        retry_after: float | None = None,
+        idempotency_key: str | None = None,
     ) -> None:
         super().__init__(status, code, reason)
         self.retry_after = retry_after
+        self.idempotency_key = idempotency_key
 
 
 class SubscriptionError(WsserverError):
@@ -243,11 +253,17 @@ def _error_body(resp: requests.Response) -> tuple[str, str]:
 class Publisher:
     """Publishes notifications with ``POST /notify`` over one kept-alive HTTP connection.
 
-    Retries: a 503 (queue full) is retried after the server's ``Retry-After`` (capped at
-    ``max_retry_wait`` seconds); a connection that could not be made or dropped is retried
-    after an exponential backoff with jitter. At most ``retries`` retries per call, so a call
-    takes bounded time. A connection dropped after the request was sent may, rarely, publish
-    twice (at-least-once); subscribers see it as two ids. 4xx answers are never retried.
+    Retries: a 503 (queue full, broker unavailable) is retried after the server's
+    ``Retry-After`` (capped at ``max_retry_wait`` seconds); a connection that could not be
+    made or dropped is retried after an exponential backoff with jitter. At most ``retries``
+    retries per call, so a call takes bounded time. 4xx answers are never retried.
+
+    Exactly once: every call sends an ``Idempotency-Key`` (a new uuid4, or the
+    ``idempotency_key`` given) and every retry of that call sends the same one, so a 503
+    whose notification was published after all (Redis answered late), or a dropped
+    connection, is answered on retry with the first ids and nothing is published twice
+    (within ``WSSERVER_HISTORY_TTL``). A batch's items get ``<key>/<index>``. An answer
+    with ``"repeated": true`` is such a retry.
 
     Thread-safety: the usual requests practice applies: one Publisher shared by threads works
     (the connection pool is thread-safe and no cookies are used), one per thread is stricter.
@@ -292,9 +308,14 @@ class Publisher:
         room: str | None = None,
         rooms: Iterable[str] | None = None,
         user: str | None = None,
+        idempotency_key: str | None = None,
     ) -> dict:
         """Publish one notification; returns the server's answer
         (``{"status": "ok", "id": "42", "clients": 3}``, plus ``ids`` per room).
+
+        ``idempotency_key``: give your own (up to 200 visible ASCII characters) to make a
+        publish you repeat later, e.g. after this call raised, a no-op; by default each call
+        gets a fresh uuid4, which only its own retries share.
 
         ``room``/``rooms`` target rooms, ``user`` one user's connections; none of them:
         everybody. The server validates (``room`` and ``rooms`` together is a 400), so the
@@ -313,31 +334,39 @@ class Publisher:
             body["rooms"] = list(rooms)
         if user is not None:
             body["user"] = user
-        return self.publish_body(body)
+        return self.publish_body(body, idempotency_key)
 
-    def publish_batch(self, notifications: Iterable[Mapping[str, Any]]) -> dict:
+    def publish_batch(
+        self, notifications: Iterable[Mapping[str, Any]], idempotency_key: str | None = None
+    ) -> dict:
         """Publish several notifications in one request (the server's limit is
         ``WSSERVER_MAX_BATCH``, 100 by default). Returns the per-item answer
         (``status`` ``ok``/``partial``/``error``, ``accepted``, ``results``): items are
         validated one by one, so check ``status``; only a batch of which nothing could be
-        queued is a 503 (retried like any 503)."""
+        queued is a 503 (retried like any 503; a retry publishes only the items that were
+        not published before)."""
         items = [dict(n) for n in notifications]
-        return self.publish_body(items)
+        return self.publish_body(items, idempotency_key)
 
-    def publish_body(self, body: Any) -> dict:
-        """POST an already-built body (an object or a list) as-is. Used by the CLI for JSON
-        read from stdin; fields the server does not know are passed through."""
+    def publish_body(self, body: Any, idempotency_key: str | None = None) -> dict:
+        """POST an already-built body (an object or a list) as-is, with an
+        ``Idempotency-Key`` (``idempotency_key``, else a new uuid4) kept across retries.
+        Used by the CLI for JSON read from stdin; fields the server does not know are
+        passed through."""
         payload = json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
-        return self._post(payload)
+        return self._post(payload, idempotency_key or str(uuid.uuid4()))
 
-    def _post(self, payload: bytes) -> dict:
+    def _post(self, payload: bytes, key: str) -> dict:
+        headers = {"Idempotency-Key": key}
         attempts = self.retries + 1
         for attempt in range(attempts):
             last = attempt + 1 == attempts
             if self._closed.is_set():
                 raise WsserverError("the publisher is closed")
             try:
-                resp = self._session.post(self.notify_url, data=payload, timeout=self.timeout)
+                resp = self._session.post(
+                    self.notify_url, data=payload, headers=headers, timeout=self.timeout
+                )
             except requests.exceptions.SSLError as exc:  # configuration: retrying cannot help
                 raise PublishError(None, "tls_error", str(exc)) from exc
             except requests.exceptions.ConnectionError as exc:  # also ConnectTimeout
@@ -347,43 +376,54 @@ class Publisher:
                         None,
                         "unreachable",
                         f"cannot reach {self.url}: {_connection_failure(exc)}{tries}",
+                        idempotency_key=key,
                     ) from exc
                 self._wait(_backoff(attempt, self.backoff_initial, self.backoff_max))
                 continue
             except requests.exceptions.Timeout as exc:
-                # sent, but no answer: retrying could publish twice, so the caller decides
-                raise Unavailable(
-                    None,
-                    "timeout",
-                    f"no answer within {self.timeout}s; the notification may have been published",
-                ) from exc
-            status = resp.status_code
-            if 200 <= status < 300:
-                try:
-                    answer = resp.json()
-                except ValueError:
-                    raise PublishError(
-                        status, "invalid_response", "the answer is not JSON"
-                    ) from None
-                return answer if isinstance(answer, dict) else {"result": answer}
-            code, reason = _error_body(resp)
-            if status == 503:
-                hint = _retry_after(resp.headers.get("Retry-After"))
+                # sent, but no answer: it may have been published; the key makes a retry safe
                 if last:
-                    raise Unavailable(status, code, reason, retry_after=hint)
-                if hint is None:
-                    wait = _backoff(attempt, self.backoff_initial, self.backoff_max)
-                else:
-                    wait = min(hint, self.max_retry_wait)
-                log.debug("503 %s; retrying in %.2fs", code, wait)
-                self._wait(wait)
+                    raise Unavailable(
+                        None,
+                        "timeout",
+                        f"no answer within {self.timeout}s; the notification may have been "
+                        "published: retry with the same idempotency_key",
+                        idempotency_key=key,
+                    ) from exc
+                self._wait(_backoff(attempt, self.backoff_initial, self.backoff_max))
                 continue
-            if status in (401, 403):
-                raise AuthError(status, code, reason)
-            if status in (400, 413):
-                raise InvalidNotification(status, code, reason)
-            raise PublishError(status, code, reason)
+            answer = self._answer(resp, attempt, last, key)
+            if answer is not None:
+                return answer
         raise AssertionError("not reached")  # pragma: no cover
+
+    def _answer(self, resp: requests.Response, attempt: int, last: bool, key: str) -> dict | None:
+        """The server's answer (2xx), or None after waiting out a 503 to retry; raises for
+        every other answer and for the last 503."""
+        status = resp.status_code
+        if 200 <= status < 300:
+            try:
+                answer = resp.json()
+            except ValueError:
+                raise PublishError(status, "invalid_response", "the answer is not JSON") from None
+            return answer if isinstance(answer, dict) else {"result": answer}
+        code, reason = _error_body(resp)
+        if status == 503:
+            hint = _retry_after(resp.headers.get("Retry-After"))
+            if last:
+                raise Unavailable(status, code, reason, hint, idempotency_key=key)
+            if hint is None:
+                wait = _backoff(attempt, self.backoff_initial, self.backoff_max)
+            else:
+                wait = min(hint, self.max_retry_wait)
+            log.debug("503 %s; retrying in %.2fs", code, wait)
+            self._wait(wait)
+            return None
+        if status in (401, 403):
+            raise AuthError(status, code, reason)
+        if status in (400, 413, 422):
+            raise InvalidNotification(status, code, reason)
+        raise PublishError(status, code, reason)
 
     def _wait(self, seconds: float) -> None:
         if self._closed.wait(seconds):

@@ -454,6 +454,13 @@ class Settings:
         "Bytes of messages the in-memory broker keeps for recovery, all audiences together; "
         "past it the least recently published audiences are forgotten. 0: no byte limit.",
     )
+    idempotency_max_keys: int = _setting(
+        _int_in(1, 10_000_000),
+        100_000,
+        "Idempotency keys (`POST /notify`) the in-memory broker remembers, each for "
+        "WSSERVER_HISTORY_TTL; past it the oldest is forgotten early (a retry with it would "
+        "publish again). Redis keeps every key for the TTL.",
+    )
     handshake_timeout: float = _setting(
         _float_in(0.5, 300.0),
         10.0,

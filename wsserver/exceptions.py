@@ -23,9 +23,11 @@ The tree::
         ├── CommandError (ValueError)  a client command is wrong or cannot run now: answered by
         │   │                          an error frame on /ws (400 where it is answered in HTTP)
         │   └── RoomLimitReached       the connection is in as many rooms as it may join
-        └── PublishRefused             503, Retry-After: 1; nothing was published
+        └── PublishRefused             503, Retry-After: 1; nothing was published, except:
             ├── QueueFull              the broadcast queue stayed full for the enqueue timeout
             └── BrokerUnavailable      the broker cannot take the message (or read history)
+                └── BrokerTimedOut     Redis took the publish but did not answer in time: it
+                                       may run later (retry with the same idempotency key)
 
 ``code`` is machine-readable (:class:`wsserver.codes.ErrorCode` names the shared ones);
 ``reason`` is for people and safe to show (never a secret, never client input beyond a room
@@ -42,6 +44,7 @@ from .codes import WEBSOCKET_VERSION, ErrorCode
 __all__ = [
     "AccessDenied",
     "BadRequest",
+    "BrokerTimedOut",
     "BrokerUnavailable",
     "CommandError",
     "HandshakeRefused",
@@ -171,8 +174,9 @@ class QueueFull(PublishRefused):
 
 
 class BrokerUnavailable(PublishRefused):
-    """The broker cannot take the message now (or read history); nothing was published.
-    ``cause`` says what failed, for logs (``"redis: ConnectionError"``); it is not sent."""
+    """The broker cannot take the message now (or read history): nothing was published, unless
+    it is a :class:`BrokerTimedOut`. ``cause`` says what failed, for logs
+    (``"redis: ConnectionError"``); it is not sent."""
 
     CODE = ErrorCode.BROKER_UNAVAILABLE
     REASON = "the message broker is unreachable; nothing was published"
@@ -180,3 +184,15 @@ class BrokerUnavailable(PublishRefused):
     def __init__(self, cause: str = "", detail: str = "WSSERVER_REDIS_URL") -> None:
         super().__init__(detail)
         self.cause = cause
+
+
+class BrokerTimedOut(BrokerUnavailable):
+    """The publish was sent to Redis, which did not answer within its socket timeout: Redis
+    may still run it when it wakes (published, live delivery included). Answered 503 like
+    any ``broker_unavailable``; a retry with the same idempotency key finds it recorded and
+    publishes nothing (docs/protocol.md, "Retries and idempotency keys")."""
+
+    REASON = (
+        "the message broker did not answer in time; the notification may have been "
+        "published: retry with the same Idempotency-Key"
+    )

@@ -28,7 +28,7 @@ from .auth import AccessPolicy
 from .codes import ErrorCode
 from .errors import error_document, wsgi_json, wsgi_refusal
 from .exceptions import BadRequest, PublishRefused, Refusal
-from .protocol import parse_notification, parse_notify_body
+from .protocol import idempotency_key, parse_notification, parse_notify_body
 from .service import NotificationService, Published
 
 __all__ = ["METHODS", "PATH", "NotifyEndpoint"]
@@ -96,10 +96,12 @@ class NotifyEndpoint:
         _check_origin(service.policy, environ)
         service.publishers.check(environ)
         _check_json(environ.get("CONTENT_TYPE"))
+        header = environ.get("HTTP_IDEMPOTENCY_KEY")
+        key = None if header is None else idempotency_key(header)
         body = parse_notify_body(_read_body(environ, service.settings.max_body_size))
         if isinstance(body, list):
-            return _publish_batch(service, body)
-        return 200, _accepted(service.publish(parse_notification(body)))
+            return _publish_batch(service, body, key)
+        return 200, _accepted(service.publish(parse_notification(body), key))
 
 
 def _check_origin(policy: AccessPolicy, environ: dict) -> None:
@@ -167,11 +169,17 @@ def _too_large(limit: int) -> BadRequest:
     )
 
 
-def _publish_batch(service: NotificationService, items: list) -> tuple[int, dict]:
+def _publish_batch(
+    service: NotificationService, items: list, key: str | None = None
+) -> tuple[int, dict]:
     """A JSON list: each item published on its own and answered in ``results``, an item
     refused with the same code and text as a single notification would be. A batch of which
     nothing was published, every item for the same server-side reason (a full queue, the
-    broker down), is answered as that refusal (503)."""
+    broker down), is answered as that refusal (503).
+
+    Idempotency is per item: an item's ``idempotency_key`` field, else the request's
+    ``Idempotency-Key`` with ``/<index>`` appended; so a retried batch publishes exactly
+    the items that were not published before, and answers the others' first ids."""
     if not items:
         raise BadRequest(400, ErrorCode.EMPTY_BATCH, "a batch needs at least one notification")
     if len(items) > service.settings.max_batch:
@@ -184,9 +192,10 @@ def _publish_batch(service: NotificationService, items: list) -> tuple[int, dict
         )
     results: list[dict] = []
     refusals: list[PublishRefused] = []
-    for item in items:
+    for index, item in enumerate(items):
         try:
-            results.append(_accepted(service.publish(parse_notification(item))))
+            item_key = None if key is None else f"{key}/{index}"
+            results.append(_accepted(service.publish(parse_notification(item), item_key)))
         except (BadRequest, PublishRefused) as exc:
             if isinstance(exc, PublishRefused):
                 refusals.append(exc)
@@ -210,4 +219,6 @@ def _accepted(published: Published) -> dict[str, Any]:
     }
     if None not in ids:
         body["ids"] = ids
+    if published.repeated:
+        body["repeated"] = True
     return body

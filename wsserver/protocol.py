@@ -11,6 +11,7 @@ machine-readable code; anything else is ours. Close codes live in :mod:`wsserver
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import time
@@ -25,6 +26,7 @@ __all__ = [
     "Notification",
     "encode_json_frame",
     "error_frame",
+    "idempotency_key",
     "is_command",
     "parse_command",
     "parse_notification",
@@ -37,6 +39,9 @@ EVENT_MAX_LENGTH = 256
 ROOM_MAX_LENGTH = 128
 USER_MAX_LENGTH = 256
 ROOMS_PER_NOTIFICATION = 100
+IDEMPOTENCY_KEY_MAX_LENGTH = 200
+# visible ASCII only: a UUID, a hash, "order-7/shipped"; never spaces, controls or Unicode
+_IDEMPOTENCY_KEY_RE = re.compile(r"[\x21-\x7e]+\Z")
 # letters, digits and _ . : @ / - ; must start with a letter or digit
 _ROOM_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:@/-]*\Z")
 
@@ -51,6 +56,19 @@ class Notification:
     data: Any
     rooms: tuple[str, ...] | None = None
     user: str | None = None
+    idempotency_key: str | None = None
+
+    def fingerprint(self) -> str:
+        """What a repeat with the same idempotency key must match: a hash of the fields
+        clients receive (not the time it was sent), so a retry of the same notification
+        matches and a key reused for another one is told apart."""
+        text = json.dumps(
+            [self.event, self.message, self.data, self.rooms, self.user],
+            ensure_ascii=False,
+            sort_keys=True,
+            separators=(",", ":"),
+        )
+        return hashlib.blake2b(text.encode("utf-8"), digest_size=12).hexdigest()
 
     def envelope(self, message_id: str, room: str | None = None, ts: int | None = None) -> dict:
         """The object clients receive: the original's fields plus ``room``, ``id`` and ``ts``
@@ -224,7 +242,33 @@ def parse_notification(obj: Any) -> Notification:
             )
         if rooms is not None:
             raise BadRequest(400, "invalid_user", "give 'user' or 'room'/'rooms', not both")
-    return Notification(event=event, message=message, data=obj.get("data"), rooms=rooms, user=user)
+    key = obj.get("idempotency_key")
+    return Notification(
+        event=event,
+        message=message,
+        data=obj.get("data"),
+        rooms=rooms,
+        user=user,
+        idempotency_key=None if key is None else idempotency_key(key, "field 'idempotency_key'"),
+    )
+
+
+def idempotency_key(value: Any, where: str = "Idempotency-Key") -> str:
+    """A valid idempotency key (the ``Idempotency-Key`` header or an item's
+    ``idempotency_key`` field), or :class:`BadRequest` (400 ``invalid_idempotency_key``).
+    Bounded because each key is kept for ``WSSERVER_HISTORY_TTL``."""
+    if (
+        not isinstance(value, str)
+        or not 1 <= len(value) <= IDEMPOTENCY_KEY_MAX_LENGTH
+        or not _IDEMPOTENCY_KEY_RE.match(value)
+    ):
+        raise BadRequest(
+            400,
+            "invalid_idempotency_key",
+            f"{where} must be 1 to {IDEMPOTENCY_KEY_MAX_LENGTH} visible ASCII characters "
+            "(no spaces), e.g. a UUID",
+        )
+    return value
 
 
 def _rooms_of(obj: dict) -> tuple[str, ...] | None:

@@ -22,7 +22,15 @@ from . import audit, metrics
 from .admission import Admission
 from .auth import AccessPolicy, Identity
 from .broadcaster import Broadcaster
-from .brokers import Broker, BrokerUnavailable, Census, Outgoing, make_broker
+from .brokers import (
+    Broker,
+    BrokerUnavailable,
+    Census,
+    Idempotency,
+    Outgoing,
+    Repeated,
+    make_broker,
+)
 from .codes import CLOSE_GOING_AWAY, REASON_SHUTTING_DOWN, ErrorCode
 from .commands import ClientCommands
 from .config import Settings
@@ -45,14 +53,21 @@ class Published:
     across every worker (fresh within a second; this worker's alone with one process),
     ``worker_clients`` on this worker."""
 
-    __slots__ = ("ids", "clients", "worker_clients")
+    __slots__ = ("ids", "clients", "worker_clients", "repeated")
 
     def __init__(
-        self, ids: dict[str | None, str], clients: int, worker_clients: int | None = None
+        self,
+        ids: dict[str | None, str],
+        clients: int,
+        worker_clients: int | None = None,
+        repeated: bool = False,
     ) -> None:
         self.ids = ids
         self.clients = clients
         self.worker_clients = clients if worker_clients is None else worker_clients
+        # True: the idempotency key was used before; ``ids`` are the first publish's and
+        # nothing was published now
+        self.repeated = repeated
 
 
 class NotificationService:
@@ -201,13 +216,20 @@ class NotificationService:
 
     # -- publishing ------------------------------------------------------------------------
 
-    def publish(self, notification: Notification) -> Published:
+    def publish(self, notification: Notification, idempotency_key: str | None = None) -> Published:
         """Publish ``notification`` to its audience through the broker: one message per
         target room, each numbered by that room's history. Raises a
-        :class:`~wsserver.exceptions.PublishRefused` (503, nothing was accepted):
+        :class:`~wsserver.exceptions.PublishRefused` (503):
         :class:`~wsserver.exceptions.QueueFull` when the local queue stayed full for
-        ``enqueue_timeout``, :class:`BrokerUnavailable` when the broker cannot take it."""
+        ``enqueue_timeout`` (nothing was accepted), :class:`BrokerUnavailable` when the broker
+        cannot take it (:class:`~wsserver.exceptions.BrokerTimedOut`: it may have).
+
+        The notification's own ``idempotency_key``, else ``idempotency_key``: a key already
+        used within ``WSSERVER_HISTORY_TTL`` publishes nothing and answers the first ids
+        (``repeated``); used for another notification, a 422 :class:`BadRequest`."""
         self.ensure_started()
+        key = notification.idempotency_key or idempotency_key
+        idempotency = None if key is None else Idempotency(key, notification.fingerprint())
         targets: tuple[str | None, ...] = notification.rooms or (None,)
         now_ms = int(time.time() * 1000)
         messages = tuple(
@@ -215,7 +237,7 @@ class NotificationService:
             for room in targets
         )
         try:
-            ids = self.broker.publish(messages, self.settings.enqueue_timeout)
+            ids = self.broker.publish(messages, self.settings.enqueue_timeout, idempotency)
         except BrokerUnavailable:
             metrics.PUBLISH_REJECTED.labels("broker_unavailable").inc()
             raise
@@ -229,7 +251,7 @@ class NotificationService:
         mine = self.hub.audience(notification.rooms, notification.user)
         peers = self.broker.peers()
         clients = mine + (peers.audience(notification.rooms, notification.user) if peers else 0)
-        return Published(dict(zip(targets, ids)), clients, mine)
+        return Published(dict(zip(targets, ids)), clients, mine, isinstance(ids, Repeated))
 
     def _rejected(self) -> None:
         metrics.PUBLISH_REJECTED.labels("queue_full").inc()

@@ -15,6 +15,15 @@ With several workers, every observer must see one service: each worker's counts 
 :class:`Census`) reach the others through the broker (:meth:`Broker.peers`), and
 ``GET /``, ``GET /rooms`` and ``POST /notify`` add this worker's live counts to them.
 
+Idempotency: a publish may carry an :class:`Idempotency` (the publisher's key and the
+notification's fingerprint). The broker records the key with the ids in the same atomic step
+that publishes (the memory broker's lock, the Redis script), for ``WSSERVER_HISTORY_TTL``;
+a publish whose key is recorded publishes nothing and gets the first ids back
+(:class:`Repeated`), or a 422 when the key was used for another notification. Because the
+record and the publish are one step, a publish that timed out on our side but ran later in
+Redis is found by the retry: "a 503 may have been published; retrying with the same key is
+safe" (docs/protocol.md).
+
 Both raise :class:`~wsserver.exceptions.BrokerUnavailable` (the message could not be stored or
 published, history cannot be read: answer 503); it is defined with every other refusal in
 :mod:`wsserver.exceptions` and re-exported here, where the brokers import it from.
@@ -25,7 +34,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from ..exceptions import BrokerUnavailable
+from ..exceptions import BadRequest, BrokerUnavailable
 from ..frames import OP_TEXT, encode_frame
 
 if TYPE_CHECKING:
@@ -37,10 +46,13 @@ __all__ = [
     "Broker",
     "BrokerUnavailable",
     "Census",
+    "Idempotency",
     "Outgoing",
     "Recovery",
+    "Repeated",
     "audience_key",
     "envelope_frame",
+    "key_reused",
     "make_broker",
     "order_of",
 ]
@@ -54,6 +66,30 @@ class Outgoing:
     room: str | None
     user: str | None
     prefix: str
+
+
+@dataclass(frozen=True)
+class Idempotency:
+    """A publish's idempotency key and its notification's fingerprint
+    (:meth:`wsserver.protocol.Notification.fingerprint`)."""
+
+    key: str
+    fingerprint: str
+
+
+class Repeated(list):
+    """The ids a publish got the first time its idempotency key was used: this one
+    published nothing."""
+
+
+def key_reused() -> BadRequest:
+    """The 422 for a key already used for a different notification (within the TTL)."""
+    return BadRequest(
+        422,
+        "idempotency_key_reused",
+        "this Idempotency-Key was already used for a different notification; "
+        "use a new key for a new notification",
+    )
 
 
 @dataclass(frozen=True)
@@ -144,9 +180,17 @@ class Broker:
     def stop(self) -> None:
         raise NotImplementedError
 
-    def publish(self, messages: tuple[Outgoing, ...], timeout: float) -> list[str] | None:
+    def publish(
+        self,
+        messages: tuple[Outgoing, ...],
+        timeout: float,
+        idempotency: Idempotency | None = None,
+    ) -> list[str] | None:
         """Publish atomically (all or none); the ids, in order. None when the local queue
-        stayed full for ``timeout`` (memory); raises :class:`BrokerUnavailable`."""
+        stayed full for ``timeout`` (memory); raises :class:`BrokerUnavailable`. With
+        ``idempotency`` whose key is recorded: nothing is published, the first ids are
+        returned as :class:`Repeated` (or :func:`key_reused` is raised if the fingerprint
+        differs); otherwise the key is recorded with the ids, in the same atomic step."""
         raise NotImplementedError
 
     def relay(self, frame: bytes, timeout: float) -> bool:

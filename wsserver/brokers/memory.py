@@ -26,6 +26,12 @@ audience reached, and an audience created afresh numbers from there. Resuming an
 was forgotten answers ``recovered: false``: what it held is gone, so whether anything after
 ``since`` was missed cannot be told.
 
+Idempotency keys live in another ``OrderedDict`` (key → expiry, fingerprint, ids), in the
+order they were recorded, which is their expiry order (one TTL for all): expiry pops from
+the front, and past ``WSSERVER_IDEMPOTENCY_MAX_KEYS`` the oldest is forgotten early. A key is
+recorded only when the publish succeeded, under the same lock: a 503 from this broker means
+nothing was published.
+
 Freed memory is given back to the system: after a sweep that freed a lot, ``malloc_trim(0)``
 (glibc) returns the free pages of every malloc arena. Without it the worker's RSS stays at its
 peak: messages are allocated by many request threads, in as many arenas, and glibc returns
@@ -43,7 +49,17 @@ from collections import OrderedDict, deque
 from typing import TYPE_CHECKING, Callable
 
 from ..broadcaster import Broadcast
-from . import Broker, Outgoing, Recovery, audience_key, envelope_frame, order_of
+from . import (
+    Broker,
+    Idempotency,
+    Outgoing,
+    Recovery,
+    Repeated,
+    audience_key,
+    envelope_frame,
+    key_reused,
+    order_of,
+)
 
 if TYPE_CHECKING:
     from ..broadcaster import Broadcaster
@@ -76,7 +92,8 @@ class _Audience:
 
 
 class MemoryBroker(Broker):
-    """Thread-safety: ``_lock`` guards ``_audiences``, ``_bytes`` and ``_forgotten_high``;
+    """Thread-safety: ``_lock`` guards ``_audiences``, ``_bytes``, ``_forgotten_high`` and
+    ``_keys``;
     the sweeper thread (``wsserver-history-sweeper``, a daemon so a worker that skips
     ``stop`` still exits) takes it in short holds."""
 
@@ -91,6 +108,9 @@ class MemoryBroker(Broker):
         self._audiences: OrderedDict[str, _Audience] = OrderedDict()
         self._bytes = 0
         self._forgotten_high = 0
+        # idempotency key -> (monotonic expiry, fingerprint, ids), in expiry order
+        self._keys: OrderedDict[str, tuple[float, str, tuple[str, ...]]] = OrderedDict()
+        self._max_keys = settings.idempotency_max_keys
         self._broadcaster: Broadcaster | None = None
         self._boot = int(time.time() * 1000)
         self._stopping = threading.Event()
@@ -121,7 +141,12 @@ class MemoryBroker(Broker):
     def alive(self) -> bool:
         return self._sweeper is None or self._sweeper.is_alive()
 
-    def publish(self, messages: tuple[Outgoing, ...], timeout: float) -> list[str] | None:
+    def publish(
+        self,
+        messages: tuple[Outgoing, ...],
+        timeout: float,
+        idempotency: Idempotency | None = None,
+    ) -> list[str] | None:
         assert self._broadcaster is not None
         deadline = time.monotonic() + timeout
         # other publishers hold the lock briefly, or for at most their own `timeout` while the
@@ -131,6 +156,10 @@ class MemoryBroker(Broker):
         forgotten: list[_Audience] = []  # deallocated after the lock is released
         try:
             now = time.monotonic()
+            if idempotency is not None:
+                first = self._seen(idempotency, now)
+                if first is not None:
+                    return first
             self._expire(now - self._ttl, forgotten, len(messages) + 1)
             keys = [audience_key(m.room, m.user) for m in messages]
             numbers = []
@@ -148,10 +177,44 @@ class MemoryBroker(Broker):
             for key, n, frame in zip(keys, numbers, frames):
                 self._record(key, n, frame, now)
             self._evict(forgotten)
-            return [self._id(n) for n in numbers]
+            ids = [self._id(n) for n in numbers]
+            if idempotency is not None:
+                self._remember(idempotency, ids, now)
+            return ids
         finally:
             self._lock.release()
             del forgotten
+
+    def _seen(self, idempotency: Idempotency, now: float) -> Repeated | None:
+        """Holds ``_lock``. The first ids of a recorded key (expired keys forgotten first);
+        raises the 422 when the key was recorded for another notification."""
+        self._expire_keys(now, len(self._keys))
+        entry = self._keys.get(idempotency.key)
+        if entry is None:
+            return None
+        if entry[1] != idempotency.fingerprint:
+            raise key_reused()
+        return Repeated(entry[2])
+
+    def _expire_keys(self, now: float, limit: int) -> int:
+        """Holds ``_lock``. Forget at most ``limit`` expired idempotency keys, oldest
+        first; how many were forgotten."""
+        keys = self._keys
+        done = 0
+        while keys and done < limit:
+            oldest = next(iter(keys))
+            if keys[oldest][0] > now:
+                break
+            del keys[oldest]
+            done += 1
+        return done
+
+    def _remember(self, idempotency: Idempotency, ids: list[str], now: float) -> None:
+        """Holds ``_lock``. Record a key that was just published with, within the cap."""
+        keys = self._keys
+        keys[idempotency.key] = (now + self._ttl, idempotency.fingerprint, tuple(ids))
+        while len(keys) > self._max_keys:
+            keys.popitem(last=False)
 
     def _record(self, key: str, n: int, frame: bytes, now: float) -> None:
         """Holds ``_lock``. Count ``n`` for ``key`` and keep ``frame`` in its ring."""
@@ -214,9 +277,11 @@ class MemoryBroker(Broker):
         while not self._stopping.is_set():
             batch: list[_Audience] = []
             with self._lock:
-                self._expire(time.monotonic() - self._ttl, batch, _SWEEP_BATCH)
+                now = time.monotonic()
+                self._expire(now - self._ttl, batch, _SWEEP_BATCH)
+                keys = self._expire_keys(now, _SWEEP_BATCH)
             freed += sum(a.size for a in batch)
-            if len(batch) < _SWEEP_BATCH:
+            if len(batch) < _SWEEP_BATCH and keys < _SWEEP_BATCH:
                 break
             del batch
         return freed
@@ -228,6 +293,11 @@ class MemoryBroker(Broker):
                     _malloc_trim()
             except Exception:  # noqa: BLE001 - the sweeper must outlive a bug; say so
                 log.exception("history sweep failed")
+
+    def idempotency_keys(self) -> int:
+        """Idempotency keys remembered now, for tests and diagnostics."""
+        with self._lock:
+            return len(self._keys)
 
     def stats(self) -> tuple[int, int]:
         """(audiences, bytes of messages) kept now, for tests and diagnostics."""

@@ -24,6 +24,11 @@ the report key's own expiry, kept by Redis's clock, so hosts' clocks need not ag
 
 While Redis is down, ``publish`` raises :class:`BrokerUnavailable` (``POST /notify`` answers
 503: nothing is accepted that cannot be delivered), ``ready`` is False (``/readyz`` 503).
+While Redis hangs (a slow command, ``DEBUG SLEEP``, a stopped process), a publish times out
+after 2 s (:class:`~wsserver.exceptions.BrokerTimedOut`, also 503) but stays queued in Redis,
+which runs it when it wakes: the notification *is* published then, live delivery included.
+So a 503 ``broker_unavailable`` may have been published; a retry carrying the same idempotency
+key is answered with the first ids and publishes nothing (see ``_IDEMPOTENT_HEAD``).
 """
 
 from __future__ import annotations
@@ -43,14 +48,18 @@ import redis
 from .. import metrics
 from ..broadcaster import Broadcast
 from ..codes import CLOSE_INTERNAL_ERROR, REASON_MISSED_MESSAGES
+from ..exceptions import BrokerTimedOut
 from . import (
     Broker,
     BrokerUnavailable,
     Census,
+    Idempotency,
     Outgoing,
     Recovery,
+    Repeated,
     audience_key,
     envelope_frame,
+    key_reused,
     order_of,
 )
 
@@ -96,6 +105,34 @@ _REPLAY_BUDGET = 2.0
 # is drawn from [half, all] of it so that workers cut off together do not come back together
 _BACKOFF_MIN = 0.1
 _BACKOFF_MAX = 2.0
+# -- idempotency (h-idem): a second script, composed of a head, _PUBLISH untouched (run as a
+# closure) and a tail; _PUBLISH itself does not change. The caller appends the idempotency
+# record's key to KEYS and the fingerprint and TTL (ms) to ARGV; the head removes them before
+# _PUBLISH reads KEYS and ARGV. A recorded key: {'=', first ids...} (nothing published) or
+# {'!'} (recorded for another fingerprint). Otherwise _PUBLISH runs and the key is recorded
+# ("<fingerprint> <id> <id>...") in the same atomic script, so a publish that timed out on
+# our side and ran later in Redis is found by the retry.
+_IDEMPOTENT_HEAD = """
+local idem_ttl = tonumber(table.remove(ARGV))
+local idem_fp = table.remove(ARGV)
+local idem_key = table.remove(KEYS)
+local idem_seen = redis.call('GET', idem_key)
+if idem_seen then
+  local first = {}
+  for word in string.gmatch(idem_seen, '%S+') do first[#first + 1] = word end
+  if first[1] ~= idem_fp then return {'!'} end
+  first[1] = '='
+  return first
+end
+local idem_ids = (function()
+"""
+_IDEMPOTENT_TAIL = """
+end)()
+redis.call('SET', idem_key, idem_fp .. ' ' .. table.concat(idem_ids, ' '), 'PX', idem_ttl, 'NX')
+return idem_ids
+"""
+_PUBLISH_IDEMPOTENT = _IDEMPOTENT_HEAD + (_PUBLISH % _BUS_LENGTH) + _IDEMPOTENT_TAIL
+# -- end of idempotency
 
 # how long the listener waits for a message before checking whether it should stop: it bounds
 # how long shutdown waits for this thread (a 1 s poll made every stop take a second)
@@ -137,6 +174,7 @@ class RedisBroker(Broker):
         )
         self._script = self._redis.register_script(_PUBLISH % _BUS_LENGTH)
         self._bus = f"{self._prefix}:log"
+        self._idempotent = self._redis.register_script(_PUBLISH_IDEMPOTENT)
         self._worker = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._stop = threading.Event()
         self._connected = threading.Event()  # set while subscribed: publishing is open
@@ -215,19 +253,40 @@ class RedisBroker(Broker):
 
     # -- publishing ------------------------------------------------------------------------
 
-    def publish(self, messages: tuple[Outgoing, ...], timeout: float) -> list[str] | None:
+    def publish(
+        self,
+        messages: tuple[Outgoing, ...],
+        timeout: float,
+        idempotency: Idempotency | None = None,
+    ) -> list[str] | None:
+        """One script call. A timeout is :class:`BrokerTimedOut`: the script was sent and
+        may still run (with ``idempotency``, a retry with the same key is then answered
+        with its ids); a connection error is :class:`BrokerUnavailable`."""
         if not self._connected.is_set():
             # this worker's listener is not subscribed: it would miss its own message
             raise BrokerUnavailable("redis: not subscribed yet")
         keys = [self._stream(audience_key(m.room, m.user)) for m in messages]
         keys.append(self._bus)
         metas = [json.dumps([m.room, m.user, m.prefix], ensure_ascii=False) for m in messages]
+        args: list[Any] = [self._channel, self._maxlen, self._ttl_ms, *metas]
+        script = self._script
+        if idempotency is not None:
+            script = self._idempotent
+            keys.append(f"{self._prefix}:idem:{idempotency.key}")
+            args += [idempotency.fingerprint, self._ttl_ms]
         try:
-            ids = self._script(keys=keys, args=[self._channel, self._maxlen, self._ttl_ms, *metas])
+            ids = [_text(i) for i in script(keys=keys, args=args)]
+        except (redis.TimeoutError, TimeoutError) as exc:
+            metrics.BROKER_ERRORS.inc()
+            raise BrokerTimedOut(f"redis: {exc.__class__.__name__}") from None
         except (redis.RedisError, OSError) as exc:
             metrics.BROKER_ERRORS.inc()
             raise BrokerUnavailable(f"redis: {exc.__class__.__name__}") from None
-        return [i.decode() if isinstance(i, bytes) else str(i) for i in ids]
+        if ids and ids[0] == "=":
+            return Repeated(ids[1:])
+        if ids == ["!"]:
+            raise key_reused()
+        return ids
 
     def relay(self, frame: bytes, timeout: float) -> bool:
         if not self._connected.is_set():
