@@ -130,11 +130,6 @@ class Broadcaster:
         self._thread.start()
 
     @property
-    def stopping(self) -> bool:
-        """:meth:`stop` was called: :meth:`submit` refuses everything from now on."""
-        return self._stop.is_set()
-
-    @property
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
