@@ -27,8 +27,8 @@ While Redis is down, ``publish`` raises :class:`BrokerUnavailable` (``POST /noti
 A Redis that hangs (the connection stays up, nothing answers) is caught as soon as: ``ready``
 turns False when any Redis call fails or times out (for ``_DEGRADED_FOR``, 2 s, after the
 last failure, or until a report round that began after it succeeds), and while the
-reporter's round has been waiting for Redis longer than ``_STALLED_AFTER`` (0.5 s): within
-0.75 s of a hang's start, not after the first 2 s ``socket_timeout``.
+reporter's round has been waiting for Redis longer than ``_STALLED_AFTER`` (0.4 s): within
+~0.7 s of a hang's start, not after the first 2 s ``socket_timeout``.
 """
 
 from __future__ import annotations
@@ -98,7 +98,7 @@ _VIEW_STALE = 2.0
 # succeeded ends it sooner), and while a report round has waited for Redis this long (a round
 # takes a millisecond; a hung Redis answers nothing until its 2 s socket timeout)
 _DEGRADED_FOR = 2.0
-_STALLED_AFTER = 0.5
+_STALLED_AFTER = 0.4
 
 
 def check_redis(url: str, timeout: float = 2.0) -> None:
