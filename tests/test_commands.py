@@ -206,11 +206,13 @@ def test_a_refused_refresh_keeps_the_old_token_and_its_rooms(served):
 def test_a_resume_queued_before_a_refresh_cannot_enter_a_room_the_refresh_took_away(served):
     """The resume was checked against the old token when asked; it joins later, on the
     broadcaster thread: it checks the token the connection holds then."""
+    from wsserver.brokers import Recovery as History
     from wsserver.recovery import Resume
 
     s = served(jwt_secret=SECRET)
     conn, peer = _joined(s, ["private-a"], [])
-    resume = Resume(s.service, s.service.recovery.slots, conn, "private-a", "1-1")
+    # the history was read when the resume was asked (off the broadcaster thread)
+    resume = Resume(s.service, conn, "private-a", "1-1", History(False), time.monotonic())
     assert s.service.recovery.slots.acquire(conn.id, 0) is None  # as Recovery.resume does
     _say(s, conn, {"type": "refresh", "token": _jwt([])})
     assert peer.messages(1)[0]["type"] == "refreshed"

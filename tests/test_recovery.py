@@ -1,17 +1,23 @@
-"""wsserver.recovery: the replay marks, and a resume over real sockets that meets the live
-stream with no gap and no duplicate (real service, memory broker, broadcaster thread)."""
+"""wsserver.recovery: the replay marks, the ring of recent messages, and a resume over real
+sockets that meets the live stream with no gap and no duplicate (real service, memory broker,
+broadcaster thread), including while its history read is held up (a memory broker whose
+``history`` waits on an event: a slow broker, not a stand-in for the delivery path)."""
 
 from __future__ import annotations
 
 import threading
+import time
+from typing import Callable
 
 import pytest
 from inprocess import Served
 from support import wait_for
 
 from wsserver.broadcaster import Broadcast, Broadcaster
+from wsserver.brokers import Recovery as History
+from wsserver.brokers.memory import MemoryBroker
 from wsserver.protocol import Notification
-from wsserver.recovery import ReplayMarks
+from wsserver.recovery import MAX_ATTEMPTS, RecentMessages, ReplayMarks
 
 
 def _item(room: str | None, n: int) -> Broadcast:
@@ -70,9 +76,9 @@ def _publish(served: Served, room: str, n: int) -> str:
 
 
 @pytest.mark.timeout(30)
-def test_messages_published_while_a_resume_waits_are_replayed_once_not_sent_live_again(served):
-    """The case the marks exist for: messages published after the resume was queued but
-    before it ran are both in the history it reads and still queued behind it."""
+def test_messages_published_while_a_resume_waits_in_the_queue_arrive_live_once(served):
+    """The history is read before the task is queued: messages published while the task
+    waits behind others are not in that read; they reach the client live, after the replay."""
     s = served()
     broadcaster = s.service.broadcaster
     assert broadcaster is not None
@@ -85,10 +91,10 @@ def test_messages_published_while_a_resume_waits_are_replayed_once_not_sent_live
     s.service.commands.resume(conn, "r", ids[0])
     hold.release.set()
     assert between.entered.wait(5)
-    ids += [_publish(s, "r", n) for n in range(3, 5)]  # in history and queued behind the task
+    ids += [_publish(s, "r", n) for n in range(3, 5)]  # queued behind the task
     between.release.set()
     assert peer.messages(1)[0] == {"type": "subscribed", "room": "r", "recovered": True,
-                                   "missed": 4}
+                                   "missed": 2}
     ids.append(_publish(s, "r", 5))  # after the resume: live
     received = [m["id"] for m in peer.messages(5)]
     assert received == ids[1:], "no gap, no duplicate, in order"
@@ -143,4 +149,190 @@ def test_a_resume_for_a_connection_gone_before_it_ran_sends_nothing_and_frees_it
     hold.release.set()
     wait_for(lambda: s.service.recovery.slots.in_flight == 0, message="the slot given back")
     assert peer.nothing_pending()
+    assert conn.rooms == set()
+
+
+# -- the ring of recent messages ------------------------------------------------------------
+
+
+def test_the_ring_gives_a_rooms_messages_after_an_id_delivered_since_a_time():
+    recent = RecentMessages(max_items=4)
+    recent.record([_item("a", 1), _item("b", 1)], 1.0)
+    recent.record([_item("a", 2), _item(None, 0), _item("a", 3)], 2.0)
+    assert [i.frame for i in recent.after("a", (1, 1), 2.0)] == [b"m2", b"m3"]
+    assert [i.frame for i in recent.after("a", (1, 0), 0.5)] == [b"m1", b"m2", b"m3"]
+    assert recent.after("a", (1, 3), 0.5) == []
+    recent.record([_item("b", 2)], 3.0)  # a fifth room message: a@1 (sent at 1.0) dropped
+    assert recent.after("a", (1, 0), 0.5) is None, "cannot vouch for what went out at 1.0"
+    assert [i.frame for i in recent.after("a", (1, 1), 1.5)] == [b"m2", b"m3"]
+
+
+def test_the_ring_is_bounded_in_bytes_too():
+    recent = RecentMessages(max_items=100, max_bytes=10)
+    recent.record([Broadcast(b"x" * 6, 0.0, room="a", order=(1, n)) for n in range(3)], 1.0)
+    assert recent.after("a", (1, 0), 0.5) is None
+    assert len(recent.after("a", (1, 1), 1.5) or []) == 0
+
+
+# -- history reads off the broadcaster thread -----------------------------------------------
+
+
+class _SlowHistory(MemoryBroker):
+    """The memory broker, with ``history`` held up after its read (while ``hold`` is set)
+    until ``go`` is set: what a slow Redis does to the thread that reads. ``after_read``
+    runs after each read (a publisher racing the resume)."""
+
+    def __init__(self, settings) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(settings)
+        self.hold, self.go, self.reading = threading.Event(), threading.Event(), threading.Event()
+        self.hold.set()
+        self.reads = 0
+        self.after_read: Callable[[], None] | None = None
+
+    def history(self, room: str, since: str) -> History:
+        found = super().history(room, since)
+        self.reads += 1
+        if self.hold.is_set():
+            self.reading.set()
+            assert self.go.wait(10)
+        if self.after_read is not None:
+            self.after_read()
+        return found
+
+
+def _slow_history(s: Served) -> _SlowHistory:
+    service = s.service
+    assert service.broadcaster is not None
+    slow = _SlowHistory(service.settings)
+    service.broker.stop()
+    slow.start(service.broadcaster, service.hub)
+    service.broker = slow  # its history and ids from here on; stopped by the service
+    return slow
+
+
+@pytest.mark.timeout(30)
+def test_a_blocked_history_read_does_not_stall_delivery_to_other_clients(served):
+    s = served()
+    slow = _slow_history(s)
+    first = _publish(s, "r", 0)
+    resumer, resumer_peer = s.connect()
+    bystander, bystander_peer = s.connect()
+    s.service.hub.subscribe(bystander, "live")
+    reader = threading.Thread(target=s.service.commands.resume, args=(resumer, "r", first),
+                              name="test-resume")
+    reader.start()
+    try:
+        assert slow.reading.wait(5)
+        for n in range(5):  # the resume's read is blocked meanwhile
+            start = time.monotonic()
+            _publish(s, "live", n)
+            assert bystander_peer.messages(1)[0]["data"] == n
+            assert time.monotonic() - start < 0.5, "live delivery waits for no history read"
+    finally:
+        slow.go.set()
+        reader.join(10)
+    assert resumer_peer.messages(1)[0]["recovered"] is True
+
+
+@pytest.mark.timeout(30)
+def test_messages_delivered_between_the_read_and_the_join_are_replayed_from_the_ring(served):
+    """The gap the ring bridges: stored after the read, delivered before the join (the
+    client was no member yet): replayed after the read's messages, once, then live."""
+    s = served()
+    slow = _slow_history(s)
+    conn, peer = s.connect()
+    member, member_peer = s.connect()
+    s.service.hub.subscribe(member, "r")
+    ids = [_publish(s, "r", n) for n in range(3)]
+    assert [m["id"] for m in member_peer.messages(3)] == ids
+    reader = threading.Thread(target=s.service.commands.resume, args=(conn, "r", ids[0]),
+                              name="test-resume")
+    reader.start()
+    try:
+        assert slow.reading.wait(5)  # read done (ids 1, 2), join not queued yet
+        ids += [_publish(s, "r", n) for n in range(3, 5)]
+        assert [m["id"] for m in member_peer.messages(2)] == ids[3:5], "delivered already"
+    finally:
+        slow.go.set()
+        reader.join(10)
+    assert peer.messages(1)[0] == {"type": "subscribed", "room": "r", "recovered": True,
+                                   "missed": 4}
+    ids.append(_publish(s, "r", 5))
+    assert [m["id"] for m in peer.messages(5)] == ids[1:], "no gap, no duplicate, in order"
+    assert peer.nothing_pending()
+    assert slow.reads == 1
+    wait_for(lambda: s.service.recovery.slots.in_flight == 0, message="the slot given back")
+
+
+@pytest.mark.timeout(30)
+def test_when_the_ring_cannot_bridge_the_resume_reads_again(served):
+    s = served()
+    slow = _slow_history(s)
+    broadcaster = s.service.broadcaster
+    assert broadcaster is not None
+    broadcaster.recent = RecentMessages(max_items=2)
+    ids = [_publish(s, "r", 0)]
+    conn, peer = s.connect()
+    reader = threading.Thread(target=s.service.commands.resume, args=(conn, "r", ids[0]),
+                              name="test-resume")
+    reader.start()
+    try:
+        assert slow.reading.wait(5)
+        slow.hold.clear()  # the second read is not held up
+        ids += [_publish(s, "r", n) for n in range(1, 5)]  # more than the ring keeps
+        wait_for(lambda: broadcaster.queue.qsize() == 0, message="delivered")
+    finally:
+        slow.go.set()
+        reader.join(10)
+    assert peer.messages(1)[0]["missed"] == 4
+    assert [m["id"] for m in peer.messages(4)] == ids[1:]
+    assert peer.nothing_pending()
+    wait_for(lambda: slow.reads == 2, message="read twice")
+    wait_for(lambda: s.service.recovery.slots.in_flight == 0, message="the slot given back")
+
+
+@pytest.mark.timeout(30)
+def test_a_resume_that_never_catches_up_says_history_unavailable_and_frees_its_slot(served):
+    """A hostile pace: a message delivered to the room during every read, past a ring that
+    keeps none. Bounded: MAX_ATTEMPTS reads, then an error frame the client retries after."""
+    s = served()
+    slow = _slow_history(s)
+    slow.hold.clear()
+    broadcaster = s.service.broadcaster
+    assert broadcaster is not None
+    broadcaster.recent = RecentMessages(max_items=0)
+    first = _publish(s, "r", 0)
+    counter = iter(range(1, 100))
+
+    def publish_and_deliver() -> None:
+        _publish(s, "r", next(counter))
+        wait_for(lambda: broadcaster.queue.qsize() == 0, message="delivered")
+
+    slow.after_read = publish_and_deliver
+    conn, peer = s.connect()
+    s.service.commands.resume(conn, "r", first)
+    error = peer.messages(1)[0]
+    assert (error["type"], error["code"], error["room"]) == ("error", "history_unavailable", "r")
+    assert slow.reads == MAX_ATTEMPTS
+    assert conn.rooms == set()
+    wait_for(lambda: s.service.recovery.slots.in_flight == 0, message="the slot given back")
+
+
+@pytest.mark.timeout(30)
+def test_a_failed_history_read_answers_history_unavailable_on_the_callers_thread(served):
+    s = served()
+    slow = _slow_history(s)
+    slow.hold.clear()
+    first = _publish(s, "r", 0)
+
+    def fail() -> None:
+        from wsserver.brokers import BrokerUnavailable
+
+        raise BrokerUnavailable("test: the broker timed out")
+
+    slow.after_read = fail
+    conn, peer = s.connect()
+    s.service.commands.resume(conn, "r", first)
+    assert peer.messages(1)[0]["code"] == "history_unavailable"
+    assert s.service.recovery.slots.in_flight == 0
     assert conn.rooms == set()

@@ -213,3 +213,20 @@ def test_the_start_log_names_the_redis_host_port_and_db_never_the_password(serve
     secret = make_broker(load_settings({}, {"redis_url": "redis://me:s3cret@10.1.2.3:6380/4",
                                              "redis_prefix": "p"}))
     assert secret.describe() == "redis 10.1.2.3:6380/4 prefix p"
+
+
+@pytest.mark.timeout(20)
+def test_publishing_after_shutdown_is_a_503_that_says_shutting_down_not_queue_full(app, client):
+    """The broadcaster refuses everything once stopped: the queue is not busy, the worker is
+    leaving, and the answer must say which (a single notification and a whole batch)."""
+    assert client.post("/notify", json={"event": "e"}).status_code == 200
+    service = app.extensions["wsserver"]
+    rejected = metrics.PUBLISH_REJECTED.labels("shutting_down")
+    before = rejected._value.get()
+    service.shutdown()
+    for body in ({"event": "e", "room": "r"}, [{"event": "e"}, {"event": "f", "room": "r"}]):
+        answer = client.post("/notify", json=body)
+        assert answer.status_code == 503
+        assert answer.get_json()["code"] == "shutting_down", answer.get_json()
+        assert answer.headers["Retry-After"] == "1"
+    assert rejected._value.get() == before + 3

@@ -12,10 +12,12 @@ them to every client. Why it is fast:
 
 Order: one queue, one consumer, so every client sees messages in the order they were queued.
 
-Tasks: work that must happen between two fan-outs (a resume's replay, see
-:mod:`wsserver.recovery`) is queued like a message and run by the same thread; the
-broadcaster keeps the resumes' :class:`~wsserver.recovery.ReplayMarks` and skips what a
-client was already replayed.
+Tasks: work that must happen between two fan-outs (a resume's join, see
+:mod:`wsserver.recovery`) is queued like a message and run by the same thread. Tasks do no
+blocking I/O here (a resume reads history before it is queued): a slow task would stall
+every client. For the resumes the broadcaster keeps the room messages it delivered last
+(:class:`~wsserver.recovery.RecentMessages`) and the
+:class:`~wsserver.recovery.ReplayMarks`, and skips what a client was already replayed.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from typing import Callable, Protocol, Tuple, Union
 from . import metrics
 from .connection import Connection, SendResult
 from .hub import Hub
-from .recovery import ReplayMarks
+from .recovery import RecentMessages, ReplayMarks
 
 __all__ = ["Broadcast", "Broadcaster"]
 
@@ -51,10 +53,11 @@ class Broadcast:
 
 class Task(Protocol):
     """Work that must happen in the broadcaster thread, between two fan-outs, so no live
-    message slips between a recovery's history read and its joining the room. A task runs
+    message slips between a recovery's replay and its joining the room. A task runs
     after the messages drained with it (queued before *or* just after it) have gone out,
-    never in the middle of a batch. A protocol, so :mod:`wsserver.recovery` (which the
-    broadcaster imports for its marks) need not import this module to define one."""
+    never in the middle of a batch, and must not block (every client waits). A protocol,
+    so :mod:`wsserver.recovery` (which the broadcaster imports for its marks) need not
+    import this module to define one."""
 
     def run(self, broadcaster: Broadcaster) -> None:  # pragma: no cover - interface
         ...
@@ -100,6 +103,9 @@ class Broadcaster:
         self._thread: threading.Thread | None = None
         # what resumes replayed: live copies still queued behind them are not sent again
         self.replays = ReplayMarks()
+        # the room messages delivered last: what a resume replays of those that went out
+        # between its history read and its join
+        self.recent = RecentMessages()
 
     def submit(self, item: QueueItem, timeout: float) -> bool:
         """Queue ``item`` (or several that must be accepted together: one notification to
@@ -179,8 +185,8 @@ class Broadcaster:
             # tasks run after the batch they were drained with, not between its messages:
             # a recovery between two notifications would split one write per client into
             # two (what that cost: docs/performance.md, "Hostile clients"). Safe for Resume:
-            # every queued message is in history already, so what the batch delivered
-            # before the client joined is replayed
+            # what the batch delivered before the client joined is in its history read or
+            # in `recent`, and replayed
             self._deliver_safely(batch)
             for task in tasks:
                 self._run_task(task)
@@ -193,6 +199,7 @@ class Broadcaster:
             self._deliver(batch)
         except Exception:  # a bug here must not silence every client
             log.exception("broadcast of %d messages failed", len(batch))
+        self.recent.record(batch, time.monotonic())
 
     def _run_task(self, task: Task) -> None:
         try:

@@ -25,6 +25,7 @@ The tree::
         │   └── RoomLimitReached       the connection is in as many rooms as it may join
         └── PublishRefused             503, Retry-After: 1; nothing was published, except:
             ├── QueueFull              the broadcast queue stayed full for the enqueue timeout
+            ├── ShuttingDown           the worker stopped taking messages (it is shutting down)
             └── BrokerUnavailable      the broker cannot take the message (or read history)
                 └── BrokerTimedOut     Redis took the publish but did not answer in time: it
                                        may run later (retry with the same idempotency key)
@@ -53,6 +54,7 @@ __all__ = [
     "Refusal",
     "RoomLimitReached",
     "SettingsError",
+    "ShuttingDown",
 ]
 
 Header = tuple[str, str]
@@ -171,6 +173,15 @@ class QueueFull(PublishRefused):
 
     CODE = ErrorCode.QUEUE_FULL
     REASON = "the broadcast queue is full; retry shortly"
+
+
+class ShuttingDown(PublishRefused):
+    """The worker is shutting down and its broadcaster has stopped taking messages: nothing
+    was accepted. Not ``queue_full``: the queue is not busy, and waiting for it is pointless;
+    another worker (or the restarted server) takes the retry."""
+
+    CODE = ErrorCode.SHUTTING_DOWN
+    REASON = "the server is shutting down; nothing was published; retry"
 
 
 class BrokerUnavailable(PublishRefused):

@@ -2,25 +2,44 @@
 with ``since``, or ``?since=`` at connect time) is sent what it missed, then the live
 stream, with no gap and no duplicate.
 
-How: the replay runs as a :class:`Resume` task on the broadcaster thread, between two
-fan-outs (see :class:`wsserver.broadcaster.Task`), so no live message can slip between the
-history read and the client's joining the room. A message both in the history read and
-still in the queue behind the task is recorded in the broadcaster's :class:`ReplayMarks`,
-and the broadcaster skips its live copy for that client.
+How, in two steps, so that a history read (a Redis call: 2 s when Redis hangs) never holds
+the broadcaster thread, which every client of the worker waits on:
+
+1. **The read, off the delivery thread**: the connection's own thread (a retry: a short-lived
+   ``wsserver-resume-retry`` thread) notes the time, reads the room's history after
+   ``since``, and queues a :class:`Resume` task.
+2. **The join, on the broadcaster thread**, between two fan-outs (see
+   :class:`wsserver.broadcaster.Task`): no I/O but the client's own non-blocking writes. A
+   message published after the read and already delivered by then (the client was not a
+   member yet) is found in the broadcaster's :class:`RecentMessages`, a short ring of what it
+   delivered to rooms, and replayed after the history read; messages still queued behind
+   the task reach the client live, minus those it was replayed (:class:`ReplayMarks`).
+
+Why the ring bridges exactly the gap: a message missing from the read was stored after the
+read began (the memory broker reads and publishes under one lock; Redis reads in one
+``MULTI`` and numbers and publishes in one script), so it reached the broadcaster after the
+read's start time, and the ring keeps everything delivered since then unless it already
+dropped an entry delivered after that time. It then says so, and the resume reads again
+(at most :data:`MAX_ATTEMPTS` reads; after that the client is told ``history_unavailable``
+and retries).
 
 Why slots (:class:`Recovery`): a resume is work on the broadcast queue, which publishers
 need; a client looping resumes could otherwise fill it. Each connection has at most one
-resume in flight and the worker ``WSSERVER_MAX_RESUMES``; the wait for a slot happens on the
-connection's own thread, so a client that asks faster than its replays run is simply not
-read meanwhile.
+resume in flight and the worker ``WSSERVER_MAX_RESUMES``; the wait for a slot and the
+history read happen on the connection's own thread, so a client that asks faster than its
+replays run is simply not read meanwhile.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, Sequence
+import threading
+import time
+from collections import deque
+from typing import TYPE_CHECKING, Callable, Iterable, Sequence
 
 from . import audit
-from .brokers import BrokerUnavailable
+from .brokers import BrokerUnavailable, order_of
+from .brokers import Recovery as History
 from .connection import SendResult
 from .exceptions import AccessDenied, CommandError
 from .limits import Slots
@@ -31,7 +50,62 @@ if TYPE_CHECKING:
     from .connection import Connection
     from .service import NotificationService
 
-__all__ = ["Recovery", "ReplayMarks", "Resume"]
+__all__ = ["MAX_ATTEMPTS", "RecentMessages", "Recovery", "ReplayMarks", "Resume"]
+
+# history reads per resume: a second (and third) only when the ring could not bridge the time
+# between the previous read and the join (a burst of over RECENT_ITEMS room messages)
+MAX_ATTEMPTS = 3
+# what the broadcaster keeps of the room messages it delivered: enough for the queue
+# (WSSERVER_QUEUE_SIZE 256, each item up to a few rooms) and what arrives during one read
+RECENT_ITEMS = 1024
+RECENT_BYTES = 4 * 1024 * 1024
+_UNAVAILABLE = "history cannot be read now; retry"
+
+
+class RecentMessages:
+    """The room messages the broadcaster delivered last (at most ``max_items`` and
+    ``max_bytes`` of frames), with the time each went out: what a :class:`Resume` replays
+    of the messages stored after its history read and delivered before it joined.
+
+    Owned by the broadcaster. Thread-safety: broadcaster thread only, so no lock.
+    """
+
+    def __init__(self, max_items: int = RECENT_ITEMS, max_bytes: int = RECENT_BYTES) -> None:
+        self._ring: deque[tuple[float, Broadcast]] = deque()
+        self._max_items, self._max_bytes = max_items, max_bytes
+        self._bytes = 0
+        # when the newest entry dropped so far had gone out: the ring holds every room
+        # message delivered after this time
+        self.dropped_at = float("-inf")
+
+    def record(self, items: Iterable[Broadcast], now: float) -> None:
+        """``items`` went out at ``now`` (those without a room and an id are not kept)."""
+        ring = self._ring
+        for item in items:
+            if item.room is None or item.order is None:
+                continue
+            ring.append((now, item))
+            self._bytes += len(item.frame)
+        while ring and (len(ring) > self._max_items or self._bytes > self._max_bytes):
+            at, old = ring.popleft()
+            self._bytes -= len(old.frame)
+            self.dropped_at = at
+
+    def after(self, room: str, order: tuple, since: float) -> list[Broadcast] | None:
+        """``room``'s messages after ``order`` delivered at or after monotonic time
+        ``since``, in order; None when the ring dropped some of those already."""
+        if self.dropped_at >= since:
+            return None
+        found = []
+        for at, item in reversed(self._ring):
+            if at < since:
+                break
+            if item.room == room and item.order is not None and item.order > order:
+                found.append(item)
+        found.reverse()
+        return found
+
+
 
 
 class ReplayMarks:
@@ -79,14 +153,15 @@ class ReplayMarks:
             del self._marks[conn_id]
 
 
+
 class Recovery:
-    """Starts resumes: takes a slot, queues the :class:`Resume` task.
+    """Starts resumes: takes a slot, reads history, queues the :class:`Resume` task.
 
     Owned by the service; the client commands call :meth:`resume`. It reads the service's
     broker and broadcaster at each use (both are replaced when a worker starts after a
     fork) and uses only the service's public surface.
-    Thread-safety: :meth:`resume` may be called from any connection thread; ``slots``
-    locks itself.
+    Thread-safety: :meth:`resume` may be called from any connection thread, :meth:`retry`
+    from the broadcaster thread; ``slots`` locks itself.
     """
 
     def __init__(self, service: NotificationService) -> None:
@@ -96,21 +171,56 @@ class Recovery:
         self.slots = Slots(self._settings.max_resumes)
 
     def resume(self, conn: Connection, room: str, since: str) -> None:
-        """Queue the replay of what ``conn`` missed in ``room`` since id ``since``, then its
-        joining the room; the task sends the reply. The caller has checked that ``conn``
-        may join ``room``. Raises :class:`CommandError` ``busy`` when no slot frees up
-        within ``WSSERVER_ENQUEUE_TIMEOUT`` or the queue stays full that long."""
-        broadcaster = self._service.broadcaster
-        assert broadcaster is not None, "the service is started before connections"
+        """Read what ``conn`` missed in ``room`` since id ``since`` (on this thread), then
+        queue the replay and its joining the room; the task sends the reply. The caller has
+        checked that ``conn`` may join ``room``. Raises :class:`CommandError` ``busy`` when
+        no slot frees up within ``WSSERVER_ENQUEUE_TIMEOUT`` or the queue stays full that
+        long; a history read that fails is answered ``history_unavailable`` here."""
         wait = self._settings.enqueue_timeout
         blocked = self.slots.acquire(conn.id, wait)
         if blocked is not None:
             raise self._busy(conn, blocked)
-        if not broadcaster.submit(Resume(self._service, self.slots, conn, room, since), wait):
-            self.slots.release(conn.id)
+        queued = False
+        try:
+            queued = self._attempt(conn, room, since, 1)
+        finally:
+            if not queued:
+                self.slots.release(conn.id)
+
+    def retry(self, conn: Connection, room: str, since: str, attempt: int) -> None:
+        """Read again, on a thread of its own (called by a :class:`Resume` on the
+        broadcaster thread, which must not wait on the broker); the slot stays taken."""
+
+        def run() -> None:
+            queued = False
+            try:
+                queued = self._attempt(conn, room, since, attempt)
+            except CommandError as exc:
+                conn.send(error_frame(exc.code, exc.reason, room))
+            finally:
+                if not queued:
+                    self.slots.release(conn.id)
+
+        threading.Thread(target=run, name="wsserver-resume-retry", daemon=True).start()
+
+    def _attempt(self, conn: Connection, room: str, since: str, attempt: int) -> bool:
+        """One history read and the task that joins after it: True once queued; False
+        when the read failed (the client was told). Raises :class:`CommandError` ``busy``
+        when the queue stayed full."""
+        broadcaster = self._service.broadcaster
+        assert broadcaster is not None, "the service is started before connections"
+        started = time.monotonic()
+        try:
+            found = self._service.broker.history(room, since)
+        except BrokerUnavailable:
+            conn.send(error_frame("history_unavailable", _UNAVAILABLE, room))
+            return False
+        task = Resume(self._service, conn, room, since, found, started, attempt)
+        if not broadcaster.submit(task, self._settings.enqueue_timeout):
             queue_size = self._settings.queue_size
             audit.refused("queue_full", conn.remote, f"WSSERVER_QUEUE_SIZE={queue_size}")
             raise CommandError("busy", "the server is too busy to resume now; retry")
+        return True
 
     def _busy(self, conn: Connection, blocked: str) -> CommandError:
         limit = self._settings.max_resumes
@@ -125,49 +235,82 @@ class Recovery:
 
 
 class Resume:
-    """Replay a room's history after ``since`` to one client, then join it to the room (a
+    """Replay a history read (and what the broadcaster delivered to the room since it
+    began) to one client, then join it to the room (a
     :class:`wsserver.broadcaster.Task`).
 
     Run by the broadcaster thread, after the batch it was drained with: every message
-    delivered before it (the client was not yet a member, so it got none of them) was in
-    history before it was queued, so the history read here contains all of them; messages
-    still queued reach the client live. A message both in history and still queued (published
-    between the two) is marked replayed so the broadcaster skips its live copy for this
-    client. The resume's slot is given back however the task ends."""
+    delivered before it (the client was not yet a member, so it got none of them) is either
+    in the read or was delivered after the read began, and then is in the broadcaster's
+    :class:`RecentMessages`; messages still queued reach the client live. A message both
+    replayed and still queued (Redis: stored before the read, not yet handed over by the
+    listener) is marked replayed so the broadcaster skips its live copy for this client.
+    When the ring cannot bridge, the task asks :meth:`Recovery.retry` for a new read. The
+    resume's slot is given back however it ends."""
 
     def __init__(
-        self, service: NotificationService, slots: Slots, conn: Connection, room: str, since: str
+        self,
+        service: NotificationService,
+        conn: Connection,
+        room: str,
+        since: str,
+        found: History,
+        started: float,
+        attempt: int = 1,
     ) -> None:
-        self.service, self.slots = service, slots
-        self.conn, self.room, self.since = conn, room, since
+        self.service, self.conn, self.room, self.since = service, conn, room, since
+        self.found, self.started, self.attempt = found, started, attempt
 
     def run(self, broadcaster: Broadcaster) -> None:
+        retrying = False
         try:
-            self._replay(broadcaster)
+            retrying = self._replay(broadcaster)
         finally:
-            self.slots.release(self.conn.id)
+            recovery = self.service.recovery
+            if retrying:
+                recovery.retry(self.conn, self.room, self.since, self.attempt + 1)
+            else:
+                recovery.slots.release(self.conn.id)
 
-    def _replay(self, broadcaster: Broadcaster) -> None:
+    def _frames(self, broadcaster: Broadcaster) -> list[tuple[tuple, bytes]] | None:
+        """What to replay: the read, then what went out to the room after it began; None
+        when the ring no longer holds all of that."""
+        frames = list(self.found.frames)
+        last = frames[-1][0] if frames else order_of(self.since)
+        if last is None:
+            return frames
+        later = broadcaster.recent.after(self.room, last, self.started)
+        if later is None:
+            return None
+        return frames + [(item.order or (), item.frame) for item in later]
+
+    def _replay(self, broadcaster: Broadcaster) -> bool:
+        """The join; True when a new read is needed first."""
         service, conn, room = self.service, self.conn, self.room
         if not service.hub.has(conn.id):
-            return
-        try:
-            recovery = service.broker.history(room, self.since)
-        except BrokerUnavailable:
-            conn.send(error_frame("history_unavailable", "history cannot be read now; retry", room))
-            return
+            return False
+        recovered = self.found.recovered
+        frames: list[tuple[tuple, bytes]] = []
+        if recovered:
+            bridged = self._frames(broadcaster)
+            if bridged is None:
+                if self.attempt < MAX_ATTEMPTS:
+                    return True
+                conn.send(error_frame("history_unavailable", _UNAVAILABLE, room))
+                return False
+            frames = bridged
         try:
             # checked again: a refresh since the resume was asked may have taken the room away
             service.admission.join(conn, room)
         except AccessDenied as exc:  # that, or the room limit, reached since then
             conn.send(error_frame(exc.code, exc.reason, room))
-            return
-        missed = len(recovery.frames) if recovery.recovered else 0
-        reply = {"type": "subscribed", "room": room, "recovered": recovery.recovered}
-        result = conn.send(encode_json_frame({**reply, "missed": missed}))
-        if missed and result == SendResult.OK:
-            result = conn.send_frames([frame for _, frame in recovery.frames])
-            broadcaster.replays.mark(conn.id, room, recovery.frames[-1][0])
+            return False
+        reply = {"type": "subscribed", "room": room, "recovered": recovered}
+        result = conn.send(encode_json_frame({**reply, "missed": len(frames)}))
+        if frames and result == SendResult.OK:
+            result = conn.send_frames([frame for _, frame in frames])
+            broadcaster.replays.mark(conn.id, room, frames[-1][0])
         if result == SendResult.SLOW:
             # fell its buffer behind on the replay: dropped like any slow consumer
             service.drop_slow(conn)
+        return False

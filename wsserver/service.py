@@ -35,7 +35,7 @@ from .codes import CLOSE_GOING_AWAY, REASON_SHUTTING_DOWN, ErrorCode
 from .commands import ClientCommands
 from .config import Settings
 from .connection import Connection, connection_class
-from .exceptions import QueueFull
+from .exceptions import QueueFull, ShuttingDown
 from .flusher import Flusher
 from .hub import Hub
 from .protocol import Notification
@@ -221,8 +221,10 @@ class NotificationService:
         target room, each numbered by that room's history. Raises a
         :class:`~wsserver.exceptions.PublishRefused` (503):
         :class:`~wsserver.exceptions.QueueFull` when the local queue stayed full for
-        ``enqueue_timeout`` (nothing was accepted), :class:`BrokerUnavailable` when the broker
-        cannot take it (:class:`~wsserver.exceptions.BrokerTimedOut`: it may have).
+        ``enqueue_timeout`` (nothing was accepted), :class:`~wsserver.exceptions.ShuttingDown`
+        when it refused during shutdown (the broadcaster takes no more messages),
+        :class:`BrokerUnavailable` when the broker cannot take it
+        (:class:`~wsserver.exceptions.BrokerTimedOut`: it may have).
 
         The notification's own ``idempotency_key``, else ``idempotency_key``: a key already
         used within ``WSSERVER_HISTORY_TTL`` publishes nothing and answers the first ids
@@ -242,6 +244,9 @@ class NotificationService:
             metrics.PUBLISH_REJECTED.labels("broker_unavailable").inc()
             raise
         if ids is None:
+            if not self.hub.accepting:  # shutdown began: the broadcaster takes nothing more
+                metrics.PUBLISH_REJECTED.labels("shutting_down").inc()
+                raise ShuttingDown("SIGTERM, WSSERVER_SHUTDOWN_TIMEOUT")
             self._rejected()
             settings = self.settings
             raise QueueFull(

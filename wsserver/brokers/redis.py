@@ -29,6 +29,12 @@ after 2 s (:class:`~wsserver.exceptions.BrokerTimedOut`, also 503) but stays que
 which runs it when it wakes: the notification *is* published then, live delivery included.
 So a 503 ``broker_unavailable`` may have been published; a retry carrying the same idempotency
 key is answered with the first ids and publishes nothing (see ``_IDEMPOTENT_HEAD``).
+
+A Redis that hangs (the connection stays up, nothing answers) is caught as soon as: ``ready``
+turns False when any Redis call fails or times out (for ``_DEGRADED_FOR``, 2 s, after the
+last failure, or until a report round that began after it succeeds), and while the
+reporter's round has been waiting for Redis longer than ``_STALLED_AFTER`` (0.4 s): within
+~0.7 s of a hang's start, not after the first 2 s ``socket_timeout``.
 """
 
 from __future__ import annotations
@@ -144,6 +150,11 @@ _REPORT_EVERY = 0.25
 _REPORT_TTL_MS = 1500
 # a view of the others older than this is not shown (Redis unreachable, reporter stalled)
 _VIEW_STALE = 2.0
+# health: not ready for this long after a failed Redis call (a round that began after it and
+# succeeded ends it sooner), and while a report round has waited for Redis this long (a round
+# takes a millisecond; a hung Redis answers nothing until its 2 s socket timeout)
+_DEGRADED_FOR = 2.0
+_STALLED_AFTER = 0.4
 
 
 def check_redis(url: str, timeout: float = 2.0) -> None:
@@ -200,6 +211,9 @@ class RedisBroker(Broker):
         self._known: dict[str, tuple[bytes, Census]] = {}  # peer -> (gen, counts); reporter's
         self._view: tuple[float, Census] | None = None  # (monotonic time read, peers' sum)
         self._total = Census()  # the peers' sum, recomputed when one of them changed
+        # health bookkeeping (monotonic times; plain floats, written by any thread)
+        self._failed_at = float("-inf")  # the last Redis call that failed or timed out
+        self._round_started: float | None = None  # the reporter's round waiting for Redis
 
     def describe(self) -> str:
         """``redis 127.0.0.1:6379/0 prefix wsserver``: where, never who (no password)."""
@@ -241,7 +255,23 @@ class RedisBroker(Broker):
 
     @property
     def ready(self) -> bool:
-        return self._connected.is_set() and self.alive
+        return self._connected.is_set() and self.alive and not self.degraded
+
+    @property
+    def degraded(self) -> bool:
+        """A Redis call failed or timed out within ``_DEGRADED_FOR`` (and no report round
+        that began after it has succeeded), or the reporter has waited on Redis longer
+        than ``_STALLED_AFTER``: publishing would fail or take seconds. No I/O."""
+        now = time.monotonic()
+        started = self._round_started
+        if started is not None and now - started > _STALLED_AFTER:
+            return True
+        return now - self._failed_at < _DEGRADED_FOR
+
+    def _failed(self) -> None:
+        """A Redis call failed: count it, and say not ready for a while."""
+        self._failed_at = time.monotonic()
+        metrics.BROKER_ERRORS.inc()
 
     @property
     def alive(self) -> bool:
@@ -280,7 +310,7 @@ class RedisBroker(Broker):
             metrics.BROKER_ERRORS.inc()
             raise BrokerTimedOut(f"redis: {exc.__class__.__name__}") from None
         except (redis.RedisError, OSError) as exc:
-            metrics.BROKER_ERRORS.inc()
+            self._failed()
             raise BrokerUnavailable(f"redis: {exc.__class__.__name__}") from None
         if ids and ids[0] == "=":
             return Repeated(ids[1:])
@@ -294,7 +324,7 @@ class RedisBroker(Broker):
         try:
             self._redis.publish(self._channel, b"!" + frame)
         except (redis.RedisError, OSError):
-            metrics.BROKER_ERRORS.inc()
+            self._failed()
             return False
         return True
 
@@ -311,7 +341,7 @@ class RedisBroker(Broker):
         except redis.ResponseError:  # no such stream (expired, or Redis restarted)
             return Recovery(False)
         except (redis.RedisError, OSError) as exc:
-            metrics.BROKER_ERRORS.inc()
+            self._failed()
             raise BrokerUnavailable(f"redis: {exc.__class__.__name__}") from None
         last_order = order_of(_text(info.get("last-generated-id", b"")))
         wanted = order_of(since)
@@ -512,13 +542,18 @@ class RedisBroker(Broker):
         """Every period: write this worker's counts, read the others'. Errors only make the
         view stale (the listener reports the outage); the next round tries again."""
         while True:
+            started = self._round_started = time.monotonic()
             try:
                 members = self._report()
                 self._view = (time.monotonic(), self._read_peers(members))
+                if self._failed_at < started:  # Redis answered a whole round since
+                    self._failed_at = float("-inf")
             except (redis.RedisError, OSError):
+                self._failed_at = time.monotonic()
                 self._reported = None  # Redis may have lost our report: write it whole
             except Exception:  # a bug must not silently freeze the counts
                 log.exception("redis: reporter error")
+            self._round_started = None
             if self._stop.wait(_REPORT_EVERY):
                 return
 

@@ -1,0 +1,165 @@
+"""A Redis that hangs (SIGSTOP: the connection stays up, nothing answers), seen from a real
+server: health tells the truth within a second, ``GET /`` never waits on Redis, and resumes
+asked during the hang wait on their own threads, not on the broadcaster every client of the
+worker waits on. Each test runs its own ``redis-server`` on a free port (never the shared
+one), stopped by PID."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+import redis
+import requests
+from support import GunicornServer, connect, free_port, recv_json, wait_for
+
+pytestmark = pytest.mark.timeout(90)
+
+
+class _Redis:
+    """A private redis-server without persistence; SIGSTOP/SIGCONT to hang it."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.log_path = Path(f"/tmp/wstest-redis-health-{self.port}.log")
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                 "--appendonly", "no"], stdout=log, stderr=subprocess.STDOUT)
+        client = redis.Redis(port=self.port, socket_timeout=1, socket_connect_timeout=1)
+
+        def up() -> bool:
+            assert self.proc.poll() is None, self.log_path.read_text()
+            try:
+                return bool(client.ping())
+            except (redis.RedisError, OSError):
+                return False
+
+        try:
+            wait_for(up, timeout=10, interval=0.05, message="redis-server to answer")
+        finally:
+            client.close()
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def hang(self) -> None:
+        os.kill(self.proc.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        os.kill(self.proc.pid, signal.SIGCONT)
+
+    def stop(self) -> None:
+        self.resume()
+        self.proc.terminate()
+        try:
+            self.proc.wait(5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
+        self.log_path.unlink(missing_ok=True)
+
+
+@pytest.fixture
+def hung() -> Iterator[tuple[_Redis, GunicornServer]]:
+    """A private Redis and a one-worker server on it; Redis running (hang it in the test)."""
+    private = _Redis()
+    server = GunicornServer(env={"WSSERVER_REDIS_URL": private.url,
+                                 "WSSERVER_REDIS_PREFIX": f"t{uuid.uuid4().hex[:8]}"},
+                            args=["-w", "1"])
+    try:
+        server.start()
+        wait_for(lambda: requests.get(server.url + "/readyz", timeout=2).status_code == 200,
+                 message="ready on Redis")
+        yield private, server
+    finally:
+        private.resume()
+        server.stop(graceful=False)
+        private.stop()
+
+
+def _timed_get(url: str) -> tuple[float, requests.Response]:
+    start = time.monotonic()
+    answer = requests.get(url, timeout=5)
+    return time.monotonic() - start, answer
+
+
+def test_health_says_degraded_within_a_second_of_a_hang_and_get_root_never_waits(hung):
+    private, server = hung
+    private.hang()
+    hung_at = time.monotonic()
+    seen: dict[str, float] = {}
+    slowest = 0.0
+    while time.monotonic() - hung_at < 3.0 and len(seen) < 2:
+        took, root = _timed_get(server.url + "/")
+        slowest = max(slowest, took)
+        if root.json()["status"] == "degraded":
+            seen.setdefault("root", time.monotonic() - hung_at)
+        took, ready = _timed_get(server.url + "/readyz")
+        if ready.status_code == 503 and ready.json()["reason"] == "broker_unavailable":
+            seen.setdefault("readyz", time.monotonic() - hung_at)
+        time.sleep(0.05)
+    assert set(seen) == {"root", "readyz"}, f"still ok 3 s into the hang: {seen}"
+    assert max(seen.values()) < 1.0, f"health lagged the hang: {seen}"
+    # a publish that times out keeps it so; GET / still answers at once meanwhile
+    posted = threading.Thread(target=lambda: server.notify({"event": "e", "room": "x"}),
+                              name="test-post")
+    posted.start()
+    for _ in range(10):
+        took, root = _timed_get(server.url + "/")
+        slowest = max(slowest, took)
+        assert root.json()["status"] == "degraded"
+        time.sleep(0.1)
+    posted.join(10)
+    assert slowest < 0.5, f"GET / waited {slowest:.2f}s on a hung Redis"
+    private.resume()
+    back = wait_for(lambda: requests.get(server.url + "/readyz", timeout=2).status_code == 200,
+                    timeout=5, message="ready again once Redis answers")
+    assert back and server.health()["status"] == "ok"
+
+
+def test_resumes_during_a_hang_wait_on_their_own_threads_not_on_delivery(hung):
+    """Four clients resume during a hang. Before, their reads ran one after another
+    on the broadcaster thread (2 s timeout each: answers at 2, 4, 6 s... and no delivery to
+    anybody meanwhile); now each read times out on its own connection's thread at once, and
+    a message published the moment Redis answers again reaches a bystander at once."""
+    private, server = hung
+    posted = server.notify({"event": "e", "room": "hist", "data": 0}).json()
+    since = posted["ids"]["hist"] if "ids" in posted else posted["id"]
+    bystander = connect(server)
+    bystander.send(json.dumps({"type": "subscribe", "room": "live"}))
+    assert recv_json(bystander)["type"] == "subscribed"
+    resumers = [connect(server) for _ in range(4)]
+    private.hang()
+    try:
+        asked = time.monotonic()
+        for ws in resumers:
+            ws.send(json.dumps({"type": "subscribe", "room": "hist", "since": since}))
+        answered = []
+        for ws in resumers:
+            reply = recv_json(ws)
+            answered.append(time.monotonic() - asked)
+            assert (reply["type"], reply["code"]) == ("error", "history_unavailable"), reply
+        assert max(answered) < 3.5, f"reads waited on each other: {answered}"
+    finally:
+        private.resume()
+    start = time.monotonic()
+    wait_for(lambda: server.notify({"event": "e", "room": "live", "data": 1},
+                                   timeout=5).status_code == 200,
+             timeout=5, message="publishing again")
+    assert recv_json(bystander)["data"] == 1
+    assert time.monotonic() - start < 1.0
+    resumers[0].send(json.dumps({"type": "subscribe", "room": "hist", "since": since}))
+    assert recv_json(resumers[0]) == {"type": "subscribed", "room": "hist", "recovered": True,
+                                      "missed": 0}
+    for ws in [bystander, *resumers]:
+        ws.close()
