@@ -11,9 +11,11 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -752,12 +754,17 @@ def test_resume_from_an_id_never_issued(recovery_server):
 
 
 class RedisProcess:
-    """A redis-server of the test's own on a free loopback port, without persistence."""
+    """A redis-server of the test's own on a free loopback port. It keeps its data across a
+    SIGKILL (append-only file, fsync on every write, in a folder of its own), as a production
+    Redis would: the bus log then survives the outage and the workers replay what they missed.
+    (A Redis that comes back empty makes them close their clients to resume instead:
+    ``tests/test_brokers.py::test_a_lost_bus_log_closes_clients_to_resume``.)"""
 
     def __init__(self) -> None:
         self.port = free_port()
         self.proc: subprocess.Popen | None = None
         self.log_path = Path(f"/tmp/wstest-redis-{self.port}.log")
+        self.data_dir = Path(tempfile.mkdtemp(prefix=f"wstest-redis-{self.port}-"))
 
     @property
     def url(self) -> str:
@@ -767,7 +774,8 @@ class RedisProcess:
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
                 ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                 "--appendonly", "no", "--daemonize", "no"],
+                 "--appendonly", "yes", "--appendfsync", "always", "--dir", str(self.data_dir),
+                 "--daemonize", "no"],
                 stdout=log, stderr=subprocess.STDOUT,
             )
         client = redis.Redis.from_url(self.url, socket_timeout=1, socket_connect_timeout=1)
@@ -798,6 +806,7 @@ class RedisProcess:
                 self.proc.kill()
                 self.proc.wait(5)
         self.log_path.unlink(missing_ok=True)
+        shutil.rmtree(self.data_dir, ignore_errors=True)
 
 
 @pytest.fixture
