@@ -39,6 +39,7 @@ import redis
 from support import GunicornServer, free_port, wait_for
 
 from wsserver.client import Publisher, Subscriber, WsserverError
+from wsserver.config import redis_problem
 
 pytestmark = pytest.mark.skipif(
     shutil.which("redis-server") is None, reason="redis-server is not installed (Sentinel test)"
@@ -178,6 +179,10 @@ def listeners(admin: redis.Redis, prefix: str) -> int:
 
 
 def test_workers_follow_a_sentinel_failover_and_lose_nothing_redis_kept(group, tmp_path):
+    sentinels = tuple(group.sentinels().split(","))
+    assert redis_problem("", sentinels=sentinels, master=MASTER) is None  # check-config's
+    unknown = redis_problem("", sentinels=sentinels, master="other")
+    assert unknown is not None and "'other'" in unknown and "is unknown" in unknown
     prefix = f"wstest-{uuid.uuid4().hex[:12]}"
     env = {"WSSERVER_REDIS_SENTINELS": group.sentinels(),
            "WSSERVER_REDIS_SENTINEL_MASTER": MASTER,
