@@ -41,8 +41,13 @@ from support import GunicornServer, free_port, wait_for
 from wsserver.client import Publisher, Subscriber, WsserverError
 from wsserver.config import redis_problem
 
+
+def redis_server_missing() -> bool:
+    return shutil.which("redis-server") is None
+
+
 pytestmark = pytest.mark.skipif(
-    shutil.which("redis-server") is None, reason="redis-server is not installed (Sentinel test)"
+    redis_server_missing(), reason="redis-server is not installed (Sentinel test)"
 )
 
 MASTER = "wsmaster"
