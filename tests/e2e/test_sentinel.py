@@ -39,6 +39,7 @@ import redis
 from support import GunicornServer, free_port, wait_for
 
 from wsserver.client import Publisher, Subscriber, WsserverError
+from wsserver.codes import CLOSE_INTERNAL_ERROR, REASON_MISSED_MESSAGES
 from wsserver.config import redis_problem
 
 
@@ -65,20 +66,28 @@ class RedisGroup:
         self.sentinel_ports = [free_port() for _ in range(3)]
 
     def start(self) -> RedisGroup:
-        self._run("master", ["--port", str(self.master_port)])
+        # no 5 s wait before the replica's first sync (the default diskless sync delay)
+        self._run("master", ["--port", str(self.master_port), "--repl-diskless-sync-delay", "0"])
         self._run("replica", ["--port", str(self.replica_port),
                               "--replicaof", "127.0.0.1", str(self.master_port)])
         replica = self.client(self.replica_port)
         wait_for(lambda: replica.info("replication").get("master_link_status") == "up",
                  timeout=10, message="the replica's link to the master")
+        # each sentinel's id given, and the others and the replica named up front, as a
+        # sentinel's own rewritten config does: no 2 s rounds of discovery before a failover
+        ids = [uuid.uuid4().hex + uuid.uuid4().hex[:8] for _ in self.sentinel_ports]
         for i, port in enumerate(self.sentinel_ports):
             conf = self.base / f"sentinel{i}.conf"
+            others = "".join(f"sentinel known-sentinel {MASTER} 127.0.0.1 {p} {ids[j]}\n"
+                             for j, p in enumerate(self.sentinel_ports) if j != i)
             conf.write_text(
                 f"port {port}\nbind 127.0.0.1\nprotected-mode no\ndir {self.base}\n"
+                f"sentinel myid {ids[i]}\n"
                 f"sentinel monitor {MASTER} 127.0.0.1 {self.master_port} 2\n"
                 f"sentinel down-after-milliseconds {MASTER} 500\n"
                 f"sentinel failover-timeout {MASTER} 2000\n"
                 f"sentinel parallel-syncs {MASTER} 1\n"
+                f"sentinel known-replica {MASTER} 127.0.0.1 {self.replica_port}\n" + others
             )
             self._run(f"sentinel{i}", [str(conf), "--sentinel"], config=False)
         # a failover needs each sentinel to know the replica and the two others (hello
@@ -139,7 +148,13 @@ def _knows_all(sentinel: redis.Redis) -> bool:
 def group(tmp_path: Path) -> Iterator[RedisGroup]:
     started = RedisGroup(tmp_path)
     try:
-        yield started.start()
+        try:
+            started.start()
+        except AssertionError as exc:  # say which process did what
+            logs = "".join(f"\n--- {p.name}\n" + p.read_text(errors="replace")[-1500:]
+                           for p in sorted(tmp_path.glob("*.log")))
+            raise AssertionError(f"{exc}{logs}") from None
+        yield started
     finally:
         started.stop()
 
@@ -207,18 +222,26 @@ def test_workers_follow_a_sentinel_failover_and_lose_nothing_redis_kept(group, t
     master = group.client(group.master_port)
     try:
         assert f"sentinel master {MASTER}/0 via {group.sentinels()}" in server.log()
-        # at least 4 clients, and some on each of the two workers
+        # clients in bursts of 4 (connecting at once, so that one worker cannot accept them
+        # all) until each of the two workers has some
         while len(subscribers) < 4 or min(worker_clients(master, prefix) or [0]) == 0:
             assert len(subscribers) < 16, "the kernel gave every client to one worker"
-            got: list[str] = []
-            sub = Subscriber(server.ws_url, rooms=[ROOM], backoff_initial=0.05, backoff_max=0.5,
-                             on_message=lambda n, got=got: got.append(str(n["id"])))
-            received.append(got)
-            subscribers.append(sub)
-            assert sub.start().wait_ready(10)
-            wait_for(lambda: sum(worker_clients(master, prefix)) == len(subscribers)
+            burst = []
+            for _ in range(4):
+                got: list[str] = []
+                burst.append(Subscriber(server.ws_url, rooms=[ROOM], backoff_initial=0.05,
+                                        backoff_max=0.5,
+                                        on_message=lambda n, got=got: got.append(str(n["id"]))))
+                received.append(got)
+            subscribers += burst
+            for sub in burst:
+                sub.start()
+            assert all(sub.wait_ready(10) for sub in burst)
+            count = len(subscribers)
+            wait_for(lambda n=count: sum(worker_clients(master, prefix)) == n
                      and len(worker_clients(master, prefix)) == 2, timeout=5,
-                     message="the workers' reports to count the client")
+                     message="the workers' reports to count the clients")
+        spread = worker_clients(master, prefix)
         poster.start()
         wait_for(lambda: len(record.accepted) >= 30, timeout=10, message="30 published")
         killed_at = time.monotonic()
@@ -250,7 +273,7 @@ def test_workers_follow_a_sentinel_failover_and_lose_nothing_redis_kept(group, t
     print(f"\nsentinel failover: 200 again {back_at - killed_at:.2f} s after the kill; "
           f"{len(refused)} answers 503; {len(accepted)} accepted; "
           f"{len(lost_by_redis)} lost by Redis; lost at clients: 0; gaps closed: "
-          f"{sum(len(s.gaps) for s in subscribers)}")
+          f"{sum(len(s.gaps) for s in subscribers)}; clients per worker {spread}")
     assert not record.failures, record.failures
     assert refused and all(t > killed_at for t in refused), "503s exactly while no master"
     assert back_at - killed_at < 10
@@ -262,3 +285,58 @@ def test_workers_follow_a_sentinel_failover_and_lose_nothing_redis_kept(group, t
 
 def _text(value: object) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def test_writes_the_replica_never_got_are_told_to_clients_not_silently_lost(group):
+    """The limit, made to happen: the replica's link is cut (a wrong ``masterauth`` keeps it
+    from coming back) and 3 notifications are answered 200 by the master alone; then the
+    master is SIGKILLed and the replica, which never got them, promoted. Those 3 are lost by
+    Redis. The clients got them live; the worker's catch-up finds its last delivered entry
+    missing on the new master and closes them with 1011 "missed messages; resume"; each
+    resume from a lost id answers ``recovered: false`` (the client's gap); what is published
+    afterwards reaches them."""
+    prefix = f"wstest-{uuid.uuid4().hex[:12]}"
+    env = {"WSSERVER_REDIS_SENTINELS": group.sentinels(),
+           "WSSERVER_REDIS_SENTINEL_MASTER": MASTER, "WSSERVER_REDIS_PREFIX": prefix}
+    server = GunicornServer(env=env, args=["-w", "1"]).start()
+    received: list[list[str]] = [[], []]
+    subscribers = [Subscriber(server.ws_url, rooms=[ROOM], backoff_initial=0.05, backoff_max=0.5,
+                              on_message=lambda n, got=got: got.append(str(n["id"])))
+                   for got in received]
+    publisher = Publisher(server.url, retries=40, max_retry_wait=0.25, backoff_max=0.25)
+    master, replica = group.client(group.master_port), group.client(group.replica_port)
+    try:
+        for sub in subscribers:
+            assert sub.start().wait_ready(10)
+        kept = [publisher.publish("tick", message=str(i), room=ROOM)["id"] for i in range(5)]
+        wait_for(lambda: master.info("replication")["master_repl_offset"]
+                 == replica.info("replication")["master_repl_offset"], timeout=5,
+                 message="the replica to have the first 5")
+        replica.config_set("masterauth", "not-the-password")  # it cannot come back
+        master.client_kill_filter(_type="replica")
+        wait_for(lambda: master.info("replication")["connected_slaves"] == 0, timeout=5,
+                 message="the replica's link cut")
+        lost = [publisher.publish("tick", message=f"lost {i}", room=ROOM)["id"] for i in range(3)]
+        wait_for(lambda: all(got[-3:] == lost for got in received), timeout=5,
+                 message="the clients to get the 3 live")
+        group.kill("master")
+        wait_for(lambda: all(len(s.gaps) == 1 and s.state == "ready" for s in subscribers),
+                 timeout=15, message="every client closed, resumed, and told of its gap")
+        closes = {s.last_close for s in subscribers}
+        after = [publisher.publish("tick", message=f"after {i}", room=ROOM)["id"]
+                 for i in range(5)]
+        wait_for(lambda: all(got[-5:] == after for got in received), timeout=5,
+                 message="the clients to get what was published after the failover")
+        history = {_text(i) for i, _ in replica.xrange(f"{prefix}:h:r:{ROOM}")}
+    finally:
+        for sub in subscribers:
+            sub.stop()
+        publisher.close()
+        server.stop(graceful=False)
+    assert set(kept) <= history and not set(lost) & history, "Redis lost exactly the 3"
+    for sub, got in zip(subscribers, received):
+        assert got == kept + lost + after, "each once, in order; nothing after lost"
+        (room, info), = sub.gaps
+        assert room == ROOM and info["recovered"] is False and info["since"] == lost[-1]
+    assert closes == {(CLOSE_INTERNAL_ERROR, REASON_MISSED_MESSAGES)}
+    assert "no longer reaches back" in server.log() and "closing 2 client(s)" in server.log()
