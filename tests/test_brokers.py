@@ -441,3 +441,16 @@ def test_reconnect_delays_carry_jitter():
     from wsserver.brokers import redis as redis_broker
 
     assert "random.uniform(backoff / 2, backoff)" in inspect.getsource(redis_broker)
+
+
+def test_a_sentinel_broker_names_the_master_and_sentinels_never_the_password():
+    """The start-up line's broker part with Sentinel: master name, database, TLS, sentinels;
+    the URL's password nowhere. Made without connecting (redis-py connects lazily)."""
+    broker = make_broker(load_settings({}, {
+        "redis_sentinels": ("10.0.0.1:26379", "[::1]:26380"), "redis_sentinel_master": "mm",
+        "redis_url": "rediss://me:s3cret@/4", "redis_prefix": "p"}))
+    assert broker.describe() == (
+        "redis sentinel master mm/4 (TLS) via 10.0.0.1:26379,[::1]:26380 prefix p")
+    plain = make_broker(load_settings({}, {"redis_sentinels": ("s:1",),
+                                           "redis_sentinel_master": "mm"}))
+    assert plain.describe() == "redis sentinel master mm/0 via s:1 prefix wsserver"

@@ -229,6 +229,18 @@ def test_check_config_tells_an_unreachable_redis_from_a_refusing_one(runner):
                          env={"WSSERVER_REDIS_URL": "redis://127.0.0.1:1/0"}).exit_code == 0
 
 
+def test_check_config_asks_the_sentinels_and_refuses_half_a_sentinel_setup(runner):
+    sentinels = {"WSSERVER_REDIS_SENTINELS": "127.0.0.1:1", "WSSERVER_REDIS_SENTINEL_MASTER": "m",
+                 "WSSERVER_REDIS_URL": "redis://:pw2@/0", "WSSERVER_WORKERS": "2"}
+    done = runner.invoke("check-config", env=sentinels)
+    assert done.exit_code == 3 and "pw2" not in done.stderr + done.stdout
+    assert "Redis master 'm' of WSSERVER_REDIS_SENTINELS (127.0.0.1:1) is unknown" in done.stderr
+    assert runner.invoke("check-config", "--no-connect", env=sentinels).exit_code == 0
+    for command in ("check-config", "serve"):
+        done = runner.invoke(command, env={"WSSERVER_REDIS_SENTINEL_MASTER": "m"})
+        assert done.exit_code == 2 and "WSSERVER_REDIS_SENTINELS is not" in done.stderr
+
+
 def test_serve_refuses_a_taken_port_in_one_line_before_gunicorn(runner, monkeypatch):
     import socket
 

@@ -10,6 +10,7 @@ import typing
 from pathlib import Path
 
 import pytest
+import redis
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from tlscerts import self_signed, test_cert
@@ -71,6 +72,11 @@ GOOD: dict[str, tuple[str, object, dict[str, str]]] = {
     "max_command_rate": ("1e3", 1000.0, {}),
     "max_resumes": ("100000", 100_000, {}),
     "redis_url": ("redis://h:1/2", "redis://h:1/2", {}),
+    "redis_sentinels": (" 10.0.0.1:26379, [::1]:26380,s3:1 ",
+                        ("10.0.0.1:26379", "[::1]:26380", "s3:1"),
+                        {"WSSERVER_REDIS_SENTINEL_MASTER": "m"}),
+    "redis_sentinel_master": (" mymaster ", "mymaster",
+                              {"WSSERVER_REDIS_SENTINELS": "127.0.0.1:26379"}),
     "redis_prefix": ("app1", "app1", {}),
     "history_size": ("0", 0, {}),
     "history_ttl": ("1", 1.0, {}),
@@ -121,6 +127,8 @@ BAD: dict[str, str] = {
     "max_control_rate": "-0.1",
     "max_command_rate": "1e7",
     "max_resumes": "0",
+    "redis_sentinels": "10.0.0.1",
+    "redis_sentinel_master": "my master",
     "history_size": "1.5",
     "history_ttl": "0.5",
     "history_max_rooms": "0",
@@ -251,6 +259,63 @@ def test_redis_problem_tells_unreachable_from_refusing_without_the_password():
     if refusing is not None and "unreachable" in refusing:
         pytest.skip("no Redis at 127.0.0.1:6379")
     assert refusing is not None and "refused to serve" in refusing and "DB index" in refusing
+
+
+@pytest.mark.parametrize("text", ["h", "h:", ":26379", "h:0", "h:65536", "h:2x", "::1:26379",
+                                  "[::1]", "a b:1", "h:１２"])
+def test_a_sentinel_address_must_be_host_and_port(text):
+    with pytest.raises(SettingsError) as info:
+        load_settings({"WSSERVER_REDIS_SENTINELS": f"127.0.0.1:26379,{text}",
+                       "WSSERVER_REDIS_SENTINEL_MASTER": "m"})
+    assert str(info.value).startswith("WSSERVER_REDIS_SENTINELS must be host:port addresses")
+
+
+@pytest.mark.parametrize("env, said", [
+    ({"WSSERVER_REDIS_SENTINELS": "127.0.0.1:26379"},
+     "WSSERVER_REDIS_SENTINELS is set but WSSERVER_REDIS_SENTINEL_MASTER is not"),
+    ({"WSSERVER_REDIS_SENTINEL_MASTER": "m"},
+     "WSSERVER_REDIS_SENTINEL_MASTER is set but WSSERVER_REDIS_SENTINELS is not"),
+    ({"WSSERVER_REDIS_SENTINELS": "127.0.0.1:26379", "WSSERVER_REDIS_SENTINEL_MASTER": "m",
+      "WSSERVER_REDIS_URL": "redis://:pw5@127.0.0.1:6379/0"}, "names a host"),
+    ({"WSSERVER_REDIS_SENTINELS": "127.0.0.1:26379", "WSSERVER_REDIS_SENTINEL_MASTER": "m",
+      "WSSERVER_REDIS_URL": "redis://:pw5@:6379/0"}, "names a host"),
+    ({"WSSERVER_REDIS_SENTINELS": "127.0.0.1:26379", "WSSERVER_REDIS_SENTINEL_MASTER": "m",
+      "WSSERVER_REDIS_URL": "unix:///run/redis.sock"}, "names a host"),
+])
+def test_sentinel_settings_come_together_and_the_url_names_no_host(env, said):
+    with pytest.raises(SettingsError) as info:
+        load_settings(env)
+    assert said in str(info.value) and "pw5" not in str(info.value)
+
+
+def test_with_sentinels_the_url_gives_password_db_and_tls_and_workers_may_be_several():
+    from wsserver.config import redis_client
+
+    env = {"WSSERVER_REDIS_SENTINELS": "127.0.0.1:1,[::1]:2",
+           "WSSERVER_REDIS_SENTINEL_MASTER": "m", "WSSERVER_WORKERS": "4"}
+    settings = load_settings(env)
+    assert settings.uses_redis and settings.redis_url == ""
+    settings = load_settings({**env, "WSSERVER_REDIS_URL": "rediss://u:pw@/3"})
+    client = redis_client(settings.redis_url, settings.redis_sentinels,
+                          settings.redis_sentinel_master, socket_timeout=1.0)
+    pool = client.connection_pool
+    assert issubclass(pool.connection_class, redis.SSLConnection)
+    assert {k: pool.connection_kwargs[k] for k in ("username", "password", "db")} == {
+        "username": "u", "password": "pw", "db": 3}
+    hosts = [c.connection_pool.connection_kwargs["host"] for c in pool.sentinel_manager.sentinels]
+    assert hosts == ["127.0.0.1", "::1"]
+    client.close()
+    assert not load_settings({}).uses_redis
+
+
+def test_redis_problem_with_sentinels_says_no_sentinel_named_the_master():
+    from wsserver.config import redis_problem
+
+    problem = redis_problem("redis://:pw8@/0", timeout=1, sentinels=("127.0.0.1:1",),
+                            master="m")
+    assert problem is not None and "pw8" not in problem
+    assert problem.startswith("Redis master 'm' of WSSERVER_REDIS_SENTINELS (127.0.0.1:1) is "
+                              "unknown: no sentinel answered with its address")
 
 
 def test_unknown_variables_are_named_with_the_closest_known_one():

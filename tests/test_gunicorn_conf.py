@@ -127,6 +127,17 @@ def test_an_unreachable_redis_is_refused_without_its_password(conf, capsys):
     assert "Redis at WSSERVER_REDIS_URL is unreachable" in err and "s3cret" not in err
 
 
+def test_sentinels_count_as_redis_and_are_asked_before_the_workers_start(conf, capsys):
+    conf.settings(redis_sentinels=("127.0.0.1:1",), redis_sentinel_master="m",
+                  redis_url="redis://:s3cret@/0")
+    with pytest.raises(SystemExit) as stopped:
+        conf.on_starting(Arbiter(workers=2))  # not refused as "2 workers without Redis"
+    assert stopped.value.code == 3
+    err = capsys.readouterr().err
+    assert "Redis master 'm' of WSSERVER_REDIS_SENTINELS (127.0.0.1:1) is unknown" in err
+    assert "s3cret" not in err
+
+
 @pytest.mark.parametrize(
     "cfg, expected",
     [

@@ -107,7 +107,10 @@ def _check_config(args: argparse.Namespace) -> int:
         print(f"{name:<{width}}  {value}".rstrip())
     print(f"{'(WebSocket budget per worker)':<{width}}  {settings.connection_budget}")
     sys.stdout.flush()  # here, where a closed pipe is handled, not at exit
-    problem = redis_problem(settings.redis_url) if settings.redis_url else None
+    problem = None
+    if settings.uses_redis:
+        problem = redis_problem(settings.redis_url, sentinels=settings.redis_sentinels,
+                                master=settings.redis_sentinel_master)
     if problem and not args.no_connect:
         print(f"wsserver: {problem}", file=sys.stderr)
         return 3
@@ -511,7 +514,8 @@ def build_parser() -> argparse.ArgumentParser:
         "one named with the form it expects; unknown WSSERVER_* variables warned about), "
         "print the effective values as the variables take them (on/off, comma lists, empty "
         "for unset; secrets hidden), then check that Redis answers when WSSERVER_REDIS_URL "
-        "is set. Exit status: 0 fine, 2 a bad setting, 3 Redis does not answer.",
+        "or WSSERVER_REDIS_SENTINELS is set (with sentinels: the master they name). Exit "
+        "status: 0 fine, 2 a bad setting, 3 Redis does not answer.",
     )
     check.add_argument(
         "--no-connect",

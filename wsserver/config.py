@@ -37,6 +37,7 @@ __all__ = [
     "environment_text",
     "load_public_key",
     "load_settings",
+    "redis_client",
     "redis_problem",
     "settings_markdown",
     "unknown_variables",
@@ -192,21 +193,82 @@ def _redis_query_names(scheme: str) -> set[str]:
     return names
 
 
-def redis_problem(url: str, timeout: float = 2.0) -> str | None:
-    """Why Redis at ``url`` (already checked for form) cannot serve, in one sentence, or
-    ``None`` when it answers a PING. Unreachable and refusing (a database number past the
-    server's, a wrong password) are told apart: the fixes differ. The password never shows."""
+def _host_port(text: str) -> tuple[str, int]:
+    """``host:port`` (``[::1]:26379`` for an IPv6 address) as (host, port)."""
+    host, sep, port = text.strip().rpartition(":")
+    bracketed = host.startswith("[") and host.endswith("]")
+    host = host[1:-1] if bracketed else host
+    if (not sep or not host or any(c.isspace() for c in host) or (":" in host and not bracketed)
+            or not (port.isdigit() and port.isascii() and 0 < int(port) < 65536)):
+        raise ValueError(
+            f"host:port addresses, comma-separated, e.g. 10.0.0.1:26379,[::1]:26379 "
+            f"({text.strip()!r} is not one)"
+        )
+    return host, int(port)
+
+
+def _sentinels(text: str) -> tuple[str, ...]:
+    addresses = _list(text)
+    for address in addresses:
+        _host_port(address)
+    return addresses
+
+
+def _master_name(text: str) -> str:
+    value = text.strip()
+    if any(c.isspace() for c in value) or not value.isprintable():
+        raise ValueError("a master name as the sentinels know it (no spaces)")
+    return value
+
+
+def redis_client(url: str = "", sentinels: tuple[str, ...] = (), master: str = "",
+                 **options: Any) -> Any:
+    """A redis-py client for the configured Redis: ``url`` itself, or (``sentinels`` given)
+    the master named ``master`` as those sentinels tell it now, followed across failovers
+    (redis-py's ``Sentinel.master_for``: each new connection asks the sentinels; ``url``,
+    when set, gives only its password, username, database and TLS). The one reading of the
+    Redis settings, for the broker's every connection and for :func:`redis_problem`."""
     import redis
 
-    client = redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
+    if not sentinels:
+        return redis.Redis.from_url(url, **options)
+    from redis.connection import parse_url
+    from redis.sentinel import Sentinel
+
+    kwargs: dict[str, Any] = parse_url(url) if url else {}
+    if kwargs.pop("connection_class", None) is redis.SSLConnection:
+        kwargs["ssl"] = True  # rediss://: the sentinel pool picks its TLS connection class
+    kwargs.update(options)
+    timeouts = {k: v for k, v in options.items() if k.startswith("socket_")}
+    manager = Sentinel([_host_port(s) for s in sentinels], sentinel_kwargs=timeouts)
+    return manager.master_for(master, **kwargs)
+
+
+def redis_problem(url: str, timeout: float = 2.0, sentinels: tuple[str, ...] = (),
+                  master: str = "") -> str | None:
+    """Why the configured Redis (``url``, or the ``master`` of ``sentinels``; already checked
+    for form) cannot serve, in one sentence, or ``None`` when it answers a PING. Unreachable
+    and refusing (a database number past the server's, a wrong password) are told apart: the
+    fixes differ; with sentinels, so is "no sentinel names a master". The password never
+    shows."""
+    import redis
+    from redis.sentinel import MasterNotFoundError
+
+    client = redis_client(url, sentinels, master, socket_timeout=timeout,
+                          socket_connect_timeout=timeout)
+    where = (f"Redis master {master!r} of {ENV_PREFIX}REDIS_SENTINELS ({','.join(sentinels)})"
+             if sentinels else f"Redis at {ENV_PREFIX}REDIS_URL")
     try:
         client.ping()
+    except MasterNotFoundError as exc:
+        why = _redact_url_password(str(exc) or exc.__class__.__name__, url)
+        return f"{where} is unknown: no sentinel answered with its address: {why}"
     except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
         why = _redact_url_password(str(exc) or exc.__class__.__name__, url)
-        return f"Redis at {ENV_PREFIX}REDIS_URL is unreachable: {why}"
+        return f"{where} is unreachable: {why}"
     except redis.RedisError as exc:
         why = _redact_url_password(str(exc) or exc.__class__.__name__, url)
-        return f"Redis at {ENV_PREFIX}REDIS_URL answered but refused to serve: {why}"
+        return f"{where} answered but refused to serve: {why}"
     finally:
         client.close()
     return None
@@ -424,8 +486,23 @@ class Settings:
         _redis_url,
         "",
         "Redis for several workers/hosts and durable-ish history (e.g. redis://127.0.0.1:6379/0). "
-        "Unset: the embedded in-memory broker (one worker).",
+        "Unset: the embedded in-memory broker (one worker). With WSSERVER_REDIS_SENTINELS it "
+        "names no host and gives only the master's password, database and TLS "
+        "(`redis://:password@/0`, `rediss://...`).",
         secret=True,
+    )
+    redis_sentinels: tuple[str, ...] = _setting(
+        _sentinels,
+        (),
+        "Redis Sentinel addresses (`host:port`, comma-separated; `[::1]:26379`), set with "
+        "WSSERVER_REDIS_SENTINEL_MASTER: every Redis connection asks them for the master's "
+        "address and follows a failover to the promoted replica.",
+    )
+    redis_sentinel_master: str = _setting(
+        _master_name,
+        "",
+        "The master's name the sentinels monitor (`sentinel monitor <name> ...`); set with "
+        "WSSERVER_REDIS_SENTINELS.",
     )
     redis_prefix: str = _setting(
         str,
@@ -575,7 +652,7 @@ class Settings:
     workers: int = _setting(
         _int_in(1, 64),
         1,
-        "gunicorn worker processes (more than 1 needs WSSERVER_REDIS_URL).",
+        "gunicorn worker processes (more than 1 needs WSSERVER_REDIS_URL or _SENTINELS).",
     )
     console: bool = _setting(
         _parse_bool,
@@ -608,6 +685,11 @@ class Settings:
         the one gunicorn's real thread count sets (``NotificationService.limit_connections``)."""
         room = max(threads - self.http_threads, 1)
         return min(self.max_connections, room) if self.max_connections else room
+
+    @property
+    def uses_redis(self) -> bool:
+        """The Redis broker is configured: a URL, or sentinels (with their master's name)."""
+        return bool(self.redis_url or self.redis_sentinels)
 
     @property
     def development(self) -> bool:
@@ -767,7 +849,33 @@ def _check_consistency(settings: Settings) -> None:
             f"{ENV_PREFIX}HTTP_THREADS={settings.http_threads} must be below "
             f"{ENV_PREFIX}THREADS={settings.threads}: no thread would be left for WebSockets"
         )
-    check_workers(settings.workers, settings.redis_url)
+    _check_redis(settings)
+    check_workers(settings.workers, settings.uses_redis)
+
+
+def _check_redis(settings: Settings) -> None:
+    """Sentinels and their master's name together; beside them the URL names no host (it
+    would be a second, contradicting, answer to "where is Redis")."""
+    sentinels, master = settings.redis_sentinels, settings.redis_sentinel_master
+    if bool(sentinels) != bool(master):
+        given, missing = ("SENTINELS", "SENTINEL_MASTER") if sentinels else (
+            "SENTINEL_MASTER", "SENTINELS")
+        raise SettingsError(
+            f"{ENV_PREFIX}REDIS_{given} is set but {ENV_PREFIX}REDIS_{missing} is not: set "
+            f"both {ENV_PREFIX}REDIS_SENTINELS (host:port,...) and "
+            f"{ENV_PREFIX}REDIS_SENTINEL_MASTER (the monitored master's name), or neither"
+        )
+    if sentinels and settings.redis_url:
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(settings.redis_url)
+        if parts.scheme.lower() == "unix" or parts.hostname or parts.port:
+            raise SettingsError(
+                f"{ENV_PREFIX}REDIS_URL names a host while {ENV_PREFIX}REDIS_SENTINELS is set: "
+                "the sentinels say where the master is; with them the URL gives only the "
+                "password, database and TLS, with no host (redis://:password@/0, "
+                "rediss://user:password@/0), or leave it unset"
+            )
 
 
 # RFC 7518 3.2: an HS256 key must be at least as long as the hash output (256 bits)
@@ -815,15 +923,15 @@ def _check_tls(cert: str, key: str) -> None:
             ) from None
 
 
-def check_workers(workers: int, redis_url: str) -> None:
+def check_workers(workers: int, redis_url: str | bool) -> None:
     """Refuse several workers without Redis: each would hold a part of the audience and a
     notification would reach only that part. Applied to ``WSSERVER_WORKERS`` here and, by
     ``gunicorn_conf.on_starting``, to the final count a ``-w`` flag may have set."""
     if workers > 1 and not redis_url:
         raise SettingsError(
             f"refusing to start {workers} workers ({ENV_PREFIX}WORKERS, -w) without "
-            f"{ENV_PREFIX}REDIS_URL: each would hold a part of the audience and a notification "
-            f"would reach only that part. Set {ENV_PREFIX}REDIS_URL (workers then share one "
-            f"audience through Redis), or run one worker and raise {ENV_PREFIX}THREADS for "
-            "more connections."
+            f"{ENV_PREFIX}REDIS_URL or {ENV_PREFIX}REDIS_SENTINELS: each would hold a part of "
+            f"the audience and a notification would reach only that part. Set "
+            f"{ENV_PREFIX}REDIS_URL (workers then share one audience through Redis), or run one "
+            f"worker and raise {ENV_PREFIX}THREADS for more connections."
         )

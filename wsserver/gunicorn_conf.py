@@ -131,16 +131,19 @@ def on_starting(server):  # noqa: ANN001 - gunicorn hook signature
     """Refuse a configuration that would silently lose messages or hang HTTP."""
     cfg = server.cfg
     try:
-        check_workers(cfg.workers, _settings.redis_url)  # -w may have raised the setting's count
+        check_workers(cfg.workers, _settings.uses_redis)  # -w may have raised the setting's count
     except SettingsError as exc:
         sys.stderr.write(f"wsserver: {exc}\n")
         raise SystemExit(2) from None
     for warning in unknown_variables():
         server.log.warning("wsserver: %s", warning)
     _refuse_taken_addresses(cfg)
-    problem = redis_problem(_settings.redis_url) if _settings.redis_url else None
+    problem = None
+    if _settings.uses_redis:
+        problem = redis_problem(_settings.redis_url, sentinels=_settings.redis_sentinels,
+                                master=_settings.redis_sentinel_master)
     if problem:
-        sys.stderr.write(f"wsserver: {problem}; not starting. Start Redis or fix the URL.\n")
+        sys.stderr.write(f"wsserver: {problem}; not starting. Start Redis or fix its settings.\n")
         raise SystemExit(3)
     if cfg.worker_class_str not in _THREAD_WORKERS:
         server.log.warning(

@@ -61,6 +61,7 @@ TESTED = {
          "test_deploy.py::test_the_documented_unit_runs_a_server"],
     ("docs/deploy.md", "WSSERVER_REDIS_URL=redis://127.0.0.1:6379/0 wsserver serve --workers 2"):
         ["test_server_blocks"],
+    ("docs/deploy.md", "WSSERVER_REDIS_SENTINELS="): ["test_sentinel_block"],
     ("docs/performance.md", ".venv/bin/python scripts/bench"): ["test_bench_block"],
 }
 
@@ -216,6 +217,32 @@ def test_server_blocks(file, first, tmp_path):
                 wait_for(lambda: "Booting worker" in log.read_text()
                          and log.read_text().count("Booting worker") >= 2, timeout=10)
         assert_clean(log, line)
+
+
+def test_sentinel_block(tmp_path):
+    """The Sentinel block serves as written, against a master, a replica and three sentinels
+    of the test's own (tests/e2e/test_sentinel.py): their addresses and master name for the
+    documented ones, and no password (the test's Redis has none)."""
+    from .test_sentinel import MASTER, RedisGroup, redis_server_missing
+
+    if redis_server_missing():
+        pytest.skip("redis-server is not installed")
+    group = RedisGroup(tmp_path).start()
+    try:
+        (line,) = commands(block("docs/deploy.md", "WSSERVER_REDIS_SENTINELS="))
+        line = re.sub(r"(WSSERVER_REDIS_SENTINELS=)\S+", rf"\g<1>{group.sentinels()}", line)
+        line = line.replace("=mymaster", f"={MASTER}").replace(":the-password@", "@")
+        port = free_port()
+        env = shell_env(port, WSSERVER_REDIS_PREFIX=f"wsserver-docs-{port}")
+        log = tmp_path / "server.log"
+        with started(line, env, tmp_path, log) as url:
+            assert requests.get(url + "/", timeout=5).json()["status"] == "ok"
+            wait_for(lambda: log.read_text().count("broker: redis sentinel master") >= 2,
+                     timeout=10, message="both workers' start-up lines")
+        assert f"sentinel master {MASTER}/0 via {group.sentinels()} prefix" in log.read_text()
+        assert_clean(log, line)
+    finally:
+        group.stop()
 
 
 def test_readme_scripts(tmp_path):

@@ -228,7 +228,7 @@ class Broker:
 
 
 def make_broker(settings: Settings) -> Broker:
-    if settings.redis_url:
+    if settings.uses_redis:
         from .redis import RedisBroker
 
         return RedisBroker(settings)

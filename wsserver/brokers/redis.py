@@ -174,15 +174,15 @@ class RedisBroker(Broker):
 
     def __init__(self, settings: Settings) -> None:
         self._url = settings.redis_url
+        self._sentinels = settings.redis_sentinels
+        self._master = settings.redis_sentinel_master
         self._prefix = settings.redis_prefix
         self._channel = f"{self._prefix}:bus"
         # one entry more than the history size: a client that missed exactly history_size
         # messages resumes from the entry before them, which must still be there to vouch
         self._maxlen = settings.history_size + 1
         self._ttl_ms = max(int(settings.history_ttl * 1000), 1)
-        self._redis = redis.Redis.from_url(
-            self._url, socket_timeout=2.0, socket_connect_timeout=2.0
-        )
+        self._redis = self._client()
         self._script = self._redis.register_script(_PUBLISH % _BUS_LENGTH)
         self._bus = f"{self._prefix}:log"
         self._idempotent = self._redis.register_script(_PUBLISH_IDEMPOTENT)
@@ -191,8 +191,7 @@ class RedisBroker(Broker):
         self._connected = threading.Event()  # set while subscribed: publishing is open
         # the listener's own connection, named so an operator (or a test) can find it in
         # CLIENT LIST: "<prefix>:listener:<worker>"
-        self._listener_redis = redis.Redis.from_url(
-            self._url, socket_timeout=2.0, socket_connect_timeout=2.0,
+        self._listener_redis = self._client(
             client_name="".join(c if c.isprintable() and not c.isspace() else "_"
                                 for c in f"{self._prefix}:listener:{self._worker}"),
         )
@@ -215,16 +214,30 @@ class RedisBroker(Broker):
         self._failed_at = float("-inf")  # the last Redis call that failed or timed out
         self._round_started: float | None = None  # the reporter's round waiting for Redis
 
+    def _client(self, **options: Any) -> redis.Redis:
+        """A client of the configured Redis: the URL's, or the sentinels' current master
+        (every connection it opens asks them, so each follows a failover). Both the publish
+        client (which the reporter shares) and the listener's are made here."""
+        from ..config import redis_client
+
+        return redis_client(self._url, self._sentinels, self._master,
+                            socket_timeout=2.0, socket_connect_timeout=2.0, **options)
+
     def describe(self) -> str:
-        """``redis 127.0.0.1:6379/0 prefix wsserver``: where, never who (no password)."""
+        """``redis 127.0.0.1:6379/0 prefix wsserver``, or ``redis sentinel master mymaster/0
+        via 10.0.0.1:26379,10.0.0.2:26379 prefix wsserver``: where, never who (no password)."""
         pool = self._redis.connection_pool
         kwargs = pool.connection_kwargs
+        tls = " (TLS)" if issubclass(pool.connection_class, redis.SSLConnection) else ""
+        db = kwargs.get("db", 0)
+        if self._sentinels:
+            via = ",".join(self._sentinels)
+            return f"redis sentinel master {self._master}/{db}{tls} via {via} prefix {self._prefix}"
         if kwargs.get("path"):
             where = f"unix:{kwargs['path']}"
         else:
             where = f"{kwargs.get('host', 'localhost')}:{kwargs.get('port', 6379)}"
-        tls = " (TLS)" if pool.connection_class is redis.SSLConnection else ""
-        return f"redis {where}/{kwargs.get('db', 0)}{tls} prefix {self._prefix}"
+        return f"redis {where}/{db}{tls} prefix {self._prefix}"
 
     # -- lifecycle -------------------------------------------------------------------------
 
