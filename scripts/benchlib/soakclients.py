@@ -29,7 +29,7 @@ import select
 import socket
 import time
 from array import array
-from collections import Counter
+from collections import Counter, deque
 
 from benchlib.wsload import (
     _raise_nofile,
@@ -57,7 +57,7 @@ def decode_id(n: int) -> str:
 
 class _Client:
     __slots__ = ("idx", "sock", "state", "key", "buf", "last", "ids", "dups", "t_state",
-                 "stalled", "reconnects", "unrecovered")
+                 "stalled", "reconnects", "unrecovered", "events")
 
     def __init__(self, idx):
         self.idx = idx
@@ -72,6 +72,7 @@ class _Client:
         self.stalled = False
         self.reconnects = 0
         self.unrecovered = array("q")  # c.last at each resume answered recovered: false
+        self.events: deque = deque(maxlen=40)  # (time, what, last id): explains a loss
 
 
 class _Loop:
@@ -141,6 +142,7 @@ class _Loop:
             self.schedule_reconnect(c)
             return
         c.sock, c.state, c.key, c.buf, c.t_state = s, "connecting", new_key(), b"", time.time()
+        c.events.append((c.t_state, "connect " + self.path(c), c.last))
         self.by_fd[s.fileno()] = c
         self.ep.register(s.fileno(), select.EPOLLOUT)
         self.later(self.opts["handshake_timeout"], "hs_timeout", c.idx)
@@ -153,6 +155,7 @@ class _Loop:
     def drop(self, c, why, close_code=None):
         """Close ``c`` (sending a close frame with ``close_code``) and schedule its return."""
         self.stats[why] += 1
+        c.events.append((time.time(), why, c.last))
         if c.sock is not None:
             fd = c.sock.fileno()
             self.by_fd.pop(fd, None)
@@ -264,8 +267,10 @@ class _Loop:
                 self.stats["subscribed" if rec is None else f"resumed recovered={rec}"] += 1
                 if rec is False:
                     c.unrecovered.append(c.last)
+                c.events.append((time.time(), json.dumps(obj), c.last))
             elif t == "error":
                 self.stats[f"error {obj.get('code')}"] += 1
+                c.events.append((time.time(), json.dumps(obj), c.last))
                 if obj.get("code") in RETRY_CODES:
                     self.later(self.rng.uniform(0.2, 1.0), "resubscribe", c.idx)
             return
@@ -276,6 +281,7 @@ class _Loop:
         n = encode_id(mid)
         if n <= c.last:
             c.dups += 1
+            c.events.append((now, f"duplicate {mid}", c.last))
             return
         c.last = n
         c.ids.append(n)
@@ -294,6 +300,7 @@ class _Loop:
             "ids": [c.ids.tobytes() for c in self.clients],
             "dups": [c.dups for c in self.clients],
             "unrecovered": [c.unrecovered.tobytes() for c in self.clients],
+            "events": [list(c.events) for c in self.clients],
             "reconnects": sum(c.reconnects for c in self.clients),
             "states": dict(states),
             "stats": dict(self.stats),
