@@ -8,8 +8,8 @@ They behave like a careful application: on any disconnect they reconnect after a
 backoff and resume with ``?rooms=<room>&since=<last id>``; ``busy`` / ``history_unavailable``
 error frames are retried with a ``subscribe`` command. Options:
 
-* churn: every receiver process closes (1000) a random open client at ``churn_rate`` per
-  second; it comes back at once with ``since``;
+* churn: every receiver process closes (1000) a random open client that has received a
+  message at ``churn_rate`` per second; it comes back at once with ``since``;
 * stalled readers: the first ``stalled`` clients of every process stop reading for
   ``stall_s`` seconds every ``stall_every_s`` seconds (small SO_RCVBUF, so the server notices).
 
@@ -174,7 +174,10 @@ class _Loop:
         self.schedule_reconnect(c)
 
     def churn_one(self):
-        open_ = [c for c in self.clients if c.state == "open" and c.idx >= self.opts["stalled"]]
+        # only clients that have an id to resume from: one churned before its first message
+        # would come back without ``since`` and miss what was published meanwhile
+        open_ = [c for c in self.clients
+                 if c.state == "open" and c.last and c.idx >= self.opts["stalled"]]
         if open_:
             self.drop(self.rng.choice(open_), "churned", 1000)
 
