@@ -11,10 +11,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -174,3 +176,75 @@ def recv_json(ws: websocket.WebSocket) -> dict:
 
 def thread_count(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/task"))
+
+
+class RedisProcess:
+    """A redis-server of a test's own on a free loopback port (never the shared 6379, which
+    other tests use), stopped by PID. ``persistent``: it keeps its data across a SIGKILL
+    (append-only file, fsync on every write, in a folder of its own), as a production Redis
+    would; otherwise it comes back empty. ``hang``/``resume``: SIGSTOP/SIGCONT, a Redis that
+    is connected and answers nothing."""
+
+    def __init__(self, persistent: bool = False) -> None:
+        self.port = free_port()
+        self.proc: subprocess.Popen | None = None
+        self.log_path = Path(f"/tmp/wstest-redis-{self.port}.log")
+        self.data_dir = (Path(tempfile.mkdtemp(prefix=f"wstest-redis-{self.port}-"))
+                         if persistent else None)
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> RedisProcess:
+        """Start (again, on the same port) and wait until it answers a PING."""
+        import redis
+
+        persistence = (["--appendonly", "yes", "--appendfsync", "always",
+                        "--dir", str(self.data_dir)] if self.data_dir else ["--appendonly", "no"])
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                 *persistence, "--daemonize", "no"],
+                stdout=log, stderr=subprocess.STDOUT,
+            )
+        client = redis.Redis(port=self.port, socket_timeout=1, socket_connect_timeout=1)
+
+        def up() -> bool:
+            assert self.proc is not None and self.proc.poll() is None, self.log_path.read_text()
+            try:
+                return bool(client.ping())
+            except (redis.RedisError, OSError):
+                return False
+
+        try:
+            wait_for(up, timeout=10, interval=0.05, message="redis-server to answer")
+        finally:
+            client.close()
+        return self
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.kill()  # SIGKILL
+        self.proc.wait(5)
+
+    def hang(self) -> None:
+        assert self.proc is not None
+        os.kill(self.proc.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGCONT)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.resume()
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self.log_path.unlink(missing_ok=True)
+        if self.data_dir is not None:
+            shutil.rmtree(self.data_dir, ignore_errors=True)

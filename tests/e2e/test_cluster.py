@@ -11,22 +11,19 @@ from __future__ import annotations
 import json
 import os
 import random
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import uuid
 from collections.abc import Iterable
-from pathlib import Path
 from typing import Any, Callable
 
 import pytest
 import redis
 import requests
-from support import ROOT, GunicornServer, RawClient, free_port, wait_for
+from support import ROOT, GunicornServer, RawClient, RedisProcess, free_port, wait_for
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 # clients here are read only when a test checks them: no keepalive ping may close them first
@@ -753,65 +750,12 @@ def test_resume_from_an_id_never_issued(recovery_server):
 # -- 4: Redis goes away and comes back -------------------------------------------------------
 
 
-class RedisProcess:
-    """A redis-server of the test's own on a free loopback port. It keeps its data across a
-    SIGKILL (append-only file, fsync on every write, in a folder of its own), as a production
-    Redis would: the bus log then survives the outage and the workers replay what they missed.
-    (A Redis that comes back empty makes them close their clients to resume instead:
-    ``tests/test_brokers.py::test_a_lost_bus_log_closes_clients_to_resume``.)"""
-
-    def __init__(self) -> None:
-        self.port = free_port()
-        self.proc: subprocess.Popen | None = None
-        self.log_path = Path(f"/tmp/wstest-redis-{self.port}.log")
-        self.data_dir = Path(tempfile.mkdtemp(prefix=f"wstest-redis-{self.port}-"))
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(
-                ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                 "--appendonly", "yes", "--appendfsync", "always", "--dir", str(self.data_dir),
-                 "--daemonize", "no"],
-                stdout=log, stderr=subprocess.STDOUT,
-            )
-        client = redis.Redis.from_url(self.url, socket_timeout=1, socket_connect_timeout=1)
-
-        def up() -> bool:
-            assert self.proc is not None and self.proc.poll() is None, self.log_path.read_text()
-            try:
-                return bool(client.ping())
-            except (redis.RedisError, OSError):
-                return False
-
-        try:
-            wait_for(up, timeout=10, interval=0.05, message="redis-server to answer")
-        finally:
-            client.close()
-
-    def kill(self) -> None:
-        assert self.proc is not None
-        self.proc.kill()  # SIGKILL
-        self.proc.wait(5)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        self.log_path.unlink(missing_ok=True)
-        shutil.rmtree(self.data_dir, ignore_errors=True)
-
-
 @pytest.fixture
 def own_redis():
-    server = RedisProcess()
+    # it keeps its data across the SIGKILL, so the workers replay what they missed; a Redis
+    # that comes back empty makes them close their clients to resume instead
+    # (tests/test_brokers.py::test_a_lost_bus_log_closes_clients_to_resume)
+    server = RedisProcess(persistent=True)
     server.start()
     yield server
     server.stop()

@@ -10,17 +10,12 @@ stopped by PID; every wait is bounded.
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
 import threading
 import time
 from collections import Counter
-from pathlib import Path
 
 import pytest
-import redis
-from support import GunicornServer, free_port, wait_for
+from support import GunicornServer, RedisProcess, wait_for
 
 from wsserver.client import Publisher, Subscriber
 
@@ -29,57 +24,9 @@ PUBLISHERS = 3
 EACH = 5  # notifications per publisher thread
 
 
-class PrivateRedis:
-    """A redis-server of this test's own, without persistence; stopped by PID."""
-
-    def __init__(self) -> None:
-        self.port = free_port()
-        self.log = Path(f"/tmp/wstest-idem-redis-{self.port}.log")
-        with open(self.log, "ab") as out:
-            self.proc = subprocess.Popen(
-                ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
-                 "--save", "", "--appendonly", "no"],
-                stdout=out, stderr=subprocess.STDOUT,
-            )
-        client = redis.Redis(port=self.port, socket_timeout=1, socket_connect_timeout=1)
-
-        def up() -> bool:
-            assert self.proc.poll() is None, self.log.read_text()
-            try:
-                return bool(client.ping())
-            except (redis.RedisError, OSError):
-                return False
-
-        try:
-            wait_for(up, timeout=10, interval=0.05, message="redis-server to answer")
-        finally:
-            client.close()
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def hang(self, seconds: float) -> None:
-        """SIGSTOP, then SIGCONT ``seconds`` later (from a timer thread)."""
-        os.kill(self.proc.pid, signal.SIGSTOP)
-        timer = threading.Timer(seconds, os.kill, (self.proc.pid, signal.SIGCONT))
-        timer.daemon = True
-        timer.start()
-
-    def stop(self) -> None:
-        os.kill(self.proc.pid, signal.SIGCONT)
-        self.proc.terminate()
-        try:
-            self.proc.wait(5)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(5)
-        self.log.unlink(missing_ok=True)
-
-
 @pytest.fixture
 def private_redis():
-    server = PrivateRedis()
+    server = RedisProcess().start()
     yield server
     server.stop()
 
@@ -137,7 +84,10 @@ def test_a_redis_hang_with_retries_delivers_each_notification_once(private_redis
         thread.start()
     time.sleep(0.5)  # a few publishes go through before the hang
     started = time.monotonic()
-    private_redis.hang(HANG)
+    private_redis.hang()  # resumed HANG seconds later, from a timer thread
+    timer = threading.Timer(HANG, private_redis.resume)
+    timer.daemon = True
+    timer.start()
     for thread in threads:
         thread.join(60)
     assert time.monotonic() - started >= HANG - 0.5, "the publishes outlasted the hang"

@@ -7,72 +7,22 @@ one), stopped by PID."""
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
 import threading
 import time
 import uuid
-from pathlib import Path
 from typing import Iterator
 
 import pytest
-import redis
 import requests
-from support import GunicornServer, connect, free_port, recv_json, wait_for
+from support import GunicornServer, RedisProcess, connect, recv_json, wait_for
 
 pytestmark = pytest.mark.timeout(90)
 
 
-class _Redis:
-    """A private redis-server without persistence; SIGSTOP/SIGCONT to hang it."""
-
-    def __init__(self) -> None:
-        self.port = free_port()
-        self.log_path = Path(f"/tmp/wstest-redis-health-{self.port}.log")
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(
-                ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                 "--appendonly", "no"], stdout=log, stderr=subprocess.STDOUT)
-        client = redis.Redis(port=self.port, socket_timeout=1, socket_connect_timeout=1)
-
-        def up() -> bool:
-            assert self.proc.poll() is None, self.log_path.read_text()
-            try:
-                return bool(client.ping())
-            except (redis.RedisError, OSError):
-                return False
-
-        try:
-            wait_for(up, timeout=10, interval=0.05, message="redis-server to answer")
-        finally:
-            client.close()
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def hang(self) -> None:
-        os.kill(self.proc.pid, signal.SIGSTOP)
-
-    def resume(self) -> None:
-        os.kill(self.proc.pid, signal.SIGCONT)
-
-    def stop(self) -> None:
-        self.resume()
-        self.proc.terminate()
-        try:
-            self.proc.wait(5)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(5)
-        self.log_path.unlink(missing_ok=True)
-
-
 @pytest.fixture
-def hung() -> Iterator[tuple[_Redis, GunicornServer]]:
+def hung() -> Iterator[tuple[RedisProcess, GunicornServer]]:
     """A private Redis and a one-worker server on it; Redis running (hang it in the test)."""
-    private = _Redis()
+    private = RedisProcess().start()
     server = GunicornServer(env={"WSSERVER_REDIS_URL": private.url,
                                  "WSSERVER_REDIS_PREFIX": f"t{uuid.uuid4().hex[:8]}"},
                             args=["-w", "1"])
