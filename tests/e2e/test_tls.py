@@ -394,3 +394,27 @@ def test_one_of_the_pair_alone_stops_the_start_naming_both(given):
     assert result.returncode != 0
     assert "WSSERVER_TLS_CERT" in result.stderr and "WSSERVER_TLS_KEY" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_libcurl_over_wss(tls_server):
+    """libcurl's WebSocket client (curl_cffi bundles a libcurl built with it: Debian's curl
+    7.88 has none), verifying the test certificate."""
+    from curl_cffi.const import CurlWsFlag
+    from curl_cffi.requests import Session
+
+    with Session() as session:
+        ws = session.ws_connect(tls_server.ws_url, verify=str(test_cert()[0]), timeout=10,
+                                headers={"Sec-WebSocket-Protocol": SUBPROTOCOL})
+        try:
+            posted(tls_server, "to libcurl")
+            data, flags = ws.recv()
+            assert flags & CurlWsFlag.TEXT
+            assert json.loads(data)["message"] == "to libcurl"
+            ws.send(b'{"type": "ping"}', CurlWsFlag.TEXT)
+            data, _ = ws.recv()
+            assert json.loads(data) == {"type": "pong"}
+        finally:
+            ws.close(1000)
+    # the server saw the close: the connection is gone from its count
+    wait_for(lambda: tls_server.get("/", timeout=5).json()["clients"] == 0, timeout=10,
+             message="the server let the libcurl client go")
