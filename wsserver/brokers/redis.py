@@ -143,6 +143,11 @@ _PUBLISH_IDEMPOTENT = _IDEMPOTENT_HEAD + (_PUBLISH % _BUS_LENGTH) + _IDEMPOTENT_
 # how long the listener waits for a message before checking whether it should stop: it bounds
 # how long shutdown waits for this thread (a 1 s poll made every stop take a second)
 _POLL = 0.2
+# with sentinels: how often the listener asks them which server is the master. A master that
+# is paused (SIGSTOP, a frozen VM) keeps its sockets open: the sentinels promote a replica and
+# publishing moves there, while a subscription to the old one would wait, deaf, for as long as
+# the pause lasts (messages answered 200 meanwhile never delivered live: seen by scripts/soak)
+_MASTER_CHECK = 0.5
 # counts: written and read every _REPORT_EVERY seconds; a report lives _REPORT_TTL_MS, so a
 # killed worker's numbers are gone from every view within TTL + one period (1.75 s < 2 s),
 # and a worker may stall for TTL - period (1.25 s) before the others stop counting it
@@ -397,11 +402,17 @@ class RedisBroker(Broker):
     def _listen(self) -> None:
         pubsub: Any = None
         backoff = _BACKOFF_MIN
+        next_master_check = 0.0
         while not self._stop.is_set():
             try:
                 if pubsub is None:
                     pubsub = self._listener_redis.pubsub()
                     pubsub.subscribe(self._channel)
+                if self._sentinels and time.monotonic() >= next_master_check:
+                    next_master_check = time.monotonic() + _MASTER_CHECK
+                    if self._master_moved(pubsub):
+                        # reconnect (to the master they name) and catch up from the bus log
+                        raise redis.ConnectionError("the sentinels name another master")
                 message = pubsub.get_message(timeout=_POLL)
                 kind = message.get("type") if message is not None else None
                 if kind == "message":
@@ -424,6 +435,19 @@ class RedisBroker(Broker):
             except Exception:  # a bad message must not kill the listener
                 log.exception("redis: listener error")
         _close_quietly(pubsub)
+
+    def _master_moved(self, pubsub: Any) -> bool:
+        """Whether the sentinels now name a master other than the server ``pubsub`` is
+        connected to (False while they name none: a failover is under way)."""
+        pool: Any = self._listener_redis.connection_pool  # a SentinelConnectionPool
+        connection = pubsub.connection
+        if connection is None or not hasattr(pool, "sentinel_manager"):
+            return False
+        try:
+            host, port = pool.sentinel_manager.discover_master(pool.service_name)
+        except redis.RedisError:  # MasterNotFoundError among them: nobody to move to yet
+            return False
+        return (str(connection.host), int(connection.port)) != (str(host), int(port))
 
     def _subscribed(self) -> None:
         """The channel's subscription is confirmed: from now on every message reaches us.
