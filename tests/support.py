@@ -248,3 +248,19 @@ class RedisProcess:
         self.log_path.unlink(missing_ok=True)
         if self.data_dir is not None:
             shutil.rmtree(self.data_dir, ignore_errors=True)
+
+
+def node_with_websocket() -> list[str]:
+    """The ``node`` command line with its own WebSocket (undici, what browsers' rules look
+    like): global in node 22+, behind a flag in 20; the test is skipped without one."""
+    import pytest
+
+    node = shutil.which("node")
+    if node is None:
+        pytest.skip("node is not installed")
+    for flags in ([], ["--experimental-websocket"]):
+        probe = subprocess.run([node, *flags, "-e", "process.exit(typeof WebSocket === "
+                                "'function' ? 0 : 1)"], capture_output=True, timeout=30)
+        if probe.returncode == 0:
+            return [node, *flags]
+    pytest.skip("this node has no WebSocket (node 22+, or 20 with --experimental-websocket)")

@@ -12,7 +12,6 @@ client), and the suite's raw client for what no library sends (50 entries, two t
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import threading
 import time
@@ -22,7 +21,7 @@ import jwt
 import pytest
 import requests
 import websocket
-from support import ROOT, RawClient, recv_json, serving, wait_for
+from support import ROOT, RawClient, node_with_websocket, recv_json, serving, wait_for
 
 from wsserver.client import Subscriber
 
@@ -189,18 +188,6 @@ def test_the_python_subscriber_sends_its_token_in_the_offer(secured):
     assert tok not in secured.log()
 
 
-def _node_with_websocket() -> list[str]:
-    node = shutil.which("node")
-    if node is None:
-        pytest.skip("node is not installed")
-    for flags in ([], ["--experimental-websocket"]):
-        probe = subprocess.run([node, *flags, "-e", "process.exit(typeof WebSocket === "
-                                "'function' ? 0 : 1)"], capture_output=True, timeout=30)
-        if probe.returncode == 0:
-            return [node, *flags]
-    pytest.skip("this node has no WebSocket (node 22+, or 20 with --experimental-websocket)")
-
-
 _JS_CLIENT = r"""
 const WsserverClient = require(process.argv[1]);
 const [url, token] = [process.argv[2], process.argv[3]];
@@ -218,7 +205,7 @@ setTimeout(done, 15000);
 def test_the_browser_client_under_node_websocket_connects_with_its_token_in_the_offer(secured):
     """undici's WebSocket, as a browser's: ``new WebSocket(url, ["wsserver.v1",
     "wsserver.token.<jwt>"])``; before wsserver.v1 the 101 selected nothing and it aborted."""
-    cmd = _node_with_websocket()
+    cmd = node_with_websocket()
     tok = token("erin", rooms=["private-js"])
     proc = subprocess.Popen([*cmd, "-e", _JS_CLIENT, str(CLIENT_JS), secured.ws_url, tok],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -27,7 +27,7 @@ from typing import Any
 import pytest
 import requests
 import websocket
-from support import ROOT, GunicornServer, free_port, wait_for
+from support import ROOT, GunicornServer, free_port, node_with_websocket, wait_for
 from tlscerts import client_context, test_cert
 
 pytestmark = pytest.mark.timeout(60)
@@ -291,23 +291,10 @@ NODE_BUILTIN_CLIENT = textwrap.dedent("""
 """)
 
 
-def _node_builtin_websocket() -> list[str]:
-    """``node`` with its own WebSocket (undici): global in node 22+, behind a flag in 20."""
-    node = shutil.which("node")
-    if node is None:
-        pytest.skip("node is not installed")
-    for flags in ([], ["--experimental-websocket"]):
-        probe = subprocess.run([node, *flags, "-e", "process.exit(typeof WebSocket === "
-                                "'function' ? 0 : 1)"], capture_output=True, timeout=30)
-        if probe.returncode == 0:
-            return [node, *flags]
-    pytest.skip("this node has no WebSocket (node 22+, or 20 with --experimental-websocket)")
-
-
 def test_node_builtin_websocket_over_wss(tls_server):
     """undici's WebSocket, with the browsers' API and rules, trusting the test certificate
     through NODE_EXTRA_CA_CERTS (its SAN names 127.0.0.1); without it the handshake fails."""
-    cmd = [*_node_builtin_websocket(), "-e", NODE_BUILTIN_CLIENT, tls_server.ws_url]
+    cmd = [*node_with_websocket(), "-e", NODE_BUILTIN_CLIENT, tls_server.ws_url]
     untrusted = subprocess.run(cmd, capture_output=True, text=True, timeout=20,
                                env={k: v for k, v in os.environ.items()
                                     if k != "NODE_EXTRA_CA_CERTS"})
