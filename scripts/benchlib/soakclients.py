@@ -38,6 +38,7 @@ from benchlib.wsload import (
     iter_frames,
     masked_frame,
     new_key,
+    stop_processes,
 )
 
 __all__ = ["encode_id", "decode_id", "SoakPool", "soak_receiver_main"]
@@ -401,16 +402,4 @@ class SoakPool:
         return self._ask("collect", "results", timeout)
 
     def close(self, timeout=10.0):
-        for pipe in self.pipes:
-            try:
-                pipe.send(("exit",))
-            except OSError:
-                pass
-        deadline = time.time() + timeout
-        for p in self.procs:
-            if p.pid is None:
-                continue
-            p.join(max(0.1, deadline - time.time()))
-            if p.is_alive():
-                p.kill()  # SIGKILL to this PID only
-                p.join(5)
+        stop_processes(self.pipes, self.procs, timeout)

@@ -661,6 +661,24 @@ def _receiver_main(ctrl, proc_idx, host, port, path, n_clients, concurrency, rcv
 # ----------------------------------------------------------------------------- parent side
 
 
+def stop_processes(pipes, procs, timeout=10.0):
+    """Ask each receiver process to exit over its pipe; SIGKILL (that PID only) any still
+    alive after ``timeout``."""
+    for pipe in pipes:
+        try:
+            pipe.send(("exit",))
+        except OSError:
+            pass
+    deadline = time.time() + timeout
+    for p in procs:
+        if p.pid is None:
+            continue
+        p.join(max(0.1, deadline - time.time()))
+        if p.is_alive():
+            p.kill()  # SIGKILL to this PID only
+            p.join(5)
+
+
 class ReceiverPool:
     """Parent-side handle on the receiver processes (fork start method); ``tls``: wss://."""
 
@@ -751,18 +769,6 @@ class ReceiverPool:
         return self._recv_all("results", timeout)
 
     def close(self, timeout=10.0):
-        for pipe in self.pipes:
-            try:
-                pipe.send(("exit",))
-            except OSError:
-                pass
-        deadline = time.time() + timeout
-        for p in self.procs:
-            if p.pid is None:
-                continue
-            p.join(max(0.1, deadline - time.time()))
-            if p.is_alive():
-                p.kill()  # SIGKILL to this PID only
-                p.join(5)
+        stop_processes(self.pipes, self.procs, timeout)
         for pipe in self.pipes:
             pipe.close()
