@@ -193,6 +193,10 @@ def post_fork(server, worker):  # noqa: ANN001
     threading.stack_size(_THREAD_STACK)
 
 
+#: seconds an orphaned worker's clients get to answer its close before they are cut
+ORPHAN_SHUTDOWN_TIMEOUT = 0.5
+
+
 def post_worker_init(worker):  # noqa: ANN001
     """Start the delivery threads in the worker, bound request reads, and hook SIGTERM for
     a 1001 goodbye."""
@@ -210,7 +214,12 @@ def post_worker_init(worker):  # noqa: ANN001
     previous = signal.getsignal(signal.SIGTERM)
 
     def on_sigterm(signum, frame):  # noqa: ANN001
-        threading.Thread(target=service.shutdown, name="wsserver-shutdown", daemon=True).start()
+        # an orphan (its master died: worker.ThreadWorker.is_parent_alive) has nobody waiting
+        # for it; its clients get ORPHAN_SHUTDOWN_TIMEOUT to answer the close
+        budget = ORPHAN_SHUTDOWN_TIMEOUT if getattr(worker, "orphaned", False) else None
+        threading.Thread(
+            target=service.shutdown, args=(budget,), name="wsserver-shutdown", daemon=True
+        ).start()
         if callable(previous):
             previous(signum, frame)
 
