@@ -9,6 +9,7 @@ answer with ``create_app``'s); ``rt.publish`` delivers through the same service 
 from __future__ import annotations
 
 import importlib
+import json
 import math
 import socket
 from typing import Any, Iterator
@@ -425,3 +426,48 @@ def test_an_empty_prefix_makes_any_app_the_standalone_server(make_app):
         assert client.get("/static/other.js").status_code == 404
     finally:
         rt.service.shutdown()
+
+
+def test_a_notification_over_the_body_limit_raises_413_as_notify_answers(make_user_app):
+    """Measured as the UTF-8 JSON body a client would POST: ``é`` counts two bytes, not the
+    six of its escape."""
+    app, rt = make_user_app(max_body_size=1024)
+    client = app.test_client()
+
+    def body(data: str) -> dict:
+        return {"event": "e", "message": "", "data": data}
+
+    def size(data: str) -> int:
+        return len(json.dumps(body(data), ensure_ascii=False).encode())
+
+    fits = "x" * (1024 - size(""))
+    assert size(fits) == 1024
+    assert rt.publish("e", data=fits)
+    with pytest.raises(BadRequest) as info:
+        rt.publish("e", data=fits + "x")
+    answer = client.post(PREFIX + "/notify", content_type="application/json",
+                         data=json.dumps(body(fits + "x")).encode())
+    assert answer.status_code == info.value.status == 413
+    assert answer.get_json() == {"error": info.value.reason, "code": "body_too_large"}
+    assert rt.publish("e", data="é" * 400)  # 6 * 400 escaped, 2 * 400 as UTF-8
+    with pytest.raises(BadRequest, match="1024-byte limit"):
+        rt.publish("e", data="é" * 600)
+
+
+@pytest.mark.parametrize("path, whose", [
+    ("/realtime", "wsserver"),
+    ("/realtime/", "wsserver"),
+    ("/realtime/../nope", "wsserver"),  # under the prefix: wsserver's JSON 404, never the app's
+    ("/realtime/%2e%2e/nope", "wsserver"),
+    ("/realtimes", "user"),
+    ("/realtime.json", "user"),
+    ("/Realtime/", "user"),
+    ("/x/realtime/", "user"),
+])
+def test_the_prefix_matches_whole_segments_only(make_user_app, path, whose):
+    app, _ = make_user_app()
+    answer = app.test_client().get(path)
+    if whose == "user":
+        assert answer.data == b"my own 404 page", path
+    else:
+        assert answer.is_json, (path, answer.data[:80])

@@ -59,7 +59,7 @@ from flask import Flask, current_app, has_app_context, send_from_directory
 from . import console, errors, logs, views, ws
 from .config import SETTINGS, Settings, SettingsError, load_settings
 from .exceptions import BadRequest
-from .notify import NotifyEndpoint
+from .notify import NotifyEndpoint, body_too_large
 from .protocol import parse_notification, parse_notify_body
 from .proxies import ClientAddress, TrustedProxies
 from .service import NotificationService
@@ -126,6 +126,12 @@ def _serve_client_scripts(app: Flask) -> None:
     @app.get("/static/<any('wsserver.js', 'console.js'):filename>", endpoint="wsserver_static")
     def wsserver_static(filename: str) -> Any:
         return send_from_directory(_STATIC, filename)
+
+
+def _utf8_size(body: dict[str, Any]) -> int:
+    """The size of ``body`` as the UTF-8 JSON a client would POST (lone surrogates counted as
+    their three bytes; they are refused after)."""
+    return len(json.dumps(body, ensure_ascii=False).encode("utf-8", "surrogatepass"))
 
 
 def _keyword_settings(overrides: dict[str, Any]) -> dict[str, Any]:
@@ -258,7 +264,8 @@ class Realtime:
 
         Raises what ``/notify`` answers with: :class:`~wsserver.exceptions.BadRequest` (400,
         its ``code`` ``invalid_event``, ``invalid_room``, ``invalid_json`` for data JSON cannot
-        carry...; 422 for a reused idempotency key),
+        carry...; 413 ``body_too_large`` over ``WSSERVER_MAX_BODY_SIZE`` as JSON; 422 for a
+        reused idempotency key),
         :class:`~wsserver.exceptions.PublishRefused` (503: ``QueueFull``, ``ShuttingDown``,
         ``BrokerUnavailable``, ``BrokerTimedOut``)."""
         body: dict[str, Any] = {"event": event, "message": message, "data": data}
@@ -277,6 +284,12 @@ class Realtime:
             raise BadRequest(
                 400, "invalid_json", f"the notification cannot be sent as JSON: {exc}"
             ) from None
+        service = self.service
+        limit = service.settings.max_body_size
+        # the escaped text is never shorter than the UTF-8 body a client would send: measure
+        # that one only when it matters
+        if len(text) > limit and _utf8_size(body) > limit:
+            raise body_too_large(limit)
         notification = parse_notification(parse_notify_body(text.encode("ascii")))
-        published = self.service.publish(notification)
+        published = service.publish(notification)
         return next(iter(published.ids.values()))

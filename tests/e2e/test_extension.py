@@ -12,6 +12,7 @@ sockets; every wait bounded.
 from __future__ import annotations
 
 import json
+import time
 import uuid
 from typing import Any, Iterator
 
@@ -84,7 +85,9 @@ def next_message(client: RawClient) -> dict:
 
 
 def test_the_example_app_serves_its_routes_and_wsserver_under_the_prefix(servers):
-    server = servers()
+    # a short request deadline: the WebSocket must tell the worker it was upgraded through
+    # the mount (environ[WEBSOCKET_STARTED]), or the worker cuts it as a slow request
+    server = servers({"WSSERVER_REQUEST_TIMEOUT": "1"})
     url, api = server.url, server.url + PREFIX
     # the app's own routes, and its own (HTML) 404: wsserver's JSON errors stay under /realtime
     assert requests.get(url + "/", timeout=5).json()["app"] == "orders"
@@ -110,6 +113,8 @@ def test_the_example_app_serves_its_routes_and_wsserver_under_the_prefix(servers
     client = subscriber(server)
     try:
         wait_for(lambda: server.health()["subscriptions"] == 1, message="the client to join")
+        time.sleep(2.5)  # past WSSERVER_REQUEST_TIMEOUT=1 and a reaper turn: nothing to wait on
+        assert server.health()["clients"] == 1
         assert requests.get(api + "/rooms", timeout=5).json()["rooms"][0]["room"] == "orders"
         created = requests.post(url + "/orders", json={"id": 8}, timeout=5).json()
         assert created["ok"] is True
