@@ -21,6 +21,8 @@ import redis
 import requests
 from support import ROOT, GunicornServer, RawClient, close_code, wait_for
 
+from wsserver.client import Publisher
+
 pytestmark = pytest.mark.timeout(90)
 
 EXAMPLES = ROOT / "docs" / "examples"
@@ -125,6 +127,10 @@ def test_the_example_app_serves_its_routes_and_wsserver_under_the_prefix(servers
         assert notified.status_code == 200 and notified.json()["clients"] == 1
         got = next_message(client)
         assert (got["event"], got["id"]) == ("order.shipped", notified.json()["id"])
+        # the Python client takes the prefix as its base URL, as a proxy path
+        with Publisher(api) as publisher:
+            answer = publisher.publish("order.paid", room="orders")
+        assert next_message(client)["id"] == answer["id"]
         # the hooks found the service in the user's app: SIGTERM says goodbye with 1001
         assert server.terminate() == 0
         opcode, payload = client.recv_frame()
