@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import logging
 import math
 import socket
 from typing import Any, Iterator
@@ -471,3 +472,22 @@ def test_the_prefix_matches_whole_segments_only(make_user_app, path, whose):
         assert answer.data == b"my own 404 page", path
     else:
         assert answer.is_json, (path, answer.data[:80])
+
+
+def test_a_prefix_that_would_hide_the_apps_own_routes_is_refused_or_warned_about(caplog):
+    app = Flask("userapp")
+    app.add_url_rule("/realtime/stats", "stats", lambda: "mine")
+    with pytest.raises(ValueError, match="would hide the app's own routes /realtime/stats"):
+        Realtime(app, url_prefix="/realtime", env="development")
+    assert "wsserver" not in app.extensions and not isinstance(app.wsgi_app, PrefixMount)
+    rt = Realtime(app, url_prefix="/rt", env="development")  # another prefix is fine
+    try:
+        app.add_url_rule("/rt/late", "late", lambda: "mine too")  # added after: never reached
+        client = app.test_client()
+        with caplog.at_level(logging.WARNING, logger="wsserver.extension"):
+            assert client.get("/rt/late").get_json()["code"] == "not_found"
+            assert client.get("/realtime/stats").data == b"mine"
+        warned = [r.getMessage() for r in caplog.records if r.name == "wsserver.extension"]
+        assert len(warned) == 1 and "/rt/late" in warned[0], warned  # once, at the first request
+    finally:
+        rt.service.shutdown()

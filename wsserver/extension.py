@@ -50,6 +50,7 @@ thread (the service's ``publish`` is thread-safe).
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Iterable
 from typing import Any, Callable
@@ -69,6 +70,8 @@ __all__ = ["EXTENSION", "PrefixMount", "Realtime", "install"]
 EXTENSION = "wsserver"  # app.extensions key of the service (what gunicorn_conf's hooks read)
 _REALTIME = "wsserver.realtime"  # app.extensions key of the Realtime that owns it
 
+log = logging.getLogger(__name__)
+
 _STATIC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
 
 WSGIApp = Callable[[dict, Callable], Iterable[bytes]]
@@ -79,14 +82,35 @@ class PrefixMount:
     ``server`` with the prefix moved from ``PATH_INFO`` to ``SCRIPT_NAME``; every other request
     goes to ``app`` unchanged. The match is on whole path segments: ``/realtimes`` is not under
     ``/realtime``; ``/realtime`` itself is ``/realtime/`` (the health answer, not a redirect
-    page in HTML). No state of its own."""
+    page in HTML).
 
-    def __init__(self, app: WSGIApp, prefix: str, server: WSGIApp) -> None:
+    ``hidden``, when given, names the app's own routes under the prefix (which can never be
+    reached): asked once, at the first request (Flask takes no route after it), and logged
+    as a WARNING. Thread-safety: that flag is the only state; a race logs it twice at most.
+    """
+
+    def __init__(
+        self,
+        app: WSGIApp,
+        prefix: str,
+        server: WSGIApp,
+        hidden: Callable[[], list[str]] | None = None,
+    ) -> None:
         self._app = app
         self.prefix = prefix
         self.server = server
+        self._hidden = hidden
 
     def __call__(self, environ: dict, start_response: Callable) -> Iterable[bytes]:
+        if self._hidden is not None:
+            hidden, self._hidden = self._hidden(), None
+            if hidden:
+                log.warning(
+                    "the app's routes %s are under url_prefix %r, which wsserver serves: they "
+                    "are never reached; choose another prefix",
+                    ", ".join(hidden),
+                    self.prefix,
+                )
         path = environ.get("PATH_INFO") or ""
         prefix = self.prefix
         if path.startswith(prefix) and (len(path) == len(prefix) or path[len(prefix)] == "/"):
@@ -126,6 +150,15 @@ def _serve_client_scripts(app: Flask) -> None:
     @app.get("/static/<any('wsserver.js', 'console.js'):filename>", endpoint="wsserver_static")
     def wsserver_static(filename: str) -> Any:
         return send_from_directory(_STATIC, filename)
+
+
+def _routes_under(app: Flask, prefix: str) -> list[str]:
+    """The app's URL rules that a mount at ``prefix`` would hide."""
+    return sorted(
+        rule.rule
+        for rule in app.url_map.iter_rules()
+        if rule.rule == prefix or rule.rule.startswith(prefix + "/")
+    )
 
 
 def _utf8_size(body: dict[str, Any]) -> int:
@@ -219,13 +252,21 @@ class Realtime:
                    else "")
                 + ": one Realtime per app; publish through that one"
             )
+        hidden = _routes_under(app, prefix) if prefix else []
+        if hidden:
+            raise ValueError(
+                f"url_prefix {prefix!r} would hide the app's own routes {', '.join(hidden)}: "
+                "wsserver answers every path under it; choose another prefix"
+            )
         settings = self.settings
         logs.configure(settings.log_level, settings.log_format)
         service = NotificationService(settings)
         if prefix:
             server = Flask("wsserver")
             install(server, service)
-            app.wsgi_app = PrefixMount(app.wsgi_app, prefix, server)  # type: ignore[method-assign]
+            app.wsgi_app = PrefixMount(  # type: ignore[method-assign]
+                app.wsgi_app, prefix, server, lambda: _routes_under(app, prefix)
+            )
             app.extensions[EXTENSION] = service
         else:
             install(app, service)
