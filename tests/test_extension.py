@@ -113,6 +113,14 @@ def test_a_users_catch_all_error_handler_keeps_seeing_its_errors():
 # -- under the prefix: the standalone server's answers ---------------------------------------
 
 
+UPGRADE = {
+    "Upgrade": "websocket",
+    "Connection": "Upgrade",
+    "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+    "Sec-WebSocket-Version": "13",
+    "Sec-WebSocket-Protocol": "wsserver.v1",
+}
+
 ANSWERS = [
     ("get", "/", {}),
     ("get", "/healthz", {}),
@@ -131,6 +139,11 @@ ANSWERS = [
     ("get", "/console/check", {}),
     ("get", "/static/wsserver.js", {}),
     ("get", "/rooms", {"headers": {"Origin": "http://example.com"}}),
+    # upgrades refused before simple-websocket answers (a test client cannot complete one)
+    ("get", "/ws", {"headers": {**UPGRADE, "Sec-WebSocket-Version": "8"}}),
+    ("get", "/ws", {"headers": {**UPGRADE, "Sec-WebSocket-Protocol": "chat"}}),
+    ("get", "/ws?rooms=bad%20room", {"headers": UPGRADE}),
+    ("get", "/ws?since=1-1&rooms=a,b", {"headers": UPGRADE}),
 ]
 
 
@@ -156,12 +169,20 @@ def test_every_prefixed_route_answers_as_the_standalone_servers(make_user_app, m
 
 def test_production_answers_match_too_console_off_and_publishers_checked(make_user_app,
                                                                          make_app):
-    app, _ = make_user_app(env="production", api_keys="k" * 32)
-    standalone = make_app(env="production", api_keys="k" * 32)
-    for method, path in (("get", "/console"), ("get", "/rooms"), ("get", "/metrics")):
-        mounted = getattr(app.test_client(), method)(PREFIX + path)
-        alone = getattr(standalone.test_client(), method)(path)
-        assert _comparable(mounted) == _comparable(alone), path
+    app, _ = make_user_app(env="production", api_keys="k" * 32,
+                           jwt_secret="s" * 32, allowed_origins="https://app.example.com")
+    standalone = make_app(env="production", api_keys=("k" * 32,), jwt_secret="s" * 32,
+                          allowed_origins=("https://app.example.com",))
+    evil = {"Origin": "https://evil.example"}
+    for method, path, headers in (("get", "/console", {}), ("get", "/rooms", {}),
+                                  ("get", "/metrics", {}), ("get", "/ws", UPGRADE),
+                                  ("get", "/ws", {**UPGRADE, **evil}),
+                                  ("get", "/ws?token=nope", UPGRADE),
+                                  ("post", "/notify", evil)):
+        mounted = getattr(app.test_client(), method)(PREFIX + path, headers=headers)
+        alone = getattr(standalone.test_client(), method)(path, headers=headers)
+        assert _comparable(mounted) == _comparable(alone), (path, headers)
+        assert mounted.status_code in (401, 403, 404), (path, mounted.status_code)
     refused = app.test_client().post(PREFIX + "/notify", json={"event": "e"})
     assert refused.status_code == 401 and refused.get_json()["code"] == "missing_api_key"
 
