@@ -12,7 +12,11 @@ import importlib
 import json
 import logging
 import math
+import os
 import socket
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
@@ -512,3 +516,21 @@ def test_a_prefix_that_would_hide_the_apps_own_routes_is_refused_or_warned_about
         assert len(warned) == 1 and "/rt/late" in warned[0], warned  # once, at the first request
     finally:
         rt.service.shutdown()
+
+
+def test_realtime_is_exported_lazily_and_the_gunicorn_config_stays_import_light(tmp_path):
+    """``from wsserver import Realtime`` works, and importing the package or the gunicorn
+    config imports neither Flask nor prometheus_client (the config sets the metrics directory
+    before prometheus_client's first import)."""
+    code = (
+        "import sys, wsserver, wsserver.gunicorn_conf\n"
+        "heavy = ('flask', 'prometheus_client', 'wsserver.extension', 'wsserver.app')\n"
+        "print(sorted(m for m in heavy if m in sys.modules))\n"
+        "from wsserver import Realtime\n"
+        "print(Realtime.__module__)\n"
+    )
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path),
+           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env=env, timeout=60, check=True).stdout.splitlines()
+    assert out == ["[]", "wsserver.extension"], out
