@@ -1,5 +1,6 @@
 """The gunicorn configuration wsserver ships: ``gunicorn -c python:wsserver.gunicorn_conf
-'wsserver:create_app()'`` (this is what ``wsserver serve`` runs).
+'wsserver:create_app()'`` (this is what ``wsserver serve`` runs), or ``'myapp:app'`` for a
+Flask app with :class:`wsserver.Realtime` inside (the hooks find its service the same way).
 
 Why each choice (measured traps, see docs/design.md):
 
@@ -203,7 +204,10 @@ def post_worker_init(worker):  # noqa: ANN001
     _bound_request_reads(worker, _settings.handshake_timeout)
     service = _find_service(worker.wsgi)
     if service is None:
-        worker.log.warning("wsserver: the app has no wsserver service; hooks not installed")
+        worker.log.warning(
+            "wsserver: the app has no wsserver service (serve 'wsserver:create_app()', or a "
+            "Flask app with wsserver.Realtime(app, url_prefix=...)); hooks not installed"
+        )
         return
     service.limit_connections(worker.cfg.threads)
     service.ensure_started()
@@ -336,6 +340,8 @@ class _ReadTimeoutFilter(logging.Filter):
 
 
 def _find_service(app):  # noqa: ANN001, ANN202
+    """The service in ``app.extensions["wsserver"]``: ``create_app``'s app, or a user's app
+    that ``Realtime`` was given (its routes are mounted, its service is kept there too)."""
     app = getattr(app, "__wrapped__", app)  # wsserver's worker wraps the app (worker.py)
     extensions = getattr(app, "extensions", None)
     return extensions.get("wsserver") if isinstance(extensions, dict) else None
