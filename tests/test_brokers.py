@@ -14,7 +14,7 @@ import uuid
 import pytest
 import redis
 from rawws import FrameParser
-from support import wait_for
+from support import delete_redis_keys, wait_for
 
 from wsserver.broadcaster import Broadcaster
 from wsserver.brokers import Idempotency, Outgoing, Repeated, make_broker, order_of
@@ -54,11 +54,7 @@ def make(request):
         broker.stop()
         broadcaster.stop(2)
     if request.param == "redis":
-        client = redis.Redis.from_url(REDIS_URL)
-        keys = list(client.scan_iter(f"{prefix}*"))
-        if keys:
-            client.delete(*keys)
-        client.close()
+        delete_redis_keys(REDIS_URL, prefix)
 
 
 def message(room: str | None = "r", user: str | None = None, data: int = 0) -> Outgoing:
