@@ -11,7 +11,7 @@ from typing import Any, Mapping
 
 from flask import Flask
 
-from . import console, errors, logs, views, ws
+from . import console, errors, logs, serverapi, views, ws
 from .config import Settings, load_settings
 from .notify import NotifyEndpoint
 from .proxies import ClientAddress, TrustedProxies
@@ -31,6 +31,7 @@ def create_app(config: Mapping[str, Any] | Settings | None = None) -> Flask:
     service = app.extensions["wsserver"] = NotificationService(settings)
     errors.init_app(app)
     app.register_blueprint(views.bp)
+    app.register_blueprint(serverapi.bp)
     ws.init_app(app)
     console.init_app(app)
     # POST /notify is answered below Flask (wsserver.notify: why); everything else is Flask's
