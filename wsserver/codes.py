@@ -14,9 +14,9 @@ What a client does after a close (:class:`CloseAction`):
 * ``reconnect``: the cause is transient (a restart, the network, load, a burst past a rate
   limit, a slow read): reconnect after an exponential backoff with jitter;
 * ``new_token``: the connection's token expired (4001), or a publisher disconnected the user
-  (4002, ``POST /disconnect``): reconnect once a fresh token is at hand, never with the token
-  the connection had (a client holding a fixed token gives up; one whose token function
-  returns the same token again gives up too);
+  (4002, ``POST /disconnect``): reconnect once a fresh token is at hand (a client holding a
+  fixed token gives up; after a 4002, one whose token function returns the token the closed
+  connection had gives up too: the server said not to come back with it);
 * ``give_up``: reconnecting the same way would fail the same way (the client broke the
   protocol, sent what the server will never take, or keeps sending invalid commands).
 
@@ -218,6 +218,7 @@ def js_constants() -> dict:
         "giveUpReasons": {
             str(code): sorted(reasons) for code, reasons in sorted(GIVE_UP_REASONS.items())
         },
+        "closeDisconnected": CLOSE_DISCONNECTED,
         "serverSideErrors": sorted(SERVER_SIDE_ERRORS),
         "subprotocol": SUBPROTOCOL,
         "tokenSubprotocolPrefix": TOKEN_SUBPROTOCOL_PREFIX,
