@@ -368,8 +368,9 @@ class MemoryBroker(Broker):
             wanted = order[1]  # type: ignore[index]
             # as history(): the message right after `since` must still be kept
             complete = wanted == last or (wanted < last and bool(kept) and kept[0][0] <= wanted + 1)
-        # without `since`: the newest; after an id of another run: everything kept is after it
-        after = None if since is None else order if mine else ()
+        # ids compare across runs ("<boot>-<n>"): an earlier run's id has everything kept
+        # after it, a later (made-up) one nothing
+        after = None if since is None else (order or ())
         texts = [((self._boot, n), envelope_of(frame)) for n, frame in kept]
         return page_of(texts, after, limit, complete)
 
