@@ -522,6 +522,12 @@ def _add_server_api_commands(sub: argparse._SubParsersAction) -> None:
         command.add_argument(
             "--timeout", type=_positive_float, default=5.0, help="seconds per request (%(default)s)"
         )
+        command.add_argument(
+            "--retries",
+            type=int,
+            default=5,
+            help="retries on 503 (after Retry-After) and connection errors (%(default)s)",
+        )
 
 
 def _history(args: argparse.Namespace) -> int:
@@ -545,7 +551,9 @@ def _server_api(command: str, args: argparse.Namespace, call: Any) -> int:
     if client is None:
         return 1
     try:
-        publisher = client.Publisher(args.url, api_key=args.api_key, timeout=args.timeout)
+        publisher = client.Publisher(
+            args.url, api_key=args.api_key, timeout=args.timeout, retries=max(args.retries, 0)
+        )
     except ValueError as exc:
         return _usage_error(command, str(exc))
     try:
