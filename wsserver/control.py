@@ -18,7 +18,9 @@ block either: the memory broker wakes the waiting request, the Redis broker hand
 to its replier thread, which pushes it to the requester's reply list.
 
 What a connection sees: a disconnect is close :data:`~wsserver.codes.CLOSE_DISCONNECTED`
-(4002, "disconnected by the server", behind what was already queued for it); an unsubscribe
+(4002, "disconnected by the server", behind what was already queued for it), then the end of
+the TCP connection: its thread is woken and ends it without waiting for the client's close
+reply, so the user is gone at once, whatever the client does; an unsubscribe
 is the ``unsubscribed`` reply the client's own command gets, plus ``code``
 (``unsubscribed_by_server``) and ``reason``, so clients forget the room (they do not rejoin
 it on reconnect) and can tell it from the answer to their own command.
@@ -125,6 +127,10 @@ def apply(control: Control, hub: Hub, on_slow: Callable[[Any], None] | None = No
     if control.action == DISCONNECT:
         for conn in connections:
             if conn.close(CLOSE_DISCONNECTED, REASON_DISCONNECTED):
+                # its thread ends the connection now (the close frame is written first), as
+                # for a slow consumer: a client that ignores the close is not kept until its
+                # next keepalive ping
+                conn.wake()
                 count += 1
         if count:
             audit.closed_all("disconnected", count, "POST /disconnect")
