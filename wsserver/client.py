@@ -569,6 +569,11 @@ class Subscriber:
     ``on_error`` as a :class:`SubscriptionError` with that code and room.
     """
 
+    # the current connection's token, and the token of a connection a publisher disconnected
+    # (4002), never offered again: set by the subscriber's thread only
+    _token_used: str | None = None
+    _spent_token: str | None = None
+
     def __init__(
         self,
         url: str = DEFAULT_WS_URL,
@@ -612,9 +617,6 @@ class Subscriber:
         self.state = "new"
         self.error: SubscriptionError | None = None
         self.last_close: tuple[int, str] | None = None  # (code, reason) of the last close seen
-        self._token_used: str | None = None  # the current connection's token
-        # the token of a connection a publisher disconnected (4002): never offered again
-        self._spent_token: str | None = None
         self.resumes: deque[tuple[str | None, dict]] = deque(maxlen=100)
         self.gaps: deque[tuple[str | None, dict]] = deque(maxlen=100)
         self.connects = 0  # successful handshakes so far
