@@ -268,3 +268,13 @@ def test_a_full_queue_is_a_503_and_nothing_is_sent(make_app, register):
     resp = client.post("/disconnect", json={"user": "alice"})
     assert resp.status_code == 503 and resp.get_json()["code"] == "queue_full"
     assert resp.headers["Retry-After"] == "1"
+
+
+def test_during_shutdown_the_answer_is_shutting_down(make_app):
+    app = make_app(env="development", enqueue_timeout=0.0)
+    client = app.test_client()
+    service = app.extensions["wsserver"]
+    service.ensure_started()
+    service.shutdown()
+    resp = client.post("/unsubscribe", json={"user": "alice", "room": "r"})
+    assert resp.status_code == 503 and resp.get_json()["code"] == "shutting_down"

@@ -34,6 +34,7 @@ from .exceptions import (
     HistoryUnavailable,
     QueueFull,
     Refusal,
+    ShuttingDown,
 )
 
 # /notify's own checks, so both refuse the same requests with the same answers
@@ -201,6 +202,8 @@ def _control(control: Control) -> Outcome:
     settings = service.settings
     outcome = service.broker.control(control, settings.enqueue_timeout)
     if outcome is None:
+        if not service.hub.accepting:  # shutdown began: the broadcaster takes nothing more
+            raise ShuttingDown("SIGTERM, WSSERVER_SHUTDOWN_TIMEOUT")
         raise QueueFull(
             f"WSSERVER_QUEUE_SIZE={settings.queue_size}, "
             f"WSSERVER_ENQUEUE_TIMEOUT={settings.enqueue_timeout:g}"
