@@ -198,3 +198,33 @@ def test_history_is_what_clients_received_and_says_when_it_was_trimmed(broker, s
         assert unknown["messages"] == [] and unknown["complete"] is True
     finally:
         listener.close()
+
+
+def test_a_stalled_worker_is_counted_unanswered_and_still_acts_when_it_wakes(servers, prefix):  # noqa: F811
+    """What ``closed`` honestly counts: a worker that cannot answer within the 2 s wait (here
+    SIGSTOPped, our own process) is reported in ``unanswered`` and its connections are not
+    counted; the message still reaches it, and it closes them when it runs again."""
+    import os
+    import signal
+
+    server = start(servers, prefix, "redis")
+    mine, counts = spread(server, "redis", "alice")
+    stalled, running = list(counts)
+    started = time.monotonic()
+    os.kill(stalled, signal.SIGSTOP)
+    try:
+        answer = post(server, "/disconnect", {"user": "alice"})  # the running worker answers
+        waited = time.monotonic() - started
+    finally:
+        os.kill(stalled, signal.SIGCONT)
+    body = answer.json()
+    assert answer.status_code == 200, body
+    assert body == {"status": "ok", "closed": counts[running], "workers": 1, "unanswered": 1}
+    assert 1.9 <= waited < 6, f"bounded by the 2 s wait: {waited:.2f} s"
+    try:
+        for conn in mine:  # the stalled worker's too, once it runs again
+            kind, *rest = conn.next()
+            assert (kind, *rest) == ("close", CLOSE_DISCONNECTED, REASON_DISCONNECTED)
+    finally:
+        for conn in mine:
+            conn.close()
