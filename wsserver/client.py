@@ -141,8 +141,10 @@ class SubscriptionError(WsserverError):
 
     Fatal (the subscriber stops; ``room`` is None): a close code that means "fix the client"
     (``close_code`` 1002, 1003, 1007, 1008 "too many invalid commands", 1009, 1010, an
-    unknown 4xxx, 4001 with a fixed token: :func:`wsserver.codes.close_action`), or a refused
-    handshake (``status`` 400, 401, 403, 404...). Not fatal (``room`` is set, the other rooms
+    unknown 4xxx, 4001 with a fixed token: :func:`wsserver.codes.close_action`), a publisher's
+    disconnect (4002) with a fixed token, or with a token function that returned the same
+    token again (``code`` ``token_spent``), or a refused handshake (``status`` 400, 401, 403,
+    404...). Not fatal (``room`` is set, the other rooms
     carry on): the server answered one ``subscribe`` with an error frame
     (``code`` such as ``invalid_room``, ``room_forbidden``, ``too_many_rooms``)."""
 
@@ -538,7 +540,8 @@ class Subscriber:
     {"type": "reconnected", "room": None, "recovered": False, "missed": None, "since": id})``
     says some may have been missed. Close codes that mean "fix the client" (1002, 1007,
     1008 "too many invalid commands", 1009, 4001 with a fixed token; the table is
-    :data:`wsserver.codes.CLOSE_ACTIONS`) and refused handshakes
+    :data:`wsserver.codes.CLOSE_ACTIONS`), a publisher's disconnect (4002: never again with
+    the same token; a token function is asked for another) and refused handshakes
     (401, 403, ...) stop it with a :class:`SubscriptionError` (:attr:`error`, ``on_error``,
     and raised by :meth:`messages`).
 
