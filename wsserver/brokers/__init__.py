@@ -32,7 +32,7 @@ published, history cannot be read: answer 503); it is defined with every other r
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from ..exceptions import BadRequest, BrokerUnavailable
 from ..frames import OP_TEXT, encode_frame
@@ -42,6 +42,8 @@ if TYPE_CHECKING:
     from ..config import Settings
     from ..control import Control, Outcome
     from ..hub import Hub
+
+T = TypeVar("T")
 
 __all__ = [
     "Broker",
@@ -183,15 +185,14 @@ def envelope_of(frame: bytes) -> str:
     return frame[start:].decode("utf-8")
 
 
-def page_of(
-    kept: list[tuple[tuple, str]], since: tuple | None, limit: int, complete: bool
-) -> RoomHistory:
-    """The page both brokers answer from what they keep (order, envelope), oldest first:
-    without ``since`` the newest ``limit``; with it the oldest ``limit`` after it."""
+def page_of(kept: list[tuple[tuple, T]], since: tuple | None, limit: int) -> tuple[list[T], bool]:
+    """The page both brokers answer from what they keep ((order, item), oldest first), and
+    whether more follow it: without ``since`` the newest ``limit``; with it the oldest
+    ``limit`` after it."""
     if since is None:
-        return RoomHistory(complete, [text for _, text in kept[-limit:]])
-    after = [text for order, text in kept if order > since]
-    return RoomHistory(complete, after[:limit], len(after) > limit)
+        return [item for _, item in kept[-limit:]], False
+    after = [item for order, item in kept if order > since]
+    return after[:limit], len(after) > limit
 
 
 def order_of(message_id: str) -> tuple | None:

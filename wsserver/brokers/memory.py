@@ -371,8 +371,8 @@ class MemoryBroker(Broker):
         # ids compare across runs ("<boot>-<n>"): an earlier run's id has everything kept
         # after it, a later (made-up) one nothing
         after = None if since is None else (order or ())
-        texts = [((self._boot, n), envelope_of(frame)) for n, frame in kept]
-        return page_of(texts, after, limit, complete)
+        frames, more = page_of([((self._boot, n), frame) for n, frame in kept], after, limit)
+        return RoomHistory(complete, [envelope_of(frame) for frame in frames], more)
 
     def control(self, control: Control, timeout: float) -> Outcome | None:
         """One worker: the task goes on this broadcaster's queue (behind every notification

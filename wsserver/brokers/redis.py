@@ -440,13 +440,13 @@ class RedisBroker(Broker):
             _room, _user, prefix = json.loads(fields[b"m"])
             kept.append((order_of(mid) or (), prefix + mid + '"}'))
         if since is None:
-            return page_of(kept, None, limit, True)
+            return RoomHistory(True, *page_of(kept, None, limit))
         last = order_of(_text(info.get("last-generated-id", b"")))
         complete = (
             wanted is not None and last is not None and wanted <= last
             and (bool(exact) or wanted == last)
         )
-        return page_of(kept, wanted or (), limit, complete)
+        return RoomHistory(complete, *page_of(kept, wanted or (), limit))
 
     # -- control messages ------------------------------------------------------------------
 
