@@ -27,6 +27,7 @@ from .test_cluster import (  # noqa: F401 - prefix and servers are fixtures
     redis_env,
     servers,
 )
+from .test_redis_health import hung  # noqa: F401 - a fixture: a private Redis to SIGSTOP
 
 SECRET = "server-api-e2e-secret-that-is-long-enough-0123"
 BROKERS = ["memory", "redis"]
@@ -228,3 +229,28 @@ def test_a_stalled_worker_is_counted_unanswered_and_still_acts_when_it_wakes(ser
     finally:
         for conn in mine:
             conn.close()
+
+
+def test_during_a_redis_hang_the_server_api_answers_503_within_its_bound(hung):  # noqa: F811
+    """Redis connected but answering nothing (SIGSTOP): a history read and a disconnect each
+    answer 503 after the client's 2 s socket timeout, not later, and the worker serves the
+    next request at once."""
+    private, server = hung
+    assert post(server, "/notify", {"event": "e", "room": "r"}).status_code == 200
+    private.hang()
+    try:
+        for method, path, body, code in (
+            ("GET", "/rooms/r/history", None, "history_unavailable"),
+            ("POST", "/disconnect", {"user": "alice"}, "broker_unavailable"),
+        ):
+            started = time.monotonic()
+            answer = requests.request(method, server.url + path, json=body, timeout=15)
+            took = time.monotonic() - started
+            assert answer.status_code == 503 and answer.json()["code"] == code, answer.text
+            assert answer.headers["Retry-After"] == "1"
+            assert took < 4.0, f"{path}: {took:.2f} s"
+            assert requests.get(server.url + "/", timeout=2).status_code == 200
+    finally:
+        private.resume()
+    wait_for(lambda: requests.get(server.url + "/rooms/r/history", timeout=5).status_code == 200,
+             message="history readable again")
