@@ -32,7 +32,13 @@ from .protocol import idempotency_key, parse_notification, parse_notify_body
 from .service import NotificationService, Published
 
 __all__ = [
-    "METHODS", "PATH", "NotifyEndpoint", "body_too_large", "check_json", "check_origin", "read_body",
+    "METHODS",
+    "PATH",
+    "NotifyEndpoint",
+    "body_too_large",
+    "check_json",
+    "check_origin",
+    "read_body",
 ]
 
 log = logging.getLogger(__name__)
