@@ -73,6 +73,25 @@ def test_ids_increase_per_audience(make):
     assert order_of(both[0]) > orders[-1] and order_of(both[1]) > order_of(other)
 
 
+def test_a_batch_to_one_audience_is_numbered_in_order_in_one_call(make):
+    """A batch (``NotificationService.publish_many``) hands several messages to the same
+    audience in one call: each gets its own id, in order, after what came before, and the
+    history holds every one of them (none overwrote another)."""
+    broker = make(size=20)
+    [before] = broker.publish((message("r"),), 1)
+    ids = broker.publish(tuple(message("r", data=i) for i in range(5)) + (message("s"),), 1)
+    assert len(ids) == 6 and len(set(ids[:5])) == 5  # ids are per audience: "s" has its own
+    orders = [order_of(i) for i in [before, *ids[:5]]]
+    assert orders == sorted(orders) and len(set(orders)) == 6
+    [after] = broker.publish((message("r"),), 1)
+    assert order_of(after) > orders[-1]
+    recovery = broker.history("r", before)
+    assert recovery.recovered
+    assert [o for o, _ in recovery.frames] == [order_of(i) for i in [*ids[:5], after]]
+    for i, (_, frame) in enumerate(recovery.frames[:5]):
+        assert f'"data":{i}'.encode() in frame
+
+
 def test_a_notification_is_encoded_once_for_every_client(make):
     """Encode once: the broker makes one frame of a notification and the broadcaster hands
     that same bytes object to every client's write path (real sockets: each peer reads it

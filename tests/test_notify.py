@@ -8,6 +8,8 @@ import json
 
 import pytest
 
+from wsserver.brokers import order_of
+
 API_KEY = "notify-test-key-77d0"
 
 
@@ -62,6 +64,39 @@ def test_a_batch_answers_each_item(make_app):
     assert body["results"][1]["code"] == "invalid_event"
     over = client.post("/notify", json=[{"event": "a"}] * 4)
     assert over.status_code == 413 and over.get_json()["code"] == "batch_too_large"
+
+
+def test_a_valid_batch_without_keys_is_one_broker_call_with_the_same_answer(make_app):
+    """A batch whose items are all valid and carry no idempotency key is published in one
+    broker call (one queue item, one Redis round trip); the answer is item by item as
+    before: ids in order per audience, multi-room ids, audience counts."""
+    app = make_app(env="development")
+    client = app.test_client()
+    broker = app.extensions["wsserver"].broker
+    calls = []
+    publish = broker.publish
+
+    def counting(messages, timeout, idempotency=None):  # noqa: ANN001, ANN202
+        calls.append(len(messages))
+        return publish(messages, timeout, idempotency)
+
+    broker.publish = counting
+    batch = [{"event": "a"}, {"event": "b", "rooms": ["x", "y"]}, {"event": "c"}]
+    body = client.post("/notify", json=batch).get_json()
+    assert calls == [4]
+    assert body["status"] == "ok" and body["accepted"] == 3
+    first, multi, last = body["results"]
+    assert all(r["status"] == "ok" and r["clients"] == 0 for r in body["results"])
+    assert order_of(last["id"]) > order_of(first["id"])
+    assert set(multi["ids"]) == {"x", "y"} and multi["id"] == multi["ids"]["x"]
+    # an invalid item or an idempotency key: item by item, as before
+    calls.clear()
+    client.post("/notify", json=[{"event": "a"}, {"event": 7}])
+    client.post("/notify", json=[{"event": "a"}, {"event": "b", "idempotency_key": "k1"}])
+    client.post(
+        "/notify", json=[{"event": "a"}, {"event": "b"}], headers={"Idempotency-Key": "k2"}
+    )
+    assert calls == [1, 1, 1, 1, 1]
 
 
 def test_publishing_needs_the_api_key_when_keys_are_set(make_app):

@@ -16,6 +16,7 @@ Modes (``WSSERVER_ENV``):
 
 from __future__ import annotations
 
+import functools
 import hmac
 import ipaddress
 import time
@@ -291,7 +292,10 @@ def _bearer(authorization: str | None) -> str | None:
     return value.strip()
 
 
+@functools.lru_cache(maxsize=1024)
 def _is_loopback(addr: str | None) -> bool:
+    """Cached (bounded): every POST /notify asks, almost always for the same few peers, and
+    ``ipaddress`` parsing was a visible share of a publish (docs/performance.md)."""
     if not addr:
         return False
     try:

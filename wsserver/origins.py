@@ -118,6 +118,9 @@ def parse_pattern(text: str) -> OriginPattern | None:
     return OriginPattern(origin.scheme, host, origin.port, wildcard)
 
 
+_HOSTS_CACHED = 256
+
+
 def parse_host(text: str | None) -> tuple[str, int | None] | None:
     """A ``Host`` header as (host, port or None); None when missing or malformed."""
     if not text:
@@ -143,7 +146,8 @@ def _is_address(host: str) -> bool:
 
 class OriginRules:
     """The origin rules of one server: its allow-list, whether any origin goes (development
-    without a list, or ``*``), and its own names. Immutable; thread-safe."""
+    without a list, or ``*``), and its own names. Immutable (but for a bounded cache of
+    :meth:`host_header_known` answers, whose races are benign); thread-safe."""
 
     def __init__(self, allowed: tuple[str, ...], development: bool, own_host: str = "") -> None:
         self.patterns = tuple(p for p in map(parse_pattern, allowed) if p is not None)
@@ -152,6 +156,7 @@ class OriginRules:
         self.checks_host = bool(self.patterns) and not self.any_origin
         own = _host_name(own_host.lower()) if own_host else None
         self._own = frozenset(_LOCAL_NAMES | ({own} if own else set()))
+        self._hosts: dict[str, bool] = {}  # host_header_known's answers, bounded
 
     def allowed(self, origin: str | None, host: str | None) -> bool:
         """May a page from ``origin`` use this server (``host`` is the request's Host)?
@@ -225,6 +230,18 @@ class OriginRules:
         )
 
     def host_header_known(self, host: str | None) -> bool:
-        """:meth:`host_known` for a raw ``Host`` header (False when malformed)."""
-        parsed = parse_host(host)
-        return parsed is not None and self.host_known(parsed[0])
+        """:meth:`host_known` for a raw ``Host`` header (False when malformed).
+
+        Every ``POST /notify`` without API keys asks, with the same few headers: the answers
+        are remembered (the rules never change), at most ``_HOSTS_CACHED`` of them, so a
+        client sending a new Host each time costs a parse, never memory."""
+        if host is None:
+            return False
+        known = self._hosts.get(host)
+        if known is None:
+            parsed = parse_host(host)
+            known = parsed is not None and self.host_known(parsed[0])
+            if len(self._hosts) >= _HOSTS_CACHED:
+                self._hosts.clear()
+            self._hosts[host] = known
+        return known

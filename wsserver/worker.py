@@ -28,18 +28,21 @@ import socket
 import threading
 import time
 from concurrent.futures import Executor, Future
+from datetime import datetime
 from functools import partial
 from http import HTTPStatus
 from typing import Any, Callable
 
-from gunicorn import http
+from gunicorn import SERVER, http
 from gunicorn import util as gunicorn_util
+from gunicorn.http import wsgi as gunicorn_wsgi
 from gunicorn.workers.gthread import _DEFER, STOP_KEEPALIVE_LINGER, TConn
 from gunicorn.workers.gthread import ThreadWorker as _GthreadWorker
 
 from . import audit
 from .config import load_settings
-from .errors import http_error_bytes
+from .errors import encode_document, error_document, http_error_bytes
+from .fastpath import NotifyRequest, environ_for, parse_notify_request, response_bytes
 from .intake import LingeringCloses, PendingConnections, request_end
 
 __all__ = ["WEBSOCKET_STARTED", "DaemonThreadPool", "ThreadWorker"]
@@ -172,6 +175,9 @@ class _Conn(TConn):
         self.address = client[0] if isinstance(client, tuple) and client else "unix"
         self.head: bytearray | None = None  # bytes of the request read so far in the poller
         self.wanted: int | None = None  # how many to read before handing over, once known
+        self.head_end: int | None = None  # where the head ends in ``head``, once known
+        self.ahead = b""  # bytes of the next request read with a fast-path one (pool thread)
+        self.polled = False  # registered in the poller while pending
         self.websocket = False  # the app said this request became a WebSocket
         self.reaped = False  # the request deadline shut its socket down
 
@@ -203,6 +209,7 @@ class ThreadWorker(_GthreadWorker):
     """
 
     wsgi: Callable[..., Any]  # set by gunicorn's load_wsgi; load_wsgi below wraps it
+    alive: bool  # gunicorn's: False once the worker is stopping
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -221,6 +228,18 @@ class ThreadWorker(_GthreadWorker):
             and getattr(cfg, "protocol", "http") == "http"
             and getattr(cfg, "http2_cleartext", None) not in ("prior-knowledge", "both")
         )
+        # POST /notify without gunicorn's parser (wsserver.fastpath), where nothing of
+        # gunicorn's that the fast path skips can apply: its proxy protocol, a SCRIPT_NAME,
+        # request hooks of the user's
+        hooks = cfg.settings
+        self._fast = (
+            self._preread
+            and str(getattr(cfg, "proxy_protocol", "off")).lower() in ("off", "false", "none")
+            and not os.environ.get("SCRIPT_NAME")
+            and hooks["pre_request"].value is hooks["pre_request"].default
+            and hooks["post_request"].value is hooks["post_request"].default
+        )
+        self._fast_base: dict[str, Any] = {}
 
     def get_thread_pool(self) -> Executor:
         return DaemonThreadPool(max_workers=self.cfg.threads)
@@ -228,6 +247,17 @@ class ThreadWorker(_GthreadWorker):
     def load_wsgi(self) -> None:
         """Wrap the app so each request's environ carries :data:`WEBSOCKET_STARTED`."""
         super().load_wsgi()
+        self._fast_base = {
+            **gunicorn_wsgi.base_environ(self.cfg),
+            "wsgi.multithread": True,
+            "REQUEST_METHOD": "POST",
+            "QUERY_STRING": "",
+            "RAW_URI": "/notify",
+            "SERVER_PROTOCOL": "HTTP/1.1",
+            "wsgi.url_scheme": "http",
+            "PATH_INFO": "/notify",
+            "SCRIPT_NAME": "",
+        }
         app = self.wsgi
         local = self._local
 
@@ -323,6 +353,7 @@ class ThreadWorker(_GthreadWorker):
             self.poller.register(
                 conn.sock, selectors.EVENT_READ, partial(self._head_readable, conn)
             )
+            conn.polled = True
 
     def _head_readable(self, conn: _Conn, sock: socket.socket) -> None:
         if conn.head is None or conn not in self._pending:
@@ -340,6 +371,7 @@ class ThreadWorker(_GthreadWorker):
                 # half-closed after part of a request (a body cut short, say): gunicorn's
                 # parser meets the end of input at once and answers or drops it as it would
                 conn.wanted = len(conn.head)
+                conn.head_end = None  # cut short: gunicorn's parser decides
                 self._advance(conn, len(conn.head))
                 return
             # closed or reset before sending anything: nobody to answer
@@ -364,11 +396,21 @@ class ThreadWorker(_GthreadWorker):
             if found[0] > self.settings.max_request_head:
                 self._refuse_head_too_large(conn)
                 return
-            conn.wanted = found[1]
+            conn.head_end, conn.wanted = found
         if len(head) < conn.wanted:
             return  # a small Content-Length body is still arriving
         self._forget_pending(conn)
         conn.head = None
+        if self._fast and conn.head_end is not None:
+            cfg = self.cfg
+            request = parse_notify_request(
+                head, conn.head_end, conn.wanted,
+                cfg.limit_request_fields, cfg.limit_request_field_size,
+            )
+            if request is not None:
+                conn.ahead = bytes(head[conn.wanted:])
+                self._submit(conn, self._serve_notify, conn, request)
+                return
         if conn.parser is None:
             conn.parser = http.get_parser(self.cfg, conn.sock, conn.client)
         # the seam gthread itself uses for h2c: bytes read ahead go back into the parser,
@@ -379,6 +421,11 @@ class ThreadWorker(_GthreadWorker):
 
     def _forget_pending(self, conn: _Conn) -> None:
         self._pending.discard(conn)
+        if not conn.polled:
+            # a request complete at once was never registered: no unregister, whose
+            # KeyError formats the socket's repr (two syscalls) on the hot path
+            return
+        conn.polled = False
         try:
             self.poller.unregister(conn.sock)
         except (KeyError, ValueError):
@@ -394,6 +441,7 @@ class ThreadWorker(_GthreadWorker):
 
     def _cut_pending(self, conn: _Conn, cap: str) -> None:
         """An evicted pending connection (already untracked): 503, then close."""
+        conn.polled = False
         try:
             self.poller.unregister(conn.sock)
         except (KeyError, ValueError):
@@ -412,6 +460,7 @@ class ThreadWorker(_GthreadWorker):
     def _expire_pending(self, now: float) -> None:
         limit = f"WSSERVER_HANDSHAKE_TIMEOUT={self.settings.handshake_timeout:g}"
         for conn in self._pending.expired(now):
+            conn.polled = False
             try:
                 self.poller.unregister(conn.sock)
             except (KeyError, ValueError):
@@ -459,9 +508,67 @@ class ThreadWorker(_GthreadWorker):
     # -- requests on pool threads: the deadline --------------------------------------------
 
     def enqueue_req(self, conn: _Conn) -> None:
+        self._submit(conn, self.handle, conn)
+
+    def _submit(self, conn: _Conn, fn: Callable[..., Any], *args: Any) -> None:
+        """gthread's ``enqueue_req`` for any function of the connection, under the request
+        deadline; ``finish_request`` takes the connection back on the main thread."""
         self._serving.pop(conn, None)  # re-inserted last: dict order stays deadline order
         self._serving[conn] = time.monotonic() + self.settings.request_timeout
-        super().enqueue_req(conn)
+        fs = self.tpool.submit(fn, *args)
+        fs.add_done_callback(lambda fut: self.method_queue.defer(self.finish_request, conn, fut))
+
+    def _serve_notify(self, conn: _Conn, request: NotifyRequest) -> bool:
+        """Runs on a pool thread: a fast-path ``POST /notify`` (:mod:`wsserver.fastpath`)
+        through the same app, answered in one write. What gunicorn's ``handle_request`` does
+        around the app is done here too: the request count (``max_requests``), the
+        keep-alive decision, the access log line. True: keep the connection."""
+        started = datetime.now()
+        close = request.close
+        self.nr += 1
+        if self.nr >= self.max_requests:
+            if self.alive:
+                self.log.info("Autorestarting worker after current request.")
+                self.alive = False
+            close = True
+        if (
+            not self.alive
+            or not self.cfg.keepalive
+            or len(self.keepalived_conns) >= self.max_keepalived
+        ):
+            close = True
+        environ = environ_for(request, conn.client, conn.server, self._fast_base)
+        environ["gunicorn.socket"] = conn.sock
+        answer = _Answer()
+        self._local.conn = conn
+        try:
+            chunks = self.wsgi(environ, answer.start_response)
+            try:
+                body = b"".join(chunks)
+            finally:
+                if hasattr(chunks, "close"):
+                    chunks.close()
+        except Exception:  # noqa: BLE001 - as gunicorn: a 500 in wsserver's shape, then close
+            self.log.exception("Error handling request /notify")
+            answer.status, answer.length, close = "500 Internal Server Error", None, True
+            answer.headers = [("Content-Type", "application/json")]
+            body = encode_document(error_document("internal_error", "internal server error"))
+        finally:
+            self._local.conn = None
+        if answer.length is None:
+            answer.headers.append(("Content-Length", str(len(body))))
+        elif answer.length != len(body):
+            close = True  # as gunicorn: never more than the declared length, then close
+            body = body[: answer.length]
+        conn.sock.setblocking(True)
+        try:
+            conn.sock.sendall(
+                response_bytes(answer.status, answer.headers, body, close, SERVER)
+            )
+            answer.sent = len(body)
+        finally:
+            self.log.access(answer, request, environ, datetime.now() - started)
+        return not close
 
     def handle(self, conn: _Conn) -> Any:
         """Runs on a pool thread: remember the connection for the WSGI wrapper."""
@@ -513,7 +620,10 @@ class ThreadWorker(_GthreadWorker):
                     super().finish_request(conn, fs)
                     return
                 conn.sock.setblocking(False)
-                ahead = conn.parser.unreader.take_buffered()
+                ahead = conn.ahead
+                conn.ahead = b""
+                if conn.parser is not None:
+                    ahead = conn.parser.unreader.take_buffered() + ahead
                 if ahead:  # the client already sent (part of) its next request
                     self._await_request(conn, ahead)
                     return
@@ -546,6 +656,35 @@ class ThreadWorker(_GthreadWorker):
         self._cut_overdue(now)
         if self._lingering is not None:
             self._lingering.reap(now)
+
+
+class _Answer:
+    """A fast-path answer: ``start_response``'s status and headers, and what gunicorn's
+    access log reads of a response (``status``, ``headers``, ``sent``)."""
+
+    def __init__(self) -> None:
+        self.status = "500 Internal Server Error"
+        self.headers: list[tuple[str, str]] = []
+        self.length: int | None = None
+        self.sent: int | None = None
+
+    def start_response(
+        self, status: str, headers: list[tuple[str, str]], exc_info: Any = None
+    ) -> Callable[[bytes], None]:
+        self.status = status
+        self.headers = []
+        for name, value in headers:
+            value = value.strip(" \t")
+            if name.lower() == "content-length":
+                self.length = int(value)
+            if gunicorn_util.is_hoppish(name):
+                continue  # as gunicorn: hop-by-hop headers are the server's
+            self.headers.append((name, value))
+        return self._write
+
+    @staticmethod
+    def _write(data: bytes) -> None:
+        raise RuntimeError("the fast path does not support write(); return the body")
 
 
 class _Written:

@@ -222,7 +222,8 @@ class Broker:
         timeout: float,
         idempotency: Idempotency | None = None,
     ) -> list[str] | None:
-        """Publish atomically (all or none); the ids, in order. None when the local queue
+        """Publish atomically (all or none); the ids, in order (several messages may share
+        an audience: a batch; they are numbered in order). None when the local queue
         stayed full for ``timeout`` (memory); raises :class:`BrokerUnavailable`. With
         ``idempotency`` whose key is recorded: nothing is published, the first ids are
         returned as :class:`Repeated` (or :func:`key_reused` is raised if the fingerprint

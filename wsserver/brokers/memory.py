@@ -169,9 +169,14 @@ class MemoryBroker(Broker):
             self._expire(now - self._ttl, forgotten, len(messages) + 1)
             keys = [audience_key(m.room, m.user) for m in messages]
             numbers = []
+            last: dict[str, int] = {}  # a batch may publish to one audience several times
             for key in keys:
-                audience = self._audiences.get(key)
-                numbers.append((audience.last if audience else self._forgotten_high) + 1)
+                n = last.get(key)
+                if n is None:
+                    audience = self._audiences.get(key)
+                    n = audience.last if audience else self._forgotten_high
+                last[key] = n = n + 1
+                numbers.append(n)
             frames = [envelope_frame(m.prefix, self._id(n)) for m, n in zip(messages, numbers)]
             items = tuple(
                 Broadcast(frame, now, m.room, m.user, (self._boot, n))
