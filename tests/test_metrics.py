@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 
+from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.parser import text_string_to_metric_families
 
 from wsserver import metrics
@@ -60,3 +61,23 @@ def test_a_worker_file_still_being_created_is_skipped(tmp_path):
     families = {f.name: f for f in text_string_to_metric_families(
         metrics.render_directory(str(tmp_path)).decode())}
     assert families["wsserver_deliveries"].samples[0].value == 7.0
+
+
+def test_observe_many_exposes_what_observe_one_by_one_does():
+    registry = CollectorRegistry()
+    buckets = (0.001, 0.01, 0.1)
+    one = Histogram("one_by_one", "x", buckets=buckets, registry=registry)
+    many = Histogram("all_at_once", "x", buckets=buckets, registry=registry)
+    values = [0.0, 0.001, 0.0011, 0.01, 0.05, 0.1, 0.2, 7.0, 0.0005]
+    for value in values:
+        one.observe(value)
+    metrics.observe_many(many, values)
+    metrics.observe_many(many, [])  # nothing to observe: nothing changes
+
+    def samples(name):
+        [family] = [f for f in registry.collect() if f.name == name]
+        return [(sample.name.removeprefix(name), sample.labels, sample.value)
+                for sample in family.samples if not sample.name.endswith("_created")]
+
+    assert samples("one_by_one") == samples("all_at_once")
+    assert ("_count", {}, len(values)) in samples("all_at_once")
