@@ -240,6 +240,7 @@ class ThreadWorker(_GthreadWorker):
             and hooks["post_request"].value is hooks["post_request"].default
         )
         self._fast_base: dict[str, Any] = {}
+        self._keepalive = bool(cfg.keepalive)  # read once: Config.__getattr__ is not free
 
     def get_thread_pool(self) -> Executor:
         return DaemonThreadPool(max_workers=self.cfg.threads)
@@ -523,7 +524,8 @@ class ThreadWorker(_GthreadWorker):
         through the same app, answered in one write. What gunicorn's ``handle_request`` does
         around the app is done here too: the request count (``max_requests``), the
         keep-alive decision, the access log line. True: keep the connection."""
-        started = datetime.now()
+        timed = getattr(self.log, "access_log_enabled", True)
+        started = datetime.now() if timed else None
         close = request.close
         self.nr += 1
         if self.nr >= self.max_requests:
@@ -533,14 +535,14 @@ class ThreadWorker(_GthreadWorker):
             close = True
         if (
             not self.alive
-            or not self.cfg.keepalive
+            or not self._keepalive
             or len(self.keepalived_conns) >= self.max_keepalived
         ):
             close = True
         environ = environ_for(request, conn.client, conn.server, self._fast_base)
         environ["gunicorn.socket"] = conn.sock
         answer = _Answer()
-        self._local.conn = conn
+        # no thread-local connection: WEBSOCKET_STARTED is for upgrades, and this is a POST
         try:
             chunks = self.wsgi(environ, answer.start_response)
             try:
@@ -553,8 +555,6 @@ class ThreadWorker(_GthreadWorker):
             answer.status, answer.length, close = "500 Internal Server Error", None, True
             answer.headers = [("Content-Type", "application/json")]
             body = encode_document(error_document("internal_error", "internal server error"))
-        finally:
-            self._local.conn = None
         if answer.length is None:
             answer.headers.append(("Content-Length", str(len(body))))
         elif answer.length != len(body):
@@ -567,7 +567,8 @@ class ThreadWorker(_GthreadWorker):
             )
             answer.sent = len(body)
         finally:
-            self.log.access(answer, request, environ, datetime.now() - started)
+            if started is not None:
+                self.log.access(answer, request, environ, datetime.now() - started)
         return not close
 
     def handle(self, conn: _Conn) -> Any:

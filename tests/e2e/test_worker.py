@@ -319,6 +319,42 @@ def test_keep_alive_and_pipelined_requests_are_served(quick):
     assert raw.count(b"HTTP/1.1 200") == 3
 
 
+@pytest.mark.timeout(30)
+def test_a_fast_path_notify_is_answered_as_gunicorn_answers_it(quick):
+    """A plain POST /notify (wsserver.fastpath: no gunicorn parser) and one gunicorn parses
+    (a query string sends it there) get the same answer head, header for header; pipelined
+    fast-path POSTs, a slow-path one between them, are answered in order on one connection;
+    ``Connection: close`` closes it after the answer."""
+    body = b'{"event":"fast"}'
+
+    def post(target: bytes, extra: bytes = b"") -> bytes:
+        return (b"POST " + target + b" HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                b"Content-Type: application/json\r\nContent-Length: %d\r\n" % len(body)
+                + extra + b"\r\n" + body)
+
+    sock = _raw(quick.port)
+    try:
+        sock.sendall(post(b"/notify") + post(b"/notify?via=gunicorn") + post(b"/notify")
+                     + post(b"/notify", b"Connection: close\r\n"))
+        raw, _ = _read_until_closed(sock)
+    finally:
+        sock.close()
+    answers = raw.split(b"HTTP/1.1 ")[1:]
+    assert len(answers) == 4, raw
+    heads = []
+    for answer in answers:
+        head, _, rest = answer.partition(b"\r\n\r\n")
+        lines = head.decode().split("\r\n")
+        assert lines[0] == "200 OK" and json.loads(rest)["status"] == "ok"
+        heads.append([line.split(":")[0] if line.startswith("Date:") else line
+                      for line in lines])
+    assert heads[0] == heads[1] == heads[2]
+    assert heads[0][1:4] == ["Server: gunicorn", "Date", "Connection: keep-alive"]
+    assert heads[3][3] == "Connection: close"
+    ids = [json.loads(a.partition(b"\r\n\r\n")[2])["id"] for a in answers]
+    assert len(set(ids)) == 4
+
+
 @pytest.mark.timeout(60)
 def test_gunicorn_gthread_still_serves_and_warns():
     with GunicornServer(args=["-k", "gthread"]) as server:
