@@ -10,7 +10,13 @@ import time
 
 import pytest
 
-from wsserver.fastpath import environ_for, http_date, parse_notify_request, response_bytes
+from wsserver.fastpath import (
+    GUNICORN_ONLY,
+    environ_for,
+    http_date,
+    parse_notify_request,
+    response_bytes,
+)
 from wsserver.intake import request_end
 
 BODY = b'{"event":"x","data":{"n":1}}'
@@ -89,6 +95,14 @@ def test_only_the_bytes_of_this_request_are_its_body():
 )
 def test_anything_doubtful_is_left_to_gunicorn(data):
     assert parse(data) is None
+
+
+def test_a_configured_scheme_header_is_left_to_gunicorn():
+    data = request(PLAIN + b"X-Scheme: https\r\n")
+    found = request_end(data, 65536)
+    assert parse_notify_request(data, *found, 100, 8190) is not None
+    only = GUNICORN_ONLY | {"X-SCHEME"}
+    assert parse_notify_request(data, *found, 100, 8190, only) is None
 
 
 def test_gunicorns_limits_are_left_to_gunicorn():

@@ -14,9 +14,9 @@ body). With 100 clients connected that was about 35 % of the worker's GIL time p
 What is served here must mean exactly what gunicorn would make of it, so the rule is to
 take only what is unambiguous and leave everything else to gunicorn untouched:
 ``POST /notify HTTP/1.1`` with no query, header names that are plain tokens without ``_``,
-values of visible ASCII, no header twice, one ``Content-Length`` and no
-``Transfer-Encoding``/``Expect``/``Upgrade``/forwarding header, ``Connection`` absent,
-``keep-alive`` or ``close``, within gunicorn's header count and size limits. Anything else
+values of visible ASCII, no header twice, ``Host``, one ``Content-Length`` and no
+``Transfer-Encoding``/``Expect``/``Upgrade``/``Forwarded`` or scheme header, ``Connection``
+absent, ``keep-alive`` or ``close``, within gunicorn's header count and size limits. Anything else
 (a refusal gunicorn would answer, a proxy-dependent scheme, an obs-fold) returns None and
 takes gunicorn's path, which answers it as before. The answer's head is gunicorn's: status
 line, ``Server``, ``Date``, ``Connection``, then the app's headers.
@@ -34,6 +34,7 @@ from email.utils import formatdate
 from typing import Any, NamedTuple
 
 __all__ = [
+    "GUNICORN_ONLY",
     "NotifyRequest",
     "environ_for",
     "http_date",
@@ -48,7 +49,7 @@ _FIELD = re.compile(
     rb"([!#$%&'*+.^`|~0-9A-Za-z-]+):[ \t]*((?:[\x21-\x7e]+(?:[ \t]+[\x21-\x7e]+)*)?)[ \t]*"
 )
 # fields whose meaning depends on gunicorn's proxy, upgrade or body handling: gunicorn decides
-_GUNICORN_ONLY = frozenset(
+GUNICORN_ONLY = frozenset(
     {
         "TRANSFER-ENCODING",
         "EXPECT",
@@ -74,13 +75,20 @@ class NotifyRequest(NamedTuple):
 
 
 def parse_notify_request(
-    data: bytes | bytearray, head_end: int, end: int, max_fields: int, max_field_size: int
+    data: bytes | bytearray,
+    head_end: int,
+    end: int,
+    max_fields: int,
+    max_field_size: int,
+    gunicorn_only: frozenset[str] = GUNICORN_ONLY,
 ) -> NotifyRequest | None:
     """The request in ``data[:end]`` (head up to ``head_end``, body after it), or None when
     it is not one this module may serve (see the module docstring): then gunicorn parses it.
 
     ``max_fields``/``max_field_size``: gunicorn's ``limit_request_fields`` and
-    ``limit_request_field_size``; a request past them is gunicorn's to refuse."""
+    ``limit_request_field_size``; a request past them is gunicorn's to refuse.
+    ``gunicorn_only``: upper-case field names that send the request to gunicorn
+    (:data:`GUNICORN_ONLY` plus the worker's ``secure_scheme_headers``)."""
     if not data.startswith(_REQUEST_LINE):
         return None
     lines = bytes(data[len(_REQUEST_LINE) : head_end - 4]).split(b"\r\n")
@@ -97,7 +105,7 @@ def parse_notify_request(
         if match is None:
             return None
         name = match.group(1).decode("ascii").upper()
-        if name in seen or name in _GUNICORN_ONLY:
+        if name in seen or name in gunicorn_only:
             return None
         seen.add(name)
         value = match.group(2).decode("ascii")

@@ -42,7 +42,13 @@ from gunicorn.workers.gthread import ThreadWorker as _GthreadWorker
 from . import audit
 from .config import load_settings
 from .errors import encode_document, error_document, http_error_bytes
-from .fastpath import NotifyRequest, environ_for, parse_notify_request, response_bytes
+from .fastpath import (
+    GUNICORN_ONLY,
+    NotifyRequest,
+    environ_for,
+    parse_notify_request,
+    response_bytes,
+)
 from .intake import LingeringCloses, PendingConnections, request_end
 
 __all__ = ["WEBSOCKET_STARTED", "DaemonThreadPool", "ThreadWorker"]
@@ -241,6 +247,10 @@ class ThreadWorker(_GthreadWorker):
         )
         self._fast_base: dict[str, Any] = {}
         self._keepalive = bool(cfg.keepalive)  # read once: Config.__getattr__ is not free
+        # a scheme header gunicorn is configured to read (from trusted peers) is its call
+        self._gunicorn_only = GUNICORN_ONLY | {
+            str(name).upper() for name in (getattr(cfg, "secure_scheme_headers", None) or {})
+        }
 
     def get_thread_pool(self) -> Executor:
         return DaemonThreadPool(max_workers=self.cfg.threads)
@@ -406,7 +416,7 @@ class ThreadWorker(_GthreadWorker):
             cfg = self.cfg
             request = parse_notify_request(
                 head, conn.head_end, conn.wanted,
-                cfg.limit_request_fields, cfg.limit_request_field_size,
+                cfg.limit_request_fields, cfg.limit_request_field_size, self._gunicorn_only,
             )
             if request is not None:
                 conn.ahead = bytes(head[conn.wanted:])
