@@ -9,6 +9,7 @@ import json
 import pytest
 
 from wsserver.brokers import order_of
+from wsserver.notify import TOGETHER_MAX_BYTES
 
 API_KEY = "notify-test-key-77d0"
 
@@ -70,7 +71,7 @@ def test_a_valid_batch_without_keys_is_one_broker_call_with_the_same_answer(make
     """A batch whose items are all valid and carry no idempotency key is published in one
     broker call (one queue item, one Redis round trip); the answer is item by item as
     before: ids in order per audience, multi-room ids, audience counts."""
-    app = make_app(env="development")
+    app = make_app(env="development", max_body_size=1 << 20)
     client = app.test_client()
     broker = app.extensions["wsserver"].broker
     calls = []
@@ -97,6 +98,12 @@ def test_a_valid_batch_without_keys_is_one_broker_call_with_the_same_answer(make
         "/notify", json=[{"event": "a"}, {"event": "b"}], headers={"Idempotency-Key": "k2"}
     )
     assert calls == [1, 1, 1, 1, 1]
+    # a big body: item by item, so its envelopes and frames are not all alive at once
+    calls.clear()
+    big = "x" * (TOGETHER_MAX_BYTES // 2)
+    answer = client.post("/notify", json=[{"event": "a", "message": big}] * 3)
+    assert answer.status_code == 200 and answer.get_json()["accepted"] == 3
+    assert calls == [1, 1, 1]
 
 
 def test_publishing_needs_the_api_key_when_keys_are_set(make_app):
