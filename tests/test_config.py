@@ -65,6 +65,7 @@ GOOD: dict[str, tuple[str, object, dict[str, str]]] = {
                    {"WSSERVER_JWT_PUBLIC_KEY": PEM}),
     "jwt_audience": ("wsserver", "wsserver", {"WSSERVER_JWT_PUBLIC_KEY": PEM}),
     "private_room_prefix": ("vip-", "vip-", {}),
+    "presence_prefix": ("who-", "who-", {}),
     "max_connections_per_ip": ("1000000", 1_000_000, {}),
     "rate_limit": ("0.5", 0.5, {}),
     "max_fragments": ("1", 1, {}),
@@ -161,7 +162,7 @@ BAD: dict[str, str] = {
     "log_level": "trace",
 }
 FREE_TEXT = {"allowed_origins", "api_keys", "jwt_secret", "jwt_issuer", "jwt_audience",
-             "private_room_prefix", "redis_url", "redis_prefix"}
+             "private_room_prefix", "presence_prefix", "redis_url", "redis_prefix"}
 
 
 def test_settings_are_declared_once_as_the_fields_of_settings():

@@ -32,6 +32,7 @@ from typing import Callable, Protocol, Tuple, Union
 from . import metrics
 from .connection import Connection, SendResult
 from .hub import Hub
+from .presence import Roster
 from .recovery import RecentMessages, ReplayMarks
 
 __all__ = ["Broadcast", "Broadcaster"]
@@ -49,6 +50,9 @@ class Broadcast:
     room: str | None = None
     user: str | None = None
     order: tuple | None = None  # the message id as a comparable key (see brokers)
+    # a presence event (wsserver.presence): (action, member, user), or ("reset", rooms); the
+    # roster decides whether it is sent (only when it changes who is there)
+    presence: tuple | None = None
 
 
 class Task(Protocol):
@@ -106,6 +110,8 @@ class Broadcaster:
         # the room messages delivered last: what a resume replays of those that went out
         # between its history read and its join
         self.recent = RecentMessages()
+        # the members of presence rooms as the events delivered so far say
+        self.roster = Roster()
 
     def submit(self, item: QueueItem, timeout: float) -> bool:
         """Queue ``item`` (or several that must be accepted together: one notification to
@@ -193,6 +199,7 @@ class Broadcaster:
             metrics.QUEUE_DEPTH.set(q.qsize())
 
     def _deliver_safely(self, batch: list[Broadcast]) -> None:
+        batch = self.roster.filter(batch)
         if not batch:
             return
         try:

@@ -444,6 +444,12 @@ class Settings:
         "private-",
         "Rooms named with this prefix need the token's `rooms` claim to join.",
     )
+    presence_prefix: str = _setting(
+        str,
+        "presence-",
+        "Rooms named with this prefix tell their members who joins and leaves (a `presence` "
+        "event per user, cluster-wide) and list them in `GET /rooms/<room>`; empty: no presence.",
+    )
     max_connections_per_ip: int = _setting(
         _int_in(0, 1_000_000),
         0,

@@ -14,7 +14,8 @@ from flask import Blueprint, Response, current_app, jsonify, request
 
 from . import metrics
 from .errors import refusal_response
-from .exceptions import AccessDenied
+from .exceptions import AccessDenied, BadRequest, CommandError
+from .protocol import validate_room
 from .service import NotificationService
 
 __all__ = ["bp"]
@@ -22,7 +23,7 @@ __all__ = ["bp"]
 bp = Blueprint("api", __name__)
 
 
-_PUBLISHER_ENDPOINTS = {"api.rooms"}
+_PUBLISHER_ENDPOINTS = {"api.rooms", "api.room"}
 _METRICS_ENDPOINT = "api.prometheus_metrics"
 
 
@@ -170,3 +171,16 @@ def rooms() -> Any:
             "scope": "cluster" if cluster is not None else "worker",
         }
     )
+
+
+@bp.get("/rooms/<path:room>")
+def room(room: str) -> Any:
+    """One room: ``clients`` across every worker (``scope`` as for ``/rooms``), and for a
+    presence room (``WSSERVER_PRESENCE_PREFIX``) its members cluster-wide: ``users`` (the
+    tokens' ``sub``, sorted) and ``anonymous`` (members without a token). A room nobody is
+    in answers 0 and no members; a name that is not a room name is a 400."""
+    try:
+        validate_room(room)
+    except CommandError as exc:
+        return refusal_response(BadRequest(400, exc.code, exc.reason))
+    return jsonify(_service().room(room))
