@@ -5,7 +5,6 @@ real server against it: ``e2e/test_openapi.py``.)"""
 from __future__ import annotations
 
 import re
-
 from pathlib import Path
 
 import pytest

@@ -1,0 +1,259 @@
+"""End to end: presence rooms against real gunicorn, with tokens: the memory broker (one
+worker), and Redis with two workers, where a user's tabs on both workers are one member, two
+tabs joining at once on two workers announce one join, and a SIGKILLed worker's members leave
+within the documented bound (docs/protocol.md, "Presence"). Every wait is bounded."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import threading
+import time
+
+import pytest
+import requests
+from support import GunicornServer, wait_for
+
+from .test_cluster import (
+    Client,
+    Worker,
+    distinct_workers,
+    prefix,  # noqa: F401 - a fixture
+    redis_env,
+    servers,  # noqa: F401 - a fixture
+)
+from .test_security import SECRET, token
+
+pytestmark = pytest.mark.timeout(120)
+
+ROOM = "presence-lobby"
+TOKENS = {"WSSERVER_JWT_SECRET": SECRET, "WSSERVER_PING_INTERVAL": "600"}
+# the documented bound for a killed worker's members (docs/protocol.md, "Presence")
+GHOST_BOUND = 2.5
+
+
+def event(action: str, user: str | None, room: str = ROOM) -> dict:
+    return {"type": "presence", "room": room, "action": action, "user": user}
+
+
+def join(client: Client, room: str = ROOM) -> dict:
+    reply = client.subscribe(room)
+    assert reply["type"] == "subscribed" and reply["room"] == room, reply
+    return reply
+
+
+def quiet(client: Client, wait: float = 0.5) -> bool:
+    """Nothing arrives on ``client`` within ``wait`` seconds (pings answered)."""
+    client.raw.sock.settimeout(wait)
+    try:
+        while True:
+            try:
+                op, payload = client.raw.recv_frame()
+            except socket.timeout:
+                return True
+            if op == 0x9:
+                client.raw.send_frame(0xA, payload)
+                continue
+            raise AssertionError(f"{client.name}: unexpected frame {payload!r}")
+    finally:
+        client.raw.sock.settimeout(10)
+
+
+def user_client(server: GunicornServer, user: str | None, name: str) -> Client:
+    path = "/ws" if user is None else f"/ws?token={token(user, ttl=600)}"
+    return Client(server, path, (), name)
+
+
+def room_info(server: GunicornServer, worker: Worker | None = None, room: str = ROOM) -> dict:
+    get = worker.session.get if worker is not None else requests.get
+    answer = get(server.url + "/rooms/" + room, timeout=5)
+    assert answer.status_code == 200, answer.text
+    return answer.json()
+
+
+# -- memory broker -----------------------------------------------------------------------------
+
+
+def test_tabs_of_one_user_are_one_member_on_the_memory_broker(make_server):
+    srv = make_server(TOKENS)
+    bob = user_client(srv, "bob", "bob")
+    tabs: list[Client] = []
+    try:
+        assert join(bob) == {"type": "subscribed", "room": ROOM, "users": [], "anonymous": 0}
+        assert bob.recv() == event("join", "bob")
+        tabs.append(user_client(srv, "alice", "alice-1"))
+        assert join(tabs[0])["users"] == ["bob"]
+        assert bob.recv() == event("join", "alice") == tabs[0].recv()
+        tabs.append(user_client(srv, "alice", "alice-2"))
+        assert join(tabs[1])["users"] == ["alice", "bob"]
+        assert room_info(srv) == {"room": ROOM, "clients": 3, "worker_clients": 3,
+                                  "scope": "worker", "presence": True,
+                                  "users": ["alice", "bob"], "anonymous": 0}
+        assert quiet(bob) and quiet(tabs[0], 0.05)
+        tabs.pop(0).close()
+        assert quiet(bob)
+        tabs.pop().close()
+        assert bob.recv() == event("leave", "alice")
+        wait_for(lambda: room_info(srv)["users"] == ["bob"], timeout=5, message="alice gone")
+    finally:
+        for client in [bob, *tabs]:
+            client.close()
+
+
+def test_without_tokens_every_connection_is_an_anonymous_member(make_server):
+    srv = make_server({"WSSERVER_PING_INTERVAL": "600"})
+    first, second = user_client(srv, None, "first"), user_client(srv, None, "second")
+    try:
+        join(first)
+        assert first.recv() == event("join", None)
+        assert join(second) == {"type": "subscribed", "room": ROOM, "users": [], "anonymous": 1}
+        assert first.recv() == event("join", None) == second.recv()
+        assert room_info(srv)["anonymous"] == 2
+        second.close()
+        assert first.recv() == event("leave", None)
+    finally:
+        first.close()
+        second.close()
+
+
+# -- Redis, two workers --------------------------------------------------------------------------
+
+
+def land(srv: GunicornServer, workers: list[Worker], on: Worker, user: str, name: str,
+         attempts: int = 60) -> Client:
+    """A client of ``user`` connected to worker ``on`` (others are closed and retried)."""
+    for _ in range(attempts):
+        before = {w.pid: w.health()["worker"]["clients"] for w in workers}
+        client = user_client(srv, user, name)
+
+        def counted() -> dict[int, int] | None:
+            now = {w.pid: w.health()["worker"]["clients"] for w in workers}
+            return now if sum(now.values()) == sum(before.values()) + 1 else None
+
+        now = wait_for(counted, timeout=10, message="the new client counted")
+        if now[on.pid] > before[on.pid]:
+            return client
+        client.close()
+        wait_for(lambda: sum(w.health()["worker"]["clients"] for w in workers)
+                 == sum(before.values()), timeout=10, message="the surplus client gone")
+    raise AssertionError(f"{name} never landed on worker {on.pid}")
+
+
+def test_a_users_tabs_on_two_workers_are_one_member_and_joins_race_to_one(prefix, servers):  # noqa: F811
+    srv = servers({**redis_env(prefix), **TOKENS}, args=["-w", "2"])
+    a, b = distinct_workers(srv, 2)
+    opened: list[Client] = []
+    try:
+        bob = land(srv, [a, b], a, "bob", "bob")
+        opened.append(bob)
+        join(bob)
+        assert bob.recv() == event("join", "bob")
+        alice_a = land(srv, [a, b], a, "alice", "alice-a")
+        alice_b = land(srv, [a, b], b, "alice", "alice-b")
+        opened += [alice_a, alice_b]
+        join(alice_a)
+        assert bob.recv() == event("join", "alice") == alice_a.recv()
+        # the second tab, on the other worker: listed, announced to nobody
+        assert join(alice_b)["users"] == ["alice", "bob"]
+        assert quiet(bob) and quiet(alice_a, 0.05)
+        for w in (a, b):  # whichever worker answers
+            wait_for(lambda w=w: room_info(srv, w)["users"] == ["alice", "bob"], timeout=5,
+                     message="both members listed")
+            assert room_info(srv, w)["clients"] == 3
+        alice_a.close()
+        assert quiet(bob, 1.0)  # alice is still there, on worker b
+        alice_b.close()
+        assert bob.recv() == event("leave", "alice")
+
+        # two tabs of carol joining at once on two workers, then leaving at once: one join,
+        # one leave, every round
+        for round_ in range(5):
+            tabs = [land(srv, [a, b], w, "carol", f"carol-{round_}-{w.pid}") for w in (a, b)]
+            opened += tabs
+            replies: list[dict] = []
+            go = threading.Barrier(2)
+
+            def subscribe(tab: Client) -> None:
+                go.wait(5)
+                replies.append(tab.subscribe(ROOM))
+
+            threads = [threading.Thread(target=subscribe, args=(t,)) for t in tabs]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(15)
+            assert [r["type"] for r in replies] == ["subscribed", "subscribed"]
+            assert bob.recv() == event("join", "carol")
+            assert quiet(bob, 0.5), f"round {round_}: carol announced twice"
+            for tab in tabs:
+                tab.close()
+            assert bob.recv() == event("leave", "carol")
+            assert quiet(bob, 0.3)
+    finally:
+        for client in opened:
+            client.close()
+
+
+def test_a_killed_workers_members_leave_within_the_bound(prefix, servers):  # noqa: F811
+    srv = servers({**redis_env(prefix), **TOKENS}, args=["-w", "2"])
+    survivor, victim = distinct_workers(srv, 2)
+    opened: list[Client] = []
+    try:
+        bob = land(srv, [survivor, victim], survivor, "bob", "bob")
+        opened.append(bob)
+        join(bob)
+        assert bob.recv() == event("join", "bob")
+        for user in ("dave", "erin"):
+            ghost = land(srv, [survivor, victim], victim, user, user)
+            opened.append(ghost)
+            join(ghost)
+            assert bob.recv() == event("join", user)
+        # erin also has a tab on the survivor: she stays
+        erin = land(srv, [survivor, victim], survivor, "erin", "erin-survivor")
+        opened.append(erin)
+        join(erin)
+        wait_for(lambda: room_info(srv, survivor)["users"] == ["bob", "dave", "erin"],
+                 timeout=5, message="three members")
+        os.kill(victim.pid, signal.SIGKILL)
+        killed = time.monotonic()
+        assert bob.recv() == event("leave", "dave")
+        announced = time.monotonic() - killed
+        wait_for(lambda: room_info(srv, survivor)["users"] == ["bob", "erin"], timeout=5,
+                 interval=0.02, message="dave dropped from GET /rooms/<room>")
+        dropped = time.monotonic() - killed
+        print(f"a killed worker's member: leave announced {announced:.2f}s, "
+              f"dropped from GET /rooms/<room> {dropped:.2f}s after its death")
+        assert announced <= GHOST_BOUND and dropped <= GHOST_BOUND
+        assert quiet(bob, 0.5)  # erin is not announced as leaving
+        info = room_info(srv, survivor)
+        assert info["users"] == ["bob", "erin"]
+    finally:
+        for client in opened:
+            client.close()
+
+
+def test_a_worker_that_stops_announces_its_members_leaves(prefix, servers):  # noqa: F811
+    """SIGTERM on one server of two: its members leave at once (not after any expiry), and
+    the other server's members hear it."""
+    first = servers({**redis_env(prefix), **TOKENS})
+    second = servers({**redis_env(prefix), **TOKENS})
+    bob = user_client(first, "bob", "bob")
+    frank = user_client(second, "frank", "frank")
+    try:
+        join(bob)
+        assert bob.recv() == event("join", "bob")
+        assert join(frank)["users"] in (["bob"], [])
+        assert bob.recv() == event("join", "frank")
+        assert second.proc is not None
+        started = time.monotonic()
+        second.proc.send_signal(signal.SIGTERM)
+        assert bob.recv() == event("leave", "frank")
+        took = time.monotonic() - started
+        print(f"a stopped server's member left {took:.2f}s after SIGTERM")
+        assert took < 1.5  # not the 1.5 s report expiry plus a reaper's round
+        assert room_info(first)["users"] == ["bob"]
+        assert second.proc.wait(20) == 0
+    finally:
+        bob.close()
+        frank.close()
