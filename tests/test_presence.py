@@ -212,3 +212,19 @@ def test_the_roster_sends_only_what_changes_it():
         [_event("leave", "a"), _event("join", "b"), _event("join", None)], key=json.dumps)
     assert roster.members(ROOM) == (["b"], 1)
     assert parse_payload(bus_payload(ROOM, JOIN, "u:é", "é")) == (ROOM, JOIN, "u:é", "é")
+
+
+@pytest.mark.timeout(20)
+def test_replies_keep_the_order_of_the_commands(served):
+    """A presence join is answered from the broadcaster; the connection's thread waits for
+    it, so the next command's reply (answered at once) never overtakes it: clients match
+    replies to commands by their order."""
+    s = served()
+    a, pa = _user(s, "alice")
+    for room in (ROOM, "lobby", "presence-two", "lobby2"):
+        _say(s, a, {"type": "subscribe", "room": room})
+    _say(s, a, {"type": "ping"})
+    replies = [m for m in pa.messages(7) if m["type"] != "presence"]
+    assert [(m["type"], m.get("room")) for m in replies] == [
+        ("subscribed", ROOM), ("subscribed", "lobby"), ("subscribed", "presence-two"),
+        ("subscribed", "lobby2"), ("pong", None)]

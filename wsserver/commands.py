@@ -45,6 +45,10 @@ Payload = Union[str, bytes]
 
 REASON_ROOM_REVOKED = "the refreshed token no longer grants this room"
 
+# how long a connection's thread waits for its presence join to run on the broadcaster (it
+# waits behind the queue: up to WSSERVER_QUEUE_SIZE fan-outs, milliseconds each)
+_PRESENCE_JOIN_WAIT = 5.0
+
 
 def revoked_reply(room: str) -> dict[str, str]:
     """The ``unsubscribed`` reply for a room the server left on its own: told apart from the
@@ -119,6 +123,9 @@ class ClientCommands:
         task = PresenceJoin(service, conn, room)
         if not broadcaster.submit(task, self._settings.enqueue_timeout):
             raise CommandError("busy", "the server is too busy to join now; retry")
+        # the reply comes from the broadcaster: wait for it, so that the answer to the next
+        # command cannot overtake it (bounded: a stopping broadcaster never runs it)
+        task.done.wait(_PRESENCE_JOIN_WAIT)
         return True
 
     def resume(self, conn: Connection, room: str, since: str) -> None:

@@ -172,8 +172,17 @@ class PresenceJoin:
 
     def __init__(self, service: NotificationService, conn: Connection, room: str) -> None:
         self.service, self.conn, self.room = service, conn, room
+        # set once it ran: the connection's thread waits for it before its next command, so
+        # replies keep the order of the commands (clients match them that way)
+        self.done = threading.Event()
 
     def run(self, broadcaster: Broadcaster) -> None:
+        try:
+            self._join(broadcaster)
+        finally:
+            self.done.set()
+
+    def _join(self, broadcaster: Broadcaster) -> None:
         service, conn, room = self.service, self.conn, self.room
         if not service.hub.has(conn.id):
             return

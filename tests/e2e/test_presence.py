@@ -257,3 +257,33 @@ def test_a_worker_that_stops_announces_its_members_leaves(prefix, servers):  # n
     finally:
         bob.close()
         frank.close()
+
+
+# -- the Python client ---------------------------------------------------------------------------
+
+
+def test_the_python_subscriber_follows_a_presence_room(make_server):
+    from wsserver.client import Members, Subscriber
+
+    srv = make_server(TOKENS)
+    seen: list[tuple[str, Members]] = []
+    watcher = Subscriber(srv.ws_url, rooms=[ROOM, "lobby"], token=token("walter", ttl=600),
+                         on_presence=lambda e, m: seen.append((e.get("action", e["type"]), m)))
+    other = Subscriber(srv.ws_url, rooms=[ROOM], token=token("olga", ttl=600))
+    try:
+        watcher.start()
+        assert watcher.wait_ready(30)
+        wait_for(lambda: watcher.members(ROOM) == Members(ROOM, ["walter"]), timeout=10,
+                 message="walter's own join")
+        other.start()
+        assert other.wait_ready(30)
+        wait_for(lambda: watcher.members(ROOM) == Members(ROOM, ["olga", "walter"]),
+                 timeout=10, message="olga's join")
+        assert other.members(ROOM) is not None and "walter" in other.members(ROOM).users
+        other.stop()
+        wait_for(lambda: watcher.members(ROOM) == Members(ROOM, ["walter"]), timeout=10,
+                 message="olga's leave")
+        assert [kind for kind, _ in seen] == ["subscribed", "join", "join", "leave"]
+    finally:
+        other.stop()
+        watcher.stop()
