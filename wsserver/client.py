@@ -591,11 +591,8 @@ class Subscriber:
         elif since is not None:
             self._last_ids.update({room: str(i) for room, i in since.items()})
         self.token = token
-        self.on_message = on_message
-        self.on_gap = on_gap
-        self.on_state = on_state
-        self.on_error = on_error
-        self.on_presence = on_presence
+        self.on_message, self.on_gap, self.on_state = on_message, on_gap, on_state
+        self.on_error, self.on_presence = on_error, on_presence
         self._members: dict[str, Members] = {}  # presence rooms; the background thread's
         self.backoff_initial = backoff_initial
         self.backoff_max = backoff_max
