@@ -11,6 +11,7 @@ import os
 from typing import Any
 
 from flask import Blueprint, Response, current_app, jsonify, request
+from werkzeug.routing import PathConverter
 
 from . import metrics
 from .errors import refusal_response
@@ -21,6 +22,17 @@ from .service import NotificationService
 __all__ = ["bp"]
 
 bp = Blueprint("api", __name__)
+
+
+class _AnyText(PathConverter):
+    """What follows ``/rooms/``, whatever it holds (``/``, newlines): a name that is not a
+    room name is the view's 400 ``invalid_room``, not the router's 404."""
+
+    regex = r"[\s\S]+"
+    part_isolating = False  # it spans "/" (werkzeug would guess otherwise from the regex)
+
+
+bp.record_once(lambda state: state.app.url_map.converters.setdefault("anytext", _AnyText))
 
 
 _PUBLISHER_ENDPOINTS = {"api.rooms", "api.room"}
@@ -173,7 +185,7 @@ def rooms() -> Any:
     )
 
 
-@bp.get("/rooms/<path:room>")
+@bp.get("/rooms/<anytext:room>")
 def room(room: str) -> Any:
     """One room: ``clients`` across every worker (``scope`` as for ``/rooms``), and for a
     presence room (``WSSERVER_PRESENCE_PREFIX``) its members cluster-wide: ``users`` (the
