@@ -11,6 +11,7 @@ import os
 from typing import Any
 
 from flask import Blueprint, Response, current_app, jsonify, request
+from flask.blueprints import BlueprintSetupState
 from werkzeug.routing import PathConverter
 
 from . import metrics
@@ -32,7 +33,9 @@ class _AnyText(PathConverter):
     part_isolating = False  # it spans "/" (werkzeug would guess otherwise from the regex)
 
 
-bp.record_once(lambda state: state.app.url_map.converters.setdefault("anytext", _AnyText))
+@bp.record_once
+def _converters(state: BlueprintSetupState) -> None:
+    state.app.url_map.converters.setdefault("anytext", _AnyText)
 
 
 _PUBLISHER_ENDPOINTS = {"api.rooms", "api.room"}
