@@ -14,6 +14,8 @@ from support import wait_for
 
 from wsserver.auth import Identity
 from wsserver.broadcaster import Broadcast
+from wsserver.brokers import Broker
+from wsserver.exceptions import BrokerUnavailable
 from wsserver.presence import JOIN, LEAVE, RESET, Roster, bus_payload, parse_payload
 from wsserver.protocol import parse_notification
 
@@ -228,3 +230,84 @@ def test_replies_keep_the_order_of_the_commands(served):
     assert [(m["type"], m.get("room")) for m in replies] == [
         ("subscribed", ROOM), ("subscribed", "lobby"), ("subscribed", "presence-two"),
         ("subscribed", "lobby2"), ("pong", None)]
+
+
+class _Recording(Broker):
+    """A broker that records what it is told and refuses the first ``fail`` calls, as a
+    Redis that is down would: what the announcer retries, and when."""
+
+    def __init__(self, fail: int = 0) -> None:
+        self.told: list[tuple[str, str, str | None]] = []
+        self.fail = fail
+
+    def announce(self, room, action, member, user):
+        if self.fail:
+            self.fail -= 1
+            raise BrokerUnavailable("down")
+        self.told.append((room, action, user))
+        return True
+
+
+def _presence(broker: Broker):
+    from wsserver.hub import Hub
+    from wsserver.presence import Presence
+
+    hub = Hub(10)
+    presence = Presence("presence-", hub)
+    hub.watch("presence-", presence.changed)
+    presence._broker = broker  # started by hand: the test runs the announcer's rounds
+    return hub, presence
+
+
+def _conn(hub, user):
+    import socket as socket_module
+
+    from wsserver.connection import Connection
+
+    a, b = socket_module.socketpair()
+    conn = Connection(hub.next_id(), a, "192.0.2.1", 1 << 20, None)
+    conn.user = user
+    assert hub.add(conn) is None
+    return conn, (a, b)
+
+
+def test_the_announcer_tells_the_broker_what_changed_and_coalesces_what_cancels_out():
+    broker = _Recording()
+    hub, presence = _presence(broker)
+    conn, socks = _conn(hub, "alice")
+    other, more = _conn(hub, "alice")
+    try:
+        hub.subscribe(conn, ROOM)
+        hub.subscribe(other, ROOM)  # a second tab: nothing more to tell
+        hub.subscribe(conn, "lobby")  # not a presence room
+        assert presence._reconcile() is False
+        assert broker.told == [(ROOM, "join", "alice")]
+        # a tab closes and reopens before the next round: nothing to tell
+        hub.unsubscribe(conn, ROOM)
+        hub.unsubscribe(other, ROOM)
+        hub.subscribe(other, ROOM)
+        assert presence._reconcile() is False and len(broker.told) == 1
+        hub.remove(other)
+        assert presence._reconcile() is False
+        assert broker.told[-1] == (ROOM, "leave", "alice")
+    finally:
+        for s in (*socks, *more):
+            s.close()
+
+
+def test_a_failed_announcement_is_retried_in_order_and_a_lost_broker_is_told_again():
+    broker = _Recording(fail=2)
+    hub, presence = _presence(broker)
+    conn, socks = _conn(hub, "bob")
+    try:
+        hub.subscribe(conn, ROOM)
+        hub.subscribe(conn, "presence-b")
+        assert presence._reconcile() is True and presence._reconcile() is True
+        assert presence._reconcile() is False
+        assert broker.told == [(ROOM, "join", "bob"), ("presence-b", "join", "bob")]
+        presence.reannounce()  # Redis lost our members (a stall, a restart)
+        assert presence._reconcile() is False
+        assert sorted(broker.told[2:]) == [("presence-b", "join", "bob"), (ROOM, "join", "bob")]
+    finally:
+        for s in socks:
+            s.close()

@@ -210,9 +210,10 @@ class Presence:
         self.prefix = prefix
         self._hub = hub
         self._lock = threading.Lock()
-        self._counts: dict[tuple[str, str], int] = {}  # (room, member) -> local connections
-        self._users: dict[str, str | None] = {}  # member -> user, while counted
-        self._dirty: dict[tuple[str, str], None] = {}  # to reconcile with the broker, in order
+        # (room, member) -> [connections here, the member's user]
+        self._counts: dict[tuple[str, str], list] = {}
+        # changed since told to the broker, in order -> the member's user
+        self._dirty: dict[tuple[str, str], str | None] = {}
         self._announced: set[tuple[str, str]] = set()  # what the broker holds for us
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -236,20 +237,18 @@ class Presence:
         """Hub callback: ``conn`` entered (``joined``) or left presence ``room``."""
         key = (room, self.member(conn))
         with self._lock:
-            n = self._counts.get(key, 0) + (1 if joined else -1)
+            held = self._counts.get(key)
+            n = (held[0] if held else 0) + (1 if joined else -1)
             if n > 0:
-                self._counts[key] = n
-                self._users[key[1]] = conn.user
+                if held is None:
+                    self._counts[key] = [n, conn.user]
+                else:
+                    held[0] = n
             else:
                 self._counts.pop(key, None)
             if (n == 1 and joined) or n <= 0:
-                self._dirty[key] = None
+                self._dirty[key] = conn.user
                 self._wake.set()
-
-    def held(self) -> list[tuple[str, str, str | None]]:
-        """(room, member, user) of every member this worker holds now."""
-        with self._lock:
-            return [(room, m, self._users.get(m)) for room, m in self._counts]
 
     def reannounce(self) -> None:
         """The broker lost what it held for us (a stall past the report's expiry, Redis
@@ -257,8 +256,8 @@ class Presence:
         does not know; rosters drop any repeat)."""
         with self._lock:
             self._announced.clear()
-            for key in self._counts:
-                self._dirty[key] = None
+            for key, held in self._counts.items():
+                self._dirty[key] = held[1]
             self._wake.set()
 
     # -- the announcer thread ----------------------------------------------------------------
@@ -266,8 +265,8 @@ class Presence:
     def start(self, broker: Broker) -> None:
         self._broker = broker
         self._tag = uuid.uuid4().hex[:12]  # after a fork: not the parent's
-        if not self.prefix or self._thread is not None:
-            return
+        if not self.prefix or (self._thread is not None and self._thread.is_alive()):
+            return  # (a thread started before a fork is not alive in the child)
         self._stop.clear()
         # daemon: a broker call hanging on a dead Redis must not keep the worker alive
         self._thread = threading.Thread(target=self._run, name="wsserver-presence", daemon=True)
@@ -313,11 +312,8 @@ class Presence:
                 if not self._dirty:
                     return False
                 key = next(iter(self._dirty))
-                del self._dirty[key]
+                user = self._dirty.pop(key)
                 want = key in self._counts
-                user = self._users.get(key[1])
-                if not want and not any(m == key[1] for _r, m in self._counts):
-                    self._users.pop(key[1], None)
             have = key in self._announced
             if want == have:
                 continue
@@ -327,7 +323,7 @@ class Presence:
             except BrokerUnavailable as exc:
                 log.debug("presence: %s not announced yet (%s)", key, exc)
                 with self._lock:  # first again: the changes after it wait behind it
-                    self._dirty = {key: None, **self._dirty}
+                    self._dirty = {key: user, **self._dirty}
                 return True
             except Exception:  # a bug must not end presence for the worker
                 log.exception("presence: announcing %s failed", key)
