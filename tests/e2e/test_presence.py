@@ -287,3 +287,35 @@ def test_the_python_subscriber_follows_a_presence_room(make_server):
     finally:
         other.stop()
         watcher.stop()
+
+
+def test_a_stalled_worker_is_taken_for_dead_then_announces_its_members_again(prefix, servers):  # noqa: F811
+    """SIGSTOP past the report's expiry: the survivors announce the stalled worker's members
+    leaving; SIGCONT: it finds its report gone and announces them again."""
+    srv = servers({**redis_env(prefix), **TOKENS}, args=["-w", "2"])
+    survivor, stalled = distinct_workers(srv, 2)
+    opened: list[Client] = []
+    try:
+        bob = land(srv, [survivor, stalled], survivor, "bob", "bob")
+        opened.append(bob)
+        join(bob)
+        assert bob.recv() == event("join", "bob")
+        gina = land(srv, [survivor, stalled], stalled, "gina", "gina")
+        opened.append(gina)
+        join(gina)
+        assert bob.recv() == event("join", "gina")
+        os.kill(stalled.pid, signal.SIGSTOP)
+        try:
+            assert bob.recv() == event("leave", "gina")
+        finally:
+            os.kill(stalled.pid, signal.SIGCONT)
+        resumed = time.monotonic()
+        assert bob.recv() == event("join", "gina")
+        print(f"a stalled worker's member announced again {time.monotonic() - resumed:.2f}s "
+              "after it resumed")
+        wait_for(lambda: room_info(srv, survivor)["users"] == ["bob", "gina"], timeout=5,
+                 message="gina listed again")
+        assert quiet(bob, 0.5)
+    finally:
+        for client in opened:
+            client.close()

@@ -304,6 +304,7 @@ class RedisBroker(Broker):
         self._broadcaster: Broadcaster | None = None
         self._hub: Hub | None = None
         self._reported: int | None = None  # the hub version our report holds
+        self._ever_reported = False  # a report was written once: its absence is news
         self._known: dict[str, tuple[bytes, Census]] = {}  # peer -> (gen, counts); reporter's
         self._view: tuple[float, Census] | None = None  # (monotonic time read, peers' sum)
         self._total = Census()  # the peers' sum, recomputed when one of them changed
@@ -725,16 +726,17 @@ class RedisBroker(Broker):
             if self._stop.wait(_REPORT_EVERY):
                 return
 
-    def _report(self) -> list[str]:
-        """Refresh this worker's report (rewritten only when the hub changed) and its place
-        in the workers set; the members of that set."""
+    def _report(self, rewrite: bool = False) -> list[str]:
+        """Refresh this worker's report (rewritten only when the hub changed, or with
+        ``rewrite``) and its place in the workers set; the members of that set."""
         assert self._hub is not None
         version = self._hub.version()
         key = self._worker_key
         pipe = self._redis.pipeline(transaction=False)
+        pipe.exists(key)
         if self._presence:  # outlives the report: see _PRESENCE_TTL_MS
             pipe.pexpire(self._presence_key(self._worker), _PRESENCE_TTL_MS)
-        if version != self._reported:
+        if rewrite or version != self._reported:
             census = self._hub.census()
             pipe.hset(key, mapping={
                 "gen": version,
@@ -747,15 +749,18 @@ class RedisBroker(Broker):
         pipe.zadd(self._workers_key, {self._worker: int(time.time() * 1000)})
         pipe.pexpire(self._workers_key, _REPORT_TTL_MS)  # gone with the last live worker
         pipe.zrange(self._workers_key, 0, -1)
-        *results, members = pipe.execute()
-        if not results[-3]:  # our report had expired (a stall, or Redis restarted)
-            lost = self._reported is not None
-            self._reported = None
-            members = self._report()
-            if lost and self.on_report_lost is not None:
-                self.on_report_lost()  # survivors may have announced our members' leaves
-            return members
+        existed, *results, members = pipe.execute()
+        if not existed and self._ever_reported and not rewrite:
+            # our report had expired (a stall over the TTL, or Redis restarted): the others
+            # took us for dead, and may have announced our presence members' leaves
+            log.warning("redis: this worker's report had expired (a stall over %g s, or Redis "
+                        "lost it): written again", _REPORT_TTL_MS / 1000)
+            if self.on_report_lost is not None:
+                self.on_report_lost()
+        if not results[-3]:  # expired, and this round did not rewrite it: write it whole
+            return self._report(rewrite=True)
         self._reported = version
+        self._ever_reported = True
         return [_text(m) for m in members]
 
     def _read_peers(self, members: list[str]) -> Census:
