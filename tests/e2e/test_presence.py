@@ -5,6 +5,7 @@ within the documented bound (docs/protocol.md, "Presence"). Every wait is bounde
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -319,3 +320,85 @@ def test_a_stalled_worker_is_taken_for_dead_then_announces_its_members_again(pre
     finally:
         for client in opened:
             client.close()
+
+
+def apply_events(client: Client, members: set, wait: float = 1.5) -> None:
+    """Apply every presence event ``client`` receives to ``members`` until it is quiet for
+    ``wait`` seconds; a join of a member already there, or a leave of one absent, fails."""
+    client.raw.sock.settimeout(wait)
+    try:
+        while True:
+            try:
+                op, payload = client.raw.recv_frame()
+            except socket.timeout:
+                return
+            if op == 0x9:
+                client.raw.send_frame(0xA, payload)
+                continue
+            e = json.loads(payload)
+            assert e["type"] == "presence", e
+            if e["action"] == "join":
+                assert e["user"] not in members, f"{e} while {sorted(members)}"
+                members.add(e["user"])
+            else:
+                assert e["user"] in members, f"{e} while {sorted(members)}"
+                members.discard(e["user"])
+    finally:
+        client.raw.sock.settimeout(10)
+
+
+def test_a_worker_that_starts_late_or_loses_its_subscription_knows_the_members(prefix, servers):  # noqa: F811
+    """A server started after members joined elsewhere lists them (its snapshot on
+    subscribing); a server whose Redis subscription is killed again and again while members
+    come and go on the other still tells its client exactly who is there (the snapshot after
+    each resubscription gives the difference it missed), never a member twice."""
+    import random
+
+    import redis
+
+    from .test_cluster import REDIS_URL
+    from .test_redis_faults import listener_ids
+
+    first = servers({**redis_env(prefix), **TOKENS})
+    bob = user_client(first, "bob", "bob")
+    opened = [bob]
+    admin = redis.Redis.from_url(REDIS_URL, socket_timeout=5)
+    try:
+        join(bob)
+        assert bob.recv() == event("join", "bob")
+        second = servers({**redis_env(prefix), **TOKENS})
+        watcher = user_client(second, "walt", "walt")
+        opened.append(watcher)
+        members = set(join(watcher)["users"])
+        assert members == {"bob"}  # known from second's snapshot, not from an event
+        victim = f"{prefix}:listener:"
+        pid = second.worker_pid()
+        victim = next(c["name"] for c in admin.client_list()
+                      if c["name"].startswith(victim) and f":{pid}:" in c["name"])
+        rng = random.Random(5)
+        present: dict[str, Client] = {}
+        kills = 0
+        for step in range(40):
+            if step % 3 == 0:
+                ids = wait_for(lambda: listener_ids(admin, victim), timeout=10,
+                               message="the listener back")
+                kills += sum(admin.client_kill_filter(_id=i) for i in ids)
+            name = rng.choice(["u1", "u2", "u3", "u4"])
+            if name in present:
+                present.pop(name).close()
+            else:
+                present[name] = user_client(first, name, name)
+                opened.append(present[name])
+                join(present[name])
+        assert kills >= 5
+        wait_for(lambda: listener_ids(admin, victim), timeout=10, message="the listener back")
+        expected = sorted({"bob", "walt", *present})
+        wait_for(lambda: room_info(second)["users"] == expected, timeout=10,
+                 message="second's members right after the kills")
+        assert room_info(first)["users"] == expected
+        apply_events(watcher, members)
+        assert sorted(members) == expected
+    finally:
+        for client in opened:
+            client.close()
+        admin.close()
