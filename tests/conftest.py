@@ -18,7 +18,7 @@ import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 
-from wsserver import cli, create_app
+from wsserver import audit, cli, create_app
 
 # threads that outlive a test by design: multiprocessing.Queue's feeder (it ends when the queue
 # is collected, not when the test ends)
@@ -31,6 +31,14 @@ SERVICE_THREADS = "wsserver-"
 
 # how long a thread that is on its way out gets to finish before it counts as leaked
 LEAK_GRACE = 2.0
+
+
+@pytest.fixture(autouse=True)
+def fresh_audit_log_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test starts with the audit log's full burst (wsserver.audit rate-limits its lines
+    process-wide): otherwise a test that checks for an audit line fails after one that used
+    the burst up, depending on which tests its process ran before it."""
+    monkeypatch.setattr(audit, "_LIMITER", audit.LogLimiter())
 
 
 @pytest.fixture(autouse=True)

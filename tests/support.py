@@ -61,12 +61,18 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, interval: floa
 
 
 class GunicornServer:
-    """One gunicorn master + worker serving wsserver on 127.0.0.1."""
+    """One gunicorn master + worker serving wsserver on 127.0.0.1.
+
+    ``app``: the WSGI app gunicorn loads (``wsserver:create_app()``, or a Flask app with
+    ``Realtime`` inside, then ``prefix`` is its ``url_prefix``: ``health``, ``notify``,
+    ``ws_url`` and the start-up check use it)."""
 
     def __init__(self, env: dict[str, str] | None = None, args: list[str] | None = None,
-                 threads: int = 64, port: int | None = None) -> None:
+                 threads: int = 64, port: int | None = None,
+                 app: str = "wsserver:create_app()", prefix: str = "") -> None:
         # ``port``: reuse a known port (a restart test); by default a free one
         self.port = port or free_port()
+        self.app, self.prefix = app, prefix
         self.env = dict(os.environ)
         self.env.update({
             "WSSERVER_HOST": "127.0.0.1",
@@ -88,11 +94,11 @@ class GunicornServer:
 
     @property
     def ws_url(self) -> str:
-        return f"ws://127.0.0.1:{self.port}/ws"
+        return f"ws://127.0.0.1:{self.port}{self.prefix}/ws"
 
     def start(self, timeout: float = 20.0) -> GunicornServer:
         cmd = [sys.executable, "-m", "gunicorn", "-c", "python:wsserver.gunicorn_conf",
-               *self.args, "wsserver:create_app()"]
+               *self.args, self.app]
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env=self.env, stdout=self._log,
                                      stderr=subprocess.STDOUT)
@@ -107,18 +113,18 @@ class GunicornServer:
         if self.proc is not None and self.proc.poll() is not None:
             raise AssertionError(f"server exited with {self.proc.returncode}:\n{self.log()}")
         try:
-            return requests.get(self.url + "/", timeout=1).status_code == 200
+            return requests.get(f"{self.url}{self.prefix}/", timeout=1).status_code == 200
         except requests.RequestException:
             return False
 
     def health(self) -> dict:
-        return requests.get(self.url + "/", timeout=5).json()
+        return requests.get(f"{self.url}{self.prefix}/", timeout=5).json()
 
     def worker_pid(self) -> int:
         return int(self.health()["pid"])
 
     def notify(self, body: Any, timeout: float = 5) -> requests.Response:
-        return requests.post(self.url + "/notify", json=body, timeout=timeout)
+        return requests.post(f"{self.url}{self.prefix}/notify", json=body, timeout=timeout)
 
     def log(self) -> str:
         try:

@@ -1,8 +1,11 @@
-"""The application factory.
+"""The application factory: the standalone server, a thin user of :class:`Realtime`.
 
 ``create_app(config=None)``: defaults, then ``WSSERVER_*`` environment variables, then the
-``config`` mapping (tests, the CLI). All state lives in ``app.extensions["wsserver"]``; no
-thread is started here (see :mod:`wsserver.service` for why).
+``config`` mapping (tests, the CLI). The app is ``Flask("wsserver")`` (its static folder is
+the package's: ``/static/wsserver.js``) with the extension installed at the root
+(``url_prefix=""``, :func:`wsserver.extension.install`), so the standalone server and a
+user's app with ``Realtime(app, url_prefix=...)`` are wired by the same code. All state lives
+in ``app.extensions["wsserver"]``; no thread is started here (see :mod:`wsserver.service`).
 """
 
 from __future__ import annotations
@@ -11,11 +14,8 @@ from typing import Any, Mapping
 
 from flask import Flask
 
-from . import console, errors, logs, views, ws
 from .config import Settings, load_settings
-from .notify import NotifyEndpoint
-from .proxies import ClientAddress, TrustedProxies
-from .service import NotificationService
+from .extension import Realtime
 
 __all__ = ["create_app"]
 
@@ -25,18 +25,5 @@ def create_app(config: Mapping[str, Any] | Settings | None = None) -> Flask:
     (``{"queue_size": 16}``) applied over the environment."""
     settings = config if isinstance(config, Settings) else load_settings(overrides=config)
     app = Flask("wsserver")
-    app.config["MAX_CONTENT_LENGTH"] = settings.max_body_size
-    app.config["WSSERVER_SETTINGS"] = settings
-    logs.configure(settings.log_level, settings.log_format)
-    service = app.extensions["wsserver"] = NotificationService(settings)
-    errors.init_app(app)
-    app.register_blueprint(views.bp)
-    ws.init_app(app)
-    console.init_app(app)
-    # POST /notify is answered below Flask (wsserver.notify: why); everything else is Flask's
-    app.wsgi_app = NotifyEndpoint(app.wsgi_app, service)  # type: ignore[method-assign]
-    if settings.trusted_proxies:
-        # outermost: every part of the app (limits, audit, publishers) reads one client address
-        proxies = TrustedProxies(settings.trusted_proxies)
-        app.wsgi_app = ClientAddress(app.wsgi_app, proxies)  # type: ignore[method-assign]
+    Realtime(app, settings=settings)
     return app

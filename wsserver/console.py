@@ -18,12 +18,17 @@ answers what ``/ws`` would have answered: the same status and JSON body, or 200
 browser sends ``Origin``, as it does on a WebSocket. It reveals nothing ``/ws`` does not tell
 any non-browser client, changes nothing, and is not counted as a refusal (no audit line).
 
+The page's URLs start with the request's script root (``BASE`` in its script): ``""`` for the
+standalone server, the prefix when :class:`wsserver.extension.Realtime` mounts wsserver in a
+user's app (``/realtime/ws``, ``/realtime/notify``...).
+
 The browser client itself, ``/static/wsserver.js``, is not served from here: the app is
 ``Flask("wsserver")``, whose root is this package, so Flask's own static route serves
-``wsserver/static/`` at ``/static/`` in every mode. That is on purpose: production pages may
-load the client from the server (``<script src="https://notify.example.com/static/wsserver.js">``)
-while the console stays off. A blueprint static folder at the same URL would be shadowed by
-the app's route anyway.
+``wsserver/static/`` at ``/static/`` in every mode (under a prefix too: the mounted app is
+that app; an app given ``url_prefix=""`` gets a route of its own for the two scripts). That
+is on purpose: production pages may load the client from the server
+(``<script src="https://notify.example.com/static/wsserver.js">``) while the console stays
+off. A blueprint static folder at the same URL would be shadowed by the app's route anyway.
 """
 
 from __future__ import annotations

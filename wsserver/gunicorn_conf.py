@@ -1,5 +1,6 @@
 """The gunicorn configuration wsserver ships: ``gunicorn -c python:wsserver.gunicorn_conf
-'wsserver:create_app()'`` (this is what ``wsserver serve`` runs).
+'wsserver:create_app()'`` (this is what ``wsserver serve`` runs), or ``'myapp:app'`` for a
+Flask app with :class:`wsserver.Realtime` inside (the hooks find its service the same way).
 
 Why each choice (measured traps, see docs/design.md):
 
@@ -193,13 +194,20 @@ def post_fork(server, worker):  # noqa: ANN001
     threading.stack_size(_THREAD_STACK)
 
 
+#: seconds an orphaned worker's clients get to answer its close before they are cut
+ORPHAN_SHUTDOWN_TIMEOUT = 0.5
+
+
 def post_worker_init(worker):  # noqa: ANN001
     """Start the delivery threads in the worker, bound request reads, and hook SIGTERM for
     a 1001 goodbye."""
     _bound_request_reads(worker, _settings.handshake_timeout)
     service = _find_service(worker.wsgi)
     if service is None:
-        worker.log.warning("wsserver: the app has no wsserver service; hooks not installed")
+        worker.log.warning(
+            "wsserver: the app has no wsserver service (serve 'wsserver:create_app()', or a "
+            "Flask app with wsserver.Realtime(app, url_prefix=...)); hooks not installed"
+        )
         return
     service.limit_connections(worker.cfg.threads)
     service.ensure_started()
@@ -210,7 +218,12 @@ def post_worker_init(worker):  # noqa: ANN001
     previous = signal.getsignal(signal.SIGTERM)
 
     def on_sigterm(signum, frame):  # noqa: ANN001
-        threading.Thread(target=service.shutdown, name="wsserver-shutdown", daemon=True).start()
+        # an orphan (its master died: worker.ThreadWorker.is_parent_alive) has nobody waiting
+        # for it; its clients get ORPHAN_SHUTDOWN_TIMEOUT to answer the close
+        budget = ORPHAN_SHUTDOWN_TIMEOUT if getattr(worker, "orphaned", False) else None
+        threading.Thread(
+            target=service.shutdown, args=(budget,), name="wsserver-shutdown", daemon=True
+        ).start()
         if callable(previous):
             previous(signum, frame)
 
@@ -327,6 +340,8 @@ class _ReadTimeoutFilter(logging.Filter):
 
 
 def _find_service(app):  # noqa: ANN001, ANN202
+    """The service in ``app.extensions["wsserver"]``: ``create_app``'s app, or a user's app
+    that ``Realtime`` was given (its routes are mounted, its service is kept there too)."""
     app = getattr(app, "__wrapped__", app)  # wsserver's worker wraps the app (worker.py)
     extensions = getattr(app, "extensions", None)
     return extensions.get("wsserver") if isinstance(extensions, dict) else None

@@ -31,7 +31,7 @@ from .exceptions import BadRequest, PublishRefused, Refusal
 from .protocol import idempotency_key, parse_notification, parse_notify_body
 from .service import NotificationService, Published
 
-__all__ = ["METHODS", "PATH", "NotifyEndpoint"]
+__all__ = ["METHODS", "PATH", "NotifyEndpoint", "body_too_large"]
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +140,7 @@ def _read_body(environ: dict, limit: int) -> bytes:
         except ValueError:
             raise BadRequest(400, ErrorCode.BAD_REQUEST, "Content-Length is not a number") from None
         if size > limit:
-            raise _too_large(limit)
+            raise body_too_large(limit)
         want = size
     elif environ.get("wsgi.input_terminated"):
         want = limit + 1
@@ -152,7 +152,7 @@ def _read_body(environ: dict, limit: int) -> bytes:
         reason = f"the request body could not be read ({exc.__class__.__name__})"
         raise BadRequest(400, ErrorCode.BAD_REQUEST, reason) from None
     if len(data) > limit:
-        raise _too_large(limit)
+        raise body_too_large(limit)
     if length and len(data) < want:
         raise BadRequest(
             400, ErrorCode.BAD_REQUEST, "the request body ended before Content-Length"
@@ -160,7 +160,9 @@ def _read_body(environ: dict, limit: int) -> bytes:
     return data
 
 
-def _too_large(limit: int) -> BadRequest:
+def body_too_large(limit: int) -> BadRequest:
+    """The 413 for a notification over ``WSSERVER_MAX_BODY_SIZE`` (``Realtime.publish`` raises
+    it too, for what would be a body over the limit)."""
     return BadRequest(
         413,
         ErrorCode.BODY_TOO_LARGE,

@@ -192,14 +192,16 @@ class NotificationService:
         peers = self.broker.peers()
         return mine, (mine + peers if peers is not None else None)
 
-    def shutdown(self) -> None:
+    def shutdown(self, timeout: float | None = None) -> None:
         """Stop taking clients, deliver what is queued, close every client with 1001, wait
-        (bounded) for them to go. Idempotent; safe from any thread."""
+        (bounded: ``timeout``, else ``WSSERVER_SHUTDOWN_TIMEOUT``) for them to go, and cut
+        the rest. Idempotent; safe from any thread."""
         with self._lock:
             if self._shutdown_started:
                 return
             self._shutdown_started = True
-        deadline = time.monotonic() + self.settings.shutdown_timeout
+        budget = self.settings.shutdown_timeout if timeout is None else timeout
+        deadline = time.monotonic() + budget
         clients = self.hub.stop_accepting()
         log.info("shutting down: flushing the queue, then closing %d clients", len(clients))
         self.presence.stop()  # the broker announces our members' leaves as it stops

@@ -259,13 +259,16 @@ class ThreadWorker(_GthreadWorker):
         waits ``graceful_timeout`` for open WebSockets, so a new server could not bind the
         port for seconds. An orphan closes its listeners at once (the port is free) and
         shuts down as on SIGTERM: wsserver's hook closes every client with 1001. Nobody
-        waits for an orphan, so it gives its clients 1 s to answer (not ``graceful_timeout``)
-        and is gone within about 2 s of its master."""
+        waits for an orphan: its clients get 0.5 s to answer the close
+        (``gunicorn_conf.ORPHAN_SHUTDOWN_TIMEOUT``; a live client answers in milliseconds), then
+        are cut, and gthread's wait for their threads is capped at 1 s (``graceful_timeout``),
+        so it is gone well within 2 s of its master, also on a loaded host."""
         if super().is_parent_alive():
             return True
         self.set_accept_enabled(False)
         for listener in self.sockets:
             listener.close()
+        self.orphaned = True  # read by the SIGTERM hook (gunicorn_conf)
         self.cfg.set("graceful_timeout", 1)
         os.kill(os.getpid(), signal.SIGTERM)  # our SIGTERM hook, on this thread at once
         return False

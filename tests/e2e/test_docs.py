@@ -31,6 +31,7 @@ from typing import Iterator
 import pytest
 import requests
 import urllib3
+import websocket
 from support import ROOT, free_port, serving, wait_for
 
 pytestmark = pytest.mark.timeout(120)
@@ -63,6 +64,8 @@ TESTED = {
         ["test_server_blocks"],
     ("docs/deploy.md", "WSSERVER_REDIS_SENTINELS="): ["test_sentinel_block"],
     ("docs/performance.md", ".venv/bin/python scripts/bench"): ["test_bench_block"],
+    ("README.md", "from flask import Flask, request"): ["test_readme_flask_extension"],
+    ("README.md", "# from the directory that holds myapp.py"): ["test_readme_flask_extension"],
 }
 
 
@@ -258,7 +261,10 @@ def test_readme_scripts(tmp_path):
     for name in ("bin", "lib", "include"):
         if (VENV_BIN.parent / name).exists():
             (venv / name).symlink_to(VENV_BIN.parent / name)
-    for stamp in (".wsserver-installed", ".wsserver-installed-test"):
+    # every stamp scripts/_venv.sh looks for (serve asks for the client extra): a missing one
+    # makes it pip install -e into this venv, whose bin and lib are the test venv's own
+    for stamp in (".wsserver-installed", ".wsserver-installed-test",
+                  ".wsserver-installed-client"):
         (venv / stamp).touch()
     port = free_port()
     env = shell_env(port, WSSERVER_VENV=str(venv))  # the port: --port says it too
@@ -391,3 +397,34 @@ def test_bench_block(tmp_path):
             continue
         args = bench.parse_args([*argv, "--log-dir", str(tmp_path)])
         assert args.scenarios and args.servers, line
+
+
+def test_readme_flask_extension(tmp_path):
+    """The README's Flask app is docs/examples/myapp.py's code (tests/e2e/test_extension.py
+    runs that file, on Redis with two workers too); here the README's own text is saved as
+    myapp.py and served by the README's line from its directory: the app's route, wsserver's
+    health under the prefix, and a client on /realtime/ws that gets what the route
+    published."""
+    code = block("README.md", "from flask import Flask, request")
+    example = (ROOT / "docs" / "examples" / "myapp.py").read_text()
+    assert example.split('"""', 2)[2].lstrip("\n") == code, "README and the example differ"
+    (tmp_path / "myapp.py").write_text(code)
+    (line,) = commands(block("README.md", "# from the directory that holds myapp.py"))
+    port = free_port()
+    env = shell_env(port, WSSERVER_ENV="development")
+    log = tmp_path / "server.log"
+    with started(localize(line, port), env, tmp_path, log) as url:
+        assert requests.get(url + "/", timeout=5).json()["app"] == "orders"
+        assert requests.get(url + "/realtime/", timeout=5).json()["service"] == "ws"
+        ws = websocket.create_connection(f"ws://127.0.0.1:{port}/realtime/ws?rooms=orders",
+                                         timeout=10)
+        try:
+            wait_for(lambda: requests.get(url + "/realtime/", timeout=5).json()[
+                "subscriptions"] == 1, message="the client to join orders")
+            created = requests.post(url + "/orders", json={"id": 12}, timeout=5).json()
+            got = json.loads(ws.recv())
+        finally:
+            ws.close()
+    assert (got["event"], got["message"], got["id"]) == ("order.created", "Order 12",
+                                                         created["id"])
+    assert_clean(log, line)
