@@ -11,12 +11,14 @@ import io
 import sys
 import threading
 import time
+import uuid
 from dataclasses import dataclass
 from typing import Any, Iterator
 
 import pytest
 from flask import Flask
 from flask.testing import FlaskClient
+from support import delete_redis_keys
 
 from wsserver import audit, cli, create_app
 
@@ -31,6 +33,18 @@ SERVICE_THREADS = "wsserver-"
 
 # how long a thread that is on its way out gets to finish before it counts as leaked
 LEAK_GRACE = 2.0
+
+
+#: the machine's Redis, which tests share: each uses a key prefix of its own (``redis_prefix``)
+REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+@pytest.fixture
+def redis_prefix() -> Iterator[str]:
+    """A Redis key prefix of this test's own; its keys are deleted afterwards."""
+    value = f"wstest-{uuid.uuid4().hex[:12]}"
+    yield value
+    delete_redis_keys(REDIS_URL, value)
 
 
 @pytest.fixture(autouse=True)

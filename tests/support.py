@@ -41,6 +41,19 @@ __all__ = [
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def delete_redis_keys(url: str, prefix: str) -> None:
+    """Delete every key under ``prefix`` (a test's own prefix, never a shared one)."""
+    import redis
+
+    client = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
+    try:
+        keys = list(client.scan_iter(match=f"{prefix}*", count=1000))
+        if keys:
+            client.delete(*keys)
+    finally:
+        client.close()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

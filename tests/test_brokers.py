@@ -14,7 +14,7 @@ import uuid
 import pytest
 import redis
 from rawws import FrameParser
-from support import wait_for
+from support import delete_redis_keys, wait_for
 
 from wsserver.broadcaster import Broadcaster
 from wsserver.brokers import Idempotency, Outgoing, Repeated, make_broker, order_of
@@ -54,11 +54,7 @@ def make(request):
         broker.stop()
         broadcaster.stop(2)
     if request.param == "redis":
-        client = redis.Redis.from_url(REDIS_URL)
-        keys = list(client.scan_iter(f"{prefix}*"))
-        if keys:
-            client.delete(*keys)
-        client.close()
+        delete_redis_keys(REDIS_URL, prefix)
 
 
 def message(room: str | None = "r", user: str | None = None, data: int = 0) -> Outgoing:
@@ -286,13 +282,16 @@ class Peer:
     """One client on ``hub`` over a socketpair, in ``rooms``: a thread records the ids of the
     notifications it receives and the close frame, if one comes."""
 
-    def __init__(self, hub: Hub, flusher: Flusher, conn_id: int, rooms: tuple[str, ...]):
+    def __init__(self, hub: Hub, flusher: Flusher, conn_id: int, rooms: tuple[str, ...],
+                 user: str | None = None):
         self.ours, self.theirs = socket.socketpair()
         self.conn = Connection(conn_id, self.ours, "test", 1 << 22, flusher)
+        self.conn.user = user
         assert hub.add(self.conn) is None
         for room in rooms:
             hub.subscribe(self.conn, room)
         self.ids: list[str] = []
+        self.replies: list[dict] = []  # text frames that are not notifications
         self.close: tuple[int, str] | None = None
         self._thread = threading.Thread(target=self._read, daemon=True)
         self._thread.start()
@@ -307,7 +306,11 @@ class Peer:
                     return
                 for opcode, payload in parser.feed(data):
                     if opcode == OP_TEXT:
-                        self.ids.append(json.loads(payload)["id"])
+                        obj = json.loads(payload)
+                        if "id" in obj:
+                            self.ids.append(obj["id"])
+                        else:
+                            self.replies.append(obj)
                     elif opcode == OP_CLOSE:
                         self.close = (struct.unpack("!H", payload[:2])[0], payload[2:].decode())
         except OSError:
@@ -325,8 +328,9 @@ def peers():
     flusher.start()
     made: list[Peer] = []
 
-    def build(hub: Hub, *rooms_each: tuple[str, ...]) -> list[Peer]:
-        new = [Peer(hub, flusher, len(made) + i + 1, rooms) for i, rooms in enumerate(rooms_each)]
+    def build(hub: Hub, *rooms_each: tuple[str, ...], user: str | None = None) -> list[Peer]:
+        new = [Peer(hub, flusher, len(made) + i + 1, rooms, user)
+               for i, rooms in enumerate(rooms_each)]
         made.extend(new)
         return new
 
@@ -431,6 +435,109 @@ def test_a_lost_bus_log_closes_clients_to_resume(make, peers):
         admin.delete(listener._bus)
 
     _cut_off_then(make, peers, lose_log)
+
+
+# -- the server API: a room's history page, control messages (wsserver.control) -------------
+
+
+def test_room_history_pages_the_newest_or_after_since(make):
+    broker = make(size=50)
+    ids = [broker.publish((message("r", data=i),), 1)[0] for i in range(10)]
+
+    def got(page):  # noqa: ANN001, ANN202
+        return [json.loads(text)["id"] for text in page.messages]
+
+    newest = broker.room_history("r", None, 3, 1.0)
+    assert got(newest) == ids[-3:] and newest.complete and not newest.more
+    after = broker.room_history("r", ids[2], 4, 1.0)
+    assert got(after) == ids[3:7] and after.complete and after.more
+    rest = broker.room_history("r", ids[6], 4, 1.0)
+    assert got(rest) == ids[7:] and rest.complete and not rest.more
+    assert [json.loads(t)["data"] for t in rest.messages] == [7, 8, 9], "whole envelopes"
+    up_to_date = broker.room_history("r", ids[-1], 10, 1.0)
+    assert up_to_date.messages == [] and up_to_date.complete and not up_to_date.more
+
+
+def test_room_history_is_incomplete_exactly_when_a_resume_would_be(make):
+    broker = make(size=3)
+    ids = [broker.publish((message("r"),), 1)[0] for _ in range(8)]
+    old = broker.room_history("r", ids[0], 100, 1.0)
+    assert not old.complete and not broker.history("r", ids[0]).recovered
+    kept = [json.loads(t)["id"] for t in old.messages]
+    assert kept == ids[-len(kept):] and len(kept) >= 3, "what is kept after it, in order"
+    recent = broker.room_history("r", ids[-3], 100, 1.0)
+    assert recent.complete and [json.loads(t)["id"] for t in recent.messages] == ids[-2:]
+    future = broker.room_history("r", "999999999999999-0", 100, 1.0)
+    assert not future.complete and future.messages == []
+    nothing = broker.room_history("never-used", ids[0], 100, 1.0)
+    assert not nothing.complete and nothing.messages == []
+    assert broker.room_history("never-used", None, 100, 1.0).complete
+
+
+def test_control_disconnects_a_users_connections_after_what_was_published_before(make, peers):
+    from wsserver.codes import CLOSE_DISCONNECTED, REASON_DISCONNECTED
+    from wsserver.control import DISCONNECT, Control
+
+    hub = Hub(10)
+    broker = make(hub=hub)
+    theirs = peers(hub, ("a",), (), user="u")
+    other = peers(hub, ("a",), user="v")[0]
+    [mid] = broker.publish((message(None, user="u"),), 1)
+    outcome = broker.control(Control(DISCONNECT, "u"), 1.0)
+    assert outcome is not None and outcome.count == 2 and outcome.unanswered == 0
+    assert outcome.workers >= 1
+    for peer in theirs:
+        wait_for(lambda: peer.close is not None, message="the 4002 close")
+        assert peer.close == (CLOSE_DISCONNECTED, REASON_DISCONNECTED)
+        assert peer.ids == [mid], "the notification published before came first"
+    again = broker.control(Control(DISCONNECT, "u"), 1.0)
+    assert again is not None and again.count == 0, "closing ones are not counted twice"
+    nobody = broker.control(Control(DISCONNECT, "nobody"), 1.0)
+    assert nobody is not None and nobody.count == 0
+    assert other.close is None
+
+
+def test_control_unsubscribe_takes_a_user_out_of_a_room_with_a_reply(make, peers):
+    from wsserver.control import UNSUBSCRIBE, Control, unsubscribed_reply
+
+    hub = Hub(10)
+    broker = make(hub=hub)
+    theirs = peers(hub, ("a", "b"), ("a",), user="u")
+    other = peers(hub, ("a",), user="v")[0]
+    [before] = broker.publish((message("a"),), 1)
+    outcome = broker.control(Control(UNSUBSCRIBE, "u", "a"), 1.0)
+    assert outcome is not None and outcome.count == 2
+    [after] = broker.publish((message("a"),), 1)
+    [in_b] = broker.publish((message("b"),), 1)
+    wait_for(lambda: other.ids == [before, after], message="the other user gets both")
+    wait_for(lambda: theirs[0].ids == [before, in_b], message="room b still reaches it")
+    # (Redis ids are per stream: `after` and `in_b` may be equal strings, so lists compare)
+    assert theirs[0].ids == [before, in_b] and theirs[1].ids == [before], "nothing after it"
+    for peer in theirs:
+        wait_for(lambda: peer.replies, message="the unsubscribed reply")
+        assert peer.replies == [unsubscribed_reply("a")] and peer.close is None
+    assert hub.room_counts() == {"a": 1, "b": 1}
+
+
+def test_a_control_message_missed_by_a_dropped_subscription_is_caught_up(make, peers):
+    """With Redis a control message is in the bus log: a worker whose subscription dropped
+    acts on it when it catches up, in order, and never shows it to a client."""
+    from wsserver.codes import CLOSE_DISCONNECTED
+    from wsserver.control import DISCONNECT, Control
+
+    hub = Hub(10)
+    listener = make(hub=hub)
+    if listener.kind != "redis":
+        pytest.skip("the memory broker has no subscription to lose")
+    publisher = make()
+    peer = peers(hub, ("a",), user="u")[0]
+    assert drop_subscription(listener)
+    [mid] = publisher.publish((message("a"),), 1)
+    outcome = publisher.control(Control(DISCONNECT, "u"), 1.0)
+    assert outcome is not None
+    wait_for(lambda: peer.close is not None, timeout=10, message="closed after the catch-up")
+    assert peer.close[0] == CLOSE_DISCONNECTED and peer.ids == [mid] and peer.replies == []
+    assert listener.gaps == 0
 
 
 def test_reconnect_delays_carry_jitter():

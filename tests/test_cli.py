@@ -176,7 +176,8 @@ def test_every_command_and_flag_has_help():
     assert missing == []
     commands = next(a for a in parser._actions if a.choices and "serve" in a.choices)
     helps = {c.dest: c.help for c in commands._choices_actions}
-    assert set(helps) == {"serve", "check-config", "notify", "listen"} and all(helps.values())
+    assert set(helps) == {"serve", "check-config", "notify", "listen", "history", "disconnect",
+                          "unsubscribe"} and all(helps.values())
 
 
 def test_check_config_names_the_variable_and_the_form(runner):
@@ -269,3 +270,69 @@ def test_client_commands_say_which_extra_to_install(runner, monkeypatch, command
     assert done.exit_code == 1
     assert f"wsserver {command[0]} needs the client extra" in done.stderr
     assert "pip install 'wsserver[client]'" in done.stderr
+
+
+# -- the server API: history, disconnect, unsubscribe ----------------------------------------
+
+
+@pytest.mark.parametrize("args", [
+    ["disconnect"],
+    ["disconnect", "--user"],
+    ["unsubscribe", "--user", "u"],
+    ["history"],
+    ["history", "r", "--limit", "0"],
+    ["history", "r", "--limit", "x"],
+])
+def test_server_api_usage_errors_exit_2(runner, args):
+    done = runner.invoke(*args, "--url", NOWHERE)
+    assert done.exit_code == 2 and done.stderr
+
+
+def test_server_api_commands_refuse_a_url_they_cannot_call(runner):
+    done = runner.invoke("disconnect", "--user", "u", "--url", "ftp://nowhere")
+    assert done.exit_code == 2 and "wsserver disconnect: error:" in done.stderr
+
+
+def test_server_api_to_a_dead_port_says_so_in_one_sentence(runner):
+    done = runner.invoke("history", "r", "--url", NOWHERE, "--retries", "0")
+    assert done.exit_code == 1 and done.stderr.startswith("wsserver: cannot reach")
+
+
+@pytest.fixture
+def http_url(make_app):
+    """The real app (memory broker) behind werkzeug's threaded HTTP server."""
+    import threading
+
+    from werkzeug.serving import make_server
+
+    server = make_server("127.0.0.1", 0, make_app(env="development"), threaded=True)
+    thread = threading.Thread(target=server.serve_forever, name="test-http", daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_port}"
+    server.shutdown()
+    server.server_close()
+    thread.join(5)
+
+
+def test_server_api_commands_print_the_answer(runner, http_url):
+    import json
+
+    for i in range(3):
+        assert runner.invoke("notify", "--url", http_url, "--event", "e", "--data", str(i),
+                             "--room", "r").exit_code == 0
+    done = runner.invoke("history", "r", "--limit", "2", "--url", http_url)
+    assert done.exit_code == 0, done.stderr
+    page = json.loads(done.stdout)
+    assert [m["data"] for m in page["messages"]] == [1, 2] and page["complete"] is True
+    since = page["messages"][0]["id"]
+    later = json.loads(runner.invoke("history", "r", "--since", since, "--url", http_url).stdout)
+    assert [m["data"] for m in later["messages"]] == [2]
+    done = runner.invoke("disconnect", "--user", "alice", "--url", http_url)
+    assert done.exit_code == 0 and json.loads(done.stdout)["closed"] == 0
+    done = runner.invoke("unsubscribe", "--user", "alice", "--room", "r", "--url", http_url)
+    assert done.exit_code == 0 and json.loads(done.stdout)["unsubscribed"] == 0
+    refused = runner.invoke("unsubscribe", "--user", "alice", "--room", "a b", "--url", http_url)
+    assert refused.exit_code == 1
+    assert refused.stderr.startswith("wsserver unsubscribe: 400 invalid_room:")
+    refused = runner.invoke("history", "r", "--since", "nope", "--url", http_url)
+    assert refused.exit_code == 1 and "invalid_since" in refused.stderr

@@ -43,6 +43,8 @@ from wsserver.client import (
         (1009, "message over 65536 bytes", False, False),
         (4001, "token expired", False, False),
         (4001, "token expired", True, True),
+        (4002, "disconnected by the server", False, False),
+        (4002, "disconnected by the server", True, True),
     ],
 )
 def test_close_code_policy(code, reason, renewable, reconnect):
@@ -271,3 +273,80 @@ def test_subscriber_keeps_a_presence_rooms_members_from_the_reply_and_the_events
     sub._inflight.append(("unsubscribe", "presence-x", False))
     sub._on_reply({"type": "unsubscribed", "room": "presence-x"})
     assert sub.members("presence-x") is None
+
+# -- the server API (Publisher.history/disconnect/unsubscribe; 4002 in the Subscriber) -------
+
+
+@pytest.fixture
+def http_app(make_app):
+    """The real app (memory broker) behind werkzeug's threaded HTTP server on a free port;
+    stopped after the test (the app's service by ``make_app``)."""
+    from werkzeug.serving import make_server
+
+    app = make_app(env="development")
+    server = make_server("127.0.0.1", 0, app, threaded=True)
+    thread = threading.Thread(target=server.serve_forever, name="test-http", daemon=True)
+    thread.start()
+    yield app, f"http://127.0.0.1:{server.server_port}"
+    server.shutdown()
+    server.server_close()
+    thread.join(5)
+
+
+def test_publisher_reads_history_and_calls_the_server_api(http_app):
+    app, url = http_app
+    with Publisher(url) as pub:
+        ids = [pub.publish("e", data=i, room="team/7")["id"] for i in range(4)]
+        page = pub.history("team/7", since=ids[0], limit=2)
+        assert [m["id"] for m in page["messages"]] == ids[1:3]
+        assert page["complete"] is True and page["more"] is True and page["room"] == "team/7"
+        assert [m["data"] for m in pub.history("team/7")["messages"]] == [0, 1, 2, 3]
+        assert pub.disconnect("alice") == {"status": "ok", "closed": 0, "workers": 1,
+                                           "unanswered": 0}
+        answer = pub.unsubscribe("alice", "team/7")
+        assert answer["status"] == "ok" and answer["unsubscribed"] == 0
+        with pytest.raises(InvalidNotification) as bad:
+            pub.history("team/7", limit=5000)
+        assert bad.value.code == "invalid_limit"
+        with pytest.raises(InvalidNotification) as bad:
+            pub.unsubscribe("alice", "not a room")
+        assert bad.value.code == "invalid_room"
+
+
+def test_server_api_calls_retry_a_503():
+    with ScriptedServer(FULL, (200, {}, {"status": "ok", "closed": 1})) as fake:
+        with Publisher(fake.url, max_retry_wait=0.05) as pub:
+            assert pub.disconnect("alice")["closed"] == 1
+    assert [json.loads(body) for _, _, body in fake.requests] == [{"user": "alice"}] * 2
+    assert all("Idempotency-Key" not in headers for _, headers, _ in fake.requests)
+
+
+def test_subscriber_never_reconnects_with_the_token_a_4002_closed():
+    """A publisher's disconnect: a fixed token stops the subscriber with the close code; a
+    token function is asked again, and one that returns the same token stops it too."""
+    import struct
+
+    from wsserver.client import Subscriber, SubscriptionError, _Retry
+
+    close = struct.pack("!H", 4002) + b"disconnected by the server"
+    fixed = Subscriber("ws://127.0.0.1:1/ws", token="t1")
+    fixed._token_used = "t1"
+    with pytest.raises(SubscriptionError) as stopped:
+        fixed._closed_by_server(close)
+    assert stopped.value.close_code == 4002 and fixed.last_close == (4002,
+                                                                     "disconnected by the server")
+    tokens = iter(["t1", "t2"])
+    renewing = Subscriber("ws://127.0.0.1:1/ws", token=lambda: "t1")
+    renewing._token_used = "t1"
+    with pytest.raises(_Retry):
+        renewing._closed_by_server(close)
+    with pytest.raises(SubscriptionError) as spent:
+        renewing._connect()
+    assert spent.value.code == "token_spent" and spent.value.close_code == 4002
+    fresh = Subscriber("ws://127.0.0.1:1/ws", token=lambda: next(tokens), connect_timeout=1)
+    fresh._token_used = next(tokens)
+    with pytest.raises(_Retry):
+        fresh._closed_by_server(close)
+    with pytest.raises(_Retry) as refused:  # "t2": offered (nobody listens on port 1)
+        fresh._connect()
+    assert "cannot connect" in str(refused.value)

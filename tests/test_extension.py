@@ -148,6 +148,12 @@ ANSWERS = [
     ("get", "/ws", {"headers": {**UPGRADE, "Sec-WebSocket-Protocol": "chat"}}),
     ("get", "/ws?rooms=bad%20room", {"headers": UPGRADE}),
     ("get", "/ws?since=1-1&rooms=a,b", {"headers": UPGRADE}),
+    # the server API (issue 17.3, 17.4)
+    ("get", "/rooms/team/7/history", {}),
+    ("get", "/rooms/r/history?limit=0", {}),
+    ("post", "/disconnect", {"json": {"user": "alice"}}),
+    ("post", "/disconnect", {"data": "x"}),
+    ("post", "/unsubscribe", {"json": {"user": "alice"}}),
 ]
 
 
@@ -182,7 +188,8 @@ def test_production_answers_match_too_console_off_and_publishers_checked(make_us
                                   ("get", "/metrics", {}), ("get", "/ws", UPGRADE),
                                   ("get", "/ws", {**UPGRADE, **evil}),
                                   ("get", "/ws?token=nope", UPGRADE),
-                                  ("post", "/notify", evil)):
+                                  ("post", "/notify", evil), ("post", "/disconnect", {}),
+                                  ("get", "/rooms/r/history", {})):
         mounted = getattr(app.test_client(), method)(PREFIX + path, headers=headers)
         alone = getattr(standalone.test_client(), method)(path, headers=headers)
         assert _comparable(mounted) == _comparable(alone), (path, headers)

@@ -113,20 +113,10 @@ REDIS_URL = "redis://127.0.0.1:6379/0"
 
 
 @pytest.fixture
-def redis_workers(served):
+def redis_workers(served, redis_prefix):
     """``workers(n)``: n started services ("workers") on one Redis and one key prefix of this
     test's own, deleted afterwards."""
-    import uuid
-
-    import redis
-
-    prefix = f"wstest-{uuid.uuid4().hex[:10]}"
-    yield lambda n: [served(redis_url=REDIS_URL, redis_prefix=prefix) for _ in range(n)]
-    client = redis.Redis.from_url(REDIS_URL)
-    keys = list(client.scan_iter(f"{prefix}*"))
-    if keys:
-        client.delete(*keys)
-    client.close()
+    return lambda n: [served(redis_url=REDIS_URL, redis_prefix=redis_prefix) for _ in range(n)]
 
 
 def _census(s) -> tuple:

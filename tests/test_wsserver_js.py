@@ -76,7 +76,8 @@ async function scenario(code, reason) {
 (async () => {
   for (const [code, reason] of [[1001, "server shutting down"], [1006, ""],
                                 [1008, "slow consumer"], [1002, ""], [1007, ""], [1009, "big"],
-                                [4001, "token expired"], [1008, "too many invalid commands"]]) {
+                                [4001, "token expired"], [1008, "too many invalid commands"],
+                                [4002, "disconnected by the server"]]) {
     out[code + " " + reason] = await scenario(code, reason);
   }
   console.log(JSON.stringify(out));
@@ -98,7 +99,7 @@ def test_client_reconnect_rules_under_node():
         assert run["states"][:2] == ["connecting", "open"]
         assert run["finalState"] == "closed"
         code = int(key.split()[0])
-        fatal = code in (1002, 1007, 1009, 4001) or key == "1008 too many invalid commands"
+        fatal = code in (1002, 1007, 1009, 4001, 4002) or key == "1008 too many invalid commands"
         if fatal:
             assert run["sockets"] == 1, key
             assert run["states"] == ["connecting", "open", "closed"], key
@@ -261,3 +262,57 @@ def test_client_keeps_a_presence_rooms_members():
     assert out["replies"] == ["subscribed"]  # presence events are not replies
     assert out["before"] == {"presence-x": {"users": ["alice", "carol"], "anonymous": 1}}
     assert out["after"] == {}
+
+# A publisher's disconnect (4002): a token function is asked again, and the client reconnects
+# only with another token; the same one stops it with an error. The app sees the close code.
+_DISCONNECT_SCRIPT = r"""
+const sockets = [];
+class FakeWebSocket {
+  constructor(url, protocols) { this.url = url; this.protocols = protocols; this.readyState = 0;
+                                this.sent = []; sockets.push(this);
+                                setTimeout(() => { this.readyState = 1; this.onopen(); }, 1); }
+  send(data) { this.sent.push(JSON.parse(data)); }
+  close(code, reason) { this.readyState = 3;
+                        this.onclose({code: code || 1000, reason: reason || ""}); }
+}
+global.WebSocket = FakeWebSocket;
+const WsserverClient = require(process.argv[1]);
+const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+async function until(predicate, ms) {
+  for (const end = Date.now() + ms; !predicate() && Date.now() < end;) await sleep(5);
+}
+(async () => {
+  const out = {};
+  for (const [name, tokens] of [["renewed", ["a.b.c", "d.e.f"]], ["same", ["a.b.c", "a.b.c"]]]) {
+    sockets.length = 0;
+    let i = 0;
+    const closes = [], errors = [];
+    const c = new WsserverClient("ws://x/ws", {token: () => tokens[Math.min(i++, 1)],
+                                               backoffInitial: 5, backoffMax: 10});
+    c.on("close", (code, reason) => closes.push([code, reason]))
+     .on("error", (e) => errors.push(String(e.message)));
+    await until(() => sockets.length === 1 && sockets[0].readyState === 1, 2000);
+    sockets[0].close(4002, "disconnected by the server");
+    await until(() => sockets.length === 2 || c.state === "closed", 2000);
+    await sleep(30);
+    out[name] = {sockets: sockets.length, offers: sockets.map((s) => s.protocols[1]),
+                 closes: closes.slice(), errors: errors.slice(), state: c.state};
+    c.close();
+  }
+  console.log(JSON.stringify(out));
+})();
+"""
+
+
+def test_client_never_reconnects_with_the_token_a_4002_closed():
+    result = subprocess.run([_node(), "-e", _DISCONNECT_SCRIPT, str(CLIENT_JS)], check=False,
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout)
+    renewed, same = out["renewed"], out["same"]
+    assert renewed["offers"] == ["wsserver.token.a.b.c", "wsserver.token.d.e.f"]
+    assert renewed["closes"] == [[4002, "disconnected by the server"]]
+    assert renewed["errors"] == [] and renewed["state"] == "open"
+    assert same["sockets"] == 1 and same["state"] == "closed"
+    assert same["closes"] == [[4002, "disconnected by the server"]]
+    assert len(same["errors"]) == 1 and "same token" in same["errors"][0]

@@ -139,6 +139,11 @@ class Broadcaster:
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
+    def drop_slow(self, conn: Connection) -> None:
+        """For tasks: ``conn`` went over its buffer cap on a task's write (close 1008 is
+        queued); out of the hub and woken, as after a fan-out's write."""
+        self._on_slow(conn)
+
     def stop(self, timeout: float) -> bool:
         """Deliver what is queued, then end the thread. True if it ended within ``timeout``."""
         self._stop.set()

@@ -8,7 +8,8 @@ Werkzeug one it used to run logged ``?token=``, had no handshake timeout and no 
 SIGTERM, and ignored the gunicorn flags).
 ``wsserver check-config`` prints the effective settings, or the first bad one.
 ``wsserver notify`` and ``wsserver listen`` publish and subscribe from a shell, through
-:mod:`wsserver.client` (imported only by them: the server does not need requests).
+:mod:`wsserver.client` (imported only by them: the server does not need requests);
+``wsserver history``, ``disconnect`` and ``unsubscribe`` call the server API the same way.
 """
 
 from __future__ import annotations
@@ -469,6 +470,108 @@ def _print_notifications(report: _ListenReport, args: argparse.Namespace) -> tup
     return None, received
 
 
+# -- the server API: history, disconnect, unsubscribe (wsserver.client.Publisher) ------------
+
+
+def _add_server_api_commands(sub: argparse._SubParsersAction) -> None:
+    status = (
+        "Prints the server's JSON answer. Exit status: 0 done, 1 refused or unreachable "
+        "(code and reason on stderr), 2 usage error."
+    )
+    history = sub.add_parser(
+        "history",
+        help="print a room's kept messages (GET /rooms/ROOM/history)",
+        description="Print the messages a room's history keeps, oldest first: the newest "
+        "--limit, or the oldest --limit after --since (\"complete\": false when some after it "
+        "may be gone; \"more\": true when more follow). " + status,
+    )
+    history.add_argument("room", metavar="ROOM", help="the room")
+    history.add_argument("--since", metavar="ID", help="only the messages after this id")
+    history.add_argument(
+        "--limit", type=_positive_int, help="at most this many messages (server: 100, max 1000)"
+    )
+    history.set_defaults(func=_history)
+    disconnect = sub.add_parser(
+        "disconnect",
+        help="close a user's connections everywhere (POST /disconnect)",
+        description="Close every connection of a user (the tokens' sub) on every worker, with "
+        "close 4002: clients do not come back with the same token. " + status,
+    )
+    disconnect.add_argument("--user", required=True, help="the user (token subject)")
+    disconnect.set_defaults(func=_disconnect)
+    unsubscribe = sub.add_parser(
+        "unsubscribe",
+        help="take a user's connections out of a room (POST /unsubscribe)",
+        description="Take every connection of a user out of a room on every worker; each "
+        "gets an unsubscribed reply. " + status,
+    )
+    unsubscribe.add_argument("--user", required=True, help="the user (token subject)")
+    unsubscribe.add_argument("--room", required=True, help="the room")
+    unsubscribe.set_defaults(func=_unsubscribe)
+    for command in (history, disconnect, unsubscribe):
+        command.add_argument(
+            "--url",
+            default=os.environ.get(URL_VARIABLE) or DEFAULT_CLIENT_URL,
+            help=f"server base URL (default: ${URL_VARIABLE}, else {DEFAULT_CLIENT_URL})",
+        )
+        command.add_argument(
+            "--api-key",
+            default=os.environ.get(API_KEY_VARIABLE) or None,
+            help=f"publisher key, sent as Authorization: Bearer (default: ${API_KEY_VARIABLE})",
+        )
+        command.add_argument(
+            "--timeout", type=_positive_float, default=5.0, help="seconds per request (%(default)s)"
+        )
+        command.add_argument(
+            "--retries",
+            type=int,
+            default=5,
+            help="retries on 503 (after Retry-After) and connection errors (%(default)s)",
+        )
+
+
+def _history(args: argparse.Namespace) -> int:
+    return _server_api("history", args, lambda p: p.history(args.room, args.since, args.limit))
+
+
+def _disconnect(args: argparse.Namespace) -> int:
+    return _server_api("disconnect", args, lambda p: p.disconnect(args.user))
+
+
+def _unsubscribe(args: argparse.Namespace) -> int:
+    return _server_api("unsubscribe", args, lambda p: p.unsubscribe(args.user, args.room))
+
+
+def _server_api(command: str, args: argparse.Namespace, call: Any) -> int:
+    """Run one server-API call through a :class:`~wsserver.client.Publisher` (retries 503s
+    and dropped connections as ``notify`` does) and print its answer as one JSON line."""
+    import json
+
+    client = _client(command)
+    if client is None:
+        return 1
+    try:
+        publisher = client.Publisher(
+            args.url, api_key=args.api_key, timeout=args.timeout, retries=max(args.retries, 0)
+        )
+    except ValueError as exc:
+        return _usage_error(command, str(exc))
+    try:
+        with publisher:
+            answer = call(publisher)
+    except client.PublishError as exc:
+        if exc.status is None:
+            print(f"wsserver: {exc.reason}", file=sys.stderr)
+        else:
+            print(f"wsserver {command}: {exc.status} {exc.code}: {exc.reason}", file=sys.stderr)
+        return 1
+    except client.WsserverError as exc:
+        print(f"wsserver {command}: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(answer, ensure_ascii=False))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="wsserver", description="Real-time notification service (WebSocket fan-out)."
@@ -524,6 +627,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     check.set_defaults(func=_check_config)
     _add_client_commands(sub)
+    _add_server_api_commands(sub)
     return parser
 
 

@@ -50,12 +50,13 @@ import uuid
 from collections import deque
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, Callable, Union
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import quote, urlsplit, urlunsplit
 
 import requests
 import websocket
 
 from .codes import (
+    CLOSE_DISCONNECTED,
     SERVER_SIDE_ERRORS,
     SUBPROTOCOL,
     TOKEN_SUBPROTOCOL_PREFIX,
@@ -176,8 +177,10 @@ class SubscriptionError(WsserverError):
 
     Fatal (the subscriber stops; ``room`` is None): a close code that means "fix the client"
     (``close_code`` 1002, 1003, 1007, 1008 "too many invalid commands", 1009, 1010, an
-    unknown 4xxx, 4001 with a fixed token: :func:`wsserver.codes.close_action`), or a refused
-    handshake (``status`` 400, 401, 403, 404...). Not fatal (``room`` is set, the other rooms
+    unknown 4xxx, 4001 with a fixed token: :func:`wsserver.codes.close_action`), a publisher's
+    disconnect (4002) with a fixed token, or with a token function that returned the same
+    token again (``code`` ``token_spent``), or a refused handshake (``status`` 400, 401, 403,
+    404...). Not fatal (``room`` is set, the other rooms
     carry on): the server answered one ``subscribe`` with an error frame
     (``code`` such as ``invalid_room``, ``room_forbidden``, ``too_many_rooms``)."""
 
@@ -384,6 +387,43 @@ class Publisher:
         items = [dict(n) for n in notifications]
         return self.publish_body(items, idempotency_key)
 
+    # -- the server API (docs/protocol.md, "The server API") ---------------------------------
+
+    def disconnect(self, user: str) -> dict:
+        """Close every connection of ``user`` (a token's ``sub``), on every worker, with close
+        4002: clients stop, or reconnect only with a fresh token. Returns the server's answer
+        (``{"status": "ok", "closed": 2, "workers": 2, "unanswered": 0}``); ``closed`` counts
+        the connections of the workers that answered within the server's wait. Safe to repeat
+        (a 503 is retried like a publish)."""
+        return self._call("POST", "/disconnect", {"user": user})
+
+    def unsubscribe(self, user: str, room: str) -> dict:
+        """Take every connection of ``user`` out of ``room``, on every worker; each gets an
+        ``unsubscribed`` reply with ``code`` ``unsubscribed_by_server`` and does not rejoin
+        on reconnect. Returns ``{"status": "ok", "unsubscribed": N, ...}``. Not a ban: a
+        client may subscribe again (private rooms and tokens decide who may)."""
+        return self._call("POST", "/unsubscribe", {"user": user, "room": room})
+
+    def history(self, room: str, since: str | None = None, limit: int | None = None) -> dict:
+        """``GET /rooms/<room>/history``: ``{"room", "messages", "complete", "more"}``, the
+        envelopes oldest first. Without ``since`` the newest ``limit`` kept (server default
+        100, at most 1000); with it the oldest ``limit`` after that id, ``complete`` False
+        when some after it may be gone, ``more`` True when more follow (ask again with the
+        last id)."""
+        params: dict[str, Any] = {}
+        if since is not None:
+            params["since"] = since
+        if limit is not None:
+            params["limit"] = str(limit)
+        return self._call("GET", "/rooms/" + quote(room, safe="/") + "/history", None, params)
+
+    def _call(
+        self, method: str, path: str, body: Any, params: dict[str, Any] | None = None
+    ) -> dict:
+        """One server-API request, retried as a publish is (503, connection errors)."""
+        payload = None if body is None else json.dumps(body, ensure_ascii=False).encode("utf-8")
+        return self._post(payload, None, method, self.url + path, params)
+
     def publish_body(self, body: Any, idempotency_key: str | None = None) -> dict:
         """POST an already-built body (an object or a list) as-is, with an
         ``Idempotency-Key`` (``idempotency_key``, else a new uuid4) kept across retries.
@@ -392,16 +432,30 @@ class Publisher:
         payload = json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
         return self._post(payload, idempotency_key or str(uuid.uuid4()))
 
-    def _post(self, payload: bytes, key: str) -> dict:
-        headers = {"Idempotency-Key": key}
+    def _post(
+        self,
+        payload: bytes | None,
+        key: str | None,
+        method: str = "POST",
+        url: str | None = None,
+        params: dict[str, Any] | None = None,
+    ) -> dict:
+        """Send (POST /notify by default, with ``key`` as its ``Idempotency-Key``) and retry
+        503s and connection failures; the answer, or an exception."""
+        headers = {"Idempotency-Key": key} if key is not None else {}
         attempts = self.retries + 1
         for attempt in range(attempts):
             last = attempt + 1 == attempts
             if self._closed.is_set():
                 raise WsserverError("the publisher is closed")
             try:
-                resp = self._session.post(
-                    self.notify_url, data=payload, headers=headers, timeout=self.timeout
+                resp = self._session.request(
+                    method,
+                    url or self.notify_url,
+                    data=payload,
+                    headers=headers,
+                    params=params,
+                    timeout=self.timeout,
                 )
             except requests.exceptions.SSLError as exc:  # configuration: retrying cannot help
                 raise PublishError(None, "tls_error", str(exc)) from exc
@@ -433,7 +487,9 @@ class Publisher:
                 return answer
         raise AssertionError("not reached")  # pragma: no cover
 
-    def _answer(self, resp: requests.Response, attempt: int, last: bool, key: str) -> dict | None:
+    def _answer(
+        self, resp: requests.Response, attempt: int, last: bool, key: str | None
+    ) -> dict | None:
         """The server's answer (2xx), or None after waiting out a 503 to retry; raises for
         every other answer and for the last 503."""
         status = resp.status_code
@@ -520,7 +576,8 @@ class Subscriber:
     {"type": "reconnected", "room": None, "recovered": False, "missed": None, "since": id})``
     says some may have been missed. Close codes that mean "fix the client" (1002, 1007,
     1008 "too many invalid commands", 1009, 4001 with a fixed token; the table is
-    :data:`wsserver.codes.CLOSE_ACTIONS`) and refused handshakes
+    :data:`wsserver.codes.CLOSE_ACTIONS`), a publisher's disconnect (4002: never again with
+    the same token; a token function is asked for another) and refused handshakes
     (401, 403, ...) stop it with a :class:`SubscriptionError` (:attr:`error`, ``on_error``,
     and raised by :meth:`messages`).
 
@@ -557,6 +614,11 @@ class Subscriber:
     (``"presence"``, with ``action`` ``join`` or ``leave`` and ``user``), ``members`` being
     the list after it. Each reconnect's reply replaces the list.
     """
+
+    # the current connection's token, and the token of a connection a publisher disconnected
+    # (4002), never offered again: set by the subscriber's thread only
+    _token_used: str | None = None
+    _spent_token: str | None = None
 
     def __init__(
         self,
@@ -807,6 +869,15 @@ class Subscriber:
                 raise _Retry(f"the token callable failed: {exc!r}") from None
         else:
             token = self.token
+        if token is not None and token == self._spent_token:
+            closed_with = self.last_close[0] if self.last_close else None
+            raise SubscriptionError(
+                "the token function returned the token the server closed this subscription "
+                "for; the server said not to reconnect with it",
+                close_code=closed_with,
+                code="token_spent",
+            )
+        self._token_used = token
         offer = [SUBPROTOCOL] + ([TOKEN_SUBPROTOCOL_PREFIX + token] if token else [])
         ws = websocket.WebSocket(enable_multithread=True)
         with self._lock:
@@ -903,6 +974,9 @@ class Subscriber:
         self.last_close = (code, reason)
         if self._stopping.is_set():
             return
+        if code == CLOSE_DISCONNECTED:  # a publisher's disconnect: never again with this token
+            self._spent_token = self._token_used
+            log.warning("wsserver subscriber: disconnected by the server (%d %s)", code, reason)
         if _should_reconnect(code, reason, callable(self.token)):
             raise _Retry(f"closed by the server: {code} {reason}".rstrip())
         raise SubscriptionError(reason or "closed by the server", close_code=code)

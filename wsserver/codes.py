@@ -13,8 +13,10 @@ What a client does after a close (:class:`CloseAction`):
 
 * ``reconnect``: the cause is transient (a restart, the network, load, a burst past a rate
   limit, a slow read): reconnect after an exponential backoff with jitter;
-* ``new_token``: the connection's token expired (4001): reconnect once a fresh token is at hand
-  (a client holding a fixed token gives up);
+* ``new_token``: the connection's token expired (4001), or a publisher disconnected the user
+  (4002, ``POST /disconnect``): reconnect once a fresh token is at hand (a client holding a
+  fixed token gives up; after a 4002, one whose token function returns the token the closed
+  connection had gives up too: the server said not to come back with it);
 * ``give_up``: reconnecting the same way would fail the same way (the client broke the
   protocol, sent what the server will never take, or keeps sending invalid commands).
 
@@ -30,6 +32,7 @@ from enum import Enum
 
 __all__ = [
     "CLOSE_ABNORMAL",
+    "CLOSE_DISCONNECTED",
     "CLOSE_GOING_AWAY",
     "CLOSE_INTERNAL_ERROR",
     "CLOSE_MESSAGE_TOO_BIG",
@@ -42,6 +45,7 @@ __all__ = [
     "WEBSOCKET_VERSION",
     "CLOSE_ACTIONS",
     "GIVE_UP_REASONS",
+    "REASON_DISCONNECTED",
     "REASON_INVALID_COMMANDS",
     "REASON_KEEPALIVE_TIMEOUT",
     "REASON_MISSED_MESSAGES",
@@ -52,6 +56,7 @@ __all__ = [
     "REASON_SLOW_CONSUMER",
     "REASON_TOKEN_EXPIRED",
     "REASON_TOO_MANY_CONNECTIONS",
+    "REASON_UNSUBSCRIBED",
     "MAX_SUBPROTOCOLS",
     "SERVER_SIDE_ERRORS",
     "SUBPROTOCOL",
@@ -85,6 +90,10 @@ CLOSE_MESSAGE_TOO_BIG = 1009  # inbound message over WSSERVER_MAX_MESSAGE_SIZE /
 CLOSE_INTERNAL_ERROR = 1011  # keepalive timeout, missed messages or a server fault: reconnect
 CLOSE_TRY_AGAIN_LATER = 1013  # server over capacity, or restarting: reconnect later
 CLOSE_TOKEN_EXPIRED = 4001  # the connection token expired: get a new token, reconnect
+# a publisher closed this user's connections (POST /disconnect): do not reconnect with the same
+# token; a client that can get a fresh one may (the app's token service decides whether the
+# user still gets one: the server revokes nothing)
+CLOSE_DISCONNECTED = 4002
 
 # -- close reasons (the text after the code; some carry a number and a setting's name) --------
 
@@ -100,6 +109,10 @@ REASON_SERVER_FULL = "server full"  # 1013
 REASON_SERVER_RESTARTING = "server restarting"  # 1013
 REASON_TOO_MANY_CONNECTIONS = "too many connections from this address"  # 1013
 REASON_TOKEN_EXPIRED = "token expired"  # 4001
+REASON_DISCONNECTED = "disconnected by the server"  # 4002
+# the reason of the ``unsubscribed`` reply a connection gets when a publisher took it out of a
+# room (POST /unsubscribe; its code is ErrorCode.UNSUBSCRIBED_BY_SERVER)
+REASON_UNSUBSCRIBED = "a publisher removed this connection from the room"
 
 
 class _Name(str, Enum):
@@ -138,6 +151,7 @@ CLOSE_ACTIONS: dict[int, CloseAction] = {
     1013: _R,  # try again later
     1014: _R,  # bad gateway
     4001: _T,  # token expired
+    4002: _T,  # disconnected by a publisher: never again with the same token
 }
 
 # Close reasons that turn a code's action into "give up": compared whole, never searched.
@@ -184,6 +198,9 @@ class ErrorCode(_Name):
     ORIGIN_FORBIDDEN = "origin_forbidden"
     INVALID_ORIGIN = "invalid_origin"
     UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type"
+    # the ``code`` of the ``unsubscribed`` reply to a POST /unsubscribe (not to the client's
+    # own command): the client forgets the room, as after a refresh that lost it
+    UNSUBSCRIBED_BY_SERVER = "unsubscribed_by_server"
 
 
 # Error frames that report the server's state, not a client mistake: they never count towards
@@ -201,6 +218,7 @@ def js_constants() -> dict:
         "giveUpReasons": {
             str(code): sorted(reasons) for code, reasons in sorted(GIVE_UP_REASONS.items())
         },
+        "closeDisconnected": CLOSE_DISCONNECTED,
         "serverSideErrors": sorted(SERVER_SIDE_ERRORS),
         "subprotocol": SUBPROTOCOL,
         "tokenSubprotocolPrefix": TOKEN_SUBPROTOCOL_PREFIX,

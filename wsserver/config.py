@@ -396,9 +396,10 @@ class Settings:
         _list,
         (),
         "Publisher keys (comma-separated, several for rotation): when set, `POST /notify`, "
-        "`GET /rooms` and `GET /metrics` need `Authorization: Bearer <key>`. Unset: production "
-        "takes `/notify` and `/rooms` from loopback only, never from a request carrying "
-        "forwarding headers (a proxy).",
+        "`GET /rooms`, the server API (`GET /rooms/<room>/history`, `POST /disconnect`, "
+        "`POST /unsubscribe`) and `GET /metrics` need `Authorization: Bearer <key>`. Unset: "
+        "production takes `/notify`, `/rooms` and the server API from loopback only, never "
+        "from a request carrying forwarding headers (a proxy).",
         secret=True,
     )
     trusted_proxies: tuple[str, ...] = _setting(

@@ -23,6 +23,8 @@ The tree::
         ├── CommandError (ValueError)  a client command is wrong or cannot run now: answered by
         │   │                          an error frame on /ws (400 where it is answered in HTTP)
         │   └── RoomLimitReached       the connection is in as many rooms as it may join
+        ├── HistoryUnavailable         503, Retry-After: 1: history cannot be read now (the
+        │                              broker failed, or did not answer within its bound)
         └── PublishRefused             503, Retry-After: 1; nothing was published, except:
             ├── QueueFull              the broadcast queue stayed full for the enqueue timeout
             ├── ShuttingDown           the worker stopped taking messages (it is shutting down)
@@ -49,6 +51,7 @@ __all__ = [
     "BrokerUnavailable",
     "CommandError",
     "HandshakeRefused",
+    "HistoryUnavailable",
     "PublishRefused",
     "QueueFull",
     "Refusal",
@@ -155,6 +158,19 @@ class RoomLimitReached(CommandError):
         super().__init__(ErrorCode.TOO_MANY_ROOMS, reason, detail)
         self.room = room
         self.limit = limit
+
+
+class HistoryUnavailable(Refusal):
+    """``GET /rooms/<room>/history`` could not read the room's history now (Redis down or
+    hanging, the memory broker's lock held past the read's bound): 503, retry after a
+    second. ``detail`` says what failed, for the audit log."""
+
+    retry_after = 1
+
+    def __init__(self, detail: str = "") -> None:
+        super().__init__(
+            503, ErrorCode.HISTORY_UNAVAILABLE, "history cannot be read now; retry", detail
+        )
 
 
 class PublishRefused(Refusal):

@@ -57,7 +57,7 @@ from typing import Any, Callable
 
 from flask import Flask, current_app, has_app_context, send_from_directory
 
-from . import console, errors, logs, views, ws
+from . import console, errors, logs, serverapi, views, ws
 from .config import SETTINGS, Settings, SettingsError, load_settings
 from .exceptions import BadRequest
 from .notify import NotifyEndpoint, body_too_large
@@ -131,6 +131,7 @@ def install(app: Flask, service: NotificationService) -> None:
     app.extensions[EXTENSION] = service
     errors.init_app(app)
     app.register_blueprint(views.bp)
+    app.register_blueprint(serverapi.bp)
     ws.init_app(app)
     console.init_app(app)
     if os.path.realpath(app.static_folder or "") != os.path.realpath(_STATIC):

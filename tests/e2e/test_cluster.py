@@ -21,9 +21,16 @@ from collections.abc import Iterable
 from typing import Any, Callable
 
 import pytest
-import redis
 import requests
-from support import ROOT, GunicornServer, RawClient, RedisProcess, free_port, wait_for
+from support import (
+    ROOT,
+    GunicornServer,
+    RawClient,
+    RedisProcess,
+    delete_redis_keys,
+    free_port,
+    wait_for,
+)
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 # clients here are read only when a test checks them: no keepalive ping may close them first
@@ -46,22 +53,10 @@ def id_key(message_id: str) -> tuple[int, ...]:
     return tuple(int(part) for part in message_id.split("-"))
 
 
-def delete_keys(url: str, prefix: str) -> None:
-    client = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
-    try:
-        keys = list(client.scan_iter(match=f"{prefix}*", count=1000))
-        if keys:
-            client.delete(*keys)
-    finally:
-        client.close()
-
-
 @pytest.fixture
-def prefix():
+def prefix(redis_prefix):
     """A Redis key prefix of this test's own; its keys are deleted afterwards."""
-    value = f"wstest-{uuid.uuid4().hex[:12]}"
-    yield value
-    delete_keys(REDIS_URL, value)
+    return redis_prefix
 
 
 @pytest.fixture
@@ -558,7 +553,7 @@ def _recovery_server(kind: str, **extra: str):
     finally:
         srv.stop(graceful=False)
         if kind == "redis":
-            delete_keys(REDIS_URL, prefix)
+            delete_redis_keys(REDIS_URL, prefix)
 
 
 @pytest.fixture(scope="module", params=BROKERS)

@@ -13,11 +13,9 @@ from __future__ import annotations
 
 import json
 import time
-import uuid
 from typing import Any, Iterator
 
 import pytest
-import redis
 import requests
 from support import ROOT, GunicornServer, RawClient, close_code, wait_for
 
@@ -52,20 +50,6 @@ def servers() -> Iterator[Any]:
     yield start
     for srv in started:
         srv.stop(graceful=False)
-
-
-@pytest.fixture
-def redis_prefix() -> Iterator[str]:
-    """A Redis key prefix of this test's own; its keys are deleted afterwards."""
-    value = f"wstest-ext-{uuid.uuid4().hex[:12]}"
-    yield value
-    client = redis.Redis.from_url(REDIS_URL, socket_timeout=5, socket_connect_timeout=5)
-    try:
-        keys = list(client.scan_iter(match=f"{value}*", count=1000))
-        if keys:
-            client.delete(*keys)
-    finally:
-        client.close()
 
 
 def subscriber(server: GunicornServer, room: str = "orders") -> RawClient:

@@ -283,3 +283,36 @@ def test_ws_too_many_connections_conforms(secured_server):
         assert int(response.headers["retry-after"][0]) >= 1
     finally:
         ws.close()
+
+
+SERVER_API = [
+    ("/rooms/{room}/history", "GET", None),
+    ("/disconnect", "POST", {"user": "alice"}),
+    ("/unsubscribe", "POST", {"user": "alice", "room": "r"}),
+]
+
+
+@pytest.mark.parametrize("path, method, body", SERVER_API, ids=[p for p, _, _ in SERVER_API])
+@pytest.mark.parametrize(
+    "headers, status, code",
+    [
+        pytest.param({}, 401, "missing_api_key", id="no-key"),
+        pytest.param({"Authorization": "Bearer wrong"}, 401, "invalid_api_key", id="wrong-key"),
+        pytest.param({"Authorization": f"Bearer {API_KEY}"}, 200, None, id="key"),
+        pytest.param({"Authorization": f"Bearer {API_KEY}", "Origin": "https://evil.example"},
+                     403, "origin_forbidden", id="foreign-origin"),
+    ],
+)
+def test_server_api_access_conforms(path, method, body, headers, status, code, secured_server):
+    """The server API takes a publisher's credentials, as /notify does (production, keys)."""
+    kwargs: dict = {"method": method, "headers": headers}
+    if body is not None:
+        kwargs.update(body=body, media_type="application/json")
+    else:
+        kwargs.update(path_parameters={"room": "team/7"})
+    response = FULL_SPEC[path][method].Case(**kwargs).call_and_validate(
+        base_url=secured_server.url, timeout=10
+    )
+    assert response.status_code == status, response.text
+    if code is not None:
+        assert response.json()["code"] == code

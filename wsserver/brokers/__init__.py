@@ -32,7 +32,7 @@ published, history cannot be read: answer 503); it is defined with every other r
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, TypeVar
 
 from ..exceptions import BadRequest, BrokerUnavailable
 from ..frames import OP_TEXT, encode_frame
@@ -40,7 +40,10 @@ from ..frames import OP_TEXT, encode_frame
 if TYPE_CHECKING:
     from ..broadcaster import Broadcaster
     from ..config import Settings
+    from ..control import Control, Outcome
     from ..hub import Hub
+
+T = TypeVar("T")
 
 __all__ = [
     "Broker",
@@ -50,11 +53,14 @@ __all__ = [
     "Outgoing",
     "Recovery",
     "Repeated",
+    "RoomHistory",
     "audience_key",
     "envelope_frame",
+    "envelope_of",
     "key_reused",
     "make_broker",
     "order_of",
+    "page_of",
 ]
 
 
@@ -100,6 +106,18 @@ class Recovery:
 
     recovered: bool
     frames: list[tuple[tuple, bytes]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class RoomHistory:
+    """A page of a room's history (``GET /rooms/<room>/history``): ``messages`` are the
+    envelopes' JSON texts, oldest first. ``complete`` is False when messages after ``since``
+    may be missing (the same test a resume's ``recovered`` makes); ``more`` is True when
+    further kept messages follow the last one given (ask again with its id as ``since``)."""
+
+    complete: bool
+    messages: list[str] = field(default_factory=list)
+    more: bool = False
 
 
 @dataclass(frozen=True)
@@ -159,6 +177,24 @@ def envelope_frame(prefix: str, message_id: str) -> bytes:
     return encode_frame(OP_TEXT, (prefix + message_id + '"}').encode("utf-8"))
 
 
+def envelope_of(frame: bytes) -> str:
+    """The envelope's JSON text in a text frame made by :func:`envelope_frame` (server
+    frames are unmasked: a 2-, 4- or 10-byte header, then the payload)."""
+    length = frame[1] & 0x7F
+    start = 2 if length < 126 else 4 if length == 126 else 10
+    return frame[start:].decode("utf-8")
+
+
+def page_of(kept: list[tuple[tuple, T]], since: tuple | None, limit: int) -> tuple[list[T], bool]:
+    """The page both brokers answer from what they keep ((order, item), oldest first), and
+    whether more follow it: without ``since`` the newest ``limit``; with it the oldest
+    ``limit`` after it."""
+    if since is None:
+        return [item for _, item in kept[-limit:]], False
+    after = [item for order, item in kept if order > since]
+    return after[:limit], len(after) > limit
+
+
 def order_of(message_id: str) -> tuple | None:
     """An id (``"<ms>-<n>"``, from either broker) as a comparable key: ``"1700-3"`` →
     (1700, 3). None for anything else."""
@@ -210,6 +246,22 @@ class Broker:
         reaches the room's members on every worker, in order with notifications, when it
         changes who is in the room cluster-wide; True when it was published. No id, no
         history. Raises :class:`BrokerUnavailable` (the caller retries)."""
+        raise NotImplementedError
+
+    def room_history(
+        self, room: str, since: str | None, limit: int, timeout: float
+    ) -> RoomHistory:
+        """At most ``limit`` kept messages of ``room`` for ``GET /rooms/<room>/history``:
+        after ``since`` (a valid id; its ``complete`` as a resume's ``recovered``), or the
+        newest (``complete`` True). Read on the caller's thread, never the broadcaster's;
+        raises :class:`BrokerUnavailable` when the read fails or takes over ``timeout``."""
+        raise NotImplementedError
+
+    def control(self, control: Control, timeout: float) -> Outcome | None:
+        """Have every worker act on its connections of ``control.user``
+        (:mod:`wsserver.control`), in order with the notifications published before, and
+        wait (bounded) for their counts. None when this worker's queue stayed full for
+        ``timeout`` (nothing was sent); raises :class:`BrokerUnavailable`."""
         raise NotImplementedError
 
     @property

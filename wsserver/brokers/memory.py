@@ -49,6 +49,7 @@ from collections import OrderedDict, deque
 from typing import TYPE_CHECKING, Callable
 
 from ..broadcaster import Broadcast
+from ..control import WAIT, Control, ControlTask, Outcome, Reply
 from ..presence import presence_frame
 from . import (
     Broker,
@@ -57,10 +58,13 @@ from . import (
     Outgoing,
     Recovery,
     Repeated,
+    RoomHistory,
     audience_key,
     envelope_frame,
+    envelope_of,
     key_reused,
     order_of,
+    page_of,
 )
 
 if TYPE_CHECKING:
@@ -114,6 +118,7 @@ class MemoryBroker(Broker):
         self._keys: OrderedDict[str, tuple[float, str, tuple[str, ...]]] = OrderedDict()
         self._max_keys = settings.idempotency_max_keys
         self._broadcaster: Broadcaster | None = None
+        self._hub: Hub | None = None
         self._boot = int(time.time() * 1000)
         self._stopping = threading.Event()
         self._sweeper: threading.Thread | None = None
@@ -121,7 +126,7 @@ class MemoryBroker(Broker):
         self.sweep_interval = min(max(self._ttl / 4, 0.2), 10.0)
 
     def start(self, broadcaster: Broadcaster, hub: Hub) -> None:
-        self._broadcaster = broadcaster
+        self._broadcaster, self._hub = broadcaster, hub
         if self._sweeper is None:
             self._stopping.clear()
             self._sweeper = threading.Thread(
@@ -350,6 +355,51 @@ class MemoryBroker(Broker):
             if not kept or kept[0][0] > wanted + 1:
                 return Recovery(False)  # the message after `since` is gone already
             return Recovery(True, [((self._boot, n), frame) for n, frame in kept if n > wanted])
+
+    def room_history(
+        self, room: str, since: str | None, limit: int, timeout: float
+    ) -> RoomHistory:
+        """Read under the lock publishers take (held briefly, or for their enqueue timeout
+        while the queue is full): waited for at most ``timeout``, then
+        :class:`BrokerUnavailable`. The frames are copied out under it, decoded after."""
+        order = order_of(since) if since is not None else None
+        mine = order is not None and len(order) == 2 and order[0] == self._boot
+        key = audience_key(room, None)
+        if not self._lock.acquire(timeout=timeout):
+            raise BrokerUnavailable("memory: history lock busy", "WSSERVER_ENQUEUE_TIMEOUT")
+        try:
+            audience = self._audiences.get(key)
+            ring = audience.ring if audience is not None else None
+            horizon = time.monotonic() - self._ttl
+            kept = [(n, frame) for n, frame, at in ring if at >= horizon] if ring else []
+            last = audience.last if audience is not None else None
+        finally:
+            self._lock.release()
+        if since is None:
+            complete = True
+        elif not mine or last is None:
+            complete = False  # an id of another run, or nothing kept to vouch for it
+        else:
+            wanted = order[1]  # type: ignore[index]
+            # as history(): the message right after `since` must still be kept
+            complete = wanted == last or (wanted < last and bool(kept) and kept[0][0] <= wanted + 1)
+        # ids compare across runs ("<boot>-<n>"): an earlier run's id has everything kept
+        # after it, a later (made-up) one nothing
+        after = None if since is None else (order or ())
+        frames, more = page_of([((self._boot, n), frame) for n, frame in kept], after, limit)
+        return RoomHistory(complete, [envelope_of(frame) for frame in frames], more)
+
+    def control(self, control: Control, timeout: float) -> Outcome | None:
+        """One worker: the task goes on this broadcaster's queue (behind every notification
+        already published) and the count comes back within ``control.WAIT``."""
+        assert self._broadcaster is not None and self._hub is not None
+        reply = Reply()
+        if not self._broadcaster.submit(ControlTask(control, self._hub, reply.set), timeout):
+            return None
+        count = reply.wait(WAIT)
+        if count is None:
+            return Outcome(0, 0, 1)
+        return Outcome(count, 1)
 
 
 def _load_malloc_trim() -> Callable[[int], int] | None:

@@ -42,6 +42,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import queue
 import random
 import socket
 import threading
@@ -54,6 +55,7 @@ import redis
 from .. import metrics
 from ..broadcaster import Broadcast
 from ..codes import CLOSE_INTERNAL_ERROR, REASON_MISSED_MESSAGES
+from ..control import WAIT, Control, ControlTask, Outcome
 from ..exceptions import BrokerTimedOut
 from ..presence import (
     LEAVE,
@@ -71,14 +73,16 @@ from . import (
     Outgoing,
     Recovery,
     Repeated,
+    RoomHistory,
     audience_key,
     envelope_frame,
     key_reused,
     order_of,
+    page_of,
 )
 
 if TYPE_CHECKING:
-    from ..broadcaster import Broadcaster
+    from ..broadcaster import Broadcaster, QueueItem
     from ..config import Settings
     from ..hub import Hub
 
@@ -224,6 +228,22 @@ return out
 # to see the report gone and announce the dead worker's leaves
 _PRESENCE_TTL_MS = 10_000
 # -- end of presence
+# -- control messages (POST /disconnect, POST /unsubscribe; wsserver.control). KEYS: the bus
+# log, the workers set. ARGV: channel, the control message's JSON. Logged in the bus log (field
+# 'c', no stream: it is in no room's history) so a worker whose subscription dropped replays it
+# with the notifications around it, and published as "<bus id> ?<json>" on the one channel, so
+# every worker sees it in order with the notifications. Returns the live workers, who are
+# expected to report their counts.
+_CONTROL = """
+local seq = redis.call('XADD', KEYS[1], 'MAXLEN', '~', %d, '*', 'c', ARGV[2])
+redis.call('PUBLISH', ARGV[1], seq .. ' ?' .. ARGV[2])
+return redis.call('ZRANGE', KEYS[2], 0, -1)
+"""
+# a worker's count goes to the requester's reply list ("<worker> <count>"), which expires
+# after this long however the request ended (a late reply, a catch-up's replay)
+_REPLY_TTL_MS = 10_000
+# each wait for a reply (BLPOP) is below the client's 2 s socket timeout
+_REPLY_POLL = 0.5
 
 # how long the listener waits for a message before checking whether it should stop: it bounds
 # how long shutdown waits for this thread (a 1 s poll made every stop take a second)
@@ -283,6 +303,10 @@ class RedisBroker(Broker):
         # called (reporter thread) when Redis no longer had our report: what we announced
         # may be gone with it (wsserver.presence.Presence.reannounce)
         self.on_report_lost: Callable[[], None] | None = None
+        self._control = self._redis.register_script(_CONTROL % _BUS_LENGTH)
+        # (reply list, count) from this worker's control tasks, pushed by the replier thread
+        self._replies: queue.Queue[tuple[str, int]] = queue.Queue()
+        self._replier: threading.Thread | None = None
         self._worker = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._stop = threading.Event()
         self._connected = threading.Event()  # set while subscribed: publishing is open
@@ -350,10 +374,15 @@ class RedisBroker(Broker):
             target=self._reporting, name="wsserver-redis-reporter", daemon=True
         )
         self._reporter.start()
+        # daemon for the same reason; it only pushes control counts (see _replying)
+        self._replier = threading.Thread(
+            target=self._replying, name="wsserver-redis-replier", daemon=True
+        )
+        self._replier.start()
 
     def stop(self) -> None:
         self._stop.set()
-        for thread in (self._thread, self._reporter):
+        for thread in (self._thread, self._reporter, self._replier):
             if thread is not None and thread is not threading.current_thread():
                 thread.join(3.0)
         try:
@@ -506,6 +535,120 @@ class RedisBroker(Broker):
             frames.append((order_of(mid) or (), envelope_frame(prefix, mid)))
         return Recovery(True, frames)
 
+    def room_history(
+        self, room: str, since: str | None, limit: int, timeout: float
+    ) -> RoomHistory:
+        """One transaction: without ``since`` the newest ``limit`` entries (``XREVRANGE``);
+        with it, ``since``'s own entry, at most ``limit`` + 1 after it (the one more says
+        whether there are more) and the stream's last id, judged as :meth:`history` judges
+        a resume. Bounded by the client's 2 s socket timeout (``timeout`` is the memory
+        broker's lock wait; a Redis call cannot be cut shorter than its socket timeout)."""
+        key = self._stream(audience_key(room, None))
+        wanted = order_of(since) if since is not None else None
+        try:
+            pipe = self._redis.pipeline(transaction=True)
+            if since is None:
+                pipe.xrevrange(key, "+", "-", count=limit)
+                (entries,) = pipe.execute()
+                entries = list(reversed(entries))
+            else:
+                pipe.xrange(key, since, since)
+                pipe.xrange(key, "(" + since, "+", count=limit + 1)
+                pipe.xinfo_stream(key)
+                exact, entries, info = pipe.execute()
+        except redis.ResponseError:  # no such stream (nothing kept, expired, Redis restarted)
+            return RoomHistory(since is None)
+        except (redis.RedisError, OSError) as exc:
+            self._failed()
+            raise BrokerUnavailable(f"redis: {exc.__class__.__name__}") from None
+        kept = []
+        for entry_id, fields in entries:
+            mid = _text(entry_id)
+            _room, _user, prefix = json.loads(fields[b"m"])
+            kept.append((order_of(mid) or (), prefix + mid + '"}'))
+        if since is None:
+            return RoomHistory(True, *page_of(kept, None, limit))
+        last = order_of(_text(info.get("last-generated-id", b"")))
+        complete = (
+            wanted is not None and last is not None and wanted <= last
+            and (bool(exact) or wanted == last)
+        )
+        return RoomHistory(complete, *page_of(kept, wanted or (), limit))
+
+    # -- control messages ------------------------------------------------------------------
+
+    def control(self, control: Control, timeout: float) -> Outcome | None:
+        """Log and publish ``control`` (one script), then wait up to ``control.WAIT`` for
+        the counts of the workers that were live when it was published: each pushes
+        ``"<worker> <count>"`` to a reply list of this request's own. Counts that arrive
+        later are not counted (``unanswered`` says how many workers were missing); a
+        worker that was not in the set yet (it just started) is counted if it answers in
+        time. Raises :class:`BrokerUnavailable` when Redis does not take it (a timeout
+        included: the message may have gone out; both actions are safe to repeat)."""
+        if not self._connected.is_set():
+            raise BrokerUnavailable("redis: not subscribed yet")
+        reply_to = f"{self._prefix}:reply:{uuid.uuid4().hex}"
+        message = Control(control.action, control.user, control.room, reply_to)
+        try:
+            members = self._control(
+                keys=[self._bus, self._workers_key], args=[self._channel, message.encode()]
+            )
+        except (redis.RedisError, OSError) as exc:
+            self._failed()
+            raise BrokerUnavailable(f"redis: {exc.__class__.__name__}") from None
+        expected = {_text(m) for m in members} | {self._worker}
+        answered: dict[str, int] = {}
+        deadline = time.monotonic() + WAIT
+        try:
+            while not expected <= answered.keys():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                got = self._redis.blpop([reply_to], timeout=max(min(left, _REPLY_POLL), 0.01))
+                if got is not None:
+                    worker, _, count = _text(got[1]).rpartition(" ")
+                    answered[worker] = int(count)
+        except (redis.RedisError, OSError, ValueError) as exc:
+            log.warning("redis: waiting for control replies failed (%s)", exc.__class__.__name__)
+        finally:
+            try:
+                self._redis.delete(reply_to)
+            except (redis.RedisError, OSError):
+                pass
+        missing = len(expected - answered.keys())
+        return Outcome(sum(answered.values()), len(answered), missing)
+
+    def _control_task(self, data: bytes | str) -> ControlTask:
+        """The task of a control message read off the channel or the bus log: it acts on
+        this worker's connections, then hands its count to the replier."""
+        assert self._hub is not None
+        control = Control.decode(data)
+
+        def done(count: int) -> None:
+            if control.reply_to is not None:
+                self._replies.put((control.reply_to, count))
+
+        return ControlTask(control, self._hub, done)
+
+    def _replying(self) -> None:
+        """The replier thread: pushes the counts of this worker's control tasks to their
+        requesters' reply lists (the broadcaster, which runs the tasks, never talks to
+        Redis). A count that cannot be pushed is dropped: its requester answers without it
+        and says so (``unanswered``)."""
+        while not self._stop.is_set():
+            try:
+                reply_to, count = self._replies.get(timeout=_POLL)
+            except queue.Empty:
+                continue
+            try:
+                pipe = self._redis.pipeline(transaction=False)
+                pipe.rpush(reply_to, f"{self._worker} {count}")
+                pipe.pexpire(reply_to, _REPLY_TTL_MS)
+                pipe.execute()
+            except (redis.RedisError, OSError) as exc:
+                self._failed()
+                log.warning("redis: a control reply was not sent (%s)", exc.__class__.__name__)
+
     def peers(self) -> Census | None:
         """The other workers' counts as the reporter last read them (at most 0.25 s ago,
         each at most 0.25 s old when read); None when that read is over 2 s old."""
@@ -631,10 +774,11 @@ class RedisBroker(Broker):
             log.info("redis: resubscribed; replayed %d missed message(s)", replayed)
         return None
 
-    def _page(self, position: str, end: str) -> list[tuple[str, Broadcast | None]] | None:
-        """The next log entries after ``position`` (up to ``end``) as (bus id, broadcast;
-        None for a marker), read with ``position``'s own entry in one transaction: None when
-        that entry is gone (trimmed, or Redis lost it) or a message's payload is."""
+    def _page(self, position: str, end: str) -> list[tuple[str, QueueItem | None]] | None:
+        """The next log entries after ``position`` (up to ``end``) as (bus id, broadcast or
+        control task; None for a marker), read with ``position``'s own entry in one
+        transaction: None when that entry is gone (trimmed, or Redis lost it) or a message's
+        payload is."""
         pipe = self._redis.pipeline(transaction=True)
         pipe.xrange(self._bus, position, position)
         pipe.xrange(self._bus, "(" + position, end, count=_REPLAY_PAGE)
@@ -652,10 +796,15 @@ class RedisBroker(Broker):
         for key, found in zip(wanted, pipe.execute() if wanted else []):
             for mid, fields in found:
                 metas[(key, _text(mid))] = fields[b"m"]
-        page: list[tuple[str, Broadcast | None]] = []
+        page: list[tuple[str, QueueItem | None]] = []
         for bus_id, fields in entries:
-            item = None
-            if b"k" in fields:
+            item: QueueItem | None = None
+            if b"c" in fields:  # a control message: acted on here too, never shown
+                try:
+                    item = self._control_task(fields[b"c"])
+                except ValueError:
+                    log.warning("redis: skipped a malformed control message in the bus log")
+            elif b"k" in fields:
                 mid = _text(fields[b"i"])
                 meta = metas.get((_text(fields[b"k"]), mid))
                 if meta is None:
@@ -694,11 +843,15 @@ class RedisBroker(Broker):
             order = order_of(bus_id)
             if order is not None and order <= self._replayed_to:
                 return  # the catch-up delivered it already
+        if rest[:1] == b"?":  # "<bus id> ?<control>": a task, in order with the messages
+            self._submit(self._control_task(rest[1:]))
+            self._position = bus_id
+            return
         mid, _, meta = rest.partition(b" ")
         self._submit(_broadcast(mid.decode(), meta))
         self._position = bus_id
 
-    def _submit(self, item: Broadcast) -> None:
+    def _submit(self, item: QueueItem) -> None:
         assert self._broadcaster is not None
         # never drop what Redis accepted: wait for room in the local queue
         while not self._broadcaster.submit(item, 1.0):

@@ -12,6 +12,10 @@
  * ?token= in the URL ends up in proxies' access logs; the server selects "wsserver.v1" and never
  * echoes the token; a function is called at every connect for a fresh one, which also makes an
  * expired-token close 4001 reconnect), backoffInitial / backoffMax (reconnect delays, ms).
+ * A publisher's disconnect (close 4002, POST /disconnect) is never followed by a reconnect with
+ * the same token: with a fixed token the client stops; with a function it reconnects only if
+ * the function returns another token (it stops with an "error" otherwise). The app sees the
+ * "close" event with code 4002 either way.
  * A room the server takes away (an "unsubscribed" reply with a "code", e.g. after a refresh
  * whose token no longer grants it) is forgotten: it is not joined again on reconnect. After a close it reconnects or stops as WsserverClient.closeAction(code, reason) says
  * (docs/protocol.md, "Close codes the server sends").
@@ -40,7 +44,9 @@
     "closeActions": {"1000": "reconnect", "1001": "reconnect", "1002": "give_up",
       "1003": "give_up", "1005": "reconnect", "1006": "reconnect", "1007": "give_up",
       "1008": "reconnect", "1009": "give_up", "1010": "give_up", "1011": "reconnect",
-      "1012": "reconnect", "1013": "reconnect", "1014": "reconnect", "4001": "new_token"},
+      "1012": "reconnect", "1013": "reconnect", "1014": "reconnect", "4001": "new_token",
+      "4002": "new_token"},
+    "closeDisconnected": 4002,
     "giveUpReasons": {"1008": ["too many invalid commands"]},
     "serverSideErrors": ["busy", "history_unavailable", "queue_full"],
     "subprotocol": "wsserver.v1",
@@ -94,6 +100,8 @@
       this._attempt = 0; // failed connects in a row: drives the backoff
       this._timer = null;
       this._stopped = false;
+      this._tokenUsed = null; // the current connection's token
+      this._spentToken = null; // the token of a connection a publisher disconnected (4002)
       if (typeof opts.onPresence === "function") this.onPresence(opts.onPresence);
       this._onOnline = () => this._retryNow();
       if (root.addEventListener) root.addEventListener("online", this._onOnline);
@@ -187,6 +195,14 @@
         this._scheduleReconnect();
         return;
       }
+      if (token && token === this._spentToken) { // the server said not to come back with it
+        this._stopped = true;
+        this._emit("error", new Error("disconnected by the server: the token function " +
+          "returned the same token again; not reconnecting with it"));
+        this._setState("closed");
+        return;
+      }
+      this._tokenUsed = token || null;
       const offer = [CODES.subprotocol];
       if (token) {
         if (!TOKEN_CHARS.test(token)) { // not a JWT: it cannot travel in the offer
@@ -219,6 +235,7 @@
       ws.onclose = (ev) => {
         if (this._ws !== ws) return;
         this._ws = null;
+        if (ev.code === CODES.closeDisconnected) this._spentToken = this._tokenUsed;
         this._emit("close", ev.code, ev.reason);
         if (this._stopped || !this._reconnects(ev.code, ev.reason)) {
           this._stopped = true;
