@@ -31,7 +31,15 @@ from .exceptions import BadRequest, PublishRefused, Refusal
 from .protocol import idempotency_key, parse_notification, parse_notify_body
 from .service import NotificationService, Published
 
-__all__ = ["METHODS", "PATH", "NotifyEndpoint", "body_too_large"]
+__all__ = [
+    "METHODS",
+    "PATH",
+    "NotifyEndpoint",
+    "body_too_large",
+    "check_json",
+    "check_origin",
+    "read_body",
+]
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +74,7 @@ class NotifyEndpoint:
                 status, document = self._post(environ)
             elif method == "OPTIONS":
                 # a preflight is answered for allowed origins only
-                _check_origin(policy, environ)
+                check_origin(policy, environ)
                 headers.append(("Allow", _ALLOW))
                 return wsgi_json(start_response, 200, None, headers)
             else:
@@ -93,23 +101,24 @@ class NotifyEndpoint:
         whose Content-Type is never ``application/json``: the 415 is what keeps such a page
         from publishing even where its Origin would not be checked (no Origin sent)."""
         service = self._service
-        _check_origin(service.policy, environ)
+        check_origin(service.policy, environ)
         service.publishers.check(environ)
-        _check_json(environ.get("CONTENT_TYPE"))
+        check_json(environ.get("CONTENT_TYPE"))
         header = environ.get("HTTP_IDEMPOTENCY_KEY")
         key = None if header is None else idempotency_key(header)
-        body = parse_notify_body(_read_body(environ, service.settings.max_body_size))
+        body = parse_notify_body(read_body(environ, service.settings.max_body_size))
         if isinstance(body, list):
             return _publish_batch(service, body, key)
         return 200, _accepted(service.publish(parse_notification(body), key))
 
 
-def _check_origin(policy: AccessPolicy, environ: dict) -> None:
-    """403 for a browser page whose origin may not publish (no Origin: not a browser)."""
+def check_origin(policy: AccessPolicy, environ: dict) -> None:
+    """403 for a browser page whose origin may not publish (no Origin: not a browser). The
+    server API (:mod:`wsserver.serverapi`) refuses the same way."""
     policy.origins.check(environ.get("HTTP_ORIGIN"), environ.get("HTTP_HOST"), "publish")
 
 
-def _check_json(content_type: str | None) -> None:
+def check_json(content_type: str | None) -> None:
     """415 unless the body is declared JSON: ``application/json``, parameters (``charset``)
     allowed; parsed by werkzeug, as Flask parses it."""
     mimetype, _ = parse_options_header(content_type or "")
@@ -123,7 +132,7 @@ def _check_json(content_type: str | None) -> None:
         )
 
 
-def _read_body(environ: dict, limit: int) -> bytes:
+def read_body(environ: dict, limit: int) -> bytes:
     """The request body; over ``limit`` bytes is a 413.
 
     A Content-Length over the limit is refused before anything is read. A chunked body (no

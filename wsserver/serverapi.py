@@ -38,7 +38,7 @@ from .exceptions import (
 )
 
 # /notify's own checks, so both refuse the same requests with the same answers
-from .notify import _check_json, _check_origin, _read_body
+from .notify import check_json, check_origin, read_body
 from .protocol import USER_MAX_LENGTH, parse_notify_body, validate_room
 from .service import NotificationService
 
@@ -83,7 +83,7 @@ def _check_publisher() -> Any:
     CORS preflight is answered for allowed origins only."""
     service = _service()
     try:
-        _check_origin(service.policy, request.environ)
+        check_origin(service.policy, request.environ)
         if request.method != "OPTIONS":
             service.publishers.check(request.environ)
     except AccessDenied as exc:
@@ -176,8 +176,8 @@ def unsubscribe() -> Response:
 
 def _body() -> dict[str, Any]:
     environ = request.environ
-    _check_json(environ.get("CONTENT_TYPE"))
-    body = parse_notify_body(_read_body(environ, _service().settings.max_body_size))
+    check_json(environ.get("CONTENT_TYPE"))
+    body = parse_notify_body(read_body(environ, _service().settings.max_body_size))
     if not isinstance(body, dict):
         raise BadRequest(400, "not_an_object", "expected a JSON object")
     return body

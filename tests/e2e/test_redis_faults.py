@@ -12,7 +12,6 @@ from __future__ import annotations
 import random
 import threading
 import time
-import uuid
 
 import pytest
 import redis
@@ -25,7 +24,6 @@ from .test_cluster import (
     TARGETS,
     Accepted,
     check_received,
-    delete_keys,
     notification,
     open_client,
     redis_env,
@@ -34,11 +32,9 @@ from .test_cluster import (
 
 
 @pytest.fixture
-def prefix():
+def prefix(redis_prefix):
     """A Redis key prefix of this test's own; its keys are deleted afterwards."""
-    value = f"wstest-{uuid.uuid4().hex[:12]}"
-    yield value
-    delete_keys(REDIS_URL, value)
+    return redis_prefix
 
 
 def listener_ids(admin: redis.Redis, name: str) -> list[int]:
