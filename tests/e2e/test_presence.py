@@ -402,3 +402,32 @@ def test_a_worker_that_starts_late_or_loses_its_subscription_knows_the_members(p
         for client in opened:
             client.close()
         admin.close()
+
+
+def test_the_server_api_takes_members_out_and_the_room_hears_it(make_server):
+    """POST /unsubscribe and POST /disconnect (the server API) take a user's connections out
+    through the same hub: its leave is announced once, when its last connection goes."""
+    srv = make_server(TOKENS)
+    bob = user_client(srv, "bob", "bob")
+    tabs = [user_client(srv, "mallory", f"mallory-{i}") for i in range(2)]
+    eve = user_client(srv, "eve", "eve")
+    try:
+        join(bob)
+        assert bob.recv() == event("join", "bob")
+        for tab in tabs:
+            join(tab)
+        assert bob.recv() == event("join", "mallory")
+        join(eve)
+        assert bob.recv() == event("join", "eve")
+        answer = requests.post(srv.url + "/unsubscribe", json={"user": "mallory", "room": ROOM},
+                               timeout=10)
+        assert answer.status_code == 200, answer.text
+        assert bob.recv() == event("leave", "mallory")
+        assert quiet(bob, 0.5)
+        answer = requests.post(srv.url + "/disconnect", json={"user": "eve"}, timeout=10)
+        assert answer.status_code == 200 and answer.json()["closed"] == 1, answer.text
+        assert bob.recv() == event("leave", "eve")
+        assert room_info(srv)["users"] == ["bob"]
+    finally:
+        for client in (bob, *tabs, eve):
+            client.close()
