@@ -39,7 +39,10 @@ OP_CONT = 0x0
 
 class _Transport:
     """What ``ws.serve_connection`` needs from simple-websocket: the socket and a wsproto
-    connection past its handshake (done here by hand, as simple-websocket would)."""
+    connection past its handshake (done here by hand, as simple-websocket would; no 101 is
+    sent: the peer reads frames only)."""
+
+    upgrade_response = None
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock

@@ -22,7 +22,8 @@ import simple_websocket
 from rawws import OP_CLOSE, OP_TEXT, client_frame, close_code
 
 from wsserver import codes, metrics
-from wsserver.transport import Transport, server_options
+from wsserver.protocol import Notification
+from wsserver.transport import Transport, defer_upgrade_response, server_options
 from wsserver.ws import check_upgrade, serve_connection
 
 pytestmark = pytest.mark.timeout(15)
@@ -377,3 +378,46 @@ def test_a_registered_client_is_in_its_rooms_until_its_session_ends(make_app, ac
     session.join(5)
     assert not session.is_alive()
     assert service.hub.count() == 0 and service.hub.members("a") == []
+
+
+def test_the_101_goes_out_only_once_the_client_is_in_the_hub_and_its_rooms(make_app):
+    """A client may publish the moment it reads its 101 (a script: connect, then POST). If
+    the 101 went out before the connection was in the hub and its rooms, a notification
+    answered 200 after the client's 101 could miss it (seen under load: a test that POSTed
+    right after connecting waited 10 s for its message). So simple-websocket's 101 is held
+    (``transport.defer_upgrade_response``) until ``serve_connection`` has registered the
+    client (what is published meanwhile is queued behind the 101:
+    ``test_connection.py::test_an_opening_connection_queues_until_its_101_is_sent``)."""
+    app = make_app(env="development")
+    service = app.extensions["wsserver"]
+    service.ensure_started()
+    ours, peer = socket.socketpair()
+    environ = {f"HTTP_{k.upper().replace('-', '_')}": v for k, v in UPGRADE.items()}
+    environ["werkzeug.socket"] = ours
+    defer_upgrade_response(environ)
+    transport = Transport(simple_websocket.Server(environ, **server_options()))
+    assert transport.sock is ours and transport.upgrade_response.startswith(b"HTTP/1.1 101")
+    peer.setblocking(False)
+    with pytest.raises(BlockingIOError):
+        peer.recv(1)  # nothing sent yet: without the hold, the 101 would be here already
+    peer.setblocking(True)
+    peer.settimeout(5)
+    serving = threading.Thread(target=serve_connection,
+                               args=(service, transport, REMOTE, ("news",)), daemon=True)
+    serving.start()
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += peer.recv(4096)
+    # the moment the client can know it is connected, it is in its room
+    assert service.hub.audience(("news",), None) == 1
+    assert head.startswith(b"HTTP/1.1 101")
+    service.publish(Notification("after", "", None, rooms=("news",)))
+    parser = rawws.FrameParser()
+    frames = parser.feed(head.split(b"\r\n\r\n", 1)[1])
+    deadline = time.monotonic() + 5
+    while len(frames) < 1 and time.monotonic() < deadline:
+        frames += parser.feed(peer.recv(65536))
+    assert [json.loads(p)["event"] for op, p in frames if op == OP_TEXT][-1:] == ["after"]
+    peer.close()
+    serving.join(5)
+    assert not serving.is_alive()

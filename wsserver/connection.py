@@ -132,6 +132,7 @@ class Connection:
         remote: str,
         buffer_limit: int,
         flusher: Flusher,
+        opening: bool = False,
     ) -> None:
         self.id = conn_id
         self.sock = sock
@@ -143,7 +144,9 @@ class Connection:
         self._pending_bytes = 0
         self._buffer_limit = buffer_limit
         self._flusher = flusher
-        self._watched = False  # the flusher will call on_writable: it owns the next write
+        # someone else owns the next write: the flusher, which will call on_writable, or
+        # (``opening``) the upgrade's 101, not sent yet: writes queue until :meth:`open`
+        self._watched = opening
         self._state = _OPEN
         # the echoes of the client's own relayed messages and what waits for them (own lock)
         self.echoes = EchoOrder(self._lock, self)
@@ -207,6 +210,18 @@ class Connection:
             self._pending.extend(frames)
             self._pending_bytes += total
             return self._write_locked()
+
+    def open(self, upgrade_response: bytes) -> None:
+        """Send the upgrade's 101, then what was queued while it waited (a connection made
+        with ``opening``: see ``transport._HeldUpgradeResponse`` for why). Once, by the
+        connection's own thread, right after the hub registered it."""
+        with self._lock:
+            self._watched = False
+            if self._state is _CLOSED:
+                return
+            self._pending.appendleft(upgrade_response)
+            self._pending_bytes += len(upgrade_response)
+            self._flush_locked()
 
     def send(self, frame: bytes) -> SendResult:
         """Queue one encoded frame (a reply); see :meth:`send_frames`."""
@@ -465,8 +480,9 @@ class TlsConnection(Connection):
         remote: str,
         buffer_limit: int,
         flusher: Flusher,
+        opening: bool = False,
     ) -> None:
-        super().__init__(conn_id, sock, remote, buffer_limit, flusher)
+        super().__init__(conn_id, sock, remote, buffer_limit, flusher, opening)
         self._owed = 0  # bytes an SSL_write that would block took: the retry presents them
         sock.setblocking(False)
 

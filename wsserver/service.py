@@ -304,13 +304,17 @@ class NotificationService:
 
     # -- connection callbacks --------------------------------------------------------------
 
-    def new_connection(self, sock, remote: str, identity: Identity | None = None) -> Connection:  # type: ignore[no-untyped-def]
+    def new_connection(  # type: ignore[no-untyped-def]
+        self, sock, remote: str, identity: Identity | None = None, opening: bool = False
+    ) -> Connection:
+        """A connection for ``sock``; ``opening``: its 101 is not sent yet, writes queue until
+        :meth:`Connection.open`."""
         self.ensure_started()
         assert self.flusher is not None
         if self.settings.send_buffer:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.settings.send_buffer)
         conn = connection_class(sock)(
-            self.hub.next_id(), sock, remote, self.settings.client_buffer, self.flusher
+            self.hub.next_id(), sock, remote, self.settings.client_buffer, self.flusher, opening
         )
         if identity is not None:
             conn.identity, conn.user = identity, identity.user

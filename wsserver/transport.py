@@ -28,7 +28,13 @@ from wsproto.handshake import H11Handshake
 
 from .codes import SUBPROTOCOL
 
-__all__ = ["Transport", "handshake_rejection", "server_options", "strip_compression_offer"]
+__all__ = [
+    "Transport",
+    "defer_upgrade_response",
+    "handshake_rejection",
+    "server_options",
+    "strip_compression_offer",
+]
 
 
 class _NoReaderThread:
@@ -58,6 +64,37 @@ def server_options() -> dict[str, Any]:
         "max_message_size": None,
         "subprotocols": [SUBPROTOCOL],
     }
+
+
+class _HeldUpgradeResponse:
+    """Stands in for the socket while simple-websocket answers the upgrade: the ``101
+    Switching Protocols`` it writes is kept, not sent, and everything else goes to the socket.
+
+    Why: a client may publish (or be published to) the moment it reads its 101. If the 101
+    went out before the connection was in the hub and its rooms, a notification answered 200
+    after the client's 101 could miss it. ``ws.serve_connection`` registers the connection
+    first, then sends the kept 101 as the first bytes of the connection's own write path,
+    ahead of anything queued for it meanwhile (:meth:`Connection.open`)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.response = bytearray()
+
+    def send(self, data: bytes) -> int:
+        self.response += data
+        return len(data)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.sock, name)
+
+
+def defer_upgrade_response(environ: dict[str, Any]) -> None:
+    """Make simple-websocket keep its 101 instead of sending it (see
+    :class:`_HeldUpgradeResponse`); :class:`Transport` hands it over."""
+    for key in ("werkzeug.socket", "gunicorn.socket"):  # simple-websocket's order
+        if key in environ:
+            environ[key] = _HeldUpgradeResponse(environ[key])
+            return
 
 
 def strip_compression_offer(environ: dict[str, Any]) -> None:
@@ -99,14 +136,20 @@ def handshake_rejection(environ: dict[str, Any]) -> str | None:
 
 
 class Transport:
-    """Our hold on an accepted simple-websocket ``Server``: its socket and its wsproto
-    connection (used only for parsing inbound bytes)."""
+    """Our hold on an accepted simple-websocket ``Server``: its socket, its wsproto
+    connection (used only for parsing inbound bytes) and, when :func:`defer_upgrade_response`
+    held it, the 101 still to be sent (``upgrade_response``; None: already sent)."""
 
-    __slots__ = ("sock", "protocol", "_ws")
+    __slots__ = ("sock", "protocol", "upgrade_response", "_ws")
 
     def __init__(self, ws: Any) -> None:
         self._ws = ws
-        self.sock: socket.socket = ws.sock
+        self.upgrade_response: bytes | None = None
+        sock = ws.sock
+        if isinstance(sock, _HeldUpgradeResponse):
+            self.upgrade_response = bytes(sock.response)
+            sock = ws.sock = sock.sock
+        self.sock: socket.socket = sock
         self.protocol: WSConnection = ws.ws
 
     def release(self) -> None:

@@ -22,7 +22,12 @@ from .handshake import check_handshake, negotiate_subprotocol
 from .protocol import error_frame, parse_room_list
 from .service import NotificationService
 from .session import run_session
-from .transport import Transport, server_options, strip_compression_offer
+from .transport import (
+    Transport,
+    defer_upgrade_response,
+    server_options,
+    strip_compression_offer,
+)
 from .worker import WEBSOCKET_STARTED
 
 __all__ = ["init_app"]
@@ -43,6 +48,7 @@ def init_app(app: Flask) -> None:
         service: NotificationService = current_app.extensions["wsserver"]
         try:
             strip_compression_offer(request.environ)
+            defer_upgrade_response(request.environ)
             check_handshake(request.environ)
             offered_token = negotiate_subprotocol(request.environ)
             service.ensure_started()
@@ -120,10 +126,16 @@ def serve_connection(
     identity: Identity | None = None,
     since: str | None = None,
 ) -> None:
-    """Register the client (in its connect-time rooms), run its session on this thread,
-    and always clean up."""
-    conn = service.new_connection(transport.sock, remote, identity)
+    """Register the client (in its connect-time rooms), send its 101 if it waits (so the
+    client is in its rooms before it can know it is connected), run its session on this
+    thread, and always clean up."""
+    upgrade_response = transport.upgrade_response
+    conn = service.new_connection(
+        transport.sock, remote, identity, opening=upgrade_response is not None
+    )
     refused = service.hub.add(conn)
+    if upgrade_response is not None and (refused is not None or since is not None):
+        conn.open(upgrade_response)  # refused: 101, then 1013; a resume replies after it
     if refused is not None:
         # lost a race for the last slot (or shutdown began) after the checks before the
         # upgrade: refuse politely, saying which
@@ -146,6 +158,8 @@ def serve_connection(
         else:
             for room in rooms:
                 commands.subscribe(conn, room)
+            if upgrade_response is not None:
+                conn.open(upgrade_response)
         why = run_session(transport, conn, service.settings, commands.on_message)
     except Exception:
         log.exception("client %d: session failed", conn.id)

@@ -11,6 +11,7 @@ import threading
 import time
 
 import requests
+import websocket
 from rawws import OP_CLOSE, OP_PING, OP_PONG, OP_TEXT, RawClient, close_code
 from support import connect, thread_count, wait_for
 
@@ -287,3 +288,39 @@ def test_one_thread_per_idle_connection(make_server):
     # every connection's thread returned to gunicorn's pool (pool threads stay, idle)
     assert thread_count(pid) <= base + 62
     assert os.path.exists(f"/proc/{pid}")
+
+
+def test_a_notification_posted_right_after_the_101_always_arrives(server):
+    """A script connects and POSTs the moment its WebSocket is open: the 101 is sent only
+    once the client is in the hub and its rooms (``transport.defer_upgrade_response``), so a
+    200 after the client's 101 always reaches it. Four threads, 25 rounds each, each round a
+    new connection and a POST at once; under load the old order lost some (a test waited
+    10 s for a message that had been delivered to nobody)."""
+    failures: list[str] = []
+
+    def rounds(worker: int) -> None:
+        with requests.Session() as session:
+            for n in range(25):
+                room = f"first-{worker}-{n}"
+                ws = websocket.create_connection(f"{server.ws_url}?rooms={room}", timeout=10)
+                try:
+                    answer = session.post(server.url + "/notify", timeout=10,
+                                          json={"event": "first", "room": room})
+                    if answer.status_code != 200 or answer.json().get("clients") != 1:
+                        failures.append(f"{room}: {answer.status_code} {answer.text}")
+                        continue
+                    got = json.loads(ws.recv())
+                    if got.get("event") != "first" or got.get("room") != room:
+                        failures.append(f"{room}: got {got}")
+                except Exception as exc:  # noqa: BLE001 - reported below
+                    failures.append(f"{room}: {exc!r}")
+                finally:
+                    ws.close()
+
+    threads = [threading.Thread(target=rounds, args=(w,)) for w in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not any(t.is_alive() for t in threads)
+    assert not failures, failures[:5]
