@@ -10,6 +10,7 @@ import socket
 import threading
 import time
 
+import pytest
 import requests
 import websocket
 from rawws import OP_CLOSE, OP_PING, OP_PONG, OP_TEXT, RawClient, close_code
@@ -150,6 +151,7 @@ def _rss_kb(pid: int) -> int:
     raise AssertionError("no VmRSS")
 
 
+@pytest.mark.serial
 def test_stalled_client_is_dropped_and_does_not_slow_the_others(make_server):
     """100 readers + 1 client that never reads: while 2,100 notifications flow the readers'
     p99 latency stays within 2x of the runs without it, the stalled client is dropped as a
