@@ -594,6 +594,19 @@ class Settings:
         64 * 1024,
         "Largest message a client may send (bytes); over it the connection is closed with 1009.",
     )
+    compression: bool = _setting(
+        _parse_bool,
+        True,
+        "Negotiate permessage-deflate (RFC 7692) with clients that offer it, always with "
+        "`server_no_context_takeover`: each notification is compressed once and the same "
+        "frame goes to every such client. Off: every client gets the plain frame.",
+    )
+    compression_min_size: int = _setting(
+        _int_in(0, 1024 * MiB),
+        1024,
+        "Smallest message payload (bytes) compressed for clients that negotiated "
+        "permessage-deflate; smaller ones go to them plain.",
+    )
     client_buffer: int = _setting(
         _int_in(1024, 1024 * MiB),
         1 * MiB,

@@ -122,6 +122,7 @@ class Connection:
         "identity",
         "invalid_commands",
         "commands",
+        "deflate",
         "__weakref__",
     )
 
@@ -163,11 +164,22 @@ class Connection:
         # commands per second (WSSERVER_MAX_COMMAND_RATE; set by the service before the
         # session starts): the connection's own thread only
         self.commands = TokenBucket(0, 1)
+        # permessage-deflate: the window (bits) the client negotiated for what we send, or
+        # None (plain frames only); set before the Hub sees the connection, then read only.
+        # The broadcaster picks this client's variant of each broadcast by it.
+        self.deflate: int | None = None
 
     # -- the write path ------------------------------------------------------------------
 
-    def send_frames(self, frames: Sequence[bytes], total: int | None = None) -> SendResult:
-        """Queue encoded frames and write what the socket takes now."""
+    def send_frames(
+        self,
+        frames: Sequence[bytes],
+        total: int | None = None,
+        plain: Sequence[bytes] | None = None,
+    ) -> SendResult:
+        """Queue encoded frames and write what the socket takes now. ``plain``: when
+        ``frames`` are compressed twins (permessage-deflate), the plain frames they stand
+        for, in the same order (the echo ordering recognizes a client's echo by those)."""
         if total is None:
             total = sum(len(f) for f in frames)
         with self._lock:
@@ -176,7 +188,7 @@ class Connection:
                 return _REFUSED
             if self.echoes.held:
                 # rare: this client's own message is out for relay; its echo may be here
-                self.echoes.relay_locked(frames)
+                self.echoes.relay_locked(frames, plain)
                 return self._write_locked()
             if not self._pending and not self._watched and len(frames) <= _IOV_MAX:
                 # the common case, the fan-out's hot path (inline: it runs once per client
@@ -486,8 +498,14 @@ class TlsConnection(Connection):
         self._owed = 0  # bytes an SSL_write that would block took: the retry presents them
         sock.setblocking(False)
 
-    def send_frames(self, frames: Sequence[bytes], total: int | None = None) -> SendResult:
-        """Queue encoded frames and write what the socket takes now (see the class)."""
+    def send_frames(
+        self,
+        frames: Sequence[bytes],
+        total: int | None = None,
+        plain: Sequence[bytes] | None = None,
+    ) -> SendResult:
+        """Queue encoded frames and write what the socket takes now (see the class and
+        :meth:`Connection.send_frames`)."""
         if total is None:
             total = sum(len(f) for f in frames)
         with self._lock:
@@ -495,7 +513,7 @@ class TlsConnection(Connection):
             if state is _CLOSE_SENT or state is _CLOSED:
                 return _REFUSED
             if self.echoes.held:
-                self.echoes.relay_locked(frames)
+                self.echoes.relay_locked(frames, plain)
             else:
                 self._pending.extend(frames)
                 self._pending_bytes += total

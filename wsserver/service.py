@@ -112,7 +112,12 @@ class NotificationService:
             if self._pid == pid:
                 return
             self.flusher = Flusher()
-            self.broadcaster = Broadcaster(self.hub, self.settings.queue_size, self.drop_slow)
+            self.broadcaster = Broadcaster(
+                self.hub,
+                self.settings.queue_size,
+                self.drop_slow,
+                compress_min_size=self.settings.compression_min_size,
+            )
             self.flusher.start()
             self.broadcaster.start()
             if self._pid is not None:  # forked after a start: the broker is the parent's
