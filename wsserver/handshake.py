@@ -169,7 +169,9 @@ def _accept_deflate(params: list[tuple[str, str | None]]) -> DeflateOffer | None
 
 
 def _window_bits(value: str | None) -> int | None:
-    if value is None or not value.isdigit() or len(value) > 2:
+    """RFC 7692 7.1.2: a decimal integer from 8 to 15 without leading zeroes (ASCII digits:
+    ``isdigit`` also takes other scripts' digits)."""
+    if value is None or not value.isascii() or not value.isdigit() or value[0] == "0":
         return None
     bits = int(value)
     return bits if bits in _BITS else None
