@@ -1,5 +1,5 @@
 """The delivery engine end to end: one writer per socket, slow consumers isolated,
-keepalive, one thread per connection, no compression negotiated."""
+keepalive, one thread per connection (compression: tests/e2e/test_compression.py)."""
 
 from __future__ import annotations
 
@@ -92,15 +92,6 @@ def test_frames_never_interleave_with_pongs_under_constant_pings(make_server):
     for seqs, pongs in results.values():
         assert seqs == list(range(total))
         assert pongs > 0
-
-
-def test_server_does_not_negotiate_compression(server):
-    client = RawClient(server, headers={"Sec-WebSocket-Extensions": "permessage-deflate; client_max_window_bits"})
-    try:
-        assert client.status == 101
-        assert "sec-websocket-extensions" not in client.response_head.lower()
-    finally:
-        client.close()
 
 
 def _receipts(clients: list[RawClient], count: int, timeout: float) -> list[tuple[int, float]]:
