@@ -135,9 +135,10 @@ def _receiver(ctrl, host: str, port: int, room: str, n: int, deflate: bool) -> N
                 if fd not in checked:  # each connection's first frame: really the message?
                     checked.add(fd)
                     payload = buf[pos + head:end]
-                    if buf[pos] & 0x40:
+                    compressed = bool(buf[pos] & 0x40)
+                    if compressed:
                         payload = zlib.decompressobj(-15).decompress(payload + b"\0\0\xff\xff")
-                    if (buf[pos] & 0x40 != 0) != deflate or "seq" not in json.loads(payload)["data"]:
+                    if compressed != deflate or "seq" not in json.loads(payload)["data"]:
                         errors += 1
                 frames += 1
                 pos = end
