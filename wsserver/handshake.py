@@ -70,7 +70,7 @@ _HOST_RE = re.compile(r"(?:\[[0-9A-Fa-f:.]+\]|[^\s/?#@\[\]:]+)(?::(\d{1,5}))?\Z"
 _TOKEN_RE = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
 
 
-# RFC 7230 3.2.6 quoted-string (the escapes kept, undone by _unquote)
+# RFC 7230 3.2.6 quoted-string (its backslash escapes are undone by parse_extensions)
 _QUOTED_RE = re.compile(r'"((?:[^"\\]|\\.)*)"')
 DEFLATE = "permessage-deflate"
 _BITS = range(8, 16)  # what RFC 7692 allows in an offer
