@@ -1,5 +1,6 @@
 """permessage-deflate end to end under gunicorn, with real clients: clients that negotiate it
-(the ``websockets`` library, which offers it by default, and the suite's raw client) and
+(the ``websockets`` library, which offers it by default, node's own WebSocket (undici, which
+does as browsers do) and the suite's raw client) and
 clients that do not (websocket-client) receive the same notifications from one fan-out;
 the 101 always says ``server_no_context_takeover``; a compressed decompression bomb from a
 hostile client is cut with 1009 while a polite client is still served; with
@@ -9,11 +10,12 @@ hostile client is cut with 1009 while a polite client is still served; with
 from __future__ import annotations
 
 import json
+import subprocess
 import zlib
 
 import pytest
 from rawws import OP_CLOSE, OP_TEXT, RawClient, close_code
-from support import connect, recv_json, serving
+from support import connect, node_with_websocket, recv_json, serving
 from websockets.sync.client import connect as websockets_connect
 
 pytestmark = pytest.mark.timeout(60)
@@ -105,3 +107,32 @@ def test_with_compression_off_no_extension_is_negotiated(make_server):
         assert client.compressed == 0
     finally:
         client.close()
+
+
+_NODE_CLIENT = r"""
+const ws = new WebSocket(process.argv[1]);
+ws.onopen = () => console.log(JSON.stringify({extensions: ws.extensions}));
+ws.onmessage = (e) => { console.log(e.data); ws.close(); };
+ws.onclose = () => process.exit(0);
+setTimeout(() => process.exit(2), 20000);
+"""
+
+
+def test_nodes_websocket_negotiates_deflate_and_reads_the_compressed_frame(server):
+    node = node_with_websocket()  # skips without node
+    client = subprocess.Popen([*node, "-e", _NODE_CLIENT, server.ws_url],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        opened = json.loads(client.stdout.readline())
+        assert opened["extensions"] == (
+            "permessage-deflate; client_no_context_takeover; server_no_context_takeover"
+        )
+        sent = _notification(7, 4096)
+        assert server.notify(sent).status_code == 200
+        out, _ = client.communicate(timeout=30)
+        assert client.returncode == 0
+        assert json.loads(out.splitlines()[-1])["data"] == sent["data"]
+    finally:
+        if client.poll() is None:
+            client.kill()
+            client.wait(5)
