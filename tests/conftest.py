@@ -109,6 +109,11 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", "leaks_threads: the test leaves threads running on purpose (say why)"
     )
+    config.addinivalue_line(
+        "markers",
+        "serial: asserts latency (a p99, a bound in ms) that other test processes sharing the "
+        "CPU would distort: scripts/test runs these alone, after the parallel part",
+    )
 
 
 @pytest.fixture

@@ -41,9 +41,11 @@ def assert_no_new_threads(before: set[threading.Thread], timeout: float = 5.0) -
 class Peer:
     """The client's end of a socketpair: reads the server's frames."""
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, deflate: bool = False) -> None:
+        """``deflate``: the client negotiated permessage-deflate (compressed frames are
+        inflated; :attr:`compressed` counts them)."""
         self.sock = sock
-        self._parser = FrameParser()
+        self._parser = FrameParser(deflate)
         self._frames: list[tuple[int, bytes]] = []
 
     def frames(self, count: int, timeout: float = 5.0) -> list[tuple[int, bytes]]:
@@ -59,6 +61,10 @@ class Peer:
             self._frames += self._parser.feed(data)
         out, self._frames = self._frames[:count], self._frames[count:]
         return out
+
+    @property
+    def compressed(self) -> int:
+        return self._parser.compressed
 
     def messages(self, count: int, timeout: float = 5.0) -> list[Any]:
         """The next ``count`` frames as JSON documents."""

@@ -8,7 +8,8 @@ server frames:
 - :func:`handshake` / :func:`open_ws`: the upgrade request, once;
 - :func:`client_frame`: masked client frames, headers from :func:`wsserver.frames.frame_header`;
 - :class:`FrameParser`: server frames, each header checked to be exactly the one
-  :func:`wsserver.frames.frame_header` makes (final, no RSV bits, unmasked, shortest length);
+  :func:`wsserver.frames.frame_header` makes (final, no RSV bits, unmasked, shortest length;
+  RSV1 only for a parser told permessage-deflate was negotiated, which inflates those);
   cheap per frame, so one thread can read hundreds of connections;
 - :class:`RawClient`: a connection object over those, for tests that talk back and forth.
 
@@ -23,6 +24,7 @@ import select
 import socket
 import struct
 import time
+import zlib
 from collections import deque
 from typing import Any
 
@@ -193,8 +195,10 @@ class FrameParser:
     Thread-safety: none; one reader per parser.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, deflate: bool = False) -> None:
         self._buf = bytearray()
+        self._deflate = deflate  # permessage-deflate negotiated: RSV1 frames are inflated
+        self.compressed = 0  # frames that came compressed (RSV1)
 
     @property
     def pending(self) -> int:
@@ -220,14 +224,19 @@ class FrameParser:
                     break
                 length, head = struct.unpack_from("!Q", buf, pos + 2)[0], 10
             header = bytes(buf[pos : pos + head])
-            assert header == frame_header(opcode, length), (
+            compressed = self._deflate and bool(buf[pos] & 0x40)
+            assert header == frame_header(opcode, length, compressed), (
                 f"not a frame wsserver.frames makes (fragmented, RSV, masked or long-coded "
                 f"length): header {header.hex()}"
             )
             end = pos + head + length
             if len(buf) < end:
                 break
-            frames.append((opcode, bytes(buf[pos + head : end])))
+            payload = bytes(buf[pos + head : end])
+            if compressed:  # no context takeover: every message inflates on its own
+                self.compressed += 1
+                payload = zlib.decompressobj(-15).decompress(payload + b"\x00\x00\xff\xff")
+            frames.append((opcode, payload))
             pos = end
         del buf[:pos]  # once per feed: many small frames per read stay cheap
         return frames
@@ -288,7 +297,9 @@ class RawClient:
             raise
         self.response_head = self._head.decode("latin-1")
         self._body = rest  # a refused upgrade's body starts here; else the first frames
-        self._parser = FrameParser()
+        # permessage-deflate, when the answer accepted an offer the test sent
+        self.deflate = "permessage-deflate" in self.response_head.lower()
+        self._parser = FrameParser(self.deflate)
         self._frames: deque[tuple[int, bytes]] = deque()
         if self.status == 101:
             self._frames.extend(self._parser.feed(rest))
@@ -299,6 +310,11 @@ class RawClient:
 
     def send_frame(self, opcode: int, payload: bytes = b"", fin: bool = True, rsv: int = 0) -> None:
         self.sock.sendall(client_frame(opcode, payload, fin, rsv))
+
+    @property
+    def compressed(self) -> int:
+        """How many frames so far came compressed (RSV1, permessage-deflate)."""
+        return self._parser.compressed
 
     def send_text(self, text: str) -> None:
         self.send_frame(OP_TEXT, text.encode())

@@ -249,6 +249,31 @@ def test_subscriber_forgets_a_room_the_server_takes_away_without_losing_its_plac
     assert not sub._inflight
 
 
+def test_subscriber_keeps_a_presence_rooms_members_from_the_reply_and_the_events():
+    """The ``subscribed`` reply of a presence room sets the member list (and answers the
+    in-flight subscribe); each ``presence`` event after it changes it; ``on_presence`` sees
+    both with the list after them."""
+    from wsserver.client import Members, Subscriber
+
+    seen = []
+    sub = Subscriber("ws://127.0.0.1:1/ws", rooms=["presence-x"],
+                     on_presence=lambda event, members: seen.append((event["type"], members)))
+    sub._on_reply({"type": "presence", "room": "presence-x", "action": "join", "user": "z"})
+    assert sub.members("presence-x") is None and not seen  # before the reply: counted in it
+    sub._inflight.append(("subscribe", "presence-x", False))
+    sub._on_reply({"type": "subscribed", "room": "presence-x", "users": ["bob"], "anonymous": 1})
+    assert not sub._inflight
+    assert sub.members("presence-x") == Members("presence-x", ["bob"], 1)
+    for action, user in (("join", "alice"), ("leave", None), ("leave", "bob"),
+                         ("leave", "nobody")):
+        sub._on_reply({"type": "presence", "room": "presence-x", "action": action, "user": user})
+    assert sub.members("presence-x") == Members("presence-x", ["alice"], 0)
+    assert [kind for kind, _ in seen] == ["subscribed"] + ["presence"] * 4
+    assert seen[1][1].users == ["alice", "bob"]
+    sub._inflight.append(("unsubscribe", "presence-x", False))
+    sub._on_reply({"type": "unsubscribed", "room": "presence-x"})
+    assert sub.members("presence-x") is None
+
 # -- the server API (Publisher.history/disconnect/unsubscribe; 4002 in the Subscriber) -------
 
 

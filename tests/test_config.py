@@ -65,6 +65,7 @@ GOOD: dict[str, tuple[str, object, dict[str, str]]] = {
                    {"WSSERVER_JWT_PUBLIC_KEY": PEM}),
     "jwt_audience": ("wsserver", "wsserver", {"WSSERVER_JWT_PUBLIC_KEY": PEM}),
     "private_room_prefix": ("vip-", "vip-", {}),
+    "presence_prefix": ("who-", "who-", {}),
     "max_connections_per_ip": ("1000000", 1_000_000, {}),
     "rate_limit": ("0.5", 0.5, {}),
     "max_fragments": ("1", 1, {}),
@@ -92,6 +93,8 @@ GOOD: dict[str, tuple[str, object, dict[str, str]]] = {
     "enqueue_timeout": ("0", 0.0, {}),
     "max_body_size": ("64", 64, {}),
     "max_message_size": ("16", 16, {}),
+    "compression": ("off", False, {}),
+    "compression_min_size": (" 0 ", 0, {}),
     "client_buffer": ("1024", 1024, {}),
     "send_buffer": ("0", 0, {}),
     "max_rooms_per_connection": ("3", 3, {}),
@@ -143,6 +146,8 @@ BAD: dict[str, str] = {
     "enqueue_timeout": "31",
     "max_body_size": "63",
     "max_message_size": "15",
+    "compression": "gzip",
+    "compression_min_size": "-1",
     "client_buffer": "1023",
     "send_buffer": "-1",
     "max_rooms_per_connection": "0",
@@ -161,7 +166,7 @@ BAD: dict[str, str] = {
     "log_level": "trace",
 }
 FREE_TEXT = {"allowed_origins", "api_keys", "jwt_secret", "jwt_issuer", "jwt_audience",
-             "private_room_prefix", "redis_url", "redis_prefix"}
+             "private_room_prefix", "presence_prefix", "redis_url", "redis_prefix"}
 
 
 def test_settings_are_declared_once_as_the_fields_of_settings():

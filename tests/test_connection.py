@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import select
 import socket
+import ssl
 import struct
 
 import pytest
@@ -56,6 +57,34 @@ def test_backlog_is_flushed_in_order_when_the_reader_catches_up(pair, flusher):
     assert conn.pending_bytes > 0, "the socket buffer is small: some bytes must wait"
     got = read_frames(b, 300)
     assert [p[:5] for _, p in got] == [f"{i:05d}".encode() for i in range(300)]
+    wait_for(lambda: conn.pending_bytes == 0, message="backlog flushed")
+    conn.detach()
+
+
+@pytest.mark.parametrize("kind", ["plain", "tls"])
+def test_an_opening_connection_queues_until_its_101_is_sent(pair, tls_pair, flusher, kind):
+    """A connection registered before its upgrade's 101 is out (``ws.serve_connection``):
+    frames for it, however many, wait; ``open`` sends the 101 first, then them, in order."""
+    a, b = pair if kind == "plain" else tls_pair
+    cls = Connection if kind == "plain" else TlsConnection
+    conn = cls(1, a, "test", buffer_limit=10 * 1024 * 1024, flusher=flusher, opening=True)
+    frames = [encode_frame(OP_TEXT, (f"{i:05d}" + "x" * 995).encode()) for i in range(50)]
+    for i in range(0, 50, 10):
+        assert conn.send_frames(frames[i:i + 10]) == SendResult.OK
+    assert conn.send(frames[0]) == SendResult.OK
+    b.setblocking(False)
+    with pytest.raises((BlockingIOError, ssl.SSLWantReadError)):
+        b.recv(1)  # nothing on the wire before the 101
+    b.setblocking(True)
+    response = b"HTTP/1.1 101 Switching Protocols\r\n\r\n"
+    conn.open(response)
+    b.settimeout(10)
+    head = b""
+    while len(head) < len(response):
+        head += b.recv(len(response) - len(head))
+    assert head == response
+    got = read_frames(b, 51)
+    assert [p[:5] for _, p in got] == [f"{i:05d}".encode() for i in range(50)] + [b"00000"]
     wait_for(lambda: conn.pending_bytes == 0, message="backlog flushed")
     conn.detach()
 

@@ -254,3 +254,29 @@ def test_console_js_words_under_node():
     assert w["local"]["rooms"] == 2 and w["local"]["worker"] == {"clients": 2, "rooms": 1}
     assert w["junk"] == {"clients": None, "rooms": None, "queue": None, "workers": None,
                          "worker": None}
+
+
+_PRESENCE_WORDS = r"""
+const C = require(process.argv[1]);
+console.log(JSON.stringify({
+  both: C.membersText({users: ["alice", "bob"], anonymous: 2}),
+  users: C.membersText({users: ["alice"], anonymous: 0}),
+  anonymous: C.membersText({users: [], anonymous: 3}),
+  nobody: C.membersText({users: [], anonymous: 0}),
+  junk: C.membersText(null),
+  hostile: C.membersText({users: [{toString: null}], anonymous: "7"}),
+  joined: C.presenceText({type: "presence", room: "presence-x", action: "join", user: "alice"}),
+  left: C.presenceText({type: "presence", room: "presence-x", action: "leave", user: null}),
+}));
+"""
+
+
+def test_console_js_says_who_is_in_a_presence_room():
+    result = subprocess.run([_node(), "-e", _PRESENCE_WORDS, str(CONSOLE_JS)], check=False,
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == {
+        "both": "alice, bob + 2 anonymous", "users": "alice", "anonymous": "3 anonymous",
+        "nobody": "nobody", "junk": "nobody", "hostile": '{"toString":null}',
+        "joined": "alice joined",
+        "left": "anonymous left"}

@@ -15,7 +15,15 @@ import rawws
 
 from wsserver.connection import Connection, SendResult, WriteState
 from wsserver.echo import Expected
-from wsserver.frames import OP_BINARY, OP_CLOSE, OP_PONG, OP_TEXT, close_frame, encode_frame
+from wsserver.frames import (
+    OP_BINARY,
+    OP_CLOSE,
+    OP_PONG,
+    OP_TEXT,
+    close_frame,
+    deflate_frame,
+    encode_frame,
+)
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -101,6 +109,27 @@ def test_a_pong_waits_behind_the_echo_of_an_earlier_message(conn_and_peer):
         (OP_TEXT, b"other"), (OP_TEXT, b"hello"), (OP_PONG, b"1"), (OP_TEXT, b"after")
     ]
     assert conn.echoes.deadline is None and not conn.echoes.held
+
+
+def test_a_compressed_echo_is_recognized_by_the_plain_frame_it_stands_for(conn_and_peer):
+    """permessage-deflate: the broadcaster hands a deflate client the compressed twins and
+    the plain frames they stand for; the echo is recognized by its plain frame, what goes
+    out is the twin, and the pong follows it at once."""
+    conn, peer = conn_and_peer()
+    peer.parser = rawws.FrameParser(deflate=True)
+    message = "hello " * 400
+    conn.echoes.expect(message)
+    assert conn.echoes.send(pong(b"1")) is True
+    plain = [text("other"), text(message)]
+    twins = [plain[0], deflate_frame(plain[1])]
+    assert twins[1] != plain[1]
+    result: list[SendResult] = []
+    thread = threading.Thread(target=lambda: result.append(conn.send_frames(twins, None, plain)))
+    thread.start()
+    thread.join(5)
+    assert result == [SendResult.OK]
+    assert peer.read(3) == [(OP_TEXT, b"other"), (OP_TEXT, message.encode()), (OP_PONG, b"1")]
+    assert peer.parser.compressed == 1 and not conn.echoes.held
 
 
 def test_a_pong_with_no_echo_awaited_goes_out_at_once(conn_and_peer):

@@ -18,7 +18,12 @@ from werkzeug.wrappers import Response
 
 from wsserver import audit, codes, create_app
 from wsserver.exceptions import HandshakeRefused
-from wsserver.handshake import negotiate_subprotocol
+from wsserver.handshake import (
+    DeflateOffer,
+    negotiate_compression,
+    negotiate_subprotocol,
+    parse_extensions,
+)
 from wsserver.transport import server_options
 
 KEY = "dGhlIHNhbXBsZSBub25jZQ=="
@@ -47,8 +52,9 @@ def fresh_log_limiter(monkeypatch):
 def upgrade(app, headers: dict, drop: tuple[str, ...] = (), path: str = "/ws"):
     """GET ``path`` with exactly ``headers`` (minus ``drop``, Host included), through the
     whole app. The request carries one end of a socketpair whose other end is closed: an
-    upgrade the hook lets through reaches simple-websocket, which writes its 101 into a
-    broken pipe (the 'client went away' answer, 400 ``client_disconnected``)."""
+    upgrade the hook lets through reaches simple-websocket and the session, whose 101 goes
+    into a broken pipe; the session ends at once, and the route returns flask-sock's empty
+    200 (what the werkzeug server would be given, instead of a refusal)."""
     builder = EnvironBuilder(path=path, headers={k: v for k, v in headers.items() if k != "Host"})
     environ = builder.get_environ()
     environ.pop("HTTP_HOST", None)
@@ -116,15 +122,14 @@ def test_malformed_upgrades_get_a_json_refusal_and_one_log_line(
 
 
 def test_a_well_formed_upgrade_passes_the_hook(app):
-    """The reference: the same request, well formed, is handed to simple-websocket (which
-    here finds its peer gone): the checks do not refuse a good handshake."""
+    """The reference: the same request, well formed, is handed to simple-websocket and the
+    session (which here find the peer gone): the checks do not refuse a good handshake."""
     for headers in (UPGRADE, {**UPGRADE, "Origin": "http://127.0.0.1:8080"},
                     {**UPGRADE, "Host": "[::1]:8080", "Origin": "http://[::1]:8080"},
                     {**UPGRADE, "Connection": "keep-alive, Upgrade", "Upgrade": "WebSocket",
                      "Sec-WebSocket-Version": " 13 "}):
         response = upgrade(app, headers)
-        assert response.status_code == 400, response.data
-        assert response.get_json()["code"] == "client_disconnected"
+        assert (response.status_code, response.data) == (200, b""), response.data
 
 
 # -- the subprotocol offer ---------------------------------------------------------------------
@@ -228,6 +233,113 @@ def test_the_101_selects_wsserver_v1_and_never_echoes_the_token(offer, selected)
     assert JWT_LIKE not in head.decode() and "wsserver.token" not in head.decode()
 
 
+# -- the extension offer: permessage-deflate ---------------------------------------------------
+
+_BOTH = "permessage-deflate; client_no_context_takeover; server_no_context_takeover"
+
+
+def test_extension_offers_are_parsed_with_parameters_and_quoted_values():
+    assert parse_extensions(
+        'x-foo; a="b,c"; d, permessage-deflate;client_max_window_bits ,'
+        ' permessage-deflate; server_max_window_bits="10", bad name, z; q="unterminated'
+    ) == [
+        ("x-foo", [("a", "b,c"), ("d", None)]),
+        ("permessage-deflate", [("client_max_window_bits", None)]),
+        ("permessage-deflate", [("server_max_window_bits", "10")]),
+        None,
+        None,
+    ]
+
+
+@pytest.mark.parametrize(
+    "offer, accepted",
+    [
+        ("permessage-deflate", DeflateOffer()),
+        ("permessage-deflate; client_max_window_bits", DeflateOffer()),
+        ("permessage-deflate; client_max_window_bits=10", DeflateOffer()),
+        ("permessage-deflate; client_no_context_takeover", DeflateOffer()),
+        ("permessage-deflate; server_no_context_takeover", DeflateOffer()),
+        ("PerMessage-Deflate; Server_Max_Window_Bits=15", DeflateOffer(15, True)),
+        ('permessage-deflate; server_max_window_bits="9"', DeflateOffer(9, True)),
+        # the first offer we can honour wins, in the client's order
+        ("permessage-deflate; server_max_window_bits=8, permessage-deflate; "
+         "server_max_window_bits=12, permessage-deflate", DeflateOffer(12, True)),
+        ("x-webkit-deflate-frame, permessage-deflate; foo, permessage-deflate", DeflateOffer()),
+    ],
+)
+def test_a_deflate_offer_we_can_honour_is_accepted_and_left_alone_in_the_environ(
+    offer, accepted
+):
+    environ = {"HTTP_SEC_WEBSOCKET_EXTENSIONS": offer}
+    assert negotiate_compression(environ, True) == accepted
+    expected = _BOTH + (
+        f"; server_max_window_bits={accepted.window_bits}" if accepted.window_named else ""
+    )
+    assert environ["HTTP_SEC_WEBSOCKET_EXTENSIONS"] == accepted.answer() == expected
+
+
+@pytest.mark.parametrize(
+    "offer",
+    [
+        pytest.param("permessage-deflate; server_max_window_bits=8", id="window-8-zlib-cannot"),
+        pytest.param("permessage-deflate; server_max_window_bits", id="window-without-value"),
+        pytest.param("permessage-deflate; server_max_window_bits=16", id="window-16"),
+        pytest.param("permessage-deflate; server_max_window_bits=09", id="window-leading-zero"),
+        pytest.param("permessage-deflate; client_max_window_bits=7", id="client-window-7"),
+        pytest.param("permessage-deflate; server_no_context_takeover=1", id="flag-with-value"),
+        pytest.param("permessage-deflate; client_no_context_takeover; client_no_context_takeover",
+                     id="repeated"),
+        pytest.param("permessage-deflate; x=1", id="unknown-parameter"),
+        pytest.param('permessage-deflate; server_max_window_bits="1 0"', id="quoted-not-token"),
+        pytest.param("x-webkit-deflate-frame", id="another-extension"),
+        pytest.param("", id="empty"),
+        pytest.param(",,;", id="punctuation"),
+    ],
+)
+def test_an_offer_we_cannot_honour_is_declined_and_removed_never_refused(offer):
+    environ = {"HTTP_SEC_WEBSOCKET_EXTENSIONS": offer, "HTTP_HOST": "h"}
+    assert negotiate_compression(environ, True) is None
+    assert environ == {"HTTP_HOST": "h"}
+
+
+def test_with_compression_off_even_a_good_offer_is_removed():
+    environ = {"HTTP_SEC_WEBSOCKET_EXTENSIONS": "permessage-deflate"}
+    assert negotiate_compression(environ, False) is None
+    assert environ == {}
+    assert negotiate_compression({}, True) is None
+
+
+@pytest.mark.parametrize("compression, expected", [
+    (True, _BOTH + "; server_max_window_bits=10"),
+    (False, None),
+])
+def test_the_101_accepts_deflate_as_negotiated_and_compression_off_accepts_none(
+    compression, expected
+):
+    """What simple-websocket answers, with our options, to the offer negotiation leaves it:
+    exactly the parameters negotiated, or no extension at all."""
+    environ = {f"HTTP_{k.upper().replace('-', '_')}": v for k, v in UPGRADE.items()}
+    environ["HTTP_SEC_WEBSOCKET_EXTENSIONS"] = (
+        "permessage-deflate; server_max_window_bits=10; client_max_window_bits"
+    )
+    negotiate_compression(environ, compression)
+    ours, peer = socket.socketpair()
+    try:
+        peer.settimeout(5)
+        simple_websocket.Server({**environ, "werkzeug.socket": ours}, **server_options())
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += peer.recv(4096)
+    finally:
+        ours.close()
+        peer.close()
+    text = head.decode("latin-1").lower()
+    if expected is None:
+        assert "sec-websocket-extensions" not in text
+    else:
+        assert f"sec-websocket-extensions: {expected}\r\n" in text
+
+
 # -- property: no header value makes the upgrade answer 500 ------------------------------------
 
 _latin1 = st.text(
@@ -243,7 +355,11 @@ _values = {
     "Sec-WebSocket-Version": st.sampled_from(["13", "8", "", "13,8", " 13", "١٣"]) | _latin1,
     "Origin": st.sampled_from(["http://127.0.0.1:8080", "null", "http://[::1", "https://x:0",
                                "http://127.0.0.1:99999", "file://", "http://"]) | _latin1,
-    "Sec-WebSocket-Extensions": st.sampled_from(["permessage-deflate", "x; y=\xe9"]) | _latin1,
+    "Sec-WebSocket-Extensions": st.sampled_from(
+        ["permessage-deflate", "x; y=\xe9", "permessage-deflate; server_max_window_bits=8",
+         'permessage-deflate; server_max_window_bits="9"', "permessage-deflate; a=\"", ";;,,",
+         "permessage-deflate; client_max_window_bits=99, permessage-deflate"]
+    ) | _latin1,
     "Sec-WebSocket-Protocol": st.sampled_from(
         ["chat", "a,b", "", "wsserver.v1", "wsserver.v1, wsserver.token.x.y.z", "wsserver.token.",
          "wsserver.v1, wsserver.token.a, wsserver.token.b", ",".join(["wsserver.v1"] * 50)]
@@ -265,6 +381,9 @@ _queries = st.sampled_from(
 @given(headers=_headers, query=_queries)
 def test_no_header_value_makes_the_upgrade_answer_500(app, headers, query):
     response = upgrade(app, headers, path="/ws" + query)
+    if response.status_code == 200:  # a valid upgrade: the hook let it through (see upgrade)
+        assert response.data == b"", (headers, response.data)
+        return
     assert response.status_code in (400, 401, 403, 426, 429, 503), (headers, response.data)
     assert response.is_json
     body = json.loads(response.data)

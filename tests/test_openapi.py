@@ -21,8 +21,8 @@ def test_spec_is_valid_openapi():
     spec.validate()  # raises on a document that is not valid OpenAPI 3.0
     labels = {result.ok().label for result in spec.get_all_operations()}
     assert labels == {"GET /", "GET /healthz", "GET /readyz", "GET /metrics", "POST /notify",
-                      "GET /rooms", "GET /ws", "GET /rooms/{room}/history", "POST /disconnect",
-                      "POST /unsubscribe"}
+                      "GET /rooms", "GET /rooms/{room}", "GET /ws", "GET /rooms/{room}/history",
+                      "POST /disconnect", "POST /unsubscribe"}
 
 
 # Served, but not the API: the browser client file and the development console (HTML pages).

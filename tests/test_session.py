@@ -12,6 +12,7 @@ import json
 import socket
 import threading
 import time
+import zlib
 
 import pytest
 import rawws
@@ -25,10 +26,11 @@ from wsserver.auth import Identity
 from wsserver.config import load_settings
 from wsserver.connection import Connection
 from wsserver.flusher import Flusher
-from wsserver.frames import encode_frame
+from wsserver.frames import deflate_payload, encode_frame
 from wsserver.protocol import Notification
 from wsserver.service import NotificationService
 from wsserver.session import run_session
+from wsserver.transport import inbound_protocol
 from wsserver.ws import serve_connection
 
 OP_CONT = 0x0
@@ -39,7 +41,10 @@ OP_CONT = 0x0
 
 class _Transport:
     """What ``ws.serve_connection`` needs from simple-websocket: the socket and a wsproto
-    connection past its handshake (done here by hand, as simple-websocket would)."""
+    connection past its handshake (done here by hand, as simple-websocket would; no 101 is
+    sent: the peer reads frames only)."""
+
+    upgrade_response = None
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
@@ -73,13 +78,18 @@ class _Sessions:
         self.threads: list[threading.Thread] = []
         self.sockets: list[socket.socket] = []
 
-    def open(self, remote: str = "192.0.2.1",
-             identity=None) -> tuple[socket.socket, threading.Thread]:
+    def open(self, remote: str = "192.0.2.1", identity=None,
+             deflate: bool = False) -> tuple[socket.socket, threading.Thread]:
+        """``deflate``: as if the client had negotiated permessage-deflate (window 15)."""
         ours, theirs = socket.socketpair()
         self.sockets += [ours, theirs]
+        transport = _Transport(ours)
+        if deflate:
+            transport.protocol = inbound_protocol(True, self.service.settings.max_message_size)
         thread = threading.Thread(
             target=serve_connection,
-            args=(self.service, _Transport(ours), remote, (), identity), daemon=True)
+            args=(self.service, transport, remote, (), identity, None,
+                  15 if deflate else None), daemon=True)
         thread.start()
         self.threads.append(thread)
         theirs.settimeout(10)
@@ -152,6 +162,62 @@ def test_a_message_in_max_fragments_frames_passes_one_more_closes_1009(sessions)
     thread.join(5)
     assert not thread.is_alive()
     assert _closes("too_many_fragments") == before + 1
+
+
+@pytest.mark.timeout(30)
+def test_a_compressed_message_inflating_past_the_limit_closes_1009_others_still_answered(
+    sessions,
+):
+    """A decompression bomb: 8 KB on the wire, 8 MiB inflated, against a 64 KiB limit. The
+    session closes 1009 naming WSSERVER_MAX_MESSAGE_SIZE (the size limit's own close,
+    counted as message_too_big) without inflating it; a polite client is served meanwhile."""
+    s = sessions(max_message_size=65536)
+    before = _closes("message_too_big")
+    polite, polite_thread = s.open(deflate=True)
+    sock, thread = s.open(deflate=True)
+    squeezer = zlib.compressobj(9, zlib.DEFLATED, -15)
+    bomb = squeezer.compress(b"{" * (8 << 20)) + squeezer.flush(zlib.Z_SYNC_FLUSH)[:-4]
+    assert len(bomb) < 10_000
+    _send(sock, client_frame(OP_TEXT, bomb, rsv=4))
+    code, reason = _close_of(rawws.read_frames(sock, until_close=False, timeout=5))
+    assert code == 1009 and b"65536" in reason
+    thread.join(5)
+    assert not thread.is_alive()
+    assert _closes("message_too_big") == before + 1
+    # the polite client's compressed command is inflated and answered
+    _send(polite, client_frame(OP_TEXT, deflate_payload(b'{"type":"ping"}'), rsv=4))
+    assert json.loads(_read(polite, 1)[0][1]) == {"type": "pong"}
+    _send(polite, client_frame(OP_CLOSE, rawws.close_payload(1000)))
+    polite_thread.join(5)
+    assert not polite_thread.is_alive()
+
+
+@pytest.mark.timeout(30)
+def test_the_compressed_echo_of_a_clients_message_still_comes_before_its_pong(sessions):
+    """Rebroadcast to a deflate client: its echo goes out compressed, and the pong it is owed
+    for a ping sent after the message waits behind that echo (recognized by its plain
+    frame), as for a plain client."""
+    s = sessions(compression_min_size=100, close_timeout=6.0)
+    sock, thread = s.open(deflate=True)
+    message = b"m" * 5000
+    started = time.monotonic()
+    _send(sock, client_frame(OP_TEXT, deflate_payload(message), rsv=4),
+          client_frame(OP_PING, b"after"))
+    parser = rawws.FrameParser(deflate=True)
+    frames: list = []
+    sock.settimeout(8)
+    while len(frames) < 2:
+        frames += parser.feed(sock.recv(65536))
+    assert frames[:2] == [(OP_TEXT, message), (OP_PONG, b"after")]
+    assert parser.compressed == 1
+    # released by the echo itself, not by the hold limit (close_timeout, 6 s): an echo
+    # not recognized under its compressed form would hold the pong that long
+    assert time.monotonic() - started < 3
+    _send(sock, client_frame(OP_CLOSE, rawws.close_payload(1000)))
+    assert close_code(rawws.read_frames(sock, timeout=5)[-1][1]) == 1000
+    sock.shutdown(socket.SHUT_WR)  # our FIN: the session ends at once
+    thread.join(5)
+    assert not thread.is_alive()
 
 
 # -- helpers for the end-to-end attacks -----------------------------------------------------

@@ -1,24 +1,32 @@
-"""wsserver.transport: the one adapter to simple-websocket. The deflate offer is removed
-before the handshake, a request simple-websocket's parser would reject is recognised before
-the route runs, no reader thread is started, and ``Transport`` hands the session the socket
-and the wsproto connection (a real simple-websocket ``Server`` over a socketpair)."""
+"""wsserver.transport: the one adapter to simple-websocket. The deflate offer simple-websocket
+answers is the one the handshake accepted, a request simple-websocket's parser would reject is
+recognised before the route runs, no reader thread is started, ``Transport`` hands the session
+the socket and a wsproto parser (a real simple-websocket ``Server`` over a socketpair), and
+``InboundDeflate`` inflates a client's compressed messages with a bound."""
 
 from __future__ import annotations
 
 import socket
 import threading
+import tracemalloc
+import zlib
 from typing import Any
 
 import pytest
 import simple_websocket
 from rawws import OP_TEXT, client_frame
-from wsproto.events import TextMessage
+from wsproto import ConnectionType
+from wsproto.connection import Connection as WsprotoConnection
+from wsproto.events import BytesMessage, CloseConnection, Ping, TextMessage
 
+from wsserver.frames import OP_BINARY, OP_PING, deflate_payload
+from wsserver.handshake import negotiate_compression
 from wsserver.transport import (
+    InboundDeflate,
     Transport,
     handshake_rejection,
+    inbound_protocol,
     server_options,
-    strip_compression_offer,
 )
 
 pytestmark = pytest.mark.timeout(10)
@@ -37,15 +45,18 @@ GOOD = {
 OFFER = "permessage-deflate; client_max_window_bits"
 
 
-# -- strip_compression_offer -------------------------------------------------------------------
+# -- the deflate offer simple-websocket sees ---------------------------------------------------
 
 
-def test_the_deflate_offer_is_removed_and_nothing_else():
-    environ = {**GOOD, "HTTP_SEC_WEBSOCKET_EXTENSIONS": OFFER}
-    strip_compression_offer(environ)
-    assert environ == GOOD
-    strip_compression_offer(environ)  # no offer: nothing to do, no error
-    assert environ == GOOD
+def test_the_offer_left_by_negotiation_is_answered_exactly_as_accepted(accept):
+    """simple-websocket answers through wsproto's PerMessageDeflate: the offer the handshake
+    leaves in the environ makes it answer exactly ``DeflateOffer.answer()``."""
+    for offer in (OFFER, "permessage-deflate; server_max_window_bits=9; client_max_window_bits"):
+        environ = {**GOOD, "HTTP_SEC_WEBSOCKET_EXTENSIONS": offer}
+        accepted = negotiate_compression(environ, True)
+        assert accepted is not None
+        answer = accept(environ).answer.decode("latin-1")
+        assert f"Sec-WebSocket-Extensions: {accepted.answer()}\r\n" in answer
 
 
 # -- handshake_rejection -----------------------------------------------------------------------
@@ -151,16 +162,29 @@ def test_an_accepted_connection_runs_no_reader_thread(accept):
     assert set(threading.enumerate()) == before, "one thread per connection: the request's"
 
 
-def test_stripping_the_offer_keeps_deflate_out_of_the_answer(accept):
-    """The reference: left in, simple-websocket accepts the offer (every client's bytes would
-    then differ); stripped, the answer negotiates no extension."""
+def test_compression_off_keeps_deflate_out_of_the_answer(accept):
+    """The reference: left in, simple-websocket accepts the offer as the client made it
+    (context takeover: every client's bytes would differ); with WSSERVER_COMPRESSION off
+    the offer is removed and the answer negotiates no extension."""
     offered = accept({**GOOD, "HTTP_SEC_WEBSOCKET_EXTENSIONS": OFFER})
     assert b"permessage-deflate" in offered.answer.lower()
     environ = {**GOOD, "HTTP_SEC_WEBSOCKET_EXTENSIONS": OFFER}
-    strip_compression_offer(environ)
+    assert negotiate_compression(environ, False) is None
     stripped = accept(environ)
     assert stripped.answer.startswith(b"HTTP/1.1 101")
     assert b"sec-websocket-extensions" not in stripped.answer.lower()
+
+
+def test_a_deflate_transport_parses_with_its_own_bounded_inflater(accept):
+    environ = {**GOOD, "HTTP_SEC_WEBSOCKET_EXTENSIONS": OFFER}
+    negotiate_compression(environ, True)
+    accepted = accept(environ)
+    plain, deflate = Transport(accepted.ws), Transport(accepted.ws, True, 1000)
+    assert plain.protocol is accepted.ws.ws  # nothing to swap without compression
+    assert deflate.protocol is not accepted.ws.ws
+    deflate.protocol.receive_data(client_frame(OP_TEXT, deflate_payload(b"x" * 500), rsv=4))
+    [event] = deflate.protocol.events()
+    assert isinstance(event, TextMessage) and event.data == "x" * 500
 
 
 def test_transport_holds_the_socket_and_a_parser_of_the_clients_frames(accept):
@@ -185,3 +209,98 @@ def test_release_makes_the_librarys_close_write_nothing(accept):
     with pytest.raises(simple_websocket.ConnectionClosed):
         released.ws.close()
     assert released.nothing_more()
+
+
+# -- InboundDeflate: a client's compressed messages ---------------------------------------------
+
+
+def _events(data: bytes, max_size: int = 1 << 16) -> list:
+    proto = inbound_protocol(True, max_size)
+    proto.receive_data(data)
+    return list(proto.events())
+
+
+def _compressed(opcode: int, payload: bytes, fin: bool = True) -> bytes:
+    return client_frame(opcode, deflate_payload(payload), fin=fin, rsv=4)
+
+
+def test_compressed_and_plain_messages_both_arrive_whole():
+    text = '{"type":"subscribe","room":"r"}' * 40
+    events = _events(_compressed(OP_TEXT, text.encode()) + client_frame(OP_TEXT, b"plain")
+                     + _compressed(OP_BINARY, bytes(range(256)) * 8))
+    assert [type(e) for e in events] == [TextMessage, TextMessage, BytesMessage]
+    assert events[0].data == text and events[1].data == "plain"
+    assert events[2].data == bytes(range(256)) * 8
+
+
+def test_a_ping_between_the_fragments_of_a_compressed_message_leaves_it_compressed():
+    """wsproto's own PerMessageDeflate forgets the message is compressed after a control
+    frame in its middle; ours inflates the rest."""
+    payload = deflate_payload(b"abc" * 1000)
+    half = len(payload) // 2
+    data = (client_frame(OP_TEXT, payload[:half], fin=False, rsv=4)
+            + client_frame(OP_PING, b"p")
+            + client_frame(0x0, payload[half:]))
+    events = _events(data)
+    assert isinstance(events[1], Ping)
+    assert "".join(e.data for e in events if isinstance(e, TextMessage)) == "abc" * 1000
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        pytest.param(client_frame(OP_PING, b"x", rsv=4), id="rsv1-on-a-ping"),
+        pytest.param(_compressed(OP_TEXT, b"a" * 50, fin=False) + client_frame(0x0, b"", rsv=4),
+                     id="rsv1-on-a-continuation"),
+        pytest.param(client_frame(OP_TEXT, b"a", rsv=2), id="rsv2"),
+    ],
+)
+def test_reserved_bits_where_deflate_allows_none_fail_the_connection(frame):
+    closes = [e for e in _events(frame) if isinstance(e, CloseConnection)]
+    assert closes and closes[0].code == 1002
+
+
+def test_a_corrupt_compressed_message_fails_with_1007():
+    [event] = _events(client_frame(OP_TEXT, b"\xff\xff\xff\xff", rsv=4))
+    assert isinstance(event, CloseConnection) and event.code == 1007
+
+
+def test_a_message_inflating_to_exactly_the_limit_arrives():
+    [event] = _events(_compressed(OP_BINARY, b"\0" * 4096), max_size=4096)
+    assert isinstance(event, BytesMessage) and len(event.data) == 4096
+
+
+def test_a_decompression_bomb_is_cut_at_the_limit_without_being_inflated():
+    """30 KB of deflate that would inflate to 32 MB: 1009 after inflating at most
+    max_size + 1 bytes (what Python allocated along the way stays far under the bomb)."""
+    squeezer = zlib.compressobj(9, zlib.DEFLATED, -15)
+    bomb = squeezer.compress(b"\0" * (32 << 20)) + squeezer.flush(zlib.Z_SYNC_FLUSH)[:-4]
+    assert len(bomb) < 40_000
+    frame = client_frame(OP_BINARY, bomb, rsv=4)
+    tracemalloc.start()
+    try:
+        events = _events(frame, max_size=65536)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert [type(e) for e in events] == [CloseConnection] and events[0].code == 1009
+    assert peak < 2 << 20, f"{peak} bytes allocated while refusing a 32 MiB bomb"
+
+
+def test_the_limit_counts_the_whole_fragmented_message_not_each_frame():
+    payload = deflate_payload(b"y" * 3000)
+    third = len(payload) // 3
+    data = (client_frame(OP_TEXT, payload[:third], fin=False, rsv=4)
+            + client_frame(0x0, payload[third:2 * third], fin=False)
+            + client_frame(0x0, payload[2 * third:]))
+    assert isinstance(_events(data, max_size=2999)[-1], CloseConnection)
+    assert "".join(e.data for e in _events(data, max_size=3000)) == "y" * 3000
+
+
+def test_no_inflater_is_kept_between_messages():
+    """client_no_context_takeover: a connection holds no zlib window while idle."""
+    ext = InboundDeflate(1 << 16)
+    proto = WsprotoConnection(ConnectionType.SERVER, [ext])
+    proto.receive_data(_compressed(OP_TEXT, b"z" * 2000))
+    assert [e.data for e in proto.events()] == ["z" * 2000]
+    assert ext._inflater is None  # noqa: SLF001 - the state this test is about

@@ -22,7 +22,10 @@ import simple_websocket
 from rawws import OP_CLOSE, OP_TEXT, client_frame, close_code
 
 from wsserver import codes, metrics
-from wsserver.transport import Transport, server_options
+from wsserver.frames import deflate_payload
+from wsserver.handshake import negotiate_compression
+from wsserver.protocol import Notification
+from wsserver.transport import Transport, defer_upgrade_response, server_options
 from wsserver.ws import check_upgrade, serve_connection
 
 pytestmark = pytest.mark.timeout(15)
@@ -267,18 +270,22 @@ class Accepted:
     """A real simple-websocket ``Server`` (flask-sock's, with our options) on a socketpair:
     ``transport`` for ``serve_connection``, ``peer`` the client's end past the 101."""
 
-    def __init__(self) -> None:
+    def __init__(self, offer: str | None = None) -> None:
+        """``offer``: a Sec-WebSocket-Extensions offer, negotiated as the ``/ws`` hook does."""
         self.ours, self.peer = socket.socketpair()
         self.peer.settimeout(5)
         environ = {f"HTTP_{k.upper().replace('-', '_')}": v for k, v in UPGRADE.items()}
+        if offer is not None:
+            environ["HTTP_SEC_WEBSOCKET_EXTENSIONS"] = offer
+        self.deflate = negotiate_compression(environ, True)
         self.ws = simple_websocket.Server({**environ, "werkzeug.socket": self.ours},
                                           **server_options())
-        self.transport = Transport(self.ws)
+        self.transport = Transport(self.ws, self.deflate is not None, 1 << 16)
         head = b""
         while b"\r\n\r\n" not in head:
             head += self.peer.recv(4096)
         assert head.startswith(b"HTTP/1.1 101")
-        self.parser = rawws.FrameParser()
+        self.parser = rawws.FrameParser(self.deflate is not None)
         self.frames: list[tuple[int, bytes]] = []
         rest = head.split(b"\r\n\r\n", 1)[1]
         if rest:
@@ -303,8 +310,8 @@ class Accepted:
 def accept():
     made: list[Accepted] = []
 
-    def make() -> Accepted:
-        made.append(Accepted())
+    def make(offer: str | None = None) -> Accepted:
+        made.append(Accepted(offer))
         return made[-1]
 
     yield make
@@ -377,3 +384,82 @@ def test_a_registered_client_is_in_its_rooms_until_its_session_ends(make_app, ac
     session.join(5)
     assert not session.is_alive()
     assert service.hub.count() == 0 and service.hub.members("a") == []
+
+
+def test_the_101_goes_out_only_once_the_client_is_in_the_hub_and_its_rooms(make_app):
+    """A client may publish the moment it reads its 101 (a script: connect, then POST). If
+    the 101 went out before the connection was in the hub and its rooms, a notification
+    answered 200 after the client's 101 could miss it (seen under load: a test that POSTed
+    right after connecting waited 10 s for its message). So simple-websocket's 101 is held
+    (``transport.defer_upgrade_response``) until ``serve_connection`` has registered the
+    client (what is published meanwhile is queued behind the 101:
+    ``test_connection.py::test_an_opening_connection_queues_until_its_101_is_sent``)."""
+    app = make_app(env="development")
+    service = app.extensions["wsserver"]
+    service.ensure_started()
+    ours, peer = socket.socketpair()
+    environ = {f"HTTP_{k.upper().replace('-', '_')}": v for k, v in UPGRADE.items()}
+    environ["werkzeug.socket"] = ours
+    defer_upgrade_response(environ)
+    transport = Transport(simple_websocket.Server(environ, **server_options()))
+    assert transport.sock is ours and transport.upgrade_response.startswith(b"HTTP/1.1 101")
+    peer.setblocking(False)
+    with pytest.raises(BlockingIOError):
+        peer.recv(1)  # nothing sent yet: without the hold, the 101 would be here already
+    peer.setblocking(True)
+    peer.settimeout(5)
+    serving = threading.Thread(target=serve_connection,
+                               args=(service, transport, REMOTE, ("news",)), daemon=True)
+    serving.start()
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += peer.recv(4096)
+    # the moment the client can know it is connected, it is in its room
+    assert service.hub.audience(("news",), None) == 1
+    assert head.startswith(b"HTTP/1.1 101")
+    service.publish(Notification("after", "", None, rooms=("news",)))
+    parser = rawws.FrameParser()
+    frames = parser.feed(head.split(b"\r\n\r\n", 1)[1])
+    deadline = time.monotonic() + 5
+    while len(frames) < 1 and time.monotonic() < deadline:
+        frames += parser.feed(peer.recv(65536))
+    assert [json.loads(p)["event"] for op, p in frames if op == OP_TEXT][-1:] == ["after"]
+    peer.close()
+    serving.join(5)
+    assert not serving.is_alive()
+
+
+def test_a_client_that_negotiated_deflate_gets_compressed_notifications_and_sends_them(
+    make_app, accept
+):
+    """``serve_connection`` with the window the hook negotiated: the connection is marked
+    (``conn.deflate``), a 4 KB notification reaches it compressed and a plain client plain,
+    and its own compressed commands are inflated and answered."""
+    app = make_app(env="development", close_timeout=1.0)
+    service = app.extensions["wsserver"]
+    service.ensure_started()
+    clients = [accept("permessage-deflate; client_max_window_bits"), accept()]
+    sessions = []
+    for accepted in clients:
+        bits = None if accepted.deflate is None else accepted.deflate.window_bits
+        thread = threading.Thread(target=serve_connection, daemon=True,
+                                  args=(service, accepted.transport, REMOTE, ("r",), None, None,
+                                        bits))
+        thread.start()
+        sessions.append(thread)
+    compressed = client_frame(OP_TEXT, deflate_payload(b'{"type":"ping"}'), rsv=4)
+    clients[0].peer.sendall(compressed)
+    assert [json.loads(p) for _, p in clients[0].read(1)] == [{"type": "pong"}]
+    clients[1].peer.sendall(client_frame(OP_TEXT, b'{"type":"ping"}'))
+    assert [json.loads(p) for _, p in clients[1].read(1)] == [{"type": "pong"}]
+    assert sorted(c.deflate or 0 for c in service.hub.members("r")) == [0, 15]
+    service.publish(Notification("big", "", {"pad": "x" * 4000}, rooms=("r",)))
+    got = [json.loads(accepted.read(1)[0][1]) for accepted in clients]
+    assert got[0] == got[1] and got[0]["data"] == {"pad": "x" * 4000}
+    assert [accepted.parser.compressed for accepted in clients] == [1, 0]
+    for accepted, thread in zip(clients, sessions):
+        accepted.peer.sendall(client_frame(OP_CLOSE, rawws.close_payload(1000)))
+        accepted.read(1)
+        accepted.peer.shutdown(socket.SHUT_WR)
+        thread.join(5)
+        assert not thread.is_alive()

@@ -212,6 +212,57 @@ def test_the_console_takes_its_token_from_the_fragment_and_clears_the_address_ba
     assert 'params.get("token")' not in page
 
 
+# Presence: the "subscribed" reply of a presence room sets client.members[room], each
+# "presence" event after it changes it, onPresence (method and option) sees both; an event
+# before the room's reply is not applied (the reply counts it); unsubscribe forgets the room.
+_PRESENCE_SCRIPT = r"""
+const sockets = [];
+class FakeWebSocket {
+  constructor(url, protocols) { this.readyState = 0; this.sent = []; sockets.push(this);
+    setTimeout(() => { this.readyState = 1; this.onopen(); }, 1); }
+  send(data) { this.sent.push(JSON.parse(data)); }
+  close() { this.readyState = 3; this.onclose({code: 1000, reason: ""}); }
+  deliver(obj) { this.onmessage({data: JSON.stringify(obj)}); }
+}
+global.WebSocket = FakeWebSocket;
+const WsserverClient = require(process.argv[1]);
+const seen = [], viaOption = [], replies = [];
+const c = new WsserverClient("ws://x/ws", {rooms: ["presence-x"],
+                                           onPresence: (e) => viaOption.push(e.type)});
+c.onPresence((e, m) => seen.push([e.type, e.action || null, m.users, m.anonymous]));
+c.on("reply", (r) => replies.push(r.type));
+setTimeout(() => {
+  const ws = sockets[0];
+  const ev = (action, user) => ws.deliver({type: "presence", room: "presence-x", action, user});
+  ev("join", "early");
+  ws.deliver({type: "subscribed", room: "presence-x", users: ["bob", "alice"], anonymous: 1});
+  ev("join", "carol"); ev("leave", null); ev("leave", "bob"); ev("join", null);
+  const before = JSON.parse(JSON.stringify(c.members));
+  c.unsubscribe("presence-x");
+  ev("join", "late");
+  console.log(JSON.stringify({seen, viaOption, replies, before, after: c.members}));
+  c.close();
+}, 20);
+"""
+
+
+def test_client_keeps_a_presence_rooms_members():
+    result = subprocess.run([_node(), "-e", _PRESENCE_SCRIPT, str(CLIENT_JS)], check=False,
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout)
+    assert out["seen"] == [
+        ["subscribed", None, ["alice", "bob"], 1],
+        ["presence", "join", ["alice", "bob", "carol"], 1],
+        ["presence", "leave", ["alice", "bob", "carol"], 0],
+        ["presence", "leave", ["alice", "carol"], 0],
+        ["presence", "join", ["alice", "carol"], 1],
+    ]
+    assert out["viaOption"] == ["subscribed"] + ["presence"] * 4
+    assert out["replies"] == ["subscribed"]  # presence events are not replies
+    assert out["before"] == {"presence-x": {"users": ["alice", "carol"], "anonymous": 1}}
+    assert out["after"] == {}
+
 # A publisher's disconnect (4002): a token function is asked again, and the client reconnects
 # only with another token; the same one stops it with an error. The app sees the close code.
 _DISCONNECT_SCRIPT = r"""

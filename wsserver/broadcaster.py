@@ -8,7 +8,13 @@ them to every client. Why it is fast:
 * **batch**: when several items are waiting, they go out together, and each client gets
   the whole batch in one ``sendmsg`` (one system call per client per batch, not per message);
 * **never wait on a client**: writes are non-blocking (see :mod:`wsserver.connection`); a
-  client whose backlog passes its byte cap is dropped as a slow consumer, not waited for.
+  client whose backlog passes its byte cap is dropped as a slow consumer, not waited for;
+* **compress once**: clients that negotiated permessage-deflate (always without server
+  context takeover) get the compressed twin of each frame
+  (:func:`~wsserver.frames.deflate_frame`), made when the first such client of a fan-out
+  is reached and then shared, one per window size; a fan-out with none compresses nothing.
+  Frames under ``compress_min_size`` bytes of payload go to them plain, the same object as
+  to every other client.
 
 Order: one queue, one consumer, so every client sees messages in the order they were queued.
 
@@ -31,7 +37,9 @@ from typing import Callable, Protocol, Tuple, Union
 
 from . import metrics
 from .connection import Connection, SendResult
+from .frames import deflate_frame
 from .hub import Hub
+from .presence import Roster
 from .recovery import RecentMessages, ReplayMarks
 
 __all__ = ["Broadcast", "Broadcaster"]
@@ -49,6 +57,9 @@ class Broadcast:
     room: str | None = None
     user: str | None = None
     order: tuple | None = None  # the message id as a comparable key (see brokers)
+    # a presence event (wsserver.presence): (action, member, user), or ("reset", rooms); the
+    # roster decides whether it is sent (only when it changes who is there)
+    presence: tuple | None = None
 
 
 class Task(Protocol):
@@ -90,11 +101,13 @@ class Broadcaster:
         queue_size: int,
         on_slow: Callable[[Connection], None],
         max_batch: int = 64,
+        compress_min_size: int = 1024,
     ) -> None:
         self.queue: queue.Queue[QueueItem] = queue.Queue(maxsize=queue_size)
         self._hub = hub
         self._on_slow = on_slow
         self._max_batch = max_batch
+        self._compress_min_size = compress_min_size
         self._stop = threading.Event()
         # submit's "not stopped? then put" and the thread's "stopped and empty? then exit" are
         # each done under this lock, so nothing is accepted after the last look at the queue
@@ -106,6 +119,8 @@ class Broadcaster:
         # the room messages delivered last: what a resume replays of those that went out
         # between its history read and its join
         self.recent = RecentMessages()
+        # the members of presence rooms as the events delivered so far say
+        self.roster = Roster()
 
     def submit(self, item: QueueItem, timeout: float) -> bool:
         """Queue ``item`` (or several that must be accepted together: one notification to
@@ -198,6 +213,7 @@ class Broadcaster:
             metrics.QUEUE_DEPTH.set(q.qsize())
 
     def _deliver_safely(self, batch: list[Broadcast]) -> None:
+        batch = self.roster.filter(batch)
         if not batch:
             return
         try:
@@ -243,18 +259,43 @@ class Broadcaster:
         total = sum(map(len, frames))
         slow = []
         replays = self.replays
+        # permessage-deflate: window bits -> (the compressed twins of `frames`, their bytes),
+        # made for the first client that negotiated that window, shared by the others
+        packed: dict[int, tuple[list[bytes], int]] | None = None
+        sent_bytes = 0
         for conn in clients:
+            bits = conn.deflate
             if replays and conn.id in replays:
                 keep = replays.unsent(conn.id, items)
-                result = conn.send_frames(keep) if keep else SendResult.OK
-            else:
+                size = sum(map(len, keep))
+                result = conn.send_frames(keep, size) if keep else SendResult.OK
+            elif bits is None:
+                size = total
                 result = conn.send_frames(frames, total)
+            else:
+                if packed is None:
+                    packed = {}
+                variant = packed.get(bits)
+                if variant is None:
+                    variant = packed[bits] = self.compressed(frames, bits)
+                size = variant[1]
+                result = conn.send_frames(variant[0], size, frames)
             if result == SendResult.SLOW:
                 slow.append(conn)
+            else:
+                sent_bytes += size
         delivered = len(clients) - len(slow)
         metrics.DELIVERIES.inc(len(items) * delivered)
-        metrics.BYTES_OUT.inc(total * delivered)
+        metrics.BYTES_OUT.inc(sent_bytes)
         written = time.monotonic()
         metrics.observe_many(metrics.DELIVERY_LATENCY, [written - item.queued_at for item in items])
         for conn in slow:
             self._on_slow(conn)
+
+    def compressed(self, frames: list[bytes], window_bits: int) -> tuple[list[bytes], int]:
+        """What a client that negotiated permessage-deflate with ``window_bits`` is sent for
+        ``frames``: each frame's compressed twin, or the frame itself (the same object) when
+        it is under the size threshold or does not shrink; and their total length."""
+        minimum = self._compress_min_size
+        twins = [deflate_frame(frame, window_bits, minimum) for frame in frames]
+        return twins, sum(map(len, twins))

@@ -172,16 +172,6 @@ def _add_client_commands(sub: argparse._SubParsersAction) -> None:
         "stderr), 2 usage error.",
     )
     notify.add_argument(
-        "--url",
-        default=os.environ.get(URL_VARIABLE) or DEFAULT_CLIENT_URL,
-        help=f"server base URL (default: ${URL_VARIABLE}, else {DEFAULT_CLIENT_URL})",
-    )
-    notify.add_argument(
-        "--api-key",
-        default=os.environ.get(API_KEY_VARIABLE) or None,
-        help=f"publisher key, sent as Authorization: Bearer (default: ${API_KEY_VARIABLE})",
-    )
-    notify.add_argument(
         "--event", help="event name; without it the notification is read from stdin"
     )
     notify.add_argument("--message", help="human-readable text")
@@ -194,15 +184,7 @@ def _add_client_commands(sub: argparse._SubParsersAction) -> None:
         help="target room (repeat for several); none: everybody",
     )
     notify.add_argument("--user", help="target one user's connections (token subject)")
-    notify.add_argument(
-        "--timeout", type=_positive_float, default=5.0, help="seconds per request (%(default)s)"
-    )
-    notify.add_argument(
-        "--retries",
-        type=int,
-        default=5,
-        help="retries on 503 (after Retry-After) and connection errors (%(default)s)",
-    )
+    _add_publisher_options(notify)
     notify.set_defaults(func=_notify)
 
     listen = sub.add_parser(
@@ -509,25 +491,31 @@ def _add_server_api_commands(sub: argparse._SubParsersAction) -> None:
     unsubscribe.add_argument("--room", required=True, help="the room")
     unsubscribe.set_defaults(func=_unsubscribe)
     for command in (history, disconnect, unsubscribe):
-        command.add_argument(
-            "--url",
-            default=os.environ.get(URL_VARIABLE) or DEFAULT_CLIENT_URL,
-            help=f"server base URL (default: ${URL_VARIABLE}, else {DEFAULT_CLIENT_URL})",
-        )
-        command.add_argument(
-            "--api-key",
-            default=os.environ.get(API_KEY_VARIABLE) or None,
-            help=f"publisher key, sent as Authorization: Bearer (default: ${API_KEY_VARIABLE})",
-        )
-        command.add_argument(
-            "--timeout", type=_positive_float, default=5.0, help="seconds per request (%(default)s)"
-        )
-        command.add_argument(
-            "--retries",
-            type=int,
-            default=5,
-            help="retries on 503 (after Retry-After) and connection errors (%(default)s)",
-        )
+        _add_publisher_options(command)
+
+
+def _add_publisher_options(command: argparse.ArgumentParser) -> None:
+    """What every publisher command (notify and the server API) takes: where, with which
+    key, how long per request, how many retries."""
+    command.add_argument(
+        "--url",
+        default=os.environ.get(URL_VARIABLE) or DEFAULT_CLIENT_URL,
+        help=f"server base URL (default: ${URL_VARIABLE}, else {DEFAULT_CLIENT_URL})",
+    )
+    command.add_argument(
+        "--api-key",
+        default=os.environ.get(API_KEY_VARIABLE) or None,
+        help=f"publisher key, sent as Authorization: Bearer (default: ${API_KEY_VARIABLE})",
+    )
+    command.add_argument(
+        "--timeout", type=_positive_float, default=5.0, help="seconds per request (%(default)s)"
+    )
+    command.add_argument(
+        "--retries",
+        type=int,
+        default=5,
+        help="retries on 503 (after Retry-After) and connection errors (%(default)s)",
+    )
 
 
 def _history(args: argparse.Namespace) -> int:

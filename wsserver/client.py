@@ -67,6 +67,7 @@ from .codes import (
 __all__ = [
     "AuthError",
     "InvalidNotification",
+    "Members",
     "PublishError",
     "Publisher",
     "Subscriber",
@@ -83,6 +84,41 @@ DEFAULT_WS_URL = "ws://127.0.0.1:8080/ws"
 
 Notification = dict[str, Any]
 Token = Union[str, Callable[[], str], None]  # a runtime alias: Union for Python 3.9
+
+
+class Members:
+    """Who is in a presence room (docs/protocol.md, "Presence"): ``users`` (the tokens'
+    ``sub``, sorted) and ``anonymous`` (members without a token, one per connection). A
+    snapshot: the :class:`Subscriber` hands out a new one after each change."""
+
+    __slots__ = ("room", "users", "anonymous")
+
+    def __init__(self, room: str, users: Iterable[str] = (), anonymous: int = 0) -> None:
+        self.room = room
+        self.users: list[str] = sorted(set(users))
+        self.anonymous = anonymous
+
+    def applied(self, event: dict) -> Members:
+        """The members after a ``presence`` event."""
+        user, joined = event.get("user"), event.get("action") == "join"
+        users = set(self.users)
+        anonymous = self.anonymous
+        if user is None:
+            anonymous = anonymous + 1 if joined else max(anonymous - 1, 0)
+        elif joined:
+            users.add(user)
+        else:
+            users.discard(user)
+        return Members(self.room, users, anonymous)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Members):
+            return NotImplemented
+        return (self.room, self.users, self.anonymous) == (other.room, other.users,
+                                                           other.anonymous)
+
+    def __repr__(self) -> str:
+        return f"Members({self.room!r}, {self.users!r}, anonymous={self.anonymous})"
 
 
 # -- errors --------------------------------------------------------------------------------------
@@ -570,6 +606,13 @@ class Subscriber:
     A room the server takes away (``unsubscribed`` with a ``code``, e.g. after a ``refresh``
     whose token no longer grants it) is dropped from :attr:`rooms` and reported to
     ``on_error`` as a :class:`SubscriptionError` with that code and room.
+
+    Presence rooms (``presence-*``): :meth:`members` is who is in the room now (a
+    :class:`Members`), set by the ``subscribed`` reply, which lists them, and kept by the
+    ``presence`` events after it; ``on_presence(event, members)`` runs (on the background
+    thread) for that reply (``event["type"]`` is ``"subscribed"``) and for each event
+    (``"presence"``, with ``action`` ``join`` or ``leave`` and ``user``), ``members`` being
+    the list after it. Each reconnect's reply replaces the list.
     """
 
     # the current connection's token, and the token of a connection a publisher disconnected
@@ -590,6 +633,7 @@ class Subscriber:
         on_gap: Callable[[str | None, dict], Any] | None = None,
         on_state: Callable[[str], Any] | None = None,
         on_error: Callable[[SubscriptionError], Any] | None = None,
+        on_presence: Callable[[dict, Members], Any] | None = None,
         connect_timeout: float = 10.0,
         keepalive: float = 30.0,
         max_pending: int = 10_000,
@@ -609,10 +653,9 @@ class Subscriber:
         elif since is not None:
             self._last_ids.update({room: str(i) for room, i in since.items()})
         self.token = token
-        self.on_message = on_message
-        self.on_gap = on_gap
-        self.on_state = on_state
-        self.on_error = on_error
+        self.on_message, self.on_gap, self.on_state = on_message, on_gap, on_state
+        self.on_error, self.on_presence = on_error, on_presence
+        self._members: dict[str, Members] = {}  # presence rooms; the background thread's
         self.backoff_initial = backoff_initial
         self.backoff_max = backoff_max
         self.connect_timeout = connect_timeout
@@ -644,6 +687,11 @@ class Subscriber:
     def rooms(self) -> list[str]:
         with self._lock:
             return list(self._rooms)
+
+    def members(self, room: str) -> Members | None:
+        """Who is in presence room ``room`` as this subscriber last heard (None: not a
+        presence room, or not joined yet)."""
+        return self._members.get(room)
 
     @property
     def last_ids(self) -> dict[str | None, str]:
@@ -962,10 +1010,33 @@ class Subscriber:
             except queue.Full:
                 continue  # back-pressure: stop reading until the consumer catches up
 
+    def _on_presence(self, reply: dict) -> None:
+        """A presence room's ``subscribed`` reply (the member list) or a ``presence`` event
+        (applied to it; one before the room's reply is already counted in it)."""
+        room = reply.get("room")
+        if not isinstance(room, str):
+            return
+        if reply.get("type") == "subscribed":
+            users = [u for u in reply.get("users") or () if isinstance(u, str)]
+            anonymous = reply.get("anonymous")
+            members = Members(room, users, anonymous if isinstance(anonymous, int) else 0)
+        else:
+            current = self._members.get(room)
+            if current is None:
+                return
+            members = current.applied(reply)
+        self._members[room] = members
+        if self.on_presence is not None:
+            self._call(self.on_presence, reply, members)
+
     def _on_reply(self, reply: dict) -> None:
         kind = reply.get("type")
+        if kind == "presence" or (kind == "subscribed" and "users" in reply):
+            self._on_presence(reply)
+        elif kind == "unsubscribed":
+            self._members.pop(str(reply.get("room")), None)
         if kind not in ("subscribed", "unsubscribed", "error"):
-            return  # pong, refreshed, future replies
+            return  # pong, refreshed, presence, future replies
         if kind == "unsubscribed" and "code" in reply:
             self._taken_away(reply)
             return

@@ -25,6 +25,7 @@ from .codes import (
 from .exceptions import AccessDenied, CommandError
 from .frames import OP_BINARY, OP_TEXT, encode_frame
 from .limits import TokenBucket
+from .presence import PresenceJoin
 from .protocol import Command, encode_json_frame, error_frame, parse_command
 
 if TYPE_CHECKING:
@@ -43,6 +44,10 @@ RESUME_COST = 5.0
 Payload = Union[str, bytes]
 
 REASON_ROOM_REVOKED = "the refreshed token no longer grants this room"
+
+# how long a connection's thread waits for its presence join to run on the broadcaster (it
+# waits behind the queue: up to WSSERVER_QUEUE_SIZE fan-outs, milliseconds each)
+_PRESENCE_JOIN_WAIT = 5.0
 
 
 def revoked_reply(room: str) -> dict[str, str]:
@@ -101,10 +106,27 @@ class ClientCommands:
                 return False
         return self._free_form(conn, payload)
 
-    def subscribe(self, conn: Connection, room: str) -> None:
+    def subscribe(self, conn: Connection, room: str) -> bool:
         """Join ``room`` (idempotent); raises :class:`~wsserver.auth.AccessDenied` for a
-        private room the connection's token does not grant, or past the room limit."""
-        self._service.admission.join(conn, room)
+        private room the connection's token does not grant, or past the room limit. True
+        when the join was queued and replies itself: a presence room is joined on the
+        broadcaster thread, whose ``subscribed`` reply lists the members
+        (:class:`wsserver.presence.PresenceJoin`); raises :class:`CommandError` ``busy``
+        when the queue stays full."""
+        service = self._service
+        if not service.presence.enabled_for(room):
+            service.admission.join(conn, room)
+            return False
+        service.admission.check_join(conn.identity, room)
+        broadcaster = service.broadcaster
+        assert broadcaster is not None, "the service is started before connections"
+        task = PresenceJoin(service, conn, room)
+        if not broadcaster.submit(task, self._settings.enqueue_timeout):
+            raise CommandError("busy", "the server is too busy to join now; retry")
+        # the reply comes from the broadcaster: wait for it, so that the answer to the next
+        # command cannot overtake it (bounded: a stopping broadcaster never runs it)
+        task.done.wait(_PRESENCE_JOIN_WAIT)
+        return True
 
     def resume(self, conn: Connection, room: str, since: str) -> None:
         """Join ``room`` after replaying what ``conn`` missed since id ``since`` (see
@@ -179,7 +201,8 @@ class ClientCommands:
             if since is not None:
                 self.resume(conn, room, since)  # the task replies
                 return
-            self.subscribe(conn, room)
+            if self.subscribe(conn, room):
+                return  # the join task replies
         except (AccessDenied, CommandError) as exc:
             if exc.code in SERVER_SIDE_ERRORS:  # our overload, not the client's mistake
                 conn.send(error_frame(exc.code, exc.reason, room))

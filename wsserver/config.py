@@ -445,6 +445,12 @@ class Settings:
         "private-",
         "Rooms named with this prefix need the token's `rooms` claim to join.",
     )
+    presence_prefix: str = _setting(
+        str,
+        "presence-",
+        "Rooms named with this prefix tell their members who joins and leaves (a `presence` "
+        "event per user, cluster-wide) and list them in `GET /rooms/<room>`; empty: no presence.",
+    )
     max_connections_per_ip: int = _setting(
         _int_in(0, 1_000_000),
         0,
@@ -587,6 +593,19 @@ class Settings:
         _int_in(16, 1024 * MiB),
         64 * 1024,
         "Largest message a client may send (bytes); over it the connection is closed with 1009.",
+    )
+    compression: bool = _setting(
+        _parse_bool,
+        True,
+        "Negotiate permessage-deflate (RFC 7692) with clients that offer it, always with "
+        "`server_no_context_takeover`: each notification is compressed once and the same "
+        "frame goes to every such client. Off: every client gets the plain frame.",
+    )
+    compression_min_size: int = _setting(
+        _int_in(0, 1024 * MiB),
+        1024,
+        "Smallest message payload (bytes) compressed for clients that negotiated "
+        "permessage-deflate; smaller ones go to them plain.",
     )
     client_buffer: int = _setting(
         _int_in(1024, 1024 * MiB),

@@ -122,6 +122,7 @@ class Connection:
         "identity",
         "invalid_commands",
         "commands",
+        "deflate",
         "__weakref__",
     )
 
@@ -132,6 +133,7 @@ class Connection:
         remote: str,
         buffer_limit: int,
         flusher: Flusher,
+        opening: bool = False,
     ) -> None:
         self.id = conn_id
         self.sock = sock
@@ -143,7 +145,9 @@ class Connection:
         self._pending_bytes = 0
         self._buffer_limit = buffer_limit
         self._flusher = flusher
-        self._watched = False  # the flusher will call on_writable: it owns the next write
+        # someone else owns the next write: the flusher, which will call on_writable, or
+        # (``opening``) the upgrade's 101, not sent yet: writes queue until :meth:`open`
+        self._watched = opening
         self._state = _OPEN
         # the echoes of the client's own relayed messages and what waits for them (own lock)
         self.echoes = EchoOrder(self._lock, self)
@@ -160,11 +164,22 @@ class Connection:
         # commands per second (WSSERVER_MAX_COMMAND_RATE; set by the service before the
         # session starts): the connection's own thread only
         self.commands = TokenBucket(0, 1)
+        # permessage-deflate: the window (bits) the client negotiated for what we send, or
+        # None (plain frames only); set before the Hub sees the connection, then read only.
+        # The broadcaster picks this client's variant of each broadcast by it.
+        self.deflate: int | None = None
 
     # -- the write path ------------------------------------------------------------------
 
-    def send_frames(self, frames: Sequence[bytes], total: int | None = None) -> SendResult:
-        """Queue encoded frames and write what the socket takes now."""
+    def send_frames(
+        self,
+        frames: Sequence[bytes],
+        total: int | None = None,
+        plain: Sequence[bytes] | None = None,
+    ) -> SendResult:
+        """Queue encoded frames and write what the socket takes now. ``plain``: when
+        ``frames`` are compressed twins (permessage-deflate), the plain frames they stand
+        for, in the same order (the echo ordering recognizes a client's echo by those)."""
         if total is None:
             total = sum(len(f) for f in frames)
         with self._lock:
@@ -173,7 +188,7 @@ class Connection:
                 return _REFUSED
             if self.echoes.held:
                 # rare: this client's own message is out for relay; its echo may be here
-                self.echoes.relay_locked(frames)
+                self.echoes.relay_locked(frames, plain)
                 return self._write_locked()
             if not self._pending and not self._watched and len(frames) <= _IOV_MAX:
                 # the common case, the fan-out's hot path (inline: it runs once per client
@@ -207,6 +222,18 @@ class Connection:
             self._pending.extend(frames)
             self._pending_bytes += total
             return self._write_locked()
+
+    def open(self, upgrade_response: bytes) -> None:
+        """Send the upgrade's 101, then what was queued while it waited (a connection made
+        with ``opening``: see ``transport._HeldUpgradeResponse`` for why). Once, by the
+        connection's own thread, right after the hub registered it."""
+        with self._lock:
+            self._watched = False
+            if self._state is _CLOSED:
+                return
+            self._pending.appendleft(upgrade_response)
+            self._pending_bytes += len(upgrade_response)
+            self._flush_locked()
 
     def send(self, frame: bytes) -> SendResult:
         """Queue one encoded frame (a reply); see :meth:`send_frames`."""
@@ -465,13 +492,20 @@ class TlsConnection(Connection):
         remote: str,
         buffer_limit: int,
         flusher: Flusher,
+        opening: bool = False,
     ) -> None:
-        super().__init__(conn_id, sock, remote, buffer_limit, flusher)
+        super().__init__(conn_id, sock, remote, buffer_limit, flusher, opening)
         self._owed = 0  # bytes an SSL_write that would block took: the retry presents them
         sock.setblocking(False)
 
-    def send_frames(self, frames: Sequence[bytes], total: int | None = None) -> SendResult:
-        """Queue encoded frames and write what the socket takes now (see the class)."""
+    def send_frames(
+        self,
+        frames: Sequence[bytes],
+        total: int | None = None,
+        plain: Sequence[bytes] | None = None,
+    ) -> SendResult:
+        """Queue encoded frames and write what the socket takes now (see the class and
+        :meth:`Connection.send_frames`)."""
         if total is None:
             total = sum(len(f) for f in frames)
         with self._lock:
@@ -479,7 +513,7 @@ class TlsConnection(Connection):
             if state is _CLOSE_SENT or state is _CLOSED:
                 return _REFUSED
             if self.echoes.held:
-                self.echoes.relay_locked(frames)
+                self.echoes.relay_locked(frames, plain)
             else:
                 self._pending.extend(frames)
                 self._pending_bytes += total

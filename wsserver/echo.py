@@ -240,17 +240,21 @@ class EchoOrder:
             self._since = time.monotonic()
         return True
 
-    def relay_locked(self, frames: Sequence[bytes]) -> None:
+    def relay_locked(
+        self, frames: Sequence[bytes], plain: Sequence[bytes] | None = None
+    ) -> None:
         """Queue broadcast ``frames`` while echoes are awaited: when one of them is an echo,
         what was held before that echo goes first (echoes before it were not relayed: the
         queue is first in, first out), then the echo, then what waited for exactly that echo.
-        Frames after a released close are not sent."""
+        Frames after a released close are not sent. ``plain``: the uncompressed frames
+        ``frames`` stand for (permessage-deflate), which the echoes are recognized by."""
         assert self._lock.locked()
         held, outbox = self.held, self._outbox
-        for frame in frames:
+        for n, frame in enumerate(frames):
+            seen = frame if plain is None else plain[n]
             index = -1
             for i, entry in enumerate(held):
-                if isinstance(entry, Expected) and entry.matches(frame):
+                if isinstance(entry, Expected) and entry.matches(seen):
                     index = i
                     break
             if index < 0:

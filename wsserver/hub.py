@@ -19,7 +19,7 @@ import threading
 from collections import deque
 from contextlib import contextmanager
 from enum import Enum
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 from .brokers import Census
 from .exceptions import RoomLimitReached  # defined with every other exception
@@ -64,6 +64,24 @@ class Hub:
         self._version = 0  # changes whenever a count does (census reports skip the rest)
         self._snapshot: list[Connection] | None = None
         self._room_snapshots: dict[str, list[Connection]] = {}
+        # presence rooms (names starting with _watched): told of every entry and exit, under
+        # the lock, so no path (command, refresh, disconnect, slow consumer) is missed
+        self._watched = ""
+        self._watcher: Callable[[Connection, str, bool], None] | None = None
+
+    def watch(self, prefix: str, watcher: Callable[[Connection, str, bool], None]) -> None:
+        """Call ``watcher(conn, room, entered)`` whenever a connection enters or leaves a
+        room named with ``prefix`` (an empty prefix: never). It runs under the hub's lock:
+        it must only do bookkeeping (:meth:`wsserver.presence.Presence.changed`)."""
+        with self._locked():
+            self._watched, self._watcher = prefix, watcher
+
+    def settle(self) -> None:
+        """Apply pending departures now (a no-op without any): their leaving rooms is
+        reported to the watcher at once rather than at the next locked operation."""
+        if self._departures:
+            with self._locked():
+                pass
 
     def next_id(self) -> int:
         with self._locked():
@@ -162,6 +180,8 @@ class Hub:
             self._rooms.setdefault(room, {})[conn.id] = conn
             self._room_snapshots.pop(room, None)
             self._version += 1
+            if self._watched and self._watcher is not None and room.startswith(self._watched):
+                self._watcher(conn, room, True)
             return True
 
     def unsubscribe(self, conn: Connection, room: str) -> bool:
@@ -181,6 +201,8 @@ class Hub:
                 del self._rooms[room]
         self._room_snapshots.pop(room, None)
         self._version += 1
+        if self._watched and self._watcher is not None and room.startswith(self._watched):
+            self._watcher(conn, room, False)
 
     def rooms_of(self, conn: Connection) -> list[str]:
         """The rooms ``conn`` is in now, sorted (a copy: other threads join and leave)."""

@@ -64,7 +64,10 @@ CONNECTIONS_OPENED = Counter("wsserver_connections_opened", "WebSocket connectio
 MESSAGES_IN = Counter("wsserver_messages_in", "Complete messages received from clients")
 MESSAGES_OUT = Counter("wsserver_messages_out", "Messages fanned out by the broadcaster")
 DELIVERIES = Counter("wsserver_deliveries", "Messages written to clients (message x client)")
-BYTES_OUT = Counter("wsserver_bytes_out", "Bytes of broadcast frames queued to clients")
+BYTES_OUT = Counter(
+    "wsserver_bytes_out",
+    "Bytes of broadcast frames queued to clients (compressed ones counted as compressed)",
+)
 QUEUE_DEPTH = Gauge(
     "wsserver_queue_depth", "Messages waiting in the broadcast queue", multiprocess_mode="livesum"
 )

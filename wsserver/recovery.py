@@ -305,8 +305,10 @@ class Resume:
         except AccessDenied as exc:  # that, or the room limit, reached since then
             conn.send(error_frame(exc.code, exc.reason, room))
             return False
-        reply = {"type": "subscribed", "room": room, "recovered": recovered}
-        result = conn.send(encode_json_frame({**reply, "missed": len(frames)}))
+        reply = {"type": "subscribed", "room": room, "recovered": recovered, "missed": len(frames)}
+        if service.presence.enabled_for(room):  # joined here: the roster is exact now
+            reply["users"], reply["anonymous"] = broadcaster.roster.members(room)
+        result = conn.send(encode_json_frame(reply))
         if frames and result == SendResult.OK:
             result = conn.send_frames([frame for _, frame in frames])
             broadcaster.replays.mark(conn.id, room, frames[-1][0])

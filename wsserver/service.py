@@ -38,6 +38,7 @@ from .connection import Connection, connection_class
 from .exceptions import QueueFull, ShuttingDown
 from .flusher import Flusher
 from .hub import Hub
+from .presence import Presence
 from .protocol import Notification
 from .proxies import Publishers
 from .recovery import Recovery
@@ -90,6 +91,8 @@ class NotificationService:
         self.admission = Admission(settings, self.policy, self.hub)
         self.publishers = Publishers(settings, self.policy)
         self.recovery = Recovery(self)
+        self.presence = Presence(settings.presence_prefix, self.hub)
+        self.hub.watch(settings.presence_prefix, self.presence.changed)
         self.commands = ClientCommands(self)
         self.flusher: Flusher | None = None
         self.broadcaster: Broadcaster | None = None
@@ -109,12 +112,19 @@ class NotificationService:
             if self._pid == pid:
                 return
             self.flusher = Flusher()
-            self.broadcaster = Broadcaster(self.hub, self.settings.queue_size, self.drop_slow)
+            self.broadcaster = Broadcaster(
+                self.hub,
+                self.settings.queue_size,
+                self.drop_slow,
+                compress_min_size=self.settings.compression_min_size,
+            )
             self.flusher.start()
             self.broadcaster.start()
             if self._pid is not None:  # forked after a start: the broker is the parent's
                 self.broker = make_broker(self.settings)
             self.broker.start(self.broadcaster, self.hub)
+            self.broker.on_report_lost = self.presence.reannounce
+            self.presence.start(self.broker)
             self._pid = pid
             log.info(
                 "wsserver started in pid %d: %d WebSocket connections at most, queue %d, "
@@ -153,7 +163,7 @@ class NotificationService:
         if self._pid != os.getpid():
             return True
         b, f = self.broadcaster, self.flusher
-        return bool(b and b.alive and f and self.broker.alive)
+        return bool(b and b.alive and f and self.broker.alive and self.presence.alive)
 
     @property
     def ready(self) -> bool:
@@ -199,6 +209,7 @@ class NotificationService:
         deadline = time.monotonic() + budget
         clients = self.hub.stop_accepting()
         log.info("shutting down: flushing the queue, then closing %d clients", len(clients))
+        self.presence.stop()  # the broker announces our members' leaves as it stops
         self.broker.stop()
         if self.broadcaster is not None:
             if not self.broadcaster.stop(max(deadline - time.monotonic(), 0.1) / 2):
@@ -317,19 +328,43 @@ class NotificationService:
             return mine, None
         return mine, (Census(rooms=mine) + peers).rooms
 
+    def room(self, room: str) -> dict:
+        """``GET /rooms/<room>``: its subscribers (every worker's, fresh within a second,
+        and this worker's), and for a presence room its members, cluster-wide, as the
+        presence events delivered here say (``users`` sorted; ``anonymous``: members
+        without a token, one per connection)."""
+        mine, cluster = self.rooms()
+        counts = cluster if cluster is not None else mine
+        body: dict = {
+            "room": room,
+            "clients": counts.get(room, 0),
+            "worker_clients": mine.get(room, 0),
+            "scope": "cluster" if cluster is not None else "worker",
+            "presence": self.presence.enabled_for(room),
+        }
+        if body["presence"]:
+            broadcaster = self.broadcaster
+            users, anonymous = broadcaster.roster.members(room) if broadcaster else ([], 0)
+            body["users"], body["anonymous"] = users, anonymous
+        return body
+
     @property
     def queue_depth(self) -> int:
         return self.broadcaster.queue.qsize() if self.broadcaster else 0
 
     # -- connection callbacks --------------------------------------------------------------
 
-    def new_connection(self, sock, remote: str, identity: Identity | None = None) -> Connection:  # type: ignore[no-untyped-def]
+    def new_connection(  # type: ignore[no-untyped-def]
+        self, sock, remote: str, identity: Identity | None = None, opening: bool = False
+    ) -> Connection:
+        """A connection for ``sock``; ``opening``: its 101 is not sent yet, writes queue until
+        :meth:`Connection.open`."""
         self.ensure_started()
         assert self.flusher is not None
         if self.settings.send_buffer:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.settings.send_buffer)
         conn = connection_class(sock)(
-            self.hub.next_id(), sock, remote, self.settings.client_buffer, self.flusher
+            self.hub.next_id(), sock, remote, self.settings.client_buffer, self.flusher, opening
         )
         if identity is not None:
             conn.identity, conn.user = identity, identity.user

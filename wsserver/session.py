@@ -175,7 +175,7 @@ class _Inbound:
         self._controls = TokenBucket(control, 2 * control)
         self.pings_out = 0  # our keepalive pings not answered yet: their pongs are free
         self.discarded = 0  # frames parsed and dropped while closing
-        self._too_big = _Limit(
+        self.too_big = _Limit(
             CLOSE_MESSAGE_TOO_BIG,
             f"message over {self._max_size} bytes",
             "message_too_big",
@@ -213,7 +213,7 @@ class _Inbound:
             self._size += _size_of(chunk)
             if self._size > self._max_size:
                 self._reset()
-                return self._too_big
+                return self.too_big
             self._parts.append(chunk)
         if not event.message_finished:
             return None
@@ -440,6 +440,11 @@ class Session:
         if self._proto.state is ConnectionState.OPEN:
             # wsproto could not parse the peer's bytes: fail the connection
             code = event.code
+            if code == CLOSE_MESSAGE_TOO_BIG:
+                # only a compressed message inflated past WSSERVER_MAX_MESSAGE_SIZE makes
+                # the parser say so (transport.InboundDeflate): the size limit's own close
+                _close_for(conn, self._inbound.too_big)
+                return "message too big (inflated)", True
             text = event.reason or "protocol error"
             _close_for(conn, _Limit(code, text, "protocol_error", f"close {code}"))
             # RFC 6455 7.1.7: fail the connection, do not wait for the peer

@@ -7,28 +7,47 @@ production fan-out cannot have:
 * a reader thread per connection (two threads per socket under gunicorn) that writes pongs
   and close replies with a bare ``sock.send`` no lock of ours covers;
 * ``send`` instead of ``sendall`` and no write timeout;
-* permessage-deflate accepted whenever offered, which would make every client's bytes
-  different and cost one compression per client per broadcast.
+* permessage-deflate accepted with whatever the client offered (context takeover: every
+  client's bytes different, one compression per client per broadcast), and inflated without
+  a bound (a 1 KB frame may inflate to 1 MB, a 64 KB read to 64 MB).
 
 So the reader thread is never started (:class:`_NoReaderThread`), the connection's own
 request thread reads (:mod:`wsserver.session`), every write goes through
-:class:`~wsserver.connection.Connection`, and the deflate offer is removed from the request
-before simple-websocket sees it. Nothing else in the package imports simple_websocket.
+:class:`~wsserver.connection.Connection`, and the deflate offer simple-websocket sees is the
+one :func:`wsserver.handshake.negotiate_compression` accepted (always without context
+takeover). Inbound frames are parsed by a wsproto connection of our own
+(:attr:`Transport.protocol`), which for a client that negotiated compression carries
+:class:`InboundDeflate`: it inflates a message at most to ``WSSERVER_MAX_MESSAGE_SIZE`` + 1
+bytes and fails it with 1009 there, never inflating the rest. Nothing else in the package
+imports simple_websocket.
 """
 
 from __future__ import annotations
 
 import socket
-from typing import Any
+import zlib
+from typing import Any, Union
 
-from wsproto import ConnectionType, WSConnection
+from wsproto import ConnectionType
+from wsproto.connection import Connection as WsprotoConnection
 from wsproto.events import AcceptConnection, Request
-from wsproto.extensions import PerMessageDeflate
+from wsproto.extensions import Extension, PerMessageDeflate
+from wsproto.frame_protocol import CloseReason, FrameDecoder, FrameProtocol, Opcode, RsvBits
 from wsproto.handshake import H11Handshake
 
 from .codes import SUBPROTOCOL
 
-__all__ = ["Transport", "handshake_rejection", "server_options", "strip_compression_offer"]
+__all__ = [
+    "InboundDeflate",
+    "Transport",
+    "defer_upgrade_response",
+    "handshake_rejection",
+    "inbound_protocol",
+    "server_options",
+]
+
+_Proto = Union[FrameDecoder, FrameProtocol]
+_RSV1 = RsvBits(True, False, False)  # what InboundDeflate lets a frame carry
 
 
 class _NoReaderThread:
@@ -60,12 +79,35 @@ def server_options() -> dict[str, Any]:
     }
 
 
-def strip_compression_offer(environ: dict[str, Any]) -> None:
-    """Drop the client's permessage-deflate offer so broadcasts can be encoded once.
+class _HeldUpgradeResponse:
+    """Stands in for the socket while simple-websocket answers the upgrade: the ``101
+    Switching Protocols`` it writes is kept, not sent, and everything else goes to the socket.
 
-    Compression is not negotiated: frames are shared by every client (docs/design.md).
-    """
-    environ.pop("HTTP_SEC_WEBSOCKET_EXTENSIONS", None)
+    Why: a client may publish (or be published to) the moment it reads its 101. If the 101
+    went out before the connection was in the hub and its rooms, a notification answered 200
+    after the client's 101 could miss it. ``ws.serve_connection`` registers the connection
+    first, then sends the kept 101 as the first bytes of the connection's own write path,
+    ahead of anything queued for it meanwhile (:meth:`Connection.open`)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.response = bytearray()
+
+    def send(self, data: bytes) -> int:
+        self.response += data
+        return len(data)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.sock, name)
+
+
+def defer_upgrade_response(environ: dict[str, Any]) -> None:
+    """Make simple-websocket keep its 101 instead of sending it (see
+    :class:`_HeldUpgradeResponse`); :class:`Transport` hands it over."""
+    for key in ("werkzeug.socket", "gunicorn.socket"):  # simple-websocket's order
+        if key in environ:
+            environ[key] = _HeldUpgradeResponse(environ[key])
+            return
 
 
 def handshake_rejection(environ: dict[str, Any]) -> str | None:
@@ -98,16 +140,113 @@ def handshake_rejection(environ: dict[str, Any]) -> str | None:
     return "incomplete request"
 
 
+class InboundDeflate(Extension):
+    """permessage-deflate for what a client sends (RFC 7692), as negotiated by
+    :func:`wsserver.handshake.negotiate_compression`: client messages without context
+    takeover, a window of up to 15 bits.
+
+    Why not wsproto's ``PerMessageDeflate``: it inflates whatever a frame holds, without a
+    bound (a decompression bomb of a few KB fills the worker's memory before any limit of
+    ours sees a byte), keeps a decompressor per connection, and forgets a fragmented
+    message is compressed when a ping arrives between its frames. Here each chunk is
+    inflated to at most what is left of ``max_size`` plus one byte: one byte over and the
+    message fails with 1009 (``CloseReason.MESSAGE_TOO_BIG``, which the session reports as
+    ``WSSERVER_MAX_MESSAGE_SIZE``), the rest never inflated. The decompressor exists only
+    while a compressed message is being received.
+
+    Thread-safety: none; it belongs to the connection's own thread (its wsproto parser).
+    Outbound frames never pass through it: :func:`wsserver.frames.deflate_frame` makes them.
+    """
+
+    name = "permessage-deflate"
+
+    def __init__(self, max_size: int) -> None:
+        self.max_size = max_size
+        self._inflater: Any = None  # zlib decompressobj of the message being received
+        self._message_compressed = False
+        self._frame_compressed = False
+        self._inflated = 0  # bytes of the current message inflated so far
+
+    def enabled(self) -> bool:
+        return True
+
+    def offer(self) -> bool:  # a server never offers
+        return False
+
+    def frame_inbound_header(
+        self, proto: _Proto, opcode: Opcode, rsv: RsvBits, payload_length: int
+    ) -> CloseReason | RsvBits:
+        if opcode.iscontrol() or opcode is Opcode.CONTINUATION:
+            if rsv.rsv1:  # RFC 7692 6.1: only a message's first frame says "compressed"
+                return CloseReason.PROTOCOL_ERROR
+            # a control frame between a message's fragments leaves the message as it was
+            self._frame_compressed = self._message_compressed and not opcode.iscontrol()
+            return _RSV1
+        self._message_compressed = self._frame_compressed = rsv.rsv1
+        self._inflated = 0
+        self._inflater = zlib.decompressobj(-15) if rsv.rsv1 else None
+        return _RSV1
+
+    def frame_inbound_payload_data(self, proto: _Proto, data: bytes) -> bytes | CloseReason:
+        if not self._frame_compressed:
+            return data
+        return self._inflate(data)
+
+    def frame_inbound_complete(self, proto: _Proto, fin: bool) -> bytes | CloseReason | None:
+        if not (fin and self._frame_compressed):
+            return None
+        # RFC 7692 7.2.2: the sender removed the sync flush's empty block; put it back
+        data = self._inflate(b"\x00\x00\xff\xff")
+        self._inflater = None
+        self._message_compressed = self._frame_compressed = False
+        return data
+
+    def _inflate(self, data: bytes) -> bytes | CloseReason:
+        inflater = self._inflater
+        if inflater is None:  # failed already
+            return CloseReason.INVALID_FRAME_PAYLOAD_DATA
+        budget = self.max_size - self._inflated
+        try:
+            # at most one byte past the limit (max_length 0 would mean "no limit": the
+            # budget is never negative, so this asks for one byte at least)
+            out = inflater.decompress(data, budget + 1)
+        except zlib.error:
+            self._inflater = None
+            return CloseReason.INVALID_FRAME_PAYLOAD_DATA
+        self._inflated += len(out)
+        if self._inflated > self.max_size:
+            self._inflater = None
+            return CloseReason.MESSAGE_TOO_BIG
+        return out
+
+
+def inbound_protocol(deflate: bool, max_message_size: int) -> WsprotoConnection:
+    """The wsproto connection that parses what one client sends, after the handshake:
+    with :class:`InboundDeflate` when the client negotiated permessage-deflate."""
+    extensions: list[Extension] = [InboundDeflate(max_message_size)] if deflate else []
+    return WsprotoConnection(ConnectionType.SERVER, extensions)
+
+
 class Transport:
-    """Our hold on an accepted simple-websocket ``Server``: its socket and its wsproto
-    connection (used only for parsing inbound bytes)."""
+    """Our hold on an accepted simple-websocket ``Server``: its socket, the wsproto
+    connection that parses inbound bytes and, when :func:`defer_upgrade_response` held it,
+    the 101 still to be sent (``upgrade_response``; None: already sent).
 
-    __slots__ = ("sock", "protocol", "_ws")
+    With ``deflate`` (the client negotiated permessage-deflate) the parser is a wsproto
+    connection of our own carrying :class:`InboundDeflate`; simple-websocket's (which would
+    inflate without bound) is not used. Without, simple-websocket's is (nothing to swap)."""
 
-    def __init__(self, ws: Any) -> None:
+    __slots__ = ("sock", "protocol", "upgrade_response", "_ws")
+
+    def __init__(self, ws: Any, deflate: bool = False, max_message_size: int = 0) -> None:
         self._ws = ws
-        self.sock: socket.socket = ws.sock
-        self.protocol: WSConnection = ws.ws
+        self.upgrade_response: bytes | None = None
+        sock = ws.sock
+        if isinstance(sock, _HeldUpgradeResponse):
+            self.upgrade_response = bytes(sock.response)
+            sock = ws.sock = sock.sock
+        self.sock: socket.socket = sock
+        self.protocol: Any = inbound_protocol(True, max_message_size) if deflate else ws.ws
 
     def release(self) -> None:
         """Tell simple-websocket the connection is over, so flask-sock's ``close()`` after our

@@ -11,10 +11,13 @@ import os
 from typing import Any
 
 from flask import Blueprint, Response, current_app, jsonify, request
+from flask.blueprints import BlueprintSetupState
+from werkzeug.routing import PathConverter
 
 from . import metrics
 from .errors import refusal_response
-from .exceptions import AccessDenied
+from .exceptions import AccessDenied, BadRequest, CommandError
+from .protocol import validate_room
 from .service import NotificationService
 
 __all__ = ["bp"]
@@ -22,7 +25,20 @@ __all__ = ["bp"]
 bp = Blueprint("api", __name__)
 
 
-_PUBLISHER_ENDPOINTS = {"api.rooms"}
+class _AnyText(PathConverter):
+    """What follows ``/rooms/``, whatever it holds (``/``, newlines): a name that is not a
+    room name is the view's 400 ``invalid_room``, not the router's 404."""
+
+    regex = r"[\s\S]+"
+    part_isolating = False  # it spans "/" (werkzeug would guess otherwise from the regex)
+
+
+@bp.record_once
+def _converters(state: BlueprintSetupState) -> None:
+    state.app.url_map.converters.setdefault("anytext", _AnyText)
+
+
+_PUBLISHER_ENDPOINTS = {"api.rooms", "api.room"}
 _METRICS_ENDPOINT = "api.prometheus_metrics"
 
 
@@ -170,3 +186,16 @@ def rooms() -> Any:
             "scope": "cluster" if cluster is not None else "worker",
         }
     )
+
+
+@bp.get("/rooms/<anytext:room>")
+def room(room: str) -> Any:
+    """One room: ``clients`` across every worker (``scope`` as for ``/rooms``), and for a
+    presence room (``WSSERVER_PRESENCE_PREFIX``) its members cluster-wide: ``users`` (the
+    tokens' ``sub``, sorted) and ``anonymous`` (members without a token). A room nobody is
+    in answers 0 and no members; a name that is not a room name is a 400."""
+    try:
+        validate_room(room)
+    except CommandError as exc:
+        return refusal_response(BadRequest(400, exc.code, exc.reason))
+    return jsonify(_service().room(room))

@@ -18,11 +18,11 @@ from .auth import Identity, token_from, valid_origin
 from .codes import CLOSE_TRY_AGAIN_LATER
 from .errors import refusal_response
 from .exceptions import AccessDenied, CommandError, Refusal
-from .handshake import check_handshake, negotiate_subprotocol
+from .handshake import check_handshake, negotiate_compression, negotiate_subprotocol
 from .protocol import error_frame, parse_room_list
 from .service import NotificationService
 from .session import run_session
-from .transport import Transport, server_options, strip_compression_offer
+from .transport import Transport, defer_upgrade_response, server_options
 from .worker import WEBSOCKET_STARTED
 
 __all__ = ["init_app"]
@@ -42,7 +42,12 @@ def init_app(app: Flask) -> None:
             return None
         service: NotificationService = current_app.extensions["wsserver"]
         try:
-            strip_compression_offer(request.environ)
+            # first: what simple-websocket (and check_handshake's replay through wsproto)
+            # then sees of the extension offer is the one offer we accept, or none
+            g.wsserver_deflate = negotiate_compression(
+                request.environ, service.settings.compression
+            )
+            defer_upgrade_response(request.environ)
             check_handshake(request.environ)
             offered_token = negotiate_subprotocol(request.environ)
             service.ensure_started()
@@ -59,13 +64,15 @@ def init_app(app: Flask) -> None:
         if started is not None:
             started()
         service: NotificationService = current_app.extensions["wsserver"]
+        deflate = g.get("wsserver_deflate")
         serve_connection(
             service,
-            Transport(ws),
+            Transport(ws, deflate is not None, service.settings.max_message_size),
             request.remote_addr or "?",
             g.get("wsserver_rooms", ()),
             g.get("wsserver_identity"),
             request.args.get("since") or None,
+            None if deflate is None else deflate.window_bits,
         )
 
 
@@ -119,11 +126,20 @@ def serve_connection(
     rooms: tuple[str, ...] = (),
     identity: Identity | None = None,
     since: str | None = None,
+    deflate: int | None = None,
 ) -> None:
-    """Register the client (in its connect-time rooms), run its session on this thread,
-    and always clean up."""
-    conn = service.new_connection(transport.sock, remote, identity)
+    """Register the client (in its connect-time rooms), send its 101 if it waits (so the
+    client is in its rooms before it can know it is connected), run its session on this
+    thread, and always clean up. ``deflate``: the window bits of the permessage-deflate the
+    client negotiated (None: plain frames)."""
+    upgrade_response = transport.upgrade_response
+    conn = service.new_connection(
+        transport.sock, remote, identity, opening=upgrade_response is not None
+    )
+    conn.deflate = deflate
     refused = service.hub.add(conn)
+    if upgrade_response is not None and (refused is not None or since is not None):
+        conn.open(upgrade_response)  # refused: 101, then 1013; a resume replies after it
     if refused is not None:
         # lost a race for the last slot (or shutdown began) after the checks before the
         # upgrade: refuse politely, saying which
@@ -146,6 +162,8 @@ def serve_connection(
         else:
             for room in rooms:
                 commands.subscribe(conn, room)
+            if upgrade_response is not None:
+                conn.open(upgrade_response)
         why = run_session(transport, conn, service.settings, commands.on_message)
     except Exception:
         log.exception("client %d: session failed", conn.id)

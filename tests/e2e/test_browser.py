@@ -434,3 +434,60 @@ def test_console_explains_a_full_server_and_keeps_trying(tmp_path, monkeypatch):
             driver.quit()
         for srv in servers:
             srv.stop()
+
+
+# -- presence ------------------------------------------------------------------------------------
+
+
+def test_the_console_shows_who_is_in_a_presence_room(tmp_path, monkeypatch):
+    """The console joined to a presence room (its token from ``#token=``) lists its members
+    under the room, and logs who joins and leaves: another user's WebSocket comes and goes."""
+    _need_chromium(monkeypatch)
+    import json
+
+    import websocket
+    from selenium.common.exceptions import TimeoutException
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from e2e.test_security import SECRET, token
+
+    room = "presence-lobby"
+    server = GunicornServer(env={"WSSERVER_ENV": "development", "WSSERVER_JWT_SECRET": SECRET})
+    driver = None
+    other = None
+
+    def wait(what: str, css: str, timeout: float = 15.0):
+        try:
+            return WebDriverWait(driver, timeout, poll_frequency=0.1).until(
+                lambda d: (d.find_elements(By.CSS_SELECTOR, css) or [None])[-1])
+        except TimeoutException:
+            raise AssertionError(f"timed out waiting for {what} ({css})\npage:\n"
+                                 f"{driver.find_element(By.TAG_NAME, 'body').text[-2000:]}"
+                                 f"\nserver log:\n{server.log()[-2000:]}") from None
+
+    try:
+        server.start()
+        driver = _chrome(tmp_path / "profile")
+        driver.get(f"{server.url}/console?rooms={room}#token={token('walter', ttl=600)}")
+        wait("the console in the room", f'#my-rooms li[data-room="{room}"][data-members="walter"]')
+        other = websocket.create_connection(f"{server.ws_url}?token={token('olga', ttl=600)}",
+                                            timeout=10)
+        other.send(json.dumps({"type": "subscribe", "room": room}))
+        assert json.loads(other.recv())["users"] == ["walter"]
+        item = wait("olga listed", f'#my-rooms li[data-room="{room}"][data-members="olga,walter"]')
+        assert "here: olga, walter" in item.text
+        joined = wait("olga's join logged",
+                      'li[data-kind="presence"][data-action="join"][data-user="olga"]')
+        assert "olga joined" in joined.text
+        other.close()
+        other = None
+        wait("olga's leave logged",
+             'li[data-kind="presence"][data-action="leave"][data-user="olga"]')
+        wait("olga gone", f'#my-rooms li[data-room="{room}"][data-members="walter"]')
+    finally:
+        if other is not None:
+            other.close()
+        if driver is not None:
+            driver.quit()
+        server.stop()

@@ -391,6 +391,7 @@ def _clean_env(**extra: str) -> dict:
     return env
 
 
+@pytest.mark.serial  # "at once" is timed: 4.8 s for a Python start was seen on a busy host
 @pytest.mark.parametrize("how", ["serve", "gunicorn"])
 def test_a_taken_port_is_one_line_and_exit_1_at_once(how):
     with socket.socket() as taken:

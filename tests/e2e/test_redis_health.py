@@ -43,6 +43,7 @@ def _timed_get(url: str) -> tuple[float, requests.Response]:
     return time.monotonic() - start, answer
 
 
+@pytest.mark.serial
 def test_health_says_degraded_within_a_second_of_a_hang_and_get_root_never_waits(hung):
     private, server = hung
     private.hang()

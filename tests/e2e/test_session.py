@@ -198,6 +198,7 @@ def _resume_attack(port: int, room: str, since: str, seconds: float, out) -> Non
 
 
 @pytest.mark.timeout(90)
+@pytest.mark.serial
 def test_resume_loops_do_not_crowd_publishers_out(make_server):
     server = make_server({"WSSERVER_ENV": "development"}, threads=96)
     ids = [server.notify({"event": "h", "room": "hist", "data": i}).json()["id"]

@@ -107,6 +107,7 @@ LINGERING_REQUESTS = (
 
 
 @pytest.mark.timeout(60)
+@pytest.mark.serial
 def test_attack_a_lingering_closes_do_not_freeze_accept():
     """50 new sockets a second, each sending a request that ends in a close (Connection:
     close, HTTP/1.0, a malformed request line) and then neither reading nor closing."""
@@ -126,6 +127,7 @@ def test_attack_a_lingering_closes_do_not_freeze_accept():
 
 
 @pytest.mark.timeout(60)
+@pytest.mark.serial
 def test_attack_b_slow_headers_do_not_pin_threads():
     """300 sockets from 127.0.0.1, each sending a request line and then one header line every
     2 s: more than the server's threads (64), and within the per-read idle timeout."""
@@ -150,6 +152,7 @@ def test_attack_b_slow_headers_do_not_pin_threads():
 
 
 @pytest.mark.timeout(60)
+@pytest.mark.serial
 def test_attack_c_silent_connections_hold_nothing():
     """300 sockets that connect and send nothing."""
     with GunicornServer() as server:

@@ -32,7 +32,7 @@ published, history cannot be read: answer 503); it is defined with every other r
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Callable, TypeVar
 
 from ..exceptions import BadRequest, BrokerUnavailable
 from ..frames import OP_TEXT, encode_frame
@@ -209,6 +209,9 @@ class Broker:
     any thread; ``start``/``stop`` from the controlling thread."""
 
     kind = "abstract"
+    # called when the broker lost what this worker had announced (Redis: our report
+    # expired); the service points it at wsserver.presence.Presence.reannounce
+    on_report_lost: Callable[[], None] | None = None
 
     def start(self, broadcaster: Broadcaster, hub: Hub) -> None:
         raise NotImplementedError
@@ -236,6 +239,14 @@ class Broker:
 
     def history(self, room: str, since: str) -> Recovery:
         """Messages of ``room`` after id ``since``; raises :class:`BrokerUnavailable`."""
+        raise NotImplementedError
+
+    def announce(self, room: str, action: str, member: str, user: str | None) -> bool:
+        """Presence (:mod:`wsserver.presence`): ``member`` (of ``user``) appeared on this
+        worker in ``room`` (``action`` ``join``) or is gone from it (``leave``). The event
+        reaches the room's members on every worker, in order with notifications, when it
+        changes who is in the room cluster-wide; True when it was published. No id, no
+        history. Raises :class:`BrokerUnavailable` (the caller retries)."""
         raise NotImplementedError
 
     def room_history(

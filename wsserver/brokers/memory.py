@@ -50,6 +50,7 @@ from typing import TYPE_CHECKING, Callable
 
 from ..broadcaster import Broadcast
 from ..control import WAIT, Control, ControlTask, Outcome, Reply
+from ..presence import presence_frame
 from . import (
     Broker,
     BrokerUnavailable,
@@ -195,6 +196,20 @@ class MemoryBroker(Broker):
         finally:
             self._lock.release()
             del forgotten
+
+    def announce(self, room: str, action: str, member: str, user: str | None) -> bool:
+        """One process: this worker's members are the service's, so every change is an
+        event. Queued behind what is already queued (waiting for room: an event dropped
+        would leave every roster wrong); False while shutting down."""
+        assert self._broadcaster is not None
+        item = Broadcast(presence_frame(room, action, user), time.monotonic(), room,
+                         presence=(action, member, user))
+        for _attempt in range(10):
+            if self._broadcaster.submit(item, 1.0):
+                return True
+            if self._stopping.is_set():
+                return False
+        raise BrokerUnavailable("the broadcast queue stayed full")
 
     def _seen(self, idempotency: Idempotency, now: float) -> Repeated | None:
         """Holds ``_lock``. The first ids of a recorded key (expired keys forgotten first);

@@ -48,7 +48,7 @@ import socket
 import threading
 import time
 import uuid
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import redis
 
@@ -57,6 +57,14 @@ from ..broadcaster import Broadcast
 from ..codes import CLOSE_INTERNAL_ERROR, REASON_MISSED_MESSAGES
 from ..control import WAIT, Control, ControlTask, Outcome
 from ..exceptions import BrokerTimedOut
+from ..presence import (
+    LEAVE,
+    RESET,
+    bus_payload,
+    parse_payload,
+    presence_frame,
+    rooms_of_payloads,
+)
 from . import (
     Broker,
     BrokerUnavailable,
@@ -144,6 +152,82 @@ return idem_ids
 _PUBLISH_IDEMPOTENT = _IDEMPOTENT_HEAD + (_PUBLISH % _BUS_LENGTH) + _IDEMPOTENT_TAIL
 # -- end of idempotency
 
+# -- presence (wsserver.presence). Each worker keeps the presence members it holds in a hash,
+# <prefix>:presence:<worker>, field "<room>\n<member>" -> the leave event's payload, refreshed by
+# the reporter with a longer expiry than its report (_PRESENCE_TTL_MS): a worker is live while
+# its report key exists, and a killed worker's hash outlives its report long enough for a
+# survivor to announce its members' leaves (_REAP). A member is cluster-wide present while
+# some live worker's hash holds it; join and leave are decided in one script against every
+# live worker's hash, so two tabs joining on two workers at once announce one join (the
+# scripts run one after the other), and the last tab leaving announces the leave. Events go
+# on the bus channel as "@<payload>" (no id, no history: see docs/protocol.md, "Presence").
+# KEYS: this worker's hash, the workers set. ARGV: channel, prefix, worker, field, payload,
+# action, stored (the leave payload), ttl_ms. Returns 1 when the event was published.
+_ANNOUNCE = """
+local hash, workers = KEYS[1], KEYS[2]
+local channel, prefix, me, field = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+if ARGV[6] == 'join' then
+  redis.call('HSET', hash, field, ARGV[7])
+  redis.call('PEXPIRE', hash, tonumber(ARGV[8]))
+else
+  redis.call('HDEL', hash, field)
+end
+for _, w in ipairs(redis.call('ZRANGE', workers, 0, -1)) do
+  if w ~= me and redis.call('EXISTS', prefix .. ':worker:' .. w) == 1
+     and redis.call('HEXISTS', prefix .. ':presence:' .. w, field) == 1 then
+    return 0
+  end
+end
+redis.call('PUBLISH', channel, '@' .. ARGV[5])
+return 1
+"""
+# A dead worker's members (or, with ARGV[4] '1', a stopping worker's own): the leave of each
+# that no other live worker holds. Run by whichever survivor's reporter sees the worker's
+# report gone; atomic, and the hash is deleted in the same step, so exactly one survivor
+# announces. -1 when the worker is live after all (a stall that ended). KEYS: the workers set.
+# ARGV: channel, prefix, worker, force.
+_REAP = """
+local channel, prefix, dead, force = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+if force ~= '1' and redis.call('EXISTS', prefix .. ':worker:' .. dead) == 1 then return -1 end
+local hash = prefix .. ':presence:' .. dead
+local held = redis.call('HGETALL', hash)
+redis.call('DEL', hash)
+redis.call('ZREM', KEYS[1], dead)
+local workers = redis.call('ZRANGE', KEYS[1], 0, -1)
+local told = 0
+for i = 1, #held, 2 do
+  local kept = false
+  for _, w in ipairs(workers) do
+    if w ~= dead and redis.call('EXISTS', prefix .. ':worker:' .. w) == 1
+       and redis.call('HEXISTS', prefix .. ':presence:' .. w, held[i]) == 1 then
+      kept = true
+      break
+    end
+  end
+  if not kept then
+    redis.call('PUBLISH', channel, '@' .. held[i + 1])
+    told = told + 1
+  end
+end
+return told
+"""
+# every live worker's members (their stored leave payloads): a roster's snapshot.
+# KEYS: the workers set. ARGV: prefix.
+_MEMBERS = """
+local out = {}
+for _, w in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+  if redis.call('EXISTS', ARGV[1] .. ':worker:' .. w) == 1 then
+    for _, v in ipairs(redis.call('HVALS', ARGV[1] .. ':presence:' .. w)) do
+      out[#out + 1] = v
+    end
+  end
+end
+return out
+"""
+# a worker's presence hash outlives its report (1.5 s) by this much: the time survivors have
+# to see the report gone and announce the dead worker's leaves
+_PRESENCE_TTL_MS = 10_000
+# -- end of presence
 # -- control messages (POST /disconnect, POST /unsubscribe; wsserver.control). KEYS: the bus
 # log, the workers set. ARGV: channel, the control message's JSON. Logged in the bus log (field
 # 'c', no stream: it is in no room's history) so a worker whose subscription dropped replays it
@@ -212,6 +296,13 @@ class RedisBroker(Broker):
         self._script = self._redis.register_script(_PUBLISH % _BUS_LENGTH)
         self._bus = f"{self._prefix}:log"
         self._idempotent = self._redis.register_script(_PUBLISH_IDEMPOTENT)
+        self._presence = bool(settings.presence_prefix)
+        self._announce = self._redis.register_script(_ANNOUNCE)
+        self._reap = self._redis.register_script(_REAP)
+        self._members = self._redis.register_script(_MEMBERS)
+        # called (reporter thread) when Redis no longer had our report: what we announced
+        # may be gone with it (wsserver.presence.Presence.reannounce)
+        self.on_report_lost: Callable[[], None] | None = None
         self._control = self._redis.register_script(_CONTROL % _BUS_LENGTH)
         # (reply list, count) from this worker's control tasks, pushed by the replier thread
         self._replies: queue.Queue[tuple[str, int]] = queue.Queue()
@@ -237,6 +328,7 @@ class RedisBroker(Broker):
         self._broadcaster: Broadcaster | None = None
         self._hub: Hub | None = None
         self._reported: int | None = None  # the hub version our report holds
+        self._ever_reported = False  # a report was written once: its absence is news
         self._known: dict[str, tuple[bytes, Census]] = {}  # peer -> (gen, counts); reporter's
         self._view: tuple[float, Census] | None = None  # (monotonic time read, peers' sum)
         self._total = Census()  # the peers' sum, recomputed when one of them changed
@@ -295,6 +387,9 @@ class RedisBroker(Broker):
                 thread.join(3.0)
         try:
             self._redis.delete(self._worker_key)
+            if self._presence:  # our members leave now, not when our hash expires
+                self._reap(keys=[self._workers_key],
+                           args=[self._channel, self._prefix, self._worker, "1"])
             self._redis.zrem(self._workers_key, self._worker)
         except (redis.RedisError, OSError):
             pass
@@ -375,6 +470,38 @@ class RedisBroker(Broker):
             self._failed()
             return False
         return True
+
+    def announce(self, room: str, action: str, member: str, user: str | None) -> bool:
+        """Record (join) or forget (leave) ``member`` in ``room`` for this worker, and
+        publish the event when no other live worker holds it (see ``_ANNOUNCE``)."""
+        if not self._connected.is_set() or self._reported is None:
+            # not subscribed (we would miss the event), or not in the workers set yet (the
+            # others could not see what we hold)
+            raise BrokerUnavailable("redis: not ready for presence yet")
+        field = f"{room}\n{member}"
+        try:
+            told = self._announce(
+                keys=[self._presence_key(self._worker), self._workers_key],
+                args=[self._channel, self._prefix, self._worker, field,
+                      bus_payload(room, action, member, user), action,
+                      bus_payload(room, LEAVE, member, user), _PRESENCE_TTL_MS],
+            )
+        except (redis.RedisError, OSError) as exc:
+            self._failed()
+            raise BrokerUnavailable(f"redis: {exc.__class__.__name__}") from None
+        return bool(told)
+
+    def _presence_key(self, worker: str) -> str:
+        return f"{self._prefix}:presence:{worker}"
+
+    def _presence_snapshot(self) -> None:
+        """Listener thread, once subscribed: every live worker's members, queued as a
+        roster reset in bus order (a roster then sends the joins and leaves it missed)."""
+        if not self._presence:
+            return
+        payloads = self._members(keys=[self._workers_key], args=[self._prefix])
+        rooms = rooms_of_payloads(payloads)
+        self._submit(Broadcast(b"", time.monotonic(), presence=(RESET, rooms)))
 
     def history(self, room: str, since: str) -> Recovery:
         if order_of(since) is None or "-" not in since:
@@ -602,6 +729,7 @@ class RedisBroker(Broker):
             self._replayed_to = None
         else:
             self._catch_up()
+        self._presence_snapshot()
         log.info("redis: listening on %s", self._channel)
         self._connected.set()
 
@@ -703,6 +831,9 @@ class RedisBroker(Broker):
         if data[:1] == b"!":
             self._submit(Broadcast(data[1:], time.monotonic()))
             return
+        if data[:1] == b"@":  # a presence event: no id, not in the bus log
+            self._submit(_presence_broadcast(data[1:]))
+            return
         head, _, rest = data.partition(b" ")
         if rest[:1] == b"[":  # "<id> <meta>": from a worker that keeps no bus log
             self._submit(_broadcast(head.decode(), rest))
@@ -748,14 +879,17 @@ class RedisBroker(Broker):
             if self._stop.wait(_REPORT_EVERY):
                 return
 
-    def _report(self) -> list[str]:
-        """Refresh this worker's report (rewritten only when the hub changed) and its place
-        in the workers set; the members of that set."""
+    def _report(self, rewrite: bool = False) -> list[str]:
+        """Refresh this worker's report (rewritten only when the hub changed, or with
+        ``rewrite``) and its place in the workers set; the members of that set."""
         assert self._hub is not None
         version = self._hub.version()
         key = self._worker_key
         pipe = self._redis.pipeline(transaction=False)
-        if version != self._reported:
+        pipe.exists(key)
+        if self._presence:  # outlives the report: see _PRESENCE_TTL_MS
+            pipe.pexpire(self._presence_key(self._worker), _PRESENCE_TTL_MS)
+        if rewrite or version != self._reported:
             census = self._hub.census()
             pipe.hset(key, mapping={
                 "gen": version,
@@ -768,11 +902,18 @@ class RedisBroker(Broker):
         pipe.zadd(self._workers_key, {self._worker: int(time.time() * 1000)})
         pipe.pexpire(self._workers_key, _REPORT_TTL_MS)  # gone with the last live worker
         pipe.zrange(self._workers_key, 0, -1)
-        *results, members = pipe.execute()
-        if not results[-3]:  # our report had expired (a stall, or Redis restarted)
-            self._reported = None
-            return self._report()
+        existed, *results, members = pipe.execute()
+        if not existed and self._ever_reported and not rewrite:
+            # our report had expired (a stall over the TTL, or Redis restarted): the others
+            # took us for dead, and may have announced our presence members' leaves
+            log.warning("redis: this worker's report had expired (a stall over %g s, or Redis "
+                        "lost it): written again", _REPORT_TTL_MS / 1000)
+            if self.on_report_lost is not None:
+                self.on_report_lost()
+        if not results[-3]:  # expired, and this round did not rewrite it: write it whole
+            return self._report(rewrite=True)
         self._reported = version
+        self._ever_reported = True
         return [_text(m) for m in members]
 
     def _read_peers(self, members: list[str]) -> Census:
@@ -790,9 +931,13 @@ class RedisBroker(Broker):
             pipe = self._redis.pipeline(transaction=False)
             for worker in changed:
                 pipe.hmget(self._key_of(worker), "gen", "clients", "capacity", "rooms", "users")
-            if dead:
+            if dead and not self._presence:
                 pipe.zrem(self._workers_key, *dead)
             fetched = pipe.execute()
+            for worker in dead if self._presence else ():
+                # their members leave (the script also takes them out of the workers set)
+                self._reap(keys=[self._workers_key],
+                           args=[self._channel, self._prefix, worker, "0"])
             for worker, fields in zip(changed, fetched):
                 if fields[0] is not None:  # not expired between the two reads
                     self._known[worker] = (fields[0], _census(fields))
@@ -825,6 +970,13 @@ def _broadcast(mid: str, meta: bytes) -> Broadcast:
     """A published message (its id and its meta ``[room, user, prefix]``) as a broadcast."""
     room, user, prefix = json.loads(meta)
     return Broadcast(envelope_frame(prefix, mid), time.monotonic(), room, user, order_of(mid))
+
+
+def _presence_broadcast(payload: bytes) -> Broadcast:
+    """A presence event from the bus as a broadcast to its room (the roster filters it)."""
+    room, action, member, user = parse_payload(payload)
+    return Broadcast(presence_frame(room, action, user), time.monotonic(), room,
+                     presence=(action, member, user))
 
 
 def _close_quietly(pubsub: Any) -> None:

@@ -12,6 +12,9 @@
  *   healthFigures(body) -> {clients, rooms, queue, workers, worker}: GET /'s numbers as the
  *       server gives them (cluster-wide when it adds them up), "worker" being this worker's own
  *       when the answer carries them under an extra field.
+ *   membersText(members) -> text: a presence room's members ({users, anonymous}, as the
+ *       client keeps them) in words: "alice, bob + 2 anonymous", "nobody".
+ *   presenceText(event) -> text: a presence event in words: "alice joined", "anonymous left".
  */
 (function (root) {
   "use strict";
@@ -124,7 +127,24 @@
             queue: typeof h.queue === "number" ? h.queue : null, workers: workers, worker: worker};
   };
 
-  const api = {explainRefusal, explainClose, audience, healthFigures, REFUSALS};
+  const membersText = (members) => {
+    const m = members && typeof members === "object" ? members : {};
+    const users = Array.isArray(m.users) ? m.users.map(str) : [];
+    const anonymous = typeof m.anonymous === "number" && m.anonymous > 0 ? m.anonymous : 0;
+    const parts = [];
+    if (users.length) parts.push(users.join(", "));
+    if (anonymous) parts.push((users.length ? "+ " : "") + anonymous + " anonymous");
+    return parts.length ? parts.join(" ") : "nobody";
+  };
+
+  const presenceText = (event) => {
+    const e = event && typeof event === "object" ? event : {};
+    const who = e.user === null || e.user === undefined ? "anonymous" : str(e.user);
+    return who + (e.action === "join" ? " joined" : e.action === "leave" ? " left" : " " + str(e.action));
+  };
+
+  const api = {explainRefusal, explainClose, audience, healthFigures, membersText, presenceText,
+               REFUSALS};
   root.WsserverConsole = api;
   if (typeof module === "object" && module && module.exports) module.exports = api;
 })(typeof self !== "undefined" ? self : this);

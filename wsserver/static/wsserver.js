@@ -22,7 +22,15 @@
  * Events (on/off): open; close (code, reason); state ("connecting", "open", "reconnecting",
  * "closed"); message (every notification object); reply (every command reply: subscribed,
  * unsubscribed, pong, error...); error (a socket error, or an "error" reply); raw (any other
- * frame, e.g. a rebroadcast free-form message: string or Blob).
+ * frame, e.g. a rebroadcast free-form message: string or Blob); presence (event, members).
+ *
+ * Presence rooms ("presence-*", docs/protocol.md "Presence"): client.members[room] is who is
+ * there, {users: [sorted subs], anonymous: n}, set by the room's "subscribed" reply (which lists
+ * them) and kept by the "presence" events after it ({type: "presence", room, action: "join" |
+ * "leave", user}). The "presence" event (or client.onPresence(fn), or the onPresence option)
+ * fires for that reply and for each event, with the members after it:
+ *
+ *   client.onPresence((ev, members) => render(ev.room, members.users));
  */
 (function (root) {
   "use strict";
@@ -85,6 +93,7 @@
       this.backoffMax = opts.backoffMax > 0 ? opts.backoffMax : 30000;
       this.rooms = new Set(opts.rooms || []); // rooms to (re)join on every connect
       this.lastIds = {}; // room -> id of the last notification seen there (for "since")
+      this.members = {}; // presence room -> {users, anonymous}, from its reply and events
       this.state = "closed";
       this._handlers = {};
       this._ws = null;
@@ -93,6 +102,7 @@
       this._stopped = false;
       this._tokenUsed = null; // the current connection's token
       this._spentToken = null; // the token of a connection a publisher disconnected (4002)
+      if (typeof opts.onPresence === "function") this.onPresence(opts.onPresence);
       this._onOnline = () => this._retryNow();
       if (root.addEventListener) root.addEventListener("online", this._onOnline);
       // connect on the next tick, so handlers attached right after `new` see every event
@@ -102,6 +112,11 @@
     on(name, fn) {
       (this._handlers[name] = this._handlers[name] || []).push(fn);
       return this;
+    }
+
+    // fn(event, members) for a presence room's "subscribed" reply and each "presence" event.
+    onPresence(fn) {
+      return this.on("presence", fn);
     }
 
     off(name, fn) {
@@ -121,6 +136,7 @@
     unsubscribe(room) {
       this.rooms.delete(room);
       delete this.lastIds[room];
+      delete this.members[room];
       this.send({type: "unsubscribe", room: room});
     }
 
@@ -270,12 +286,16 @@
       }
       if (obj === null || typeof obj !== "object" || Array.isArray(obj)) {
         this._emit("raw", data);
+      } else if (obj.type === "presence") {
+        this._presence(obj);
       } else if (typeof obj.type === "string" && !("event" in obj)) {
         if (obj.type === "unsubscribed" && obj.code !== undefined) { // taken away by the server
           this.rooms.delete(obj.room);
           delete this.lastIds[obj.room];
         }
+        if (obj.type === "unsubscribed") delete this.members[obj.room];
         this._emit("reply", obj);
+        if (obj.type === "subscribed" && Array.isArray(obj.users)) this._presence(obj);
         if (obj.type === "error") this._emit("error", obj);
       } else if (typeof obj.event === "string" && "id" in obj) {
         // ids are opaque strings; the last one seen in a room is where to resume from
@@ -288,6 +308,31 @@
       }
     }
   }
+
+  // A presence room's members after its "subscribed" reply (the list) or a "presence" event
+  // (applied to the list; an event before the room's reply is already counted in it).
+  WsserverClient.prototype._presence = function (obj) {
+    let members;
+    if (obj.type === "subscribed") {
+      members = {users: obj.users.slice().sort(), anonymous: obj.anonymous || 0};
+    } else {
+      const now = this.members[obj.room];
+      if (now === undefined) return;
+      const users = new Set(now.users);
+      let anonymous = now.anonymous;
+      const joined = obj.action === "join";
+      if (obj.user === null || obj.user === undefined) {
+        anonymous = joined ? anonymous + 1 : Math.max(anonymous - 1, 0);
+      } else if (joined) {
+        users.add(obj.user);
+      } else {
+        users.delete(obj.user);
+      }
+      members = {users: Array.from(users).sort(), anonymous: anonymous};
+    }
+    this.members[obj.room] = members;
+    this._emit("presence", obj, members);
+  };
 
   WsserverClient.CODES = CODES;
   WsserverClient.closeAction = closeAction;
