@@ -5,10 +5,12 @@ broadcaster's thread and the session's thread can race without a pong overtaking
 
 from __future__ import annotations
 
+import gc
 import socket
 import struct
 import threading
 import time
+import weakref
 
 import pytest
 import rawws
@@ -342,3 +344,30 @@ def test_pongs_never_overtake_their_echo_under_a_racing_broadcaster(conn_and_pee
         assert data.index((OP_TEXT, message)) < data.index((OP_PONG, message)), message
     assert len(data) == 2 * rounds
     assert conn.echoes.deadline is None and not conn.echoes.held
+
+
+def test_a_connection_that_ended_is_freed_at_once_not_by_the_cyclic_gc(flusher):
+    """The connection owns its EchoOrder; a strong reference back made every connection a
+    cycle that only a full collection frees, minutes apart under churn (the one-hour
+    soak's RSS climb). With the collector off, an ended connection that held an echo,
+    queued frames and a close must still be gone when its last reference goes."""
+    gc.collect()
+    gc.disable()
+    try:
+        refs = []
+        for n in range(50):
+            ours, theirs = socket.socketpair()
+            conn = Connection(n + 1, ours, "test", 1 << 20, flusher)
+            expected = conn.echoes.expect("hello")
+            conn.send(text("queued behind the echo"))
+            conn.send(close_frame(1000, "bye"))
+            conn.echoes.cancel(expected)
+            conn.detach()
+            refs.append(weakref.ref(conn))
+            del conn, expected
+            ours.close()
+            theirs.close()
+        alive = sum(ref() is not None for ref in refs)
+    finally:
+        gc.enable()
+    assert alive == 0, f"{alive} of 50 ended connections wait for the cyclic GC"

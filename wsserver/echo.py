@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import threading
 import time
+import weakref
 from collections import deque
 from typing import Protocol, Sequence, Union
 
@@ -145,7 +146,10 @@ class EchoOrder:
         # write path's fast check ("is anything awaited?") without a method call
         self.held: deque[_Entry] = deque()
         self._lock = lock
-        self._outbox = outbox
+        # a weak proxy: the outbox (the Connection) owns this object, and a strong reference
+        # back would make every connection a reference cycle, freed only by the cyclic GC's
+        # full collections, which under churn come minutes apart (docs/reliability.md)
+        self._outbox = weakref.proxy(outbox)
         self._held_bytes = 0  # bytes of the frames in ``held``: they count against the cap
         self._since: float | None = None  # when the oldest frame still held was queued
         self._close: bytes | None = None  # our close frame, waiting behind ``held``
