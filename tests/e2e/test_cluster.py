@@ -318,7 +318,9 @@ def check_received(client: Client, got: list[dict], accepted: Accepted) -> None:
             f"{dups} duplicates, {len(missing)} missing (first {missing[:5]}), "
             f"{len(extra)} unexpected (first {extra[:5]}), {disorder} out of order"
         )
-        assert have == want
+        # in order and whole, once the messages answered "may have been published" (503) that
+        # did arrive are set aside (the checks above allow each of those at most once)
+        assert [e for e in have if e in want_set] == want
 
 
 def post_all(posters: list[Callable[[Any], requests.Response]], count: int,
