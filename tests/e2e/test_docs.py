@@ -432,12 +432,14 @@ def test_bench_scaling_plan(tmp_path):
              "cpu_us_per_delivery": 0.7, "latency_ms": {"p50": 1.0, "p99": 2.0}, "lost": 0,
              "paced_rate": 10.0, "paced_latency_ms": {"p50": 3.0, "p99": 4.0, "max": 5.0},
              "paced_lost": 0, "runs": 3},
-            {"clients": 100, "server": "naive", "error": "session: RuntimeError: boom"}]
+            {"clients": 100, "server": "naive", "error": "session: RuntimeError: boom"},
+            {"clients": 5000, "clients_open": 4990, "server": "wsserver", "lost": 0}]
     table = bench.scaling_table(rows).splitlines()
     assert len({line.count("|") for line in table}) == 1, table
     assert table[2].startswith("| 100 | naive | error: session: RuntimeError: boom")
     assert "| 1,000 | wsserver | 2,000 | 500,000 | 0.70 | 1.0 / 2.0 | 0 | 10 | 3.0 / 4.0 / 5.0" \
         in table[3]
+    assert table[4].startswith("| 5,000 (4,990 open) | wsserver | - | - |")
 
 
 def test_readme_flask_extension(tmp_path):
