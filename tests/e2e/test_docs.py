@@ -399,6 +399,49 @@ def test_bench_block(tmp_path):
         assert args.scenarios and args.servers, line
 
 
+def test_bench_scaling_plan(tmp_path):
+    """The documented defaults of ``--scenario scaling``: one session per N of 100, 1,000,
+    5,000 and 10,000 (``--clients`` overrides them, and the idle default stays 1000,5000),
+    fewer fan-out notifications at large N, the paced phase at the largest N only and at
+    10/s unless ``--rate`` says otherwise (latency1000 keeps its 50/s)."""
+    bench = _bench_module()
+
+    def parse(*argv):
+        return bench.parse_args([*argv, "--log-dir", str(tmp_path)])
+
+    args = parse("--scenario", "scaling,idle")
+    assert args.scaling_clients == [100, 1000, 5000, 10000]
+    assert args.idle_clients == [1000, 5000]
+    assert bench.rate_or(args, bench.SCALING_RATE) == 10.0
+    assert bench.rate_or(args, bench.DEFAULT_RATE) == 50.0
+    groups = [g for g in bench.plan_groups(args) if g[1][0][1] == "scaling"]
+    assert [(n, members[0][0]) for n, members, _v in groups] == [
+        (100, "scaling100"), (1000, "scaling1000"), (5000, "scaling5000"),
+        (10000, "scaling10000")]
+    assert [bench.scaling_messages(args, n) for n, _m, _v in groups] == [2000, 2000, 800, 400]
+
+    args = parse("--scenario", "scaling", "--clients", "1000,100", "--rate", "5",
+                 "--messages", "300")
+    assert args.scaling_clients == [100, 1000]
+    assert bench.rate_or(args, bench.SCALING_RATE) == 5.0
+    assert [bench.scaling_messages(args, n) for n in args.scaling_clients] == [300, 300]
+    with pytest.raises(SystemExit):
+        parse("--scenario", "scaling", "--clients", "0,100")
+
+    rows = [{"clients": 1000, "server": "wsserver", "messages": 2000, "deliveries_per_s": 5e5,
+             "cpu_us_per_delivery": 0.7, "latency_ms": {"p50": 1.0, "p99": 2.0}, "lost": 0,
+             "paced_rate": 10.0, "paced_latency_ms": {"p50": 3.0, "p99": 4.0, "max": 5.0},
+             "paced_lost": 0, "runs": 3},
+            {"clients": 100, "server": "naive", "error": "session: RuntimeError: boom"},
+            {"clients": 5000, "clients_open": 4990, "server": "wsserver", "lost": 0}]
+    table = bench.scaling_table(rows).splitlines()
+    assert len({line.count("|") for line in table}) == 1, table
+    assert table[2].startswith("| 100 | naive | error: session: RuntimeError: boom")
+    assert "| 1,000 | wsserver | 2,000 | 500,000 | 0.70 | 1.0 / 2.0 | 0 | 10 | 3.0 / 4.0 / 5.0" \
+        in table[3]
+    assert table[4].startswith("| 5,000 (4,990 open) | wsserver | - | - |")
+
+
 def test_readme_flask_extension(tmp_path):
     """The README's Flask app is docs/examples/myapp.py's code (tests/e2e/test_extension.py
     runs that file, on Redis with two workers too); here the README's own text is saved as
