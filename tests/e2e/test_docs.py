@@ -267,7 +267,8 @@ def test_readme_scripts(tmp_path):
                   ".wsserver-installed-client"):
         (venv / stamp).touch()
     port = free_port()
-    env = shell_env(port, WSSERVER_VENV=str(venv))  # the port: --port says it too
+    # the port: --port says it too; one process for the nested suite (it runs 3 tests)
+    env = shell_env(port, WSSERVER_VENV=str(venv), WSSERVER_TEST_PROCESSES="0")
     log = tmp_path / "serve.log"
     with started(f"./scripts/serve --port {port}", env, ROOT, log) as url:
         assert requests.get(url + "/", timeout=5).status_code == 200
