@@ -206,10 +206,12 @@ def parse_notify_body(body: bytes) -> Any:
     if not text.strip():
         raise BadRequest(400, "invalid_json", "body is empty; expected a JSON object")
     try:
-        obj = json.loads(text, parse_constant=_reject_constant)
+        if text.startswith("\ufeff"):  # as json.loads, which the shared decoder skips
+            raise json.JSONDecodeError("Unexpected UTF-8 BOM (decode using utf-8-sig)", text, 0)
+        obj = _decode_body(text)
         # the envelope must encode back to UTF-8 JSON: refuse lone surrogates ("\ud800"),
         # and numbers JSON cannot carry (1e400 parses as infinity)
-        json.dumps(obj, ensure_ascii=False, allow_nan=False).encode("utf-8")
+        _check_body(obj).encode("utf-8")
     except RecursionError:
         raise BadRequest(400, "invalid_json", "body is nested too deeply") from None
     except UnicodeEncodeError:
@@ -223,6 +225,12 @@ def parse_notify_body(body: bytes) -> Any:
 
 def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
+
+
+# json.loads / json.dumps with options build a decoder or encoder per call; these are made
+# once (both keep no state between calls, so threads may share them)
+_decode_body = json.JSONDecoder(parse_constant=_reject_constant).decode
+_check_body = json.JSONEncoder(ensure_ascii=False, allow_nan=False).encode
 
 
 def parse_notification(obj: Any) -> Notification:
