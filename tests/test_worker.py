@@ -21,7 +21,7 @@ from support import wait_for
 
 from wsserver.broadcaster import Broadcaster
 from wsserver.intake import LingeringCloses
-from wsserver.worker import DaemonThreadPool, ThreadWorker, _Conn
+from wsserver.worker import INLINE_MAX_BODY, DaemonThreadPool, ThreadWorker, _Conn
 
 WAIT = 10
 
@@ -234,14 +234,8 @@ def test_a_plain_notify_is_answered_on_the_main_thread_without_the_pool(worker):
         assert body["status"] == "ok" and body["id"]
         assert worker.tpool.submitted == []
         assert conn in worker.keepalived_conns  # kept alive, its next request read in the poller
-        # a batch goes the same way, in one call; a refusal is answered here too
+        # a refusal is answered here too
         client.settimeout(WAIT)
-        worker.keepalived_conns.remove(conn)
-        worker.poller.unregister(conn.sock)
-        client.sendall(_notify(b'[{"event":"a"},{"event":"b"}]'))
-        worker._await_request(conn, b"")
-        head, body = _answer(client)
-        assert body["accepted"] == 2 and worker.tpool.submitted == []
         worker.keepalived_conns.remove(conn)
         worker.poller.unregister(conn.sock)
         client.sendall(_notify(b'{"no":"event"}'))
@@ -249,6 +243,26 @@ def test_a_plain_notify_is_answered_on_the_main_thread_without_the_pool(worker):
         head, body = _answer(client)
         assert head.startswith(b"HTTP/1.1 400 ") and body["code"] == "missing_event"
         assert worker.tpool.submitted == []
+    finally:
+        client.close()
+
+
+def test_a_batch_or_a_big_body_goes_to_the_pool(worker):
+    """A batch's parsing and publishing would hold up every other connection's request on
+    the main thread; so would a big body."""
+    client, conn = _connect(worker, _notify(b' [{"event":"a"},{"event":"b"}]'))
+    try:
+        worker._await_request(conn, b"")
+        head, body = _answer(client)
+        assert body["accepted"] == 2 and worker.tpool.submitted == ["_serve_notify"]
+    finally:
+        client.close()
+    big = b'{"event":"e","data":"%s"}' % (b"x" * INLINE_MAX_BODY)
+    client, conn = _connect(worker, _notify(big))
+    try:
+        worker._await_request(conn, b"")
+        head, body = _answer(client)
+        assert body["status"] == "ok" and worker.tpool.submitted[-1] == "_serve_notify"
     finally:
         client.close()
 

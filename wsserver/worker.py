@@ -65,8 +65,8 @@ _RECV_BYTES = 65536
 _POLL_CAP = 0.25
 #: a fast-path ``POST /notify`` body this big at most may be served on the main thread
 #: (:meth:`ThreadWorker._serve_inline`): parsing and publishing it is CPU the accepts and
-#: every other connection's reads wait for, so a bigger one (a big batch) goes to the pool
-INLINE_MAX_BODY = 32 * 1024
+#: every other connection's reads wait for, so a bigger one goes to the pool
+INLINE_MAX_BODY = 16 * 1024
 
 
 class DaemonThreadPool(Executor):
@@ -430,7 +430,7 @@ class ThreadWorker(_GthreadWorker):
             )
             if request is not None:
                 conn.ahead = bytes(head[conn.wanted:])
-                if self._inline_app is not None and len(request.body) <= INLINE_MAX_BODY:
+                if self._inline_app is not None and _inline(request.body):
                     self._serve_inline(conn, request)
                 else:
                     self._submit(conn, self._serve_notify, conn, request)
@@ -849,6 +849,16 @@ def _parser_error(status: int, exc: BaseException) -> tuple[str, str]:
     if status >= 500:
         return code, "internal server error"
     return code, f"{HTTPStatus(status).phrase}: {exc}" if str(exc) else HTTPStatus(status).phrase
+
+
+def _inline(body: bytes) -> bool:
+    """Whether a fast-path ``POST /notify`` with this body may be tried on the main thread:
+    one notification (a JSON object) of at most :data:`INLINE_MAX_BODY` bytes. A batch (a
+    JSON list) goes to the pool: measured on the main thread, batches of 50 took 1.5x as
+    long to answer (one batch's few milliseconds of parsing and publishing held up every
+    other connection's request; on pool threads they interleave with the fan-out), while
+    single notifications took less CPU each (docs/performance.md, "Publish path")."""
+    return len(body) <= INLINE_MAX_BODY and body.lstrip(b" \t\r\n")[:1] == b"{"
 
 
 def _mark_websocket(conn: _Conn) -> None:
