@@ -382,3 +382,17 @@ def test_pipelined_requests_are_read_on_later_turns_of_the_loop(worker):
         assert second["status"] == "ok" and worker.tpool.submitted == []
     finally:
         client.close()
+
+
+def test_a_failure_on_the_main_thread_closes_that_connection_only(worker, monkeypatch):
+    """Whatever fails while a request is served on the main thread (a bug) must not escape
+    into the loop: the connection is closed, as a failed pool request's is."""
+    monkeypatch.setattr(worker, "_notify_answer", lambda *args: 1 / 0)
+    client, conn = _connect(worker, _notify(b'{"event":"e"}'))
+    conns = worker.nr_conns
+    try:
+        worker._await_request(conn, b"")
+        assert worker.nr_conns == conns - 1
+        assert client.recv(1) == b""  # closed
+    finally:
+        client.close()

@@ -568,6 +568,14 @@ class ThreadWorker(_GthreadWorker):
         is written without blocking; what the socket does not take at once is written by a
         pool thread (under the request deadline). A pipelined next request is read on a
         later turn of the loop, so no client keeps the main thread to itself."""
+        try:
+            self._answer_inline(conn, request)
+        except Exception:  # noqa: BLE001 - as finish_request: a bug must not stop the loop
+            self.log.exception("Error serving /notify on the main thread")
+            self.nr_conns -= 1
+            conn.close()
+
+    def _answer_inline(self, conn: _Conn, request: NotifyRequest) -> None:
         app = self._inline_app
         assert app is not None
         try:
