@@ -4,12 +4,13 @@ publishing, JSON errors in the Flask app's shape, CORS from the same policy."""
 
 from __future__ import annotations
 
+import io
 import json
 
 import pytest
 
-from wsserver.brokers import order_of
-from wsserver.notify import TOGETHER_MAX_BYTES
+from wsserver.brokers import WouldBlock, order_of
+from wsserver.notify import NOWAIT, TOGETHER_MAX_BYTES, nowait_app
 
 API_KEY = "notify-test-key-77d0"
 
@@ -277,3 +278,80 @@ def test_an_item_key_wins_over_the_header(client):
     assert alone["repeated"] and alone["id"] == first["results"][0]["id"]
     derived = client.post("/notify", json={"event": "b"}, headers={"Idempotency-Key": "h/1"})
     assert derived.get_json()["id"] == first["results"][1]["id"]
+
+
+# -- NOWAIT: the worker's main thread -----------------------------------------------------
+
+
+def _nowait_post(chain, body: bytes, **headers: str):  # noqa: ANN001, ANN202
+    """The endpoint called as the worker's main thread calls it (``nowait_app``, NOWAIT)."""
+    environ = {
+        "REQUEST_METHOD": "POST",
+        "PATH_INFO": "/notify",
+        "SERVER_NAME": "127.0.0.1",
+        "SERVER_PORT": "8000",
+        "REMOTE_ADDR": "127.0.0.1",
+        "HTTP_HOST": "127.0.0.1:8000",
+        "CONTENT_TYPE": "application/json",
+        "CONTENT_LENGTH": str(len(body)),
+        "wsgi.input": io.BytesIO(body),
+        NOWAIT: True,
+    }
+    environ.update(headers)
+    statuses = []
+    chunks = chain(environ, lambda status, headers: statuses.append(status))
+    return statuses[0], json.loads(b"".join(chunks))
+
+
+def test_nowait_app_is_the_endpoint_chain_of_wsserver_apps_only(make_app):
+    app = make_app(env="development")
+    assert nowait_app(app) is app.wsgi_app
+    proxied = make_app(env="development", trusted_proxies=("10.0.0.0/8",))
+    assert nowait_app(proxied) is proxied.wsgi_app  # ClientAddress, then the endpoint
+    wrapped = make_app(env="development")
+    inner = wrapped.wsgi_app
+    wrapped.wsgi_app = lambda environ, start_response: inner(environ, start_response)
+    assert nowait_app(wrapped) is None  # a user's middleware: never served twice through it
+    assert nowait_app(object()) is None
+
+
+def test_nowait_publishes_when_nothing_is_busy(make_app):
+    app = make_app(env="development")
+    app.extensions["wsserver"].ensure_started()
+    chain = nowait_app(app)
+    status, body = _nowait_post(chain, b'{"event":"e","rooms":["a"]}')
+    assert status.startswith("200") and _n(body["id"]) == 1
+    status, body = _nowait_post(chain, b'[{"event":"e","rooms":["a"]},{"event":"f","rooms":["a"]}]')
+    assert [_n(r["id"]) for r in body["results"]] == [2, 3]
+    status, body = _nowait_post(chain, b'{"event":7}')
+    assert status.startswith("400")  # refusals are answered, not deferred
+
+
+def test_nowait_raises_would_block_and_publishes_nothing_where_it_would_wait(
+    make_app, monkeypatch
+):
+    app = make_app(env="development")
+    service = app.extensions["wsserver"]
+    chain = nowait_app(app)
+    with pytest.raises(WouldBlock):  # not started in this process: starting takes a lock
+        _nowait_post(chain, b'{"event":"e","rooms":["a"]}')
+    service.ensure_started()
+    broker = service.broker
+    with broker._lock:  # another publisher holds it (waiting for queue room, say)
+        with pytest.raises(WouldBlock):
+            _nowait_post(chain, b'{"event":"e","rooms":["a"]}')
+    monkeypatch.setattr(service.broadcaster, "submit_nowait", lambda item: False)
+    with pytest.raises(WouldBlock):  # the queue is full
+        _nowait_post(chain, b'[{"event":"e","rooms":["a"]}]')
+    monkeypatch.undo()
+    with pytest.raises(WouldBlock):  # an item-by-item batch: tried nowhere but the pool
+        _nowait_post(chain, b'[{"event":"e","rooms":["a"]},{"event":7}]')
+    with pytest.raises(WouldBlock):
+        _nowait_post(chain, b'[{"event":"e","rooms":["a"]}]', HTTP_IDEMPOTENCY_KEY="k1")
+    monkeypatch.setattr(broker, "publishes_nowait", False)  # as Redis
+    with pytest.raises(WouldBlock):
+        _nowait_post(chain, b'{"event":"e","rooms":["a"]}')
+    monkeypatch.undo()
+    # nothing of the above was published: the next id is the first
+    assert _n(app.test_client().post("/notify", json={"event": "e", "rooms": ["a"]})
+              .get_json()["id"]) == 1

@@ -35,6 +35,24 @@ def test_envelope_keeps_original_fields():
     assert env == {"event": "e", "message": "m", "data": [1], "room": None, "id": "7", "ts": 5}
 
 
+@pytest.mark.parametrize("fields, room", [
+    ({"event": "e"}, None),
+    ({"event": "é \u2028 \"q\" \\", "message": "日本", "data": {"a": [1, 2.5, None, True]}}, "r"),
+    ({"event": "e", "data": "\x00\x1f</script>", "user": "ü-1"}, None),
+    ({"event": "e", "data": 1e300, "rooms": ["a"]}, "a"),
+])
+def test_the_envelope_prefix_is_the_text_json_dumps_gives(fields, room):
+    """Built field by field (no json.dumps per notification): byte for byte what dumps of
+    the envelope without its id gives, so every client and history reader sees the same."""
+    n = parse_notification(fields)
+    reference = n.envelope("", room, 1733600000123)
+    del reference["id"]
+    expected = json.dumps(reference, ensure_ascii=False, separators=(",", ":"))[:-1] + ',"id":"'
+    prefix = n.envelope_prefix(room, 1733600000123)
+    assert prefix == expected
+    assert json.loads(prefix + '1-2"}')["id"] == "1-2"
+
+
 @pytest.mark.parametrize("body,code", [
     (b"", "invalid_json"), (b"{", "invalid_json"), (b"\xff\xfe", "invalid_json"),
 ])

@@ -5,12 +5,23 @@ threads, so that starting the N-th connection's thread does not cost O(N) on Pyt
 
 from __future__ import annotations
 
+import json
+import os
+import re
+import selectors
+import socket
 import threading
+import time
+from typing import Any, Iterator
 
 import pytest
+from gunicorn.config import Config
+from gunicorn.glogging import Logger
 from support import wait_for
 
-from wsserver.worker import DaemonThreadPool
+from wsserver.broadcaster import Broadcaster
+from wsserver.intake import LingeringCloses
+from wsserver.worker import INLINE_MAX_BODY, DaemonThreadPool, ThreadWorker, _Conn
 
 WAIT = 10
 
@@ -114,3 +125,274 @@ def test_no_work_is_stranded_when_submits_race_retirement():
         assert pool.thread_count <= 1
     finally:
         pool.shutdown()
+
+
+# -- POST /notify on the main thread -------------------------------------------------------
+
+
+class _Gate:
+    """A broadcaster task that holds its thread until released, so the queue fills."""
+
+    def __init__(self) -> None:
+        self.entered, self.release = threading.Event(), threading.Event()
+
+    def run(self, broadcaster: Broadcaster) -> None:
+        self.entered.set()
+        self.release.wait(WAIT)
+
+
+class _App:
+    """What gunicorn hands a worker: an object whose ``wsgi()`` is the app."""
+
+    def __init__(self, app: Any) -> None:
+        self._app = app
+
+    def wsgi(self) -> Any:
+        return self._app
+
+
+class _CountingPool(DaemonThreadPool):
+    def __init__(self) -> None:
+        super().__init__(max_workers=4)
+        self.submitted: list[str] = []
+
+    def submit(self, fn, /, *args, **kwargs):  # noqa: ANN001, ANN201
+        self.submitted.append(getattr(fn, "__name__", repr(fn)))
+        return super().submit(fn, *args, **kwargs)
+
+
+@pytest.fixture
+def worker(make_app: Any, monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> Iterator[Any]:
+    """A ThreadWorker in this process, its loop not running: the test drives the main
+    thread's callbacks itself (``_await_request`` as the poller would call them)."""
+    monkeypatch.setenv("WSSERVER_ENV", "development")
+    app = make_app(env="development", queue_size=4, enqueue_timeout=5.0)
+    service = app.extensions["wsserver"]
+    service.ensure_started()
+    cfg = Config()
+    cfg.set("threads", 4)
+    cfg.set("worker_tmp_dir", str(tmp_path))
+    log = Logger(cfg)
+    w = ThreadWorker(0, os.getpid(), [], _App(app), 30, cfg, log)
+    w.tpool = _CountingPool()
+    w.poller = selectors.DefaultSelector()
+    w.method_queue.init()
+    w.load_wsgi()
+    w._lingering = LingeringCloses(w.poller)
+    w.service = service
+    yield w
+    w._lingering.close_all()
+    w.tpool.shutdown(wait=True)
+    w.method_queue.close()
+    w.poller.close()
+    w.tmp.close()
+
+
+def _notify(body: bytes, extra: bytes = b"") -> bytes:
+    return (
+        b"POST /notify HTTP/1.1\r\nHost: 127.0.0.1:8000\r\nContent-Type: application/json\r\n"
+        + extra
+        + b"Content-Length: %d\r\n\r\n" % len(body)
+        + body
+    )
+
+
+def _connect(w: Any, data: bytes) -> tuple[socket.socket, Any]:
+    """A client socket with ``data`` sent, and the worker's side as accepted."""
+    client, server = socket.socketpair()
+    client.settimeout(WAIT)
+    conn = _Conn(w.cfg, server, ("127.0.0.1", 40000), ("127.0.0.1", 8000))
+    w.nr_conns += 1
+    client.sendall(data)
+    return client, conn
+
+
+def _answer(client: socket.socket) -> tuple[bytes, dict]:
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += client.recv(65536)
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = int(re.search(rb"Content-Length: (\d+)", head).group(1))
+    while len(body) < length:
+        body += client.recv(65536)
+    return head, json.loads(body)
+
+
+def _run_callbacks(w: Any) -> None:
+    """One turn of the loop's method queue (what the poller would run)."""
+    w.method_queue.run_callbacks(None)
+
+
+def test_a_plain_notify_is_answered_on_the_main_thread_without_the_pool(worker):
+    assert worker._inline_app is not None  # memory broker, wsserver's own app
+    client, conn = _connect(worker, _notify(b'{"event":"e"}'))
+    try:
+        worker._await_request(conn, b"")
+        client.settimeout(0)  # answered before _await_request returned: no waiting here
+        head, body = _answer(client)
+        assert head.startswith(b"HTTP/1.1 200 OK\r\n") and b"Connection: keep-alive" in head
+        assert body["status"] == "ok" and body["id"]
+        assert worker.tpool.submitted == []
+        assert conn in worker.keepalived_conns  # kept alive, its next request read in the poller
+        # a refusal is answered here too
+        client.settimeout(WAIT)
+        worker.keepalived_conns.remove(conn)
+        worker.poller.unregister(conn.sock)
+        client.sendall(_notify(b'{"no":"event"}'))
+        worker._await_request(conn, b"")
+        head, body = _answer(client)
+        assert head.startswith(b"HTTP/1.1 400 ") and body["code"] == "missing_event"
+        assert worker.tpool.submitted == []
+    finally:
+        client.close()
+
+
+def test_a_batch_or_a_big_body_goes_to_the_pool(worker):
+    """A batch's parsing and publishing would hold up every other connection's request on
+    the main thread; so would a big body."""
+    client, conn = _connect(worker, _notify(b' [{"event":"a"},{"event":"b"}]'))
+    try:
+        worker._await_request(conn, b"")
+        head, body = _answer(client)
+        assert body["accepted"] == 2 and worker.tpool.submitted == ["_serve_notify"]
+    finally:
+        client.close()
+    big = b'{"event":"e","data":"%s"}' % (b"x" * INLINE_MAX_BODY)
+    client, conn = _connect(worker, _notify(big))
+    try:
+        worker._await_request(conn, b"")
+        head, body = _answer(client)
+        assert body["status"] == "ok" and worker.tpool.submitted[-1] == "_serve_notify"
+    finally:
+        client.close()
+
+
+@pytest.mark.timeout(30)
+def test_a_busy_broker_lock_sends_the_notify_to_the_pool_and_the_main_thread_never_waits(
+    worker,
+):
+    """Another publisher holds the broker's lock (it waits for queue room): the main thread
+    must not wait for it. The request goes to the pool, which waits as before, and is
+    published once the lock is free: once, not twice."""
+    broker = worker.service.broker
+    broker._lock.acquire()
+    client, conn = _connect(worker, _notify(b'{"event":"e","rooms":["r"]}'))
+    try:
+        started = time.monotonic()
+        worker._await_request(conn, b"")
+        assert time.monotonic() - started < 0.5
+        assert worker.tpool.submitted == ["_serve_notify"]
+        broker._lock.release()
+        head, body = _answer(client)
+        assert body["status"] == "ok" and body["id"].endswith("-1")
+    finally:
+        if broker._lock.locked():
+            broker._lock.release()
+        client.close()
+
+
+@pytest.mark.timeout(30)
+def test_a_full_queue_sends_the_notify_to_the_pool_where_it_waits_for_room(worker):
+    """The broadcast queue is full (its thread held by a task): the main thread tries once,
+    publishes nothing and hands the request to the pool, which waits up to
+    WSSERVER_ENQUEUE_TIMEOUT for room, as before the main-thread path; the single id shows
+    nothing was published twice."""
+    broadcaster = worker.service.broadcaster
+    gate = _Gate()
+    assert broadcaster.submit(gate, 1)
+    assert gate.entered.wait(WAIT)
+    while broadcaster.submit_nowait(_Gate()):
+        pass  # the queue is full now (its gates open as soon as they run: released below)
+    client, conn = _connect(worker, _notify(b'{"event":"e","rooms":["full"]}'))
+    try:
+        started = time.monotonic()
+        worker._await_request(conn, b"")
+        assert time.monotonic() - started < 0.5
+        assert worker.tpool.submitted == ["_serve_notify"]
+        client.settimeout(0.3)
+        with pytest.raises(socket.timeout):
+            client.recv(1)  # the pool thread is waiting for room
+        client.settimeout(WAIT)
+        gate.release.set()
+        while not broadcaster.queue.empty():
+            item = broadcaster.queue.get_nowait()
+            if isinstance(item, _Gate):
+                item.release.set()
+        head, body = _answer(client)
+        assert body["status"] == "ok" and body["id"].endswith("-1")
+    finally:
+        gate.release.set()
+        client.close()
+
+
+def test_an_item_by_item_batch_goes_to_the_pool_before_anything_is_published(worker):
+    """A batch with an idempotency key goes item by item: a later item could not be undone
+    if it had to wait, so nothing is tried on the main thread."""
+    client, conn = _connect(
+        worker, _notify(b'[{"event":"a","rooms":["k"]},{"event":"b","rooms":["k"]}]',
+                        b"Idempotency-Key: batch-1\r\n")
+    )
+    try:
+        worker._await_request(conn, b"")
+        assert worker.tpool.submitted == ["_serve_notify"]
+        head, body = _answer(client)
+        assert [r["id"].split("-")[1] for r in body["results"]] == ["1", "2"]
+    finally:
+        client.close()
+
+
+def test_an_answer_the_socket_cannot_take_at_once_is_finished_by_the_pool(worker):
+    """A client that does not read: its send buffer is full, so the main thread writes what
+    fits and a pool thread the rest; the main thread never blocks on a peer."""
+    client, conn = _connect(worker, _notify(b'{"event":"e"}'))
+    conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    filler = b"x" * 65536
+    try:
+        while True:
+            try:
+                conn.sock.send(filler)
+            except BlockingIOError:
+                break
+        started = time.monotonic()
+        worker._await_request(conn, b"")
+        assert time.monotonic() - started < 0.5
+        assert worker.tpool.submitted == ["_send_rest"]
+        received = b""
+        while b'"status":"ok"' not in received and b'"status": "ok"' not in received:
+            received += client.recv(65536)
+    finally:
+        client.close()
+
+
+def test_pipelined_requests_are_read_on_later_turns_of_the_loop(worker):
+    """Two requests in one write: the first is answered, the second waits for the next turn
+    of the loop (method queue), so a client streaming requests cannot keep the main thread."""
+    one = _notify(b'{"event":"first"}')
+    client, conn = _connect(worker, one + _notify(b'{"event":"second"}'))
+    try:
+        worker._await_request(conn, b"")
+        _, first = _answer(client)
+        assert first["status"] == "ok"
+        client.settimeout(0.2)
+        with pytest.raises(socket.timeout):
+            client.recv(1)
+        client.settimeout(WAIT)
+        _run_callbacks(worker)
+        _, second = _answer(client)
+        assert second["status"] == "ok" and worker.tpool.submitted == []
+    finally:
+        client.close()
+
+
+def test_a_failure_on_the_main_thread_closes_that_connection_only(worker, monkeypatch):
+    """Whatever fails while a request is served on the main thread (a bug) must not escape
+    into the loop: the connection is closed, as a failed pool request's is."""
+    monkeypatch.setattr(worker, "_notify_answer", lambda *args: 1 / 0)
+    client, conn = _connect(worker, _notify(b'{"event":"e"}'))
+    conns = worker.nr_conns
+    try:
+        worker._await_request(conn, b"")
+        assert worker.nr_conns == conns - 1
+        assert client.recv(1) == b""  # closed
+    finally:
+        client.close()

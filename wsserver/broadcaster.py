@@ -138,6 +138,23 @@ class Broadcaster:
                 return False
             return True
 
+    def submit_nowait(self, item: QueueItem) -> bool:
+        """:meth:`submit` that never waits, not even for ``_closing``, which another
+        submitter holds while it waits for room: False when the queue is full, that lock is
+        busy, or the broadcaster is stopping (nothing was accepted)."""
+        if not self._closing.acquire(blocking=False):
+            return False
+        try:
+            if self._closed or self._stop.is_set():
+                return False
+            try:
+                self.queue.put_nowait(item)
+            except queue.Full:
+                return False
+            return True
+        finally:
+            self._closing.release()
+
     def start(self) -> None:
         # daemon: the worker must be able to exit even if a stop() join timed out; normal
         # shutdown stops and joins this thread first, after flushing the queue.

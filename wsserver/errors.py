@@ -73,7 +73,12 @@ def error_document(code: str, reason: str) -> dict[str, str]:
 
 def encode_document(document: dict[str, Any]) -> bytes:
     """The bytes of a JSON error body: compact, keys in the order given, no newline."""
-    return json.dumps(document, separators=(",", ":")).encode()
+    return _encode_compact(document).encode()
+
+
+# json.dumps(document, separators=(",", ":")), its encoder made once (it keeps no state
+# between calls: threads share it)
+_encode_compact = json.JSONEncoder(separators=(",", ":")).encode
 
 
 def status_line(status: int) -> str:

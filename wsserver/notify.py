@@ -22,6 +22,7 @@ import logging
 from collections.abc import Iterable
 from typing import Any, Callable
 
+from flask import Flask
 from werkzeug.http import parse_options_header
 
 from .auth import AccessPolicy
@@ -29,16 +30,19 @@ from .codes import ErrorCode
 from .errors import error_document, wsgi_json, wsgi_refusal
 from .exceptions import BadRequest, PublishRefused, Refusal
 from .protocol import idempotency_key, parse_notification, parse_notify_body
-from .service import NotificationService, Published
+from .proxies import ClientAddress
+from .service import NotificationService, Published, WouldBlock
 
 __all__ = [
     "METHODS",
+    "NOWAIT",
     "PATH",
     "TOGETHER_MAX_BYTES",
     "NotifyEndpoint",
     "body_too_large",
     "check_json",
     "check_origin",
+    "nowait_app",
     "read_body",
 ]
 
@@ -55,6 +59,13 @@ _ALLOW = ", ".join(METHODS)
 # 200 MB up after their history expired, tests/e2e/test_brokers.py)
 TOGETHER_MAX_BYTES = 256 * 1024
 
+#: environ key: True when the server calls the endpoint on a thread that must never wait (the
+#: worker's main thread, :mod:`wsserver.worker`). The publish is then tried without waiting
+#: and :class:`~wsserver.brokers.WouldBlock` escapes the endpoint, nothing published, where it
+#: would wait (a busy lock, a full queue, Redis, a batch that goes item by item); the server
+#: then serves the request again where waiting is allowed.
+NOWAIT = "wsserver.nowait"
+
 WSGIApp = Callable[[dict, Callable], Iterable[bytes]]
 Headers = list  # [(name, value), ...]
 
@@ -69,6 +80,12 @@ class NotifyEndpoint:
     def __init__(self, app: WSGIApp, service: NotificationService) -> None:
         self._app = app
         self._service = service
+
+    @property
+    def publishes_nowait(self) -> bool:
+        """Whether a :data:`NOWAIT` request can be published here, rather than always
+        raise :class:`WouldBlock`."""
+        return self._service.publishes_nowait
 
     def __call__(self, environ: dict, start_response: Callable) -> Iterable[bytes]:
         if environ.get("PATH_INFO") != PATH:
@@ -93,6 +110,8 @@ class NotifyEndpoint:
                 )
         except Refusal as exc:
             return wsgi_refusal(exc, environ, start_response, headers)
+        except WouldBlock:
+            raise  # not an answer: the server serves the request again (NOWAIT)
         except Exception:  # a bug must still get a JSON answer, and a log line
             log.exception("unhandled error in POST /notify")
             status = 500
@@ -108,6 +127,9 @@ class NotifyEndpoint:
         whose Content-Type is never ``application/json``: the 415 is what keeps such a page
         from publishing even where its Origin would not be checked (no Origin sent)."""
         service = self._service
+        wait = not environ.get(NOWAIT)
+        if not wait and not service.publishes_nowait:
+            raise WouldBlock(service.broker.kind)  # before any check: none is done twice
         check_origin(service.policy, environ)
         service.publishers.check(environ)
         check_json(environ.get("CONTENT_TYPE"))
@@ -116,8 +138,24 @@ class NotifyEndpoint:
         raw = read_body(environ, service.settings.max_body_size)
         body = parse_notify_body(raw)
         if isinstance(body, list):
-            return _publish_batch(service, body, key, len(raw))
-        return 200, _accepted(service.publish(parse_notification(body), key))
+            return _publish_batch(service, body, key, len(raw), wait)
+        return 200, _accepted(service.publish(parse_notification(body), key, wait))
+
+
+def nowait_app(app: Any) -> WSGIApp | None:
+    """The WSGI callable a server may call with :data:`NOWAIT` for ``POST /notify``: the
+    Flask app's ``wsgi_app`` when everything between it and the :class:`NotifyEndpoint` is
+    wsserver's own (nothing, or :class:`~wsserver.proxies.ClientAddress`) and the broker
+    can publish without waiting (memory). None otherwise: a user's middleware could not
+    tell :class:`WouldBlock` from a bug, and would see a request served twice; with Redis
+    every publish waits for a round trip."""
+    if not isinstance(app, Flask) or type(app).__call__ is not Flask.__call__:
+        return None
+    chain = app.wsgi_app
+    endpoint = chain._app if isinstance(chain, ClientAddress) else chain
+    if not isinstance(endpoint, NotifyEndpoint) or not endpoint.publishes_nowait:
+        return None
+    return chain  # type: ignore[no-any-return]
 
 
 def check_origin(policy: AccessPolicy, environ: dict) -> None:
@@ -189,7 +227,11 @@ def body_too_large(limit: int) -> BadRequest:
 
 
 def _publish_batch(
-    service: NotificationService, items: list, key: str | None = None, size: int = 0
+    service: NotificationService,
+    items: list,
+    key: str | None = None,
+    size: int = 0,
+    wait: bool = True,
 ) -> tuple[int, dict]:
     """A JSON list: each item published on its own and answered in ``results``, an item
     refused with the same code and text as a single notification would be. A batch of which
@@ -198,7 +240,11 @@ def _publish_batch(
 
     Idempotency is per item: an item's ``idempotency_key`` field, else the request's
     ``Idempotency-Key`` with ``/<index>`` appended; so a retried batch publishes exactly
-    the items that were not published before, and answers the others' first ids."""
+    the items that were not published before, and answers the others' first ids.
+
+    ``wait`` False (:data:`NOWAIT`): only a batch published in one call is tried; one that
+    goes item by item raises :class:`WouldBlock` before publishing any (a later item could
+    not be undone if it then had to wait)."""
     if not items:
         raise BadRequest(400, ErrorCode.EMPTY_BATCH, "a batch needs at least one notification")
     if len(items) > service.settings.max_batch:
@@ -210,9 +256,11 @@ def _publish_batch(
             f"WSSERVER_MAX_BATCH={limit}",
         )
     if key is None and size <= TOGETHER_MAX_BYTES:
-        together = _publish_together(service, items)
+        together = _publish_together(service, items, wait)
         if together is not None:
             return 200, together
+    if not wait:
+        raise WouldBlock("a batch published item by item")
     results: list[dict] = []
     refusals: list[PublishRefused] = []
     for index, item in enumerate(items):
@@ -230,7 +278,9 @@ def _publish_batch(
     return 200, {"status": status, "accepted": accepted, "results": results}
 
 
-def _publish_together(service: NotificationService, items: list) -> dict | None:
+def _publish_together(
+    service: NotificationService, items: list, wait: bool = True
+) -> dict | None:
     """A batch whose items are all valid and none has an idempotency key, published in one
     broker call (:meth:`NotificationService.publish_many`): the answer, or None when the
     batch must go item by item (an invalid item is answered in its place; a key makes each
@@ -245,7 +295,7 @@ def _publish_together(service: NotificationService, items: list) -> dict | None:
         if notification.idempotency_key is not None:
             return None
         notifications.append(notification)
-    results = [_accepted(published) for published in service.publish_many(notifications)]
+    results = [_accepted(published) for published in service.publish_many(notifications, wait)]
     return {"status": "ok", "accepted": len(results), "results": results}
 
 

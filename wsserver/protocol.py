@@ -44,6 +44,9 @@ IDEMPOTENCY_KEY_MAX_LENGTH = 200
 _IDEMPOTENCY_KEY_RE = re.compile(r"[\x21-\x7e]+\Z")
 # letters, digits and _ . : @ / - ; must start with a letter or digit
 _ROOM_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:@/-]*\Z")
+# the envelope's encoding (json.dumps(..., ensure_ascii=False, separators=(",", ":"))), made
+# once; JSONEncoder.encode is thread-safe (no state kept between calls)
+_encode = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
 
 @dataclass(frozen=True)
@@ -88,11 +91,24 @@ class Notification:
     def envelope_prefix(self, room: str | None, ts: int) -> str:
         """The envelope's JSON text up to the id's value: ``prefix + id + '"}'`` is the whole
         envelope. Brokers number messages after this is built (Redis stream ids are made in
-        Redis), so the id is the only part left to fill in."""
-        env = self.envelope("", room, ts)
-        del env["id"]
-        text = json.dumps(env, ensure_ascii=False, separators=(",", ":"))
-        return text[:-1] + ',"id":"'
+        Redis), so the id is the only part left to fill in.
+
+        Written field by field with one shared encoder: the text ``json.dumps`` gives for
+        :meth:`envelope` without its id (compact, non-ASCII kept, keys in that order), but
+        without ``json.dumps`` building an encoder per call, which was most of a batched
+        notification's envelope cost (docs/performance.md, "Publish path")."""
+        parts = [
+            '{"event":', _encode(self.event),
+            ',"message":', _encode(self.message),
+            ',"data":', _encode(self.data),
+            ',"room":', "null" if room is None else _encode(room),
+            ',"ts":', str(int(ts)),
+        ]
+        if self.user is not None:
+            parts.append(',"user":')
+            parts.append(_encode(self.user))
+        parts.append(',"id":"')
+        return "".join(parts)
 
 
 @dataclass(frozen=True)
@@ -190,10 +206,12 @@ def parse_notify_body(body: bytes) -> Any:
     if not text.strip():
         raise BadRequest(400, "invalid_json", "body is empty; expected a JSON object")
     try:
-        obj = json.loads(text, parse_constant=_reject_constant)
+        if text.startswith("\ufeff"):  # as json.loads, which the shared decoder skips
+            raise json.JSONDecodeError("Unexpected UTF-8 BOM (decode using utf-8-sig)", text, 0)
+        obj = _decode_body(text)
         # the envelope must encode back to UTF-8 JSON: refuse lone surrogates ("\ud800"),
         # and numbers JSON cannot carry (1e400 parses as infinity)
-        json.dumps(obj, ensure_ascii=False, allow_nan=False).encode("utf-8")
+        _check_body(obj).encode("utf-8")
     except RecursionError:
         raise BadRequest(400, "invalid_json", "body is nested too deeply") from None
     except UnicodeEncodeError:
@@ -207,6 +225,12 @@ def parse_notify_body(body: bytes) -> Any:
 
 def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
+
+
+# json.loads / json.dumps with options build a decoder or encoder per call; these are made
+# once (both keep no state between calls, so threads may share them)
+_decode_body = json.JSONDecoder(parse_constant=_reject_constant).decode
+_check_body = json.JSONEncoder(ensure_ascii=False, allow_nan=False).encode
 
 
 def parse_notification(obj: Any) -> Notification:

@@ -29,6 +29,7 @@ from .brokers import (
     Idempotency,
     Outgoing,
     Repeated,
+    WouldBlock,
     make_broker,
 )
 from .codes import CLOSE_GOING_AWAY, REASON_SHUTTING_DOWN, ErrorCode
@@ -43,7 +44,7 @@ from .protocol import Notification
 from .proxies import Publishers
 from .recovery import Recovery
 
-__all__ = ["BrokerUnavailable", "NotificationService", "Published"]
+__all__ = ["BrokerUnavailable", "NotificationService", "Published", "WouldBlock"]
 
 log = logging.getLogger(__name__)
 
@@ -229,7 +230,9 @@ class NotificationService:
 
     # -- publishing ------------------------------------------------------------------------
 
-    def publish(self, notification: Notification, idempotency_key: str | None = None) -> Published:
+    def publish(
+        self, notification: Notification, idempotency_key: str | None = None, wait: bool = True
+    ) -> Published:
         """Publish ``notification`` to its audience through the broker: one message per
         target room, each numbered by that room's history. Raises a
         :class:`~wsserver.exceptions.PublishRefused` (503):
@@ -241,8 +244,12 @@ class NotificationService:
 
         The notification's own ``idempotency_key``, else ``idempotency_key``: a key already
         used within ``WSSERVER_HISTORY_TTL`` publishes nothing and answers the first ids
-        (``repeated``); used for another notification, a 422 :class:`BadRequest`."""
-        self.ensure_started()
+        (``repeated``); used for another notification, a 422 :class:`BadRequest`.
+
+        ``wait`` False: never wait (the worker's main thread publishes this way): raises
+        :class:`WouldBlock`, having published nothing, where it would wait for a lock, queue
+        room, the broker's network or the service's start."""
+        self._can_start(wait)
         key = notification.idempotency_key or idempotency_key
         idempotency = None if key is None else Idempotency(key, notification.fingerprint())
         targets: tuple[str | None, ...] = notification.rooms or (None,)
@@ -251,13 +258,15 @@ class NotificationService:
             Outgoing(room, notification.user, notification.envelope_prefix(room, now_ms))
             for room in targets
         )
-        ids = self._broker_publish(messages, idempotency)
+        ids = self._broker_publish(messages, idempotency, 1, wait)
         mine = self.hub.audience(notification.rooms, notification.user)
         peers = self.broker.peers()
         clients = mine + (peers.audience(notification.rooms, notification.user) if peers else 0)
         return Published(dict(zip(targets, ids)), clients, mine, isinstance(ids, Repeated))
 
-    def publish_many(self, notifications: list[Notification]) -> list[Published]:
+    def publish_many(
+        self, notifications: list[Notification], wait: bool = True
+    ) -> list[Published]:
         """Publish a batch of notifications without idempotency keys in one broker call
         (one lock, one queue item; with Redis one script round trip instead of one per
         notification), atomically: all are published or none (the refusals of
@@ -265,8 +274,8 @@ class NotificationService:
 
         Why: a batch of 50 paid 50 broker calls, each a Redis round trip, which made the
         Redis broker 2.5-3.5x the memory broker per notification (docs/performance.md,
-        "Publish path")."""
-        self.ensure_started()
+        "Publish path"). ``wait``: as for :meth:`publish`."""
+        self._can_start(wait)
         now_ms = int(time.time() * 1000)
         messages: list[Outgoing] = []
         targets: list[tuple[str | None, ...]] = []
@@ -277,7 +286,7 @@ class NotificationService:
                 Outgoing(room, notification.user, notification.envelope_prefix(room, now_ms))
                 for room in rooms
             )
-        ids = self._broker_publish(tuple(messages), None, len(notifications))
+        ids = self._broker_publish(tuple(messages), None, len(notifications), wait)
         peers = self.broker.peers()
         out: list[Published] = []
         audiences: dict[tuple, tuple[int, int]] = {}  # the same audience, counted once
@@ -294,11 +303,30 @@ class NotificationService:
             start = end
         return out
 
+    @property
+    def publishes_nowait(self) -> bool:
+        """Whether ``publish(..., wait=False)`` can ever publish (the memory broker), rather
+        than always raise :class:`WouldBlock` (Redis)."""
+        return self.broker.publishes_nowait
+
+    def _can_start(self, wait: bool) -> None:
+        if wait:
+            self.ensure_started()
+        elif self._pid != os.getpid():
+            raise WouldBlock("the service has not started in this process")
+
     def _broker_publish(
-        self, messages: tuple[Outgoing, ...], idempotency: Idempotency | None, count: int = 1
+        self,
+        messages: tuple[Outgoing, ...],
+        idempotency: Idempotency | None,
+        count: int = 1,
+        wait: bool = True,
     ) -> list[str]:
         """The broker's publish with :meth:`publish`'s refusals, each counted once per
-        notification refused (``count`` of them) in ``wsserver_publish_rejected``."""
+        notification refused (``count`` of them) in ``wsserver_publish_rejected``; ``wait``
+        False: :meth:`Broker.publish_nowait` (:class:`WouldBlock` is not a refusal)."""
+        if not wait:
+            return self.broker.publish_nowait(messages, idempotency)
         try:
             ids = self.broker.publish(messages, self.settings.enqueue_timeout, idempotency)
         except BrokerUnavailable:

@@ -50,6 +50,8 @@ from .fastpath import (
     response_bytes,
 )
 from .intake import LingeringCloses, PendingConnections, request_end
+from .notify import NOWAIT, nowait_app
+from .service import WouldBlock
 
 __all__ = ["WEBSOCKET_STARTED", "DaemonThreadPool", "ThreadWorker"]
 
@@ -61,6 +63,10 @@ WEBSOCKET_STARTED = "wsserver.websocket_started"
 _RECV_BYTES = 65536
 # how long the main loop polls at most: the parent check and the deadlines run after each poll
 _POLL_CAP = 0.25
+#: a fast-path ``POST /notify`` body this big at most may be served on the main thread
+#: (:meth:`ThreadWorker._serve_inline`): parsing and publishing it is CPU the accepts and
+#: every other connection's reads wait for, so a bigger one goes to the pool
+INLINE_MAX_BODY = 16 * 1024
 
 
 class DaemonThreadPool(Executor):
@@ -246,6 +252,9 @@ class ThreadWorker(_GthreadWorker):
             and hooks["post_request"].value is hooks["post_request"].default
         )
         self._fast_base: dict[str, Any] = {}
+        # the app's WSGI callable for a POST /notify served on the main thread (memory
+        # broker, wsserver's own middleware only: notify.nowait_app), set by load_wsgi
+        self._inline_app: Callable[..., Any] | None = None
         self._keepalive = bool(cfg.keepalive)  # read once: Config.__getattr__ is not free
         # a scheme header gunicorn is configured to read (from trusted peers) is its call
         self._gunicorn_only = GUNICORN_ONLY | {
@@ -270,6 +279,7 @@ class ThreadWorker(_GthreadWorker):
             "SCRIPT_NAME": "",
         }
         app = self.wsgi
+        self._inline_app = nowait_app(app) if self._fast else None
         local = self._local
 
         def wsgi(environ: dict, start_response: Callable) -> Any:
@@ -420,7 +430,10 @@ class ThreadWorker(_GthreadWorker):
             )
             if request is not None:
                 conn.ahead = bytes(head[conn.wanted:])
-                self._submit(conn, self._serve_notify, conn, request)
+                if self._inline_app is not None and _inline(request.body):
+                    self._serve_inline(conn, request)
+                else:
+                    self._submit(conn, self._serve_notify, conn, request)
                 return
         if conn.parser is None:
             conn.parser = http.get_parser(self.cfg, conn.sock, conn.client)
@@ -534,9 +547,101 @@ class ThreadWorker(_GthreadWorker):
         through the same app, answered in one write. What gunicorn's ``handle_request`` does
         around the app is done here too: the request count (``max_requests``), the
         keep-alive decision, the access log line. True: keep the connection."""
+        # no thread-local connection: WEBSOCKET_STARTED is for upgrades, and this is a POST
+        done = self._notify_answer(conn, request, self.wsgi, False)
+        conn.sock.setblocking(True)
+        try:
+            conn.sock.sendall(done.data)
+            done.answer.sent = done.size
+        finally:
+            done.log(self.log, request)
+        return not done.close
+
+    def _serve_inline(self, conn: _Conn, request: NotifyRequest) -> None:
+        """Main thread: a fast-path ``POST /notify`` served here, without the pool's
+        hand-off (submit, wake a pool thread, ``method_queue``, back here: a third of a
+        publish's GIL time, docs/performance.md "Publish path"), when nothing in it can
+        wait. The app is called with :data:`~wsserver.notify.NOWAIT`: the memory broker's
+        lock and the broadcast queue are tried without waiting, and where either is busy (or
+        the request needs more than one publish) :class:`WouldBlock` comes back with nothing
+        published and the request goes to the pool as before, where it may wait. The answer
+        is written without blocking; what the socket does not take at once is written by a
+        pool thread (under the request deadline). A pipelined next request is read on a
+        later turn of the loop, so no client keeps the main thread to itself."""
+        try:
+            self._answer_inline(conn, request)
+        except Exception:  # noqa: BLE001 - as finish_request: a bug must not stop the loop
+            self.log.exception("Error serving /notify on the main thread")
+            self.nr_conns -= 1
+            conn.close()
+
+    def _answer_inline(self, conn: _Conn, request: NotifyRequest) -> None:
+        app = self._inline_app
+        assert app is not None
+        try:
+            done = self._notify_answer(conn, request, app, True)
+        except WouldBlock:
+            self._submit(conn, self._serve_notify, conn, request)
+            return
+        data = done.data
+        try:
+            sent = conn.sock.send(data)  # non-blocking: a kept-alive socket's buffer has room
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError:
+            sent = -1
+        if sent >= 0:
+            done.answer.sent = done.size
+        done.log(self.log, request)
+        if sent < 0:  # the client is gone
+            self.nr_conns -= 1
+            conn.close()
+        elif sent < len(data):
+            self._submit(conn, self._send_rest, conn, memoryview(data)[sent:], done.close)
+        elif done.close:
+            self.nr_conns -= 1
+            self._linger(conn)
+        else:
+            self._keep_alive(conn, defer=True)
+
+    @staticmethod
+    def _send_rest(conn: _Conn, rest: memoryview, close: bool) -> bool:
+        """Runs on a pool thread: the part of an answer the socket did not take at once."""
+        conn.sock.setblocking(True)
+        conn.sock.sendall(rest)
+        return not close
+
+    def _notify_answer(
+        self, conn: _Conn, request: NotifyRequest, app: Callable[..., Any], nowait: bool
+    ) -> _Done:
+        """The answer to a fast-path ``POST /notify``: ``app`` called with gunicorn's
+        environ (and :data:`~wsserver.notify.NOWAIT` when ``nowait``; then
+        :class:`WouldBlock` escapes, and nothing of the request was counted), and what
+        gunicorn's ``handle_request`` decides around it: the request count
+        (``max_requests``), keep-alive or close."""
         timed = getattr(self.log, "access_log_enabled", True)
         started = datetime.now() if timed else None
+        environ = environ_for(request, conn.client, conn.server, self._fast_base)
+        environ["gunicorn.socket"] = conn.sock
+        if nowait:
+            environ[NOWAIT] = True
+        answer = _Answer()
         close = request.close
+        try:
+            chunks = app(environ, answer.start_response)
+            try:
+                body = b"".join(chunks)
+            finally:
+                if hasattr(chunks, "close"):
+                    chunks.close()
+        except WouldBlock:
+            if nowait:
+                raise
+            close = self._internal_error(answer)  # a NOWAIT signal without NOWAIT: a bug
+            body = _INTERNAL_ERROR
+        except Exception:  # noqa: BLE001 - as gunicorn: a 500 in wsserver's shape, then close
+            close = self._internal_error(answer)
+            body = _INTERNAL_ERROR
         self.nr += 1
         if self.nr >= self.max_requests:
             if self.alive:
@@ -549,37 +654,19 @@ class ThreadWorker(_GthreadWorker):
             or len(self.keepalived_conns) >= self.max_keepalived
         ):
             close = True
-        environ = environ_for(request, conn.client, conn.server, self._fast_base)
-        environ["gunicorn.socket"] = conn.sock
-        answer = _Answer()
-        # no thread-local connection: WEBSOCKET_STARTED is for upgrades, and this is a POST
-        try:
-            chunks = self.wsgi(environ, answer.start_response)
-            try:
-                body = b"".join(chunks)
-            finally:
-                if hasattr(chunks, "close"):
-                    chunks.close()
-        except Exception:  # noqa: BLE001 - as gunicorn: a 500 in wsserver's shape, then close
-            self.log.exception("Error handling request /notify")
-            answer.status, answer.length, close = "500 Internal Server Error", None, True
-            answer.headers = [("Content-Type", "application/json")]
-            body = encode_document(error_document("internal_error", "internal server error"))
         if answer.length is None:
             answer.headers.append(("Content-Length", str(len(body))))
         elif answer.length != len(body):
             close = True  # as gunicorn: never more than the declared length, then close
             body = body[: answer.length]
-        conn.sock.setblocking(True)
-        try:
-            conn.sock.sendall(
-                response_bytes(answer.status, answer.headers, body, close, SERVER)
-            )
-            answer.sent = len(body)
-        finally:
-            if started is not None:
-                self.log.access(answer, request, environ, datetime.now() - started)
-        return not close
+        data = response_bytes(answer.status, answer.headers, body, close, SERVER)
+        return _Done(data, len(body), close, answer, environ, started)
+
+    def _internal_error(self, answer: _Answer) -> bool:
+        self.log.exception("Error handling request /notify")
+        answer.status, answer.length = "500 Internal Server Error", None
+        answer.headers = [("Content-Type", "application/json")]
+        return True
 
     def handle(self, conn: _Conn) -> Any:
         """Runs on a pool thread: remember the connection for the WSGI wrapper."""
@@ -631,26 +718,35 @@ class ThreadWorker(_GthreadWorker):
                     super().finish_request(conn, fs)
                     return
                 conn.sock.setblocking(False)
-                ahead = conn.ahead
-                conn.ahead = b""
-                if conn.parser is not None:
-                    ahead = conn.parser.unreader.take_buffered() + ahead
-                if ahead:  # the client already sent (part of) its next request
-                    self._await_request(conn, ahead)
-                    return
-                conn.set_timeout()
-                if not self.alive:
-                    conn.timeout = min(conn.timeout, time.monotonic() + STOP_KEEPALIVE_LINGER)
-                self.keepalived_conns.append(conn)
-                self.poller.register(
-                    conn.sock, selectors.EVENT_READ, partial(self.on_client_socket_readable, conn)
-                )
+                self._keep_alive(conn)
                 return
             self.nr_conns -= 1
             self._linger(conn)
         except Exception:  # noqa: BLE001 - as gthread: whatever failed, the connection goes
             self.nr_conns -= 1
             conn.close()
+
+    def _keep_alive(self, conn: _Conn, defer: bool = False) -> None:
+        """Main thread: ``conn`` (non-blocking) was answered and stays open: its next
+        request is read in the poller. ``defer``: bytes of it already read are looked at on
+        the loop's next turn (after what else is ready), not now."""
+        ahead = conn.ahead
+        conn.ahead = b""
+        if conn.parser is not None:
+            ahead = conn.parser.unreader.take_buffered() + ahead
+        if ahead:  # the client already sent (part of) its next request
+            if defer:
+                self.method_queue.defer(self._await_request, conn, ahead)
+            else:
+                self._await_request(conn, ahead)
+            return
+        conn.set_timeout()
+        if not self.alive:
+            conn.timeout = min(conn.timeout, time.monotonic() + STOP_KEEPALIVE_LINGER)
+        self.keepalived_conns.append(conn)
+        self.poller.register(
+            conn.sock, selectors.EVENT_READ, partial(self.on_client_socket_readable, conn)
+        )
 
     def murder_pending(self) -> None:
         """gthread calls this after every poll (also while stopping): expire what is due."""
@@ -667,6 +763,33 @@ class ThreadWorker(_GthreadWorker):
         self._cut_overdue(now)
         if self._lingering is not None:
             self._lingering.reap(now)
+
+
+_INTERNAL_ERROR = encode_document(error_document("internal_error", "internal server error"))
+
+
+class _Done:
+    """A fast-path answer ready to write: the bytes, the body's size, whether the
+    connection closes after it, and what the access log line needs."""
+
+    __slots__ = ("data", "size", "close", "answer", "environ", "started")
+
+    def __init__(
+        self,
+        data: bytes,
+        size: int,
+        close: bool,
+        answer: _Answer,
+        environ: dict,
+        started: datetime | None,
+    ) -> None:
+        self.data, self.size, self.close = data, size, close
+        self.answer, self.environ, self.started = answer, environ, started
+
+    def log(self, logger: Any, request: NotifyRequest) -> None:
+        """gunicorn's access line, when the access log is on."""
+        if self.started is not None:
+            logger.access(self.answer, request, self.environ, datetime.now() - self.started)
 
 
 class _Answer:
@@ -734,6 +857,16 @@ def _parser_error(status: int, exc: BaseException) -> tuple[str, str]:
     if status >= 500:
         return code, "internal server error"
     return code, f"{HTTPStatus(status).phrase}: {exc}" if str(exc) else HTTPStatus(status).phrase
+
+
+def _inline(body: bytes) -> bool:
+    """Whether a fast-path ``POST /notify`` with this body may be tried on the main thread:
+    one notification (a JSON object) of at most :data:`INLINE_MAX_BODY` bytes. A batch (a
+    JSON list) goes to the pool: measured on the main thread, batches of 50 took 1.5x as
+    long to answer (one batch's few milliseconds of parsing and publishing held up every
+    other connection's request; on pool threads they interleave with the fan-out), while
+    single notifications took less CPU each (docs/performance.md, "Publish path")."""
+    return len(body) <= INLINE_MAX_BODY and body.lstrip(b" \t\r\n")[:1] == b"{"
 
 
 def _mark_websocket(conn: _Conn) -> None:

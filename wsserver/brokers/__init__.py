@@ -54,6 +54,7 @@ __all__ = [
     "Recovery",
     "Repeated",
     "RoomHistory",
+    "WouldBlock",
     "audience_key",
     "envelope_frame",
     "envelope_of",
@@ -81,6 +82,14 @@ class Idempotency:
 
     key: str
     fingerprint: str
+
+
+class WouldBlock(Exception):
+    """:meth:`Broker.publish_nowait` could not publish without waiting (a lock or the
+    broadcast queue was busy, or the broker never publishes without a round trip). Nothing
+    was published: the caller may do the whole request again where waiting is allowed.
+    Not a refusal (nobody is answered with it); see :mod:`wsserver.worker`, which serves a
+    ``POST /notify`` on its main thread only when publishing cannot block there."""
 
 
 class Repeated(list):
@@ -209,6 +218,9 @@ class Broker:
     any thread; ``start``/``stop`` from the controlling thread."""
 
     kind = "abstract"
+    # True: publish_nowait may publish (memory); False: it always raises WouldBlock (Redis:
+    # every publish is a network round trip)
+    publishes_nowait = False
     # called when the broker lost what this worker had announced (Redis: our report
     # expired); the service points it at wsserver.presence.Presence.reannounce
     on_report_lost: Callable[[], None] | None = None
@@ -232,6 +244,14 @@ class Broker:
         returned as :class:`Repeated` (or :func:`key_reused` is raised if the fingerprint
         differs); otherwise the key is recorded with the ids, in the same atomic step."""
         raise NotImplementedError
+
+    def publish_nowait(
+        self, messages: tuple[Outgoing, ...], idempotency: Idempotency | None = None
+    ) -> list[str]:
+        """:meth:`publish` without waiting for anything: a lock another thread holds, room
+        in the broadcast queue, a network. Raises :class:`WouldBlock` (nothing was published)
+        when it would have to wait, and the refusals :meth:`publish` raises otherwise."""
+        raise WouldBlock(self.kind)
 
     def relay(self, frame: bytes, timeout: float) -> bool:
         """A client's free-form message (already a frame) to every client everywhere."""

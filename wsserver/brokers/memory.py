@@ -59,6 +59,7 @@ from . import (
     Recovery,
     Repeated,
     RoomHistory,
+    WouldBlock,
     audience_key,
     envelope_frame,
     envelope_of,
@@ -148,18 +149,44 @@ class MemoryBroker(Broker):
     def alive(self) -> bool:
         return self._sweeper is None or self._sweeper.is_alive()
 
+    publishes_nowait = True
+
     def publish(
         self,
         messages: tuple[Outgoing, ...],
         timeout: float,
         idempotency: Idempotency | None = None,
     ) -> list[str] | None:
-        assert self._broadcaster is not None
         deadline = time.monotonic() + timeout
         # other publishers hold the lock briefly, or for at most their own `timeout` while the
         # queue is full: waiting a little longer than ours never turns contention into a 503
         if not self._lock.acquire(timeout=timeout + 0.25):
             return None
+        return self._publish_held(messages, idempotency, deadline)
+
+    def publish_nowait(
+        self, messages: tuple[Outgoing, ...], idempotency: Idempotency | None = None
+    ) -> list[str]:
+        """:meth:`publish` if the lock is free and the queue has room now, else
+        :class:`WouldBlock` (nothing published). The lock is held by another publisher for
+        at most its own enqueue timeout, and never across I/O."""
+        if not self._lock.acquire(blocking=False):
+            raise WouldBlock("memory: the broker's lock is busy")
+        ids = self._publish_held(messages, idempotency, None)
+        if ids is None:
+            raise WouldBlock("memory: the broadcast queue is full or busy")
+        return ids
+
+    def _publish_held(
+        self,
+        messages: tuple[Outgoing, ...],
+        idempotency: Idempotency | None,
+        deadline: float | None,
+    ) -> list[str] | None:
+        """Holds ``_lock``, and releases it. The publish; None when the broadcaster did not
+        take the messages by ``deadline`` (None: at once, without waiting)."""
+        broadcaster = self._broadcaster
+        assert broadcaster is not None
         forgotten: list[_Audience] = []  # deallocated after the lock is released
         try:
             now = time.monotonic()
@@ -183,8 +210,11 @@ class MemoryBroker(Broker):
                 Broadcast(frame, now, m.room, m.user, (self._boot, n))
                 for m, n, frame in zip(messages, numbers, frames)
             )
-            left = max(deadline - time.monotonic(), 0.0)
-            if not self._broadcaster.submit(items[0] if len(items) == 1 else items, left):
+            item = items[0] if len(items) == 1 else items
+            if deadline is None:
+                if not broadcaster.submit_nowait(item):
+                    return None
+            elif not broadcaster.submit(item, max(deadline - time.monotonic(), 0.0)):
                 return None
             for key, n, frame in zip(keys, numbers, frames):
                 self._record(key, n, frame, now)
