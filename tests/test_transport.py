@@ -6,14 +6,17 @@ the socket and a wsproto parser (a real simple-websocket ``Server`` over a socke
 
 from __future__ import annotations
 
+import gc
 import socket
 import threading
 import tracemalloc
+import weakref
 import zlib
 from typing import Any
 
 import pytest
 import simple_websocket
+import wsproto.connection
 from rawws import OP_TEXT, client_frame
 from wsproto import ConnectionType
 from wsproto.connection import Connection as WsprotoConnection
@@ -24,6 +27,7 @@ from wsserver.handshake import negotiate_compression
 from wsserver.transport import (
     InboundDeflate,
     Transport,
+    defer_upgrade_response,
     handshake_rejection,
     inbound_protocol,
     server_options,
@@ -195,6 +199,46 @@ def test_transport_holds_the_socket_and_a_parser_of_the_clients_frames(accept):
     events = list(transport.protocol.events())
     assert len(events) == 1 and isinstance(events[0], TextMessage)
     assert events[0].data == '{"type":"ping"}'
+
+
+def test_the_handshake_state_is_let_go_once_answered(accept):
+    """An idle connection keeps no handshake: not wsproto's H11Handshake (its h11
+    connection, parsed request and buffers), not the library's Event (docs/performance.md)."""
+    accepted = accept(GOOD)
+    handshake = weakref.ref(accepted.ws.ws.handshake)
+    event = weakref.ref(accepted.ws.event)
+    transport = Transport(accepted.ws)
+    gc.collect()
+    assert handshake() is None and event() is None
+    assert accepted.ws.ws is transport.protocol  # the opened connection, no WSConnection
+    assert isinstance(transport.protocol, wsproto.connection.Connection)
+    assert transport.protocol.state is wsproto.connection.ConnectionState.OPEN
+
+
+def test_an_unreleased_close_still_writes_the_close_frame_once_the_handshake_is_gone(accept):
+    """flask-sock's ``ws.close()`` after the route reaches the opened connection directly:
+    the same close frame as through the forgotten WSConnection."""
+    accepted = accept(GOOD)
+    Transport(accepted.ws)
+    accepted.ws.close()
+    accepted.peer.settimeout(5)
+    assert accepted.peer.recv(4096) == b"\x88\x02\x03\xe8"  # close 1000, unmasked
+
+
+def test_the_held_upgrade_response_keeps_no_copy(accept):
+    environ = {**GOOD}
+    ours, peer = socket.socketpair()
+    try:
+        environ["werkzeug.socket"] = ours
+        defer_upgrade_response(environ)
+        held = environ["werkzeug.socket"]
+        ws = simple_websocket.Server(environ, **server_options())
+        transport = Transport(ws)
+        assert transport.upgrade_response.startswith(b"HTTP/1.1 101")
+        assert held.response is None and transport.sock is ours and ws.sock is ours
+    finally:
+        ours.close()
+        peer.close()
 
 
 def test_release_makes_the_librarys_close_write_nothing(accept):

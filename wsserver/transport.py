@@ -28,7 +28,7 @@ import socket
 import zlib
 from typing import Any, Union
 
-from wsproto import ConnectionType
+from wsproto import ConnectionType, WSConnection
 from wsproto.connection import Connection as WsprotoConnection
 from wsproto.events import AcceptConnection, Request
 from wsproto.extensions import Extension, PerMessageDeflate
@@ -53,6 +53,8 @@ _RSV1 = RsvBits(True, False, False)  # what InboundDeflate lets a frame carry
 class _NoReaderThread:
     """Stands in for simple-websocket's reader thread, which we do not run: the request
     thread gunicorn gave the connection does the reading, so a connection costs one thread."""
+
+    __slots__ = ("name",)
 
     def __init__(self, target: Any = None, **_: Any) -> None:
         self.name = "wsserver-connection"
@@ -91,9 +93,10 @@ class _HeldUpgradeResponse:
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
-        self.response = bytearray()
+        self.response: bytearray | None = bytearray()
 
     def send(self, data: bytes) -> int:
+        assert self.response is not None, "the held 101 was handed over already"
         self.response += data
         return len(data)
 
@@ -227,6 +230,27 @@ def inbound_protocol(deflate: bool, max_message_size: int) -> WsprotoConnection:
     return WsprotoConnection(ConnectionType.SERVER, extensions)
 
 
+def _forget_handshake(ws: Any) -> Any:
+    """Drop what simple-websocket keeps of the handshake once it is answered, and return the
+    wsproto connection it opened (the frame parser of the connection's life).
+
+    ``ws.ws`` is a ``wsproto.WSConnection``: past the handshake it only forwards ``send``,
+    ``receive_data`` and ``events`` to the ``wsproto.connection.Connection`` the handshake
+    opened (``ws.ws.connection``), yet keeps the whole ``H11Handshake`` alive: an h11
+    connection with its state and receive buffer, the parsed request and its headers, an
+    event deque. ``ws.event`` (a ``threading.Event``: a condition, a lock and a deque) is
+    only used by ``receive()`` and the reader thread, neither of which runs here. flask-sock
+    holds the ``Server`` for the connection's life, so these would cost every idle
+    connection ~4 KB (docs/performance.md, "where the KB go"). Replacing ``ws.ws`` by the
+    opened connection keeps simple-websocket's own ``close()`` (which flask-sock calls after
+    the route) writing the same bytes as before, should it ever still be connected."""
+    opened = ws.ws
+    if isinstance(opened, WSConnection):  # else forgotten already
+        opened = ws.ws = opened.connection
+    ws.event = None
+    return opened
+
+
 class Transport:
     """Our hold on an accepted simple-websocket ``Server``: its socket, the wsproto
     connection that parses inbound bytes and, when :func:`defer_upgrade_response` held it,
@@ -243,10 +267,12 @@ class Transport:
         self.upgrade_response: bytes | None = None
         sock = ws.sock
         if isinstance(sock, _HeldUpgradeResponse):
-            self.upgrade_response = bytes(sock.response)
+            self.upgrade_response = bytes(sock.response or b"")
+            sock.response = None  # the held object stays in the environ: keep nothing in it
             sock = ws.sock = sock.sock
         self.sock: socket.socket = sock
-        self.protocol: Any = inbound_protocol(True, max_message_size) if deflate else ws.ws
+        opened = _forget_handshake(ws)
+        self.protocol: Any = inbound_protocol(True, max_message_size) if deflate else opened
 
     def release(self) -> None:
         """Tell simple-websocket the connection is over, so flask-sock's ``close()`` after our

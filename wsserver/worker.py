@@ -63,6 +63,41 @@ _RECV_BYTES = 65536
 _POLL_CAP = 0.25
 
 
+# every _PoolFuture's condition (an RLock inside: concurrent.futures.wait may take it once
+# per future it waits on, all at once)
+_FUTURES_CONDITION = threading.Condition()
+# stands in for a started thread's own "started" Event (see _drop_start_event)
+_STARTED = threading.Event()
+_STARTED.set()
+
+
+class _PoolFuture(Future):
+    """A ``Future`` whose condition is one shared by all of them, not one of its own.
+
+    Why: a WebSocket keeps its request's future for its life (gthread finishes the request
+    when the route returns), and a ``threading.Condition`` with its lock, deque block and
+    bound methods is ~1.4 KB per idle connection (docs/performance.md, "where the KB go").
+    State changes of a future are a few attribute writes under that condition, so sharing it
+    costs no waiting worth the name; the finished request's callback (gthread's
+    ``finish_request``) is the only reader here, and ``concurrent.futures.wait`` still works
+    (it takes every future's condition, an RLock, and registers its waiters per future)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._condition = _FUTURES_CONDITION
+
+
+def _drop_start_event(thread: threading.Thread) -> None:
+    """Once ``start()`` has returned, a thread's ``_started`` Event is only ever asked
+    ``is_set()`` (``is_alive``, ``join``, ``repr``, a second ``start``): answer it from one
+    shared set Event, so that a connection's thread does not keep a condition of its own
+    (~1.4 KB) for the connection's life. CPython's ``threading`` internals; where they
+    differ, the thread keeps its own Event."""
+    started = getattr(thread, "_started", None)
+    if isinstance(started, threading.Event) and started.is_set():
+        thread._started = _STARTED  # type: ignore[attr-defined]
+
+
 class DaemonThreadPool(Executor):
     """``ThreadPoolExecutor``'s behaviour (a thread is added only when none is idle, up to
     ``max_workers``) with daemon threads, and idle threads retired.
@@ -111,13 +146,14 @@ class DaemonThreadPool(Executor):
         with self._lock:
             if self._shutdown:
                 raise RuntimeError("cannot schedule new futures after shutdown")
-            future: Future = Future()
+            future: Future = _PoolFuture()
             self._work.put((future, fn, args, kwargs))
             if not self._idle.acquire(blocking=False) and len(self._threads) < self._max_workers:
                 thread = threading.Thread(
                     target=self._run, name=f"{self._prefix}-{next(self._numbers)}", daemon=True
                 )
                 thread.start()
+                _drop_start_event(thread)
                 self._threads.add(thread)  # under the lock: it cannot retire before this
             return future
 
