@@ -24,6 +24,7 @@ imports simple_websocket.
 
 from __future__ import annotations
 
+import re
 import socket
 import zlib
 from typing import Any, Union
@@ -113,6 +114,70 @@ def defer_upgrade_response(environ: dict[str, Any]) -> None:
             return
 
 
+# what _plainly_acceptable lets through without the replay (a subset of what h11 takes):
+# a header name rebuilt from ``HTTP_A_B`` as ``A-B`` of letters and digits, a value of
+# visible ASCII with single spaces or tabs inside, no leading or trailing blank
+_NAME_RE = re.compile(r"[A-Z0-9]+(?:_[A-Z0-9]+)*")
+_VALUE_RE = re.compile(r"(?:[\x21-\x7e]+(?:[ \t]+[\x21-\x7e]+)*)?")
+_PLAIN_HEAD_MAX = 8192  # h11 refuses heads past 16 KiB: longer ones take the replay
+# the deflate answers wsserver.handshake.negotiate_compression writes into the environ
+_DEFLATE_ANSWERS = frozenset(
+    ["permessage-deflate; client_no_context_takeover; server_no_context_takeover"]
+    + [
+        "permessage-deflate; client_no_context_takeover; server_no_context_takeover; "
+        f"server_max_window_bits={bits}"
+        for bits in range(8, 16)
+    ]
+)
+
+
+def _plainly_acceptable(environ: dict[str, Any]) -> bool:
+    """True when :func:`handshake_rejection`'s replay could only accept this request: every
+    header is plain ASCII in the narrow form above, nothing h11 treats specially (a body's
+    length, a transfer coding), the fields wsproto insists on present in the form it
+    compares them in (``Connection`` listing ``upgrade``, ``Upgrade: websocket``,
+    ``Sec-WebSocket-Version: 13``, a key, a Host IDNA reads), and any extension offer one
+    of our own deflate answers. Anything else takes the replay, which names the fault.
+
+    Why: the replay costs what simple-websocket's handshake costs (~0.15-0.2 ms, ~12 % of
+    a connection's worker CPU, docs/performance.md), for requests that are nearly always
+    plain. That this check only ever says True where the replay says "accepted" is tested
+    against the replay itself (tests/test_transport.py)."""
+    size = 0
+    for key, value in environ.items():
+        if not key.startswith("HTTP_"):
+            continue
+        if (
+            type(value) is not str
+            or _NAME_RE.fullmatch(key, 5) is None
+            or _VALUE_RE.fullmatch(value) is None
+        ):
+            return False
+        size += len(key) + len(value)
+    if size > _PLAIN_HEAD_MAX:
+        return False
+    get = environ.get
+    if "HTTP_TRANSFER_ENCODING" in environ or "HTTP_CONTENT_LENGTH" in environ:
+        return False
+    if get("HTTP_SEC_WEBSOCKET_VERSION") != "13" or not get("HTTP_SEC_WEBSOCKET_KEY"):
+        return False
+    if get("HTTP_UPGRADE", "").lower() != "websocket":
+        return False
+    if not any(t.strip().lower() == "upgrade" for t in get("HTTP_CONNECTION", "").split(",")):
+        return False
+    extensions = get("HTTP_SEC_WEBSOCKET_EXTENSIONS")
+    if extensions is not None and extensions not in _DEFLATE_ANSWERS:
+        return False
+    host = get("HTTP_HOST")
+    if not host:
+        return False
+    try:
+        host.encode("ascii").decode("idna")
+    except UnicodeError:
+        return False
+    return True
+
+
 def handshake_rejection(environ: dict[str, Any]) -> str | None:
     """Would simple-websocket's handshake fail on this request? Its complaint, or None.
 
@@ -124,7 +189,10 @@ def handshake_rejection(environ: dict[str, Any]) -> str | None:
     reasons) for everything they do not name: header bytes h11 refuses, a Connection header
     that is not ASCII, a Host that is not IDNA, a Transfer-Encoding h11 does not take. It
     costs what simple-websocket's own parse costs, once more per upgrade (the handshake's
-    share of a connection's CPU is in docs/performance.md); a 500 costs a traceback."""
+    share of a connection's CPU is in docs/performance.md); a 500 costs a traceback. A
+    request :func:`_plainly_acceptable` vouches for skips the replay."""
+    if _plainly_acceptable(environ):
+        return None
     head = b"GET / HTTP/1.1\r\n"
     try:
         for key, value in environ.items():
