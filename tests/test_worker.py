@@ -116,11 +116,10 @@ def test_no_work_is_stranded_when_submits_race_retirement():
         pool.shutdown()
 
 
-def test_a_busy_request_keeps_no_condition_of_its_own():
-    """A WebSocket's request stays on its thread for the connection's life: its future
-    shares one condition, its thread's "started" Event is the shared one (docs/performance.md,
-    "where the KB go"), and both still behave: a result waits for its own future however
-    many others complete meanwhile, the thread reports alive, then joins."""
+def test_a_busy_requests_thread_keeps_no_start_event_of_its_own():
+    """A WebSocket's request stays on its thread for the connection's life: the thread's
+    "started" Event is the shared one (docs/performance.md, "where the KB go"), and the
+    thread still reports alive, then joins."""
     pool = DaemonThreadPool(max_workers=4)
     release = threading.Event()
     threads: list[threading.Thread] = []
@@ -133,18 +132,12 @@ def test_a_busy_request_keeps_no_condition_of_its_own():
     try:
         held = pool.submit(hold)
         other = pool.submit(hold)
-        assert held._condition is other._condition  # type: ignore[attr-defined]
-        quick = [pool.submit(lambda n=n: n) for n in range(20)]
-        assert [f.result(timeout=5) for f in quick] == list(range(20))
-        with pytest.raises(TimeoutError):
-            held.result(timeout=0.05)  # woken by the others' completions, still waits
         wait_for(lambda: len(threads) == 2)
         for thread in threads:
             assert thread.is_alive() and "started" in repr(thread)
             assert thread._started is threads[0]._started  # type: ignore[attr-defined]
         release.set()
         assert held.result(timeout=5) == other.result(timeout=5) == "held"
-        assert held.exception(timeout=5) is None
     finally:
         release.set()
         pool.shutdown(wait=True)

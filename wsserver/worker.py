@@ -63,49 +63,9 @@ _RECV_BYTES = 65536
 _POLL_CAP = 0.25
 
 
-# every _PoolFuture's condition (an RLock inside: concurrent.futures.wait may take it once
-# per future it waits on, all at once)
-_FUTURES_CONDITION = threading.Condition()
 # stands in for a started thread's own "started" Event (see _drop_start_event)
 _STARTED = threading.Event()
 _STARTED.set()
-
-
-class _PoolFuture(Future):
-    """A ``Future`` whose condition is one shared by all of them, not one of its own.
-
-    Why: a WebSocket keeps its request's future for its life (gthread finishes the request
-    when the route returns), and a ``threading.Condition`` with its lock, deque block and
-    bound methods is ~1.4 KB per idle connection (docs/performance.md, "where the KB go").
-    State changes of a future are a few attribute writes under that condition, so sharing it
-    costs no waiting worth the name; the finished request's callback (gthread's
-    ``finish_request``) is the only reader here. ``result``/``exception`` with a timeout wait
-    in a loop (a completion of another future wakes them too), and
-    ``concurrent.futures.wait`` still works (it takes every future's condition, an RLock,
-    and registers its waiters per future)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._condition = _FUTURES_CONDITION
-
-    def result(self, timeout: float | None = None) -> Any:
-        self._wait(timeout)
-        return super().result(0)
-
-    def exception(self, timeout: float | None = None) -> BaseException | None:
-        self._wait(timeout)
-        return super().exception(0)
-
-    def _wait(self, timeout: float | None) -> None:
-        """Wait until done or ``timeout``: ``Future`` waits once, which with a shared
-        condition another future's completion would cut short."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        with self._condition:
-            while not self.done():
-                left = None if deadline is None else deadline - time.monotonic()
-                if left is not None and left <= 0:
-                    return
-                self._condition.wait(left)
 
 
 def _drop_start_event(thread: threading.Thread) -> None:
@@ -167,7 +127,7 @@ class DaemonThreadPool(Executor):
         with self._lock:
             if self._shutdown:
                 raise RuntimeError("cannot schedule new futures after shutdown")
-            future: Future = _PoolFuture()
+            future: Future = Future()
             self._work.put((future, fn, args, kwargs))
             if not self._idle.acquire(blocking=False) and len(self._threads) < self._max_workers:
                 thread = threading.Thread(
