@@ -6,24 +6,30 @@ the socket and a wsproto parser (a real simple-websocket ``Server`` over a socke
 
 from __future__ import annotations
 
+import gc
+import random
 import socket
 import threading
 import tracemalloc
+import weakref
 import zlib
 from typing import Any
 
 import pytest
 import simple_websocket
+import wsproto.connection
 from rawws import OP_TEXT, client_frame
 from wsproto import ConnectionType
 from wsproto.connection import Connection as WsprotoConnection
 from wsproto.events import BytesMessage, CloseConnection, Ping, TextMessage
 
+import wsserver.transport as transport_module
 from wsserver.frames import OP_BINARY, OP_PING, deflate_payload
 from wsserver.handshake import negotiate_compression
 from wsserver.transport import (
     InboundDeflate,
     Transport,
+    defer_upgrade_response,
     handshake_rejection,
     inbound_protocol,
     server_options,
@@ -96,6 +102,64 @@ def test_what_simple_websockets_parser_rejects_is_named(change, complaint):
 
 def test_an_environ_without_headers_is_rejected():
     assert handshake_rejection({}) is not None
+
+
+_AWKWARD_VALUES = [
+    "", " ", "a b", "a  b", "a\tb", " a", "a ", "\xe9", "a\x00b", "a\x7fb", "\u20ac", "x" * 9000,
+    "keep-alive, Upgrade", "Upgrade", "upgrade", "UPGRADE , x", "keep-alive", "websocket",
+    "WebSocket", "websocket ", "13", " 13", "8", "chunked", "gzip", "0", "12", "xn--a",
+    "xn--", "a..b", "a." + "b" * 64, "127.0.0.1:8080", "[::1]:80", "example.com", "\u00e9.com",
+    KEY, "not=base64", "permessage-deflate", "permessage-deflate; client_max_window_bits",
+    "permessage-deflate; client_no_context_takeover; server_no_context_takeover",
+    "permessage-deflate; client_no_context_takeover; server_no_context_takeover; "
+    "server_max_window_bits=8",
+    "permessage-deflate; client_no_context_takeover; server_no_context_takeover; "
+    "server_max_window_bits=15",
+    "wsserver.v1", "wsserver.v1, token.abc", '"quoted"', "a,b,,c", "(comment)",
+]
+_AWKWARD_NAMES = [
+    "HTTP_HOST", "HTTP_CONNECTION", "HTTP_UPGRADE", "HTTP_SEC_WEBSOCKET_VERSION",
+    "HTTP_SEC_WEBSOCKET_KEY", "HTTP_SEC_WEBSOCKET_EXTENSIONS", "HTTP_SEC_WEBSOCKET_PROTOCOL",
+    "HTTP_TRANSFER_ENCODING", "HTTP_CONTENT_LENGTH", "HTTP_ORIGIN", "HTTP_X_A", "HTTP_X__A",
+    "HTTP_X-A", "HTTP_", "HTTP_X.A", "HTTP_\xe9", "HTTP_EXPECT", "HTTP_X_1_2",
+]
+
+
+def test_the_replay_is_skipped_only_where_it_would_accept():
+    """``_plainly_acceptable`` (which lets a request skip the replay) must never vouch for
+    a request the replay would reject: checked against the replay on the good handshake
+    with one, two or three headers replaced by awkward names and values."""
+    rng = random.Random(1807)
+    vouched = 0
+    for n in range(6000):
+        environ = dict(GOOD)
+        for _ in range(1 + n % 3):
+            name = rng.choice(_AWKWARD_NAMES)
+            if rng.random() < 0.1:
+                environ.pop(name, None)
+            else:
+                environ[name] = rng.choice(_AWKWARD_VALUES)
+        if transport_module._plainly_acceptable(environ):
+            vouched += 1
+            assert replay_only(environ) is None, environ
+    assert vouched > 500  # the check vouches for plain requests, not just for none
+
+
+def replay_only(environ):
+    saved = transport_module._plainly_acceptable
+    transport_module._plainly_acceptable = lambda environ: False
+    try:
+        return handshake_rejection(environ)
+    finally:
+        transport_module._plainly_acceptable = saved
+
+
+def test_plain_handshakes_skip_the_replay():
+    assert transport_module._plainly_acceptable(GOOD)
+    environ = {**GOOD, "HTTP_SEC_WEBSOCKET_EXTENSIONS": OFFER}
+    assert not transport_module._plainly_acceptable(environ)  # a raw offer: replayed
+    negotiate_compression(environ, True)
+    assert transport_module._plainly_acceptable(environ)  # our own answer: plain
 
 
 # -- server_options and Transport over a socketpair --------------------------------------------
@@ -195,6 +259,46 @@ def test_transport_holds_the_socket_and_a_parser_of_the_clients_frames(accept):
     events = list(transport.protocol.events())
     assert len(events) == 1 and isinstance(events[0], TextMessage)
     assert events[0].data == '{"type":"ping"}'
+
+
+def test_the_handshake_state_is_let_go_once_answered(accept):
+    """An idle connection keeps no handshake: not wsproto's H11Handshake (its h11
+    connection, parsed request and buffers), not the library's Event (docs/performance.md)."""
+    accepted = accept(GOOD)
+    handshake = weakref.ref(accepted.ws.ws.handshake)
+    event = weakref.ref(accepted.ws.event)
+    transport = Transport(accepted.ws)
+    gc.collect()
+    assert handshake() is None and event() is None
+    assert accepted.ws.ws is transport.protocol  # the opened connection, no WSConnection
+    assert isinstance(transport.protocol, wsproto.connection.Connection)
+    assert transport.protocol.state is wsproto.connection.ConnectionState.OPEN
+
+
+def test_an_unreleased_close_still_writes_the_close_frame_once_the_handshake_is_gone(accept):
+    """flask-sock's ``ws.close()`` after the route reaches the opened connection directly:
+    the same close frame as through the forgotten WSConnection."""
+    accepted = accept(GOOD)
+    Transport(accepted.ws)
+    accepted.ws.close()
+    accepted.peer.settimeout(5)
+    assert accepted.peer.recv(4096) == b"\x88\x02\x03\xe8"  # close 1000, unmasked
+
+
+def test_the_held_upgrade_response_keeps_no_copy(accept):
+    environ = {**GOOD}
+    ours, peer = socket.socketpair()
+    try:
+        environ["werkzeug.socket"] = ours
+        defer_upgrade_response(environ)
+        held = environ["werkzeug.socket"]
+        ws = simple_websocket.Server(environ, **server_options())
+        transport = Transport(ws)
+        assert transport.upgrade_response.startswith(b"HTTP/1.1 101")
+        assert held.response is None and transport.sock is ours and ws.sock is ours
+    finally:
+        ours.close()
+        peer.close()
 
 
 def test_release_makes_the_librarys_close_write_nothing(accept):

@@ -127,6 +127,36 @@ def test_no_work_is_stranded_when_submits_race_retirement():
         pool.shutdown()
 
 
+def test_a_busy_requests_thread_keeps_no_start_event_of_its_own():
+    """A WebSocket's request stays on its thread for the connection's life: the thread's
+    "started" Event is the shared one (docs/performance.md, "where the KB go"), and the
+    thread still reports alive, then joins."""
+    pool = DaemonThreadPool(max_workers=4)
+    release = threading.Event()
+    threads: list[threading.Thread] = []
+
+    def hold() -> str:
+        threads.append(threading.current_thread())
+        release.wait(10)
+        return "held"
+
+    try:
+        held = pool.submit(hold)
+        other = pool.submit(hold)
+        wait_for(lambda: len(threads) == 2)
+        for thread in threads:
+            assert thread.is_alive() and "started" in repr(thread)
+            assert thread._started is threads[0]._started  # type: ignore[attr-defined]
+        release.set()
+        assert held.result(timeout=5) == other.result(timeout=5) == "held"
+    finally:
+        release.set()
+        pool.shutdown(wait=True)
+    for thread in threads:
+        assert not thread.is_alive()
+        thread.join(1)
+
+
 # -- POST /notify on the main thread -------------------------------------------------------
 
 

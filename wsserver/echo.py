@@ -27,7 +27,6 @@ from __future__ import annotations
 import threading
 import time
 import weakref
-from collections import deque
 from typing import Protocol, Sequence, Union
 
 from .frames import OP_BINARY, OP_TEXT, frame_header
@@ -144,7 +143,9 @@ class EchoOrder:
         self.hold_limit = hold_limit
         # echoes awaited (Expected) and the frames waiting behind them, in order; read by the
         # write path's fast check ("is anything awaited?") without a method call
-        self.held: deque[_Entry] = deque()
+        # (a list: it is empty for nearly every connection's whole life and holds a few entries
+        # at most, and an empty deque costs a 0.5 KB block per idle connection)
+        self.held: list[_Entry] = []
         self._lock = lock
         # a weak proxy: the outbox (the Connection) owns this object, and a strong reference
         # back would make every connection a reference cycle, freed only by the cyclic GC's
@@ -153,7 +154,9 @@ class EchoOrder:
         self._held_bytes = 0  # bytes of the frames in ``held``: they count against the cap
         self._since: float | None = None  # when the oldest frame still held was queued
         self._close: bytes | None = None  # our close frame, waiting behind ``held``
-        self._settled = threading.Condition(lock)  # notified when ``held`` empties
+        # notified when ``held`` empties; made by the first settle() that has to wait (a
+        # condition is ~1.4 KB, and most connections never wait on one)
+        self._settled: threading.Condition | None = None
 
     # -- the session's side (any thread) ---------------------------------------------------
 
@@ -225,6 +228,8 @@ class EchoOrder:
                 if left <= 0:
                     self._release_all_locked()
                     break
+                if self._settled is None:
+                    self._settled = threading.Condition(self._lock)
                 self._settled.wait(left)
 
     # -- the write path's side (the connection's lock held) --------------------------------
@@ -265,11 +270,11 @@ class EchoOrder:
                 outbox.queue_locked(frame)
                 continue
             for _ in range(index):
-                entry = held.popleft()
+                entry = held.pop(0)
                 if not isinstance(entry, Expected):
                     self._held_bytes -= len(entry)
                     outbox.queue_locked(entry)
-            held.popleft()
+            held.pop(0)
             outbox.queue_locked(frame)
             if self._release_ready_locked():
                 break  # our close went out: nothing follows it
@@ -281,14 +286,14 @@ class EchoOrder:
         self._held_bytes = 0
         self._since = None
         self._close = None
-        self._settled.notify_all()
+        self._notify_settled_locked()
 
     def _release_ready_locked(self) -> bool:
         """Queue the held frames no echo is awaited before; the close once nothing is.
         True when the close was queued."""
         held, outbox = self.held, self._outbox
         while held and not isinstance(held[0], Expected):
-            frame = held.popleft()
+            frame = held.pop(0)
             assert isinstance(frame, bytes)
             self._held_bytes -= len(frame)
             outbox.queue_locked(frame)
@@ -297,7 +302,7 @@ class EchoOrder:
                 self._since = None  # only echoes are awaited: nothing is kept waiting
             return False
         self._since = None
-        self._settled.notify_all()
+        self._notify_settled_locked()
         if self._close is None:
             return False
         frame, self._close = self._close, None
@@ -306,7 +311,9 @@ class EchoOrder:
 
     def _release_all_locked(self) -> None:
         """Give up on the echoes still out: queue every held frame, then the close."""
-        frames = [entry for entry in self.held if not isinstance(entry, Expected)]
-        self.held.clear()
-        self.held.extend(frames)
+        self.held[:] = [entry for entry in self.held if not isinstance(entry, Expected)]
         self._release_ready_locked()
+
+    def _notify_settled_locked(self) -> None:
+        if self._settled is not None:
+            self._settled.notify_all()

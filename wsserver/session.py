@@ -23,6 +23,7 @@ The loop is :class:`Session`; :func:`run_session` is the entry point :mod:`wsser
 
 from __future__ import annotations
 
+import functools
 import logging
 import select
 import socket
@@ -147,6 +148,38 @@ def _close_for(conn: Connection, limit: _Limit) -> None:
         audit.closed(limit.reason, conn.remote, limit.detail)
 
 
+@functools.lru_cache(maxsize=16)
+def _limits(
+    max_size: int, max_frames: int, rate: float, control: float
+) -> tuple[_Limit, _Limit, _Limit, _Limit]:
+    """The closes of :class:`_Inbound`'s limits, made once per set of settings: every
+    connection's own copies (four tuples, seven formatted strings) were ~0.8 KB of each idle
+    connection (docs/performance.md, "where the KB go")."""
+    return (
+        _Limit(
+            CLOSE_MESSAGE_TOO_BIG,
+            f"message over {max_size} bytes",
+            "message_too_big",
+            f"WSSERVER_MAX_MESSAGE_SIZE={max_size}",
+        ),
+        _Limit(
+            CLOSE_MESSAGE_TOO_BIG,
+            f"message over {max_frames} frames (WSSERVER_MAX_FRAGMENTS)",
+            "too_many_fragments",
+            f"WSSERVER_MAX_FRAGMENTS={max_frames}",
+        ),
+        _Limit(
+            CLOSE_POLICY_VIOLATION, REASON_RATE_LIMIT, "rate_limit", f"WSSERVER_RATE_LIMIT={rate:g}"
+        ),
+        _Limit(
+            CLOSE_POLICY_VIOLATION,
+            f"control frames over {control:g}/s (WSSERVER_MAX_CONTROL_RATE)",
+            "control_rate",
+            f"WSSERVER_MAX_CONTROL_RATE={control:g}",
+        ),
+    )
+
+
 class _Inbound:
     """What the peer sends and the limits on it: the message being reassembled (its bytes
     and its frames, ``max_message_size`` and ``max_fragments``), complete messages per
@@ -175,29 +208,8 @@ class _Inbound:
         self._controls = TokenBucket(control, 2 * control)
         self.pings_out = 0  # our keepalive pings not answered yet: their pongs are free
         self.discarded = 0  # frames parsed and dropped while closing
-        self.too_big = _Limit(
-            CLOSE_MESSAGE_TOO_BIG,
-            f"message over {self._max_size} bytes",
-            "message_too_big",
-            f"WSSERVER_MAX_MESSAGE_SIZE={self._max_size}",
-        )
-        self._too_many_frames = _Limit(
-            CLOSE_MESSAGE_TOO_BIG,
-            f"message over {self._max_frames} frames (WSSERVER_MAX_FRAGMENTS)",
-            "too_many_fragments",
-            f"WSSERVER_MAX_FRAGMENTS={self._max_frames}",
-        )
-        self._too_fast = _Limit(
-            CLOSE_POLICY_VIOLATION,
-            REASON_RATE_LIMIT,
-            "rate_limit",
-            f"WSSERVER_RATE_LIMIT={rate:g}",
-        )
-        self._control_flood = _Limit(
-            CLOSE_POLICY_VIOLATION,
-            f"control frames over {control:g}/s (WSSERVER_MAX_CONTROL_RATE)",
-            "control_rate",
-            f"WSSERVER_MAX_CONTROL_RATE={control:g}",
+        self.too_big, self._too_many_frames, self._too_fast, self._control_flood = _limits(
+            self._max_size, self._max_frames, rate, control
         )
 
     def data(self, event: TextMessage | BytesMessage) -> _Limit | tuple[Payload, int] | None:

@@ -24,11 +24,12 @@ imports simple_websocket.
 
 from __future__ import annotations
 
+import re
 import socket
 import zlib
 from typing import Any, Union
 
-from wsproto import ConnectionType
+from wsproto import ConnectionType, WSConnection
 from wsproto.connection import Connection as WsprotoConnection
 from wsproto.events import AcceptConnection, Request
 from wsproto.extensions import Extension, PerMessageDeflate
@@ -53,6 +54,8 @@ _RSV1 = RsvBits(True, False, False)  # what InboundDeflate lets a frame carry
 class _NoReaderThread:
     """Stands in for simple-websocket's reader thread, which we do not run: the request
     thread gunicorn gave the connection does the reading, so a connection costs one thread."""
+
+    __slots__ = ("name",)
 
     def __init__(self, target: Any = None, **_: Any) -> None:
         self.name = "wsserver-connection"
@@ -91,9 +94,10 @@ class _HeldUpgradeResponse:
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
-        self.response = bytearray()
+        self.response: bytearray | None = bytearray()
 
     def send(self, data: bytes) -> int:
+        assert self.response is not None, "the held 101 was handed over already"
         self.response += data
         return len(data)
 
@@ -110,6 +114,70 @@ def defer_upgrade_response(environ: dict[str, Any]) -> None:
             return
 
 
+# what _plainly_acceptable lets through without the replay (a subset of what h11 takes):
+# a header name rebuilt from ``HTTP_A_B`` as ``A-B`` of letters and digits, a value of
+# visible ASCII with single spaces or tabs inside, no leading or trailing blank
+_NAME_RE = re.compile(r"[A-Z0-9]+(?:_[A-Z0-9]+)*")
+_VALUE_RE = re.compile(r"(?:[\x21-\x7e]+(?:[ \t]+[\x21-\x7e]+)*)?")
+_PLAIN_HEAD_MAX = 8192  # h11 refuses heads past 16 KiB: longer ones take the replay
+# the deflate answers wsserver.handshake.negotiate_compression writes into the environ
+_DEFLATE_ANSWERS = frozenset(
+    ["permessage-deflate; client_no_context_takeover; server_no_context_takeover"]
+    + [
+        "permessage-deflate; client_no_context_takeover; server_no_context_takeover; "
+        f"server_max_window_bits={bits}"
+        for bits in range(8, 16)
+    ]
+)
+
+
+def _plainly_acceptable(environ: dict[str, Any]) -> bool:
+    """True when :func:`handshake_rejection`'s replay could only accept this request: every
+    header is plain ASCII in the narrow form above, nothing h11 treats specially (a body's
+    length, a transfer coding), the fields wsproto insists on present in the form it
+    compares them in (``Connection`` listing ``upgrade``, ``Upgrade: websocket``,
+    ``Sec-WebSocket-Version: 13``, a key, a Host IDNA reads), and any extension offer one
+    of our own deflate answers. Anything else takes the replay, which names the fault.
+
+    Why: the replay costs what simple-websocket's handshake costs (~0.15-0.2 ms, ~12 % of
+    a connection's worker CPU, docs/performance.md), for requests that are nearly always
+    plain. That this check only ever says True where the replay says "accepted" is tested
+    against the replay itself (tests/test_transport.py)."""
+    size = 0
+    for key, value in environ.items():
+        if not key.startswith("HTTP_"):
+            continue
+        if (
+            type(value) is not str
+            or _NAME_RE.fullmatch(key, 5) is None
+            or _VALUE_RE.fullmatch(value) is None
+        ):
+            return False
+        size += len(key) + len(value)
+    if size > _PLAIN_HEAD_MAX:
+        return False
+    get = environ.get
+    if "HTTP_TRANSFER_ENCODING" in environ or "HTTP_CONTENT_LENGTH" in environ:
+        return False
+    if get("HTTP_SEC_WEBSOCKET_VERSION") != "13" or not get("HTTP_SEC_WEBSOCKET_KEY"):
+        return False
+    if get("HTTP_UPGRADE", "").lower() != "websocket":
+        return False
+    if not any(t.strip().lower() == "upgrade" for t in get("HTTP_CONNECTION", "").split(",")):
+        return False
+    extensions = get("HTTP_SEC_WEBSOCKET_EXTENSIONS")
+    if extensions is not None and extensions not in _DEFLATE_ANSWERS:
+        return False
+    host = get("HTTP_HOST")
+    if not host:
+        return False
+    try:
+        host.encode("ascii").decode("idna")
+    except UnicodeError:
+        return False
+    return True
+
+
 def handshake_rejection(environ: dict[str, Any]) -> str | None:
     """Would simple-websocket's handshake fail on this request? Its complaint, or None.
 
@@ -121,7 +189,10 @@ def handshake_rejection(environ: dict[str, Any]) -> str | None:
     reasons) for everything they do not name: header bytes h11 refuses, a Connection header
     that is not ASCII, a Host that is not IDNA, a Transfer-Encoding h11 does not take. It
     costs what simple-websocket's own parse costs, once more per upgrade (the handshake's
-    share of a connection's CPU is in docs/performance.md); a 500 costs a traceback."""
+    share of a connection's CPU is in docs/performance.md); a 500 costs a traceback. A
+    request :func:`_plainly_acceptable` vouches for skips the replay."""
+    if _plainly_acceptable(environ):
+        return None
     head = b"GET / HTTP/1.1\r\n"
     try:
         for key, value in environ.items():
@@ -227,6 +298,27 @@ def inbound_protocol(deflate: bool, max_message_size: int) -> WsprotoConnection:
     return WsprotoConnection(ConnectionType.SERVER, extensions)
 
 
+def _forget_handshake(ws: Any) -> Any:
+    """Drop what simple-websocket keeps of the handshake once it is answered, and return the
+    wsproto connection it opened (the frame parser of the connection's life).
+
+    ``ws.ws`` is a ``wsproto.WSConnection``: past the handshake it only forwards ``send``,
+    ``receive_data`` and ``events`` to the ``wsproto.connection.Connection`` the handshake
+    opened (``ws.ws.connection``), yet keeps the whole ``H11Handshake`` alive: an h11
+    connection with its state and receive buffer, the parsed request and its headers, an
+    event deque. ``ws.event`` (a ``threading.Event``: a condition, a lock and a deque) is
+    only used by ``receive()`` and the reader thread, neither of which runs here. flask-sock
+    holds the ``Server`` for the connection's life, so these would cost every idle
+    connection ~4 KB (docs/performance.md, "where the KB go"). Replacing ``ws.ws`` by the
+    opened connection keeps simple-websocket's own ``close()`` (which flask-sock calls after
+    the route) writing the same bytes as before, should it ever still be connected."""
+    opened = ws.ws
+    if isinstance(opened, WSConnection):  # else forgotten already
+        opened = ws.ws = opened.connection
+    ws.event = None
+    return opened
+
+
 class Transport:
     """Our hold on an accepted simple-websocket ``Server``: its socket, the wsproto
     connection that parses inbound bytes and, when :func:`defer_upgrade_response` held it,
@@ -243,10 +335,12 @@ class Transport:
         self.upgrade_response: bytes | None = None
         sock = ws.sock
         if isinstance(sock, _HeldUpgradeResponse):
-            self.upgrade_response = bytes(sock.response)
+            self.upgrade_response = bytes(sock.response or b"")
+            sock.response = None  # the held object stays in the environ: keep nothing in it
             sock = ws.sock = sock.sock
         self.sock: socket.socket = sock
-        self.protocol: Any = inbound_protocol(True, max_message_size) if deflate else ws.ws
+        opened = _forget_handshake(ws)
+        self.protocol: Any = inbound_protocol(True, max_message_size) if deflate else opened
 
     def release(self) -> None:
         """Tell simple-websocket the connection is over, so flask-sock's ``close()`` after our

@@ -69,6 +69,22 @@ _POLL_CAP = 0.25
 INLINE_MAX_BODY = 16 * 1024
 
 
+# stands in for a started thread's own "started" Event (see _drop_start_event)
+_STARTED = threading.Event()
+_STARTED.set()
+
+
+def _drop_start_event(thread: threading.Thread) -> None:
+    """Once ``start()`` has returned, a thread's ``_started`` Event is only ever asked
+    ``is_set()`` (``is_alive``, ``join``, ``repr``, a second ``start``): answer it from one
+    shared set Event, so that a connection's thread does not keep a condition of its own
+    (~1.4 KB) for the connection's life. CPython's ``threading`` internals; where they
+    differ, the thread keeps its own Event."""
+    started = getattr(thread, "_started", None)
+    if isinstance(started, threading.Event) and started.is_set():
+        thread._started = _STARTED  # type: ignore[attr-defined]
+
+
 class DaemonThreadPool(Executor):
     """``ThreadPoolExecutor``'s behaviour (a thread is added only when none is idle, up to
     ``max_workers``) with daemon threads, and idle threads retired.
@@ -124,6 +140,7 @@ class DaemonThreadPool(Executor):
                     target=self._run, name=f"{self._prefix}-{next(self._numbers)}", daemon=True
                 )
                 thread.start()
+                _drop_start_event(thread)
                 self._threads.add(thread)  # under the lock: it cannot retire before this
             return future
 
