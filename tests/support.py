@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import resource
 import shutil
 import signal
 import socket
@@ -82,8 +83,11 @@ class GunicornServer:
 
     def __init__(self, env: dict[str, str] | None = None, args: list[str] | None = None,
                  threads: int = 64, port: int | None = None,
-                 app: str = "wsserver:create_app()", prefix: str = "") -> None:
+                 app: str = "wsserver:create_app()", prefix: str = "",
+                 nofile: int | None = None) -> None:
         # ``port``: reuse a known port (a restart test); by default a free one
+        # ``nofile``: the open-files limit (soft and hard) the server starts under
+        self.nofile = nofile
         self.port = port or free_port()
         self.app, self.prefix = app, prefix
         self.env = dict(os.environ)
@@ -113,8 +117,12 @@ class GunicornServer:
         cmd = [sys.executable, "-m", "gunicorn", "-c", "python:wsserver.gunicorn_conf",
                *self.args, self.app]
         self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=self.env, stdout=self._log,
-                                     stderr=subprocess.STDOUT)
+        limit = self.nofile
+        self.proc = subprocess.Popen(
+            cmd, cwd=ROOT, env=self.env, stdout=self._log, stderr=subprocess.STDOUT,
+            preexec_fn=None if limit is None else (
+                lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))),
+        )
         try:
             wait_for(self._ready, timeout=timeout, interval=0.05, message="server start")
         except AssertionError:

@@ -5,7 +5,9 @@ threads, so that starting the N-th connection's thread does not cost O(N) on Pyt
 
 from __future__ import annotations
 
+import errno
 import json
+import logging
 import os
 import re
 import selectors
@@ -426,3 +428,45 @@ def test_a_failure_on_the_main_thread_closes_that_connection_only(worker, monkey
         assert client.recv(1) == b""  # closed
     finally:
         client.close()
+
+
+def test_running_out_of_descriptors_pauses_accepting_instead_of_ending_the_worker(
+    worker: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """accept() failing with EMFILE (the open-files limit reached, e.g. by a flood of
+    connections) must not escape into gthread's loop, which would end the worker and every
+    client on it: the listener leaves the poller for a moment, the operator is told once, and
+    accepting resumes by itself, the waiting connection then accepted."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    worker.sockets = [listener]
+    worker._accepting = False
+    worker.set_accept_enabled(True)
+    client = socket.create_connection(listener.getsockname(), timeout=WAIT)
+
+    class _Full:
+        def accept(self) -> Any:
+            raise OSError(errno.EMFILE, "Too many open files")
+
+        def getsockname(self) -> Any:
+            return listener.getsockname()
+
+    try:
+        with caplog.at_level(logging.WARNING):
+            worker.accept(_Full())  # no exception
+            worker.accept(_Full())
+        assert not worker._accepting
+        assert listener.fileno() not in worker.poller.get_map()
+        warned = [r for r in caplog.records if "cannot accept new connections" in r.getMessage()]
+        assert len(warned) == 1, "said once, not per failed accept"
+        worker.set_accept_enabled(True)  # what gthread's loop does at once: still paused
+        assert not worker._accepting
+        wait_for(lambda: time.monotonic() >= worker._accept_paused_until, timeout=WAIT)
+        worker.set_accept_enabled(True)
+        assert worker._accepting
+        conns = worker.nr_conns
+        worker.accept(listener)  # the connection that waited in the backlog
+        assert worker.nr_conns == conns + 1
+    finally:
+        client.close()
+        worker.set_accept_enabled(False)
+        listener.close()

@@ -61,6 +61,9 @@ __all__ = ["WEBSOCKET_STARTED", "DaemonThreadPool", "ThreadWorker"]
 WEBSOCKET_STARTED = "wsserver.websocket_started"
 
 _RECV_BYTES = 65536
+# accept() failing for want of descriptors or kernel memory: accepting pauses this long
+_OUT_OF_DESCRIPTORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+_ACCEPT_PAUSE = 0.1
 # how long the main loop polls at most: the parent check and the deadlines run after each poll
 _POLL_CAP = 0.25
 #: a fast-path ``POST /notify`` body this big at most may be served on the main thread
@@ -251,6 +254,8 @@ class ThreadWorker(_GthreadWorker):
         self._lingering: LingeringCloses | None = None
         self._local = threading.local()
         self._stopping_at: float | None = None
+        self._accept_paused_until = 0.0  # out of descriptors: no accept before this
+        self._accept_warned_at = -60.0
         cfg = self.cfg
         self._preread = (
             not cfg.is_ssl
@@ -347,6 +352,9 @@ class ThreadWorker(_GthreadWorker):
         try:
             sock, client = listener.accept()
         except OSError as exc:
+            if exc.errno in _OUT_OF_DESCRIPTORS:
+                self._pause_accepting(exc)
+                return
             if exc.errno not in (errno.EAGAIN, errno.ECONNABORTED, errno.EWOULDBLOCK):
                 raise
             return
@@ -356,6 +364,30 @@ class ThreadWorker(_GthreadWorker):
             self._await_request(conn, b"")
         else:
             self.enqueue_req(conn)  # gthread's path (TLS): the head is read on a pool thread
+
+    def _pause_accepting(self, exc: OSError) -> None:
+        """Out of file descriptors (or kernel memory) for a new socket: gthread would let the
+        error end the worker, and with it every client it serves; a poller that kept the
+        listener registered would spin on it. Instead the listeners leave the poller for
+        ``_ACCEPT_PAUSE`` (the waiting connections stay in the kernel's backlog until
+        descriptors are free again) and the operator is told, at most once a minute."""
+        self._accept_paused_until = time.monotonic() + _ACCEPT_PAUSE
+        self.set_accept_enabled(False)
+        now = time.monotonic()
+        if now >= self._accept_warned_at + 60.0:
+            self._accept_warned_at = now
+            self.log.warning(
+                "cannot accept new connections: %s (%d open in this worker); pausing accepts "
+                "for %.1f s at a time until descriptors are free (raise the open-files limit "
+                "or lower WSSERVER_THREADS)", exc.strerror or exc, self.nr_conns, _ACCEPT_PAUSE,
+            )
+
+    def set_accept_enabled(self, enabled: bool) -> None:
+        """gthread's switch, except that accepting stays off while paused for descriptors
+        (gthread's loop turns it back on as soon as it is under ``worker_connections``)."""
+        if enabled and time.monotonic() < self._accept_paused_until:
+            return
+        super().set_accept_enabled(enabled)
 
     def on_client_socket_readable(self, conn: _Conn, client: socket.socket) -> None:
         """A kept-alive connection turned readable: its next request is read here too."""

@@ -409,3 +409,41 @@ def test_an_eviction_and_the_evicted_sockets_own_event_in_one_poller_batch():
             assert "Traceback" not in server.log()
         finally:
             _close_all(old + ([newer] if newer else []))
+
+
+def test_a_worker_out_of_descriptors_keeps_its_clients_and_accepts_again():
+    """A flood of connections past the open-files limit (here a limit of 80, so a few dozen
+    silent sockets reach it) made accept() fail with EMFILE, which gthread let end the
+    worker and every client on it. Now the worker pauses accepting and says so; its
+    WebSocket client stays connected and still gets notifications; once the flood closes,
+    it accepts again: the same worker answers ``GET /`` and ``POST /notify``."""
+    with serving(nofile=80) as server:
+        pid = server.worker_pid()
+        ws = connect(server)
+        flood: list[socket.socket] = []
+        try:
+            wait_for(lambda: server.health()["clients"] == 1, timeout=WAIT)
+            while len(flood) < 120 and "cannot accept new connections" not in server.log():
+                flood.append(socket.create_connection(("127.0.0.1", server.port), timeout=WAIT))
+            wait_for(lambda: "cannot accept new connections" in server.log(), timeout=WAIT,
+                     message="the worker saying it is out of descriptors")
+            assert server.proc is not None and server.proc.poll() is None
+            for sock in flood:
+                sock.close()
+            flood.clear()
+            # the same worker, accepting again: the health check is a fresh connection
+            def same_worker_answers() -> bool:
+                try:
+                    return server.health()["pid"] == pid
+                except requests.RequestException:
+                    return False
+
+            wait_for(same_worker_answers, timeout=WAIT, message="the worker answering again")
+            assert server.notify({"event": "after", "message": "flood"}).status_code == 200
+            ws.settimeout(WAIT)
+            assert json.loads(ws.recv())["event"] == "after"
+            assert "Traceback" not in server.log()
+        finally:
+            for sock in flood:
+                sock.close()
+            ws.close()
