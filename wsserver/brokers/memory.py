@@ -33,21 +33,21 @@ recorded only when the publish succeeded, under the same lock: a 503 from this b
 nothing was published.
 
 Freed memory is given back to the system: after a sweep that freed a lot, ``malloc_trim(0)``
-(glibc) returns the free pages of every malloc arena. Without it the worker's RSS stays at its
-peak: messages are allocated by many request threads, in as many arenas, and glibc returns
-memory to the system only from the top of each heap.
+(glibc, :func:`wsserver.allocator.trim`) returns the free pages of every malloc arena.
+Without it the worker's RSS stays at its peak: messages are allocated by many request
+threads, in as many arenas, and glibc returns memory to the system only from the top of
+each heap.
 """
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import logging
 import threading
 import time
 from collections import OrderedDict, deque
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
+from .. import allocator
 from ..broadcaster import Broadcast
 from ..control import WAIT, Control, ControlTask, Outcome, Reply
 from ..presence import presence_frame
@@ -316,7 +316,7 @@ class MemoryBroker(Broker):
         while not self._stopping.wait(self.sweep_interval):
             try:
                 if self.sweep() >= _TRIM_AFTER:
-                    _malloc_trim()
+                    allocator.trim()
             except Exception:  # noqa: BLE001 - the sweeper must outlive a bug; say so
                 log.exception("history sweep failed")
 
@@ -405,25 +405,3 @@ class MemoryBroker(Broker):
         if count is None:
             return Outcome(0, 0, 1)
         return Outcome(count, 1)
-
-
-def _load_malloc_trim() -> Callable[[int], int] | None:
-    """glibc's ``malloc_trim``, or None (musl, macOS: no such call; nothing to do)."""
-    name = ctypes.util.find_library("c")
-    if not name:
-        return None
-    try:
-        trim = ctypes.CDLL(name).malloc_trim
-    except (OSError, AttributeError):
-        return None
-    trim.argtypes = [ctypes.c_size_t]
-    trim.restype = ctypes.c_int
-    return trim
-
-
-_TRIM = _load_malloc_trim()
-
-
-def _malloc_trim() -> None:
-    if _TRIM is not None:
-        _TRIM(0)
