@@ -185,6 +185,7 @@ class Broadcaster:
                     continue
                 if self.replays:  # marks of clients that left before going live
                     self.replays.forget_departed(self._hub.has)
+                self.recent.expire(time.monotonic())
                 continue
             batch: list[Broadcast] = []
             tasks: list[Task] = []
