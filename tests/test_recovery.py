@@ -13,6 +13,7 @@ import pytest
 from inprocess import Served
 from support import wait_for
 
+from wsserver import allocator
 from wsserver.broadcaster import Broadcast, Broadcaster
 from wsserver.brokers import Recovery as History
 from wsserver.brokers.memory import MemoryBroker
@@ -181,9 +182,9 @@ def test_the_ring_forgets_what_went_out_over_max_age_ago():
     recent = RecentMessages(max_age=10.0)
     recent.record([_item("a", 1)], 1.0)
     recent.record([_item("a", 2)], 5.0)
-    recent.expire(10.0)
+    assert recent.expire(10.0) == 0
     assert [i.frame for i in recent.after("a", (1, 0), 0.5)] == [b"m1", b"m2"]
-    recent.expire(12.0)  # a@1 went out 11 s ago
+    assert recent.expire(12.0) == 2  # a@1 went out 11 s ago
     assert recent.after("a", (1, 0), 0.5) is None, "cannot vouch for what went out at 1.0"
     assert [i.frame for i in recent.after("a", (1, 1), 2.0)] == [b"m2"]
     recent.expire(20.0)
@@ -191,7 +192,10 @@ def test_the_ring_forgets_what_went_out_over_max_age_ago():
     assert recent._bytes == 0
 
 
-def test_the_broadcaster_expires_its_ring_while_idle():
+def test_the_broadcaster_expires_its_ring_while_idle(monkeypatch):
+    """... and, having dropped 1 MiB of frames, asks the C allocator to return them."""
+    trims: list[float] = []
+    monkeypatch.setattr(allocator, "trim", lambda: trims.append(time.monotonic()))
     hub = Hub(10)
     broadcaster = Broadcaster(hub, 16, on_slow=lambda conn: None)
     broadcaster.recent = RecentMessages(max_age=0.0)
@@ -200,6 +204,10 @@ def test_the_broadcaster_expires_its_ring_while_idle():
         broadcaster.submit(Broadcast(b"m", time.monotonic(), room="a", order=(1, 1)), 1)
         wait_for(lambda: broadcaster.recent.after("a", (1, 0), 0.0) is None, timeout=5,
                  message="the idle broadcaster expiring its ring")
+        assert not trims, "a few bytes dropped: no trim"
+        big = Broadcast(b"x" * 1024 * 1024, time.monotonic(), room="a", order=(1, 2))
+        broadcaster.submit(big, 1)
+        wait_for(lambda: trims, timeout=5, message="the trim after 1 MiB dropped")
     finally:
         broadcaster.stop(2)
 

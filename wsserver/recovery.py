@@ -101,15 +101,19 @@ class RecentMessages:
             self._bytes -= len(old.frame)
             self.dropped_at = at
 
-    def expire(self, now: float) -> None:
+    def expire(self, now: float) -> int:
         """Drop what went out over ``max_age`` before ``now`` (the broadcaster calls it
-        while idle, so the last messages are not kept for good once traffic stops)."""
+        while idle, so the last messages are not kept for good once traffic stops); the
+        bytes of frames dropped."""
         ring = self._ring
         horizon = now - self._max_age
+        dropped = 0
         while ring and ring[0][0] < horizon:
             at, old = ring.popleft()
-            self._bytes -= len(old.frame)
+            dropped += len(old.frame)
             self.dropped_at = at
+        self._bytes -= dropped
+        return dropped
 
     def after(self, room: str, order: tuple, since: float) -> list[Broadcast] | None:
         """``room``'s messages after ``order`` delivered at or after monotonic time
