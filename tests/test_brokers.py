@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import socket
 import struct
+import sys
 import threading
 import time
 import uuid
@@ -16,6 +17,7 @@ import redis
 from rawws import FrameParser
 from support import delete_redis_keys, wait_for
 
+from wsserver import allocator
 from wsserver.broadcaster import Broadcaster
 from wsserver.brokers import Idempotency, Outgoing, Repeated, make_broker, order_of
 from wsserver.codes import CLOSE_INTERNAL_ERROR, REASON_MISSED_MESSAGES
@@ -249,6 +251,23 @@ def test_memory_history_is_swept_without_reads_or_writes(memory):
     assert broker.stats()[0] == 200
     wait_for(lambda: broker.stats() == (0, 0), timeout=1 + broker.sweep_interval + 3,
              message="the sweeper forgetting expired rooms")
+
+
+def test_memory_history_gives_its_tables_and_memory_back(memory, monkeypatch):
+    """A dict's table never shrinks as entries go: once 2,000 rooms and their idempotency
+    keys are swept, both dicts are rebuilt small, and the broker, empty, asks the C allocator
+    to return the freed memory (malloc_trim) although far under 4 MiB was freed."""
+    trims = []
+    monkeypatch.setattr(allocator, "trim", lambda: trims.append(time.monotonic()))
+    broker = memory(history_ttl="1")
+    for i in range(2000):
+        broker.publish((message(f"table-{i}"),), 1, Idempotency(f"table-{i}", "fp"))
+    tables = sys.getsizeof(broker._audiences), sys.getsizeof(broker._keys)
+    wait_for(lambda: broker.stats() == (0, 0) and broker.idempotency_keys() == 0 and trims,
+             timeout=1 + broker.sweep_interval + 5, message="the sweep and the trim")
+    assert sys.getsizeof(broker._audiences) * 10 < tables[0], "the audiences' dict shrank"
+    assert sys.getsizeof(broker._keys) * 10 < tables[1], "the keys' dict shrank"
+    assert broker.empty()
 
 
 def test_memory_history_expires_on_write(memory):

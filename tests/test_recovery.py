@@ -13,9 +13,11 @@ import pytest
 from inprocess import Served
 from support import wait_for
 
+from wsserver import allocator
 from wsserver.broadcaster import Broadcast, Broadcaster
 from wsserver.brokers import Recovery as History
 from wsserver.brokers.memory import MemoryBroker
+from wsserver.hub import Hub
 from wsserver.protocol import Notification
 from wsserver.recovery import MAX_ATTEMPTS, RecentMessages, ReplayMarks
 
@@ -172,6 +174,42 @@ def test_the_ring_is_bounded_in_bytes_too():
     recent.record([Broadcast(b"x" * 6, 0.0, room="a", order=(1, n)) for n in range(3)], 1.0)
     assert recent.after("a", (1, 0), 0.5) is None
     assert len(recent.after("a", (1, 1), 1.5) or []) == 0
+
+
+def test_the_ring_forgets_what_went_out_over_max_age_ago():
+    """Once traffic stops, the last messages are not kept for good: the broadcaster expires
+    the ring while idle, and a resume from before the dropped ones reads again."""
+    recent = RecentMessages(max_age=10.0)
+    recent.record([_item("a", 1)], 1.0)
+    recent.record([_item("a", 2)], 5.0)
+    assert recent.expire(10.0) == 0
+    assert [i.frame for i in recent.after("a", (1, 0), 0.5)] == [b"m1", b"m2"]
+    assert recent.expire(12.0) == 2  # a@1 went out 11 s ago
+    assert recent.after("a", (1, 0), 0.5) is None, "cannot vouch for what went out at 1.0"
+    assert [i.frame for i in recent.after("a", (1, 1), 2.0)] == [b"m2"]
+    recent.expire(20.0)
+    assert recent.after("a", (1, 2), 19.0) == []
+    assert recent._bytes == 0
+
+
+def test_the_broadcaster_expires_its_ring_while_idle(monkeypatch):
+    """... and, having dropped 1 MiB of frames, asks the C allocator to return them."""
+    trims: list[float] = []
+    monkeypatch.setattr(allocator, "trim", lambda: trims.append(time.monotonic()))
+    hub = Hub(10)
+    broadcaster = Broadcaster(hub, 16, on_slow=lambda conn: None)
+    broadcaster.recent = RecentMessages(max_age=0.0)
+    broadcaster.start()
+    try:
+        broadcaster.submit(Broadcast(b"m", time.monotonic(), room="a", order=(1, 1)), 1)
+        wait_for(lambda: broadcaster.recent.after("a", (1, 0), 0.0) is None, timeout=5,
+                 message="the idle broadcaster expiring its ring")
+        assert not trims, "a few bytes dropped: no trim"
+        big = Broadcast(b"x" * 1024 * 1024, time.monotonic(), room="a", order=(1, 2))
+        broadcaster.submit(big, 1)
+        wait_for(lambda: trims, timeout=5, message="the trim after 1 MiB dropped")
+    finally:
+        broadcaster.stop(2)
 
 
 # -- history reads off the broadcaster thread -----------------------------------------------

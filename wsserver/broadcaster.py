@@ -35,7 +35,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Protocol, Tuple, Union
 
-from . import metrics
+from . import allocator, metrics
 from .connection import Connection, SendResult
 from .frames import deflate_frame
 from .hub import Hub
@@ -86,6 +86,9 @@ class _Wake:
 
 
 _WAKE = _Wake()
+# bytes of frames the idle ring must drop for the broadcaster to ask the C allocator to return
+# free memory (malloc_trim: a few milliseconds, spent while nothing is queued)
+_TRIM_AFTER = 1024 * 1024
 
 
 class Broadcaster:
@@ -202,6 +205,10 @@ class Broadcaster:
                     continue
                 if self.replays:  # marks of clients that left before going live
                     self.replays.forget_departed(self._hub.has)
+                if self.recent.expire(time.monotonic()) >= _TRIM_AFTER:
+                    # the last messages' frames, freed in the middle of some request
+                    # thread's heap: given back now, not at the next trim (the memory broker's)
+                    allocator.trim()
                 continue
             batch: list[Broadcast] = []
             tasks: list[Task] = []

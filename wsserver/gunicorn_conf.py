@@ -83,6 +83,7 @@ if _METRICS_DIR_OWNED:
         if os.getpid() == _MASTER_PID:
             shutil.rmtree(os.environ["PROMETHEUS_MULTIPROC_DIR"], ignore_errors=True)
 
+from wsserver import allocator  # noqa: E402
 from wsserver.cli import bind_problem  # noqa: E402
 from wsserver.config import (  # noqa: E402
     SettingsError,
@@ -192,6 +193,8 @@ def post_fork(server, worker):  # noqa: ANN001
     # A WebSocket thread's stack stays shallow; a smaller reservation keeps thousands of
     # threads cheap in address space (resident memory is what they touch either way).
     threading.stack_size(_THREAD_STACK)
+    # freed memory goes back to the system: glibc's thresholds stay put (wsserver.allocator)
+    allocator.tune()
 
 
 #: seconds an orphaned worker's clients get to answer its close before they are cut

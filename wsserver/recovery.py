@@ -50,7 +50,7 @@ if TYPE_CHECKING:
     from .connection import Connection
     from .service import NotificationService
 
-__all__ = ["MAX_ATTEMPTS", "RecentMessages", "Recovery", "ReplayMarks", "Resume"]
+__all__ = ["MAX_ATTEMPTS", "RECENT_MAX_AGE", "RecentMessages", "Recovery", "ReplayMarks", "Resume"]
 
 # history reads per resume: a second (and third) only when the ring could not bridge the time
 # between the previous read and the join (a burst of over RECENT_ITEMS room messages)
@@ -59,6 +59,11 @@ MAX_ATTEMPTS = 3
 # (WSSERVER_QUEUE_SIZE 256, each item up to a few rooms) and what arrives during one read
 RECENT_ITEMS = 1024
 RECENT_BYTES = 4 * 1024 * 1024
+# ... and for at most this long: a resume reads and queues in a couple of seconds at most
+# (WSSERVER_ENQUEUE_TIMEOUT twice, 0.5 s by default); one that took longer reads again, as
+# after a burst. Without it the last 4 MiB of messages stayed for good once traffic stopped
+# (tests/e2e/test_brokers.py: 20 KB messages, history expired, RSS 4 MB above the start).
+RECENT_MAX_AGE = 10.0
 _UNAVAILABLE = "history cannot be read now; retry"
 
 
@@ -70,9 +75,14 @@ class RecentMessages:
     Owned by the broadcaster. Thread-safety: broadcaster thread only, so no lock.
     """
 
-    def __init__(self, max_items: int = RECENT_ITEMS, max_bytes: int = RECENT_BYTES) -> None:
+    def __init__(
+        self,
+        max_items: int = RECENT_ITEMS,
+        max_bytes: int = RECENT_BYTES,
+        max_age: float = RECENT_MAX_AGE,
+    ) -> None:
         self._ring: deque[tuple[float, Broadcast]] = deque()
-        self._max_items, self._max_bytes = max_items, max_bytes
+        self._max_items, self._max_bytes, self._max_age = max_items, max_bytes, max_age
         self._bytes = 0
         # when the newest entry dropped so far had gone out: the ring holds every room
         # message delivered after this time
@@ -90,6 +100,20 @@ class RecentMessages:
             at, old = ring.popleft()
             self._bytes -= len(old.frame)
             self.dropped_at = at
+
+    def expire(self, now: float) -> int:
+        """Drop what went out over ``max_age`` before ``now`` (the broadcaster calls it
+        while idle, so the last messages are not kept for good once traffic stops); the
+        bytes of frames dropped."""
+        ring = self._ring
+        horizon = now - self._max_age
+        dropped = 0
+        while ring and ring[0][0] < horizon:
+            at, old = ring.popleft()
+            dropped += len(old.frame)
+            self.dropped_at = at
+        self._bytes -= dropped
+        return dropped
 
     def after(self, room: str, order: tuple, since: float) -> list[Broadcast] | None:
         """``room``'s messages after ``order`` delivered at or after monotonic time
