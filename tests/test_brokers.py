@@ -265,8 +265,11 @@ def test_memory_history_gives_its_tables_and_memory_back(memory, monkeypatch):
     tables = sys.getsizeof(broker._audiences), sys.getsizeof(broker._keys)
     wait_for(lambda: broker.stats() == (0, 0) and broker.idempotency_keys() == 0 and trims,
              timeout=1 + broker.sweep_interval + 5, message="the sweep and the trim")
-    assert sys.getsizeof(broker._audiences) * 10 < tables[0], "the audiences' dict shrank"
-    assert sys.getsizeof(broker._keys) * 10 < tables[1], "the keys' dict shrank"
+    # rebuilt once at most a quarter is left: a sweep may find only part expired (a slow
+    # host took long to publish), rebuild for the rest (under a quarter), then empty that one
+    # later; either way the table is a third or less of what it was (a dict never shrinks)
+    assert sys.getsizeof(broker._audiences) * 3 < tables[0], "the audiences' dict shrank"
+    assert sys.getsizeof(broker._keys) * 3 < tables[1], "the keys' dict shrank"
     assert broker.empty()
 
 
