@@ -61,6 +61,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _parent_of(pid: int) -> int | None:
+    """The parent pid of ``pid`` (None if it is gone or not readable)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02,
              message: str = "condition") -> Any:
     """Poll ``predicate`` until it returns a truthy value; fail the test after ``timeout``."""
@@ -88,6 +97,7 @@ class GunicornServer:
         # ``port``: reuse a known port (a restart test); by default a free one
         # ``nofile``: the open-files limit (soft and hard) the server starts under
         self.nofile = nofile
+        self._chosen_port = port is None  # free_port()'s: may race another test process
         self.port = port or free_port()
         self.app, self.prefix = app, prefix
         self.env = dict(os.environ)
@@ -114,6 +124,22 @@ class GunicornServer:
         return f"ws://127.0.0.1:{self.port}{self.prefix}/ws"
 
     def start(self, timeout: float = 20.0) -> GunicornServer:
+        for _attempt in range(3):
+            self._foreign = False
+            try:
+                return self._start(timeout)
+            except AssertionError:
+                # another test process's server took the port free_port() gave us between
+                # our pick and our bind (seen once in CI): it answered our readiness check
+                # and ours exited on the taken port; a new port, once more
+                if not (self._foreign and self._chosen_port):
+                    raise
+                self.port = free_port()
+                self.env["WSSERVER_PORT"] = str(self.port)
+                self.log_path = Path(f"/tmp/wsserver-test-{self.port}.log")
+        raise AssertionError("server did not start: its port was taken three times")
+
+    def _start(self, timeout: float) -> GunicornServer:
         cmd = [sys.executable, "-m", "gunicorn", "-c", "python:wsserver.gunicorn_conf",
                *self.args, self.app]
         self._log = open(self.log_path, "wb")
@@ -134,9 +160,18 @@ class GunicornServer:
         if self.proc is not None and self.proc.poll() is not None:
             raise AssertionError(f"server exited with {self.proc.returncode}:\n{self.log()}")
         try:
-            return requests.get(f"{self.url}{self.prefix}/", timeout=1).status_code == 200
+            answer = requests.get(f"{self.url}{self.prefix}/", timeout=1)
         except requests.RequestException:
             return False
+        if answer.status_code != 200:
+            return False
+        pid = answer.json().get("pid") if "json" in answer.headers.get("Content-Type", "") \
+            else None
+        if isinstance(pid, int) and _parent_of(pid) not in (None, self.proc.pid if self.proc
+                                                                 else None):
+            self._foreign = True  # another server on this port: not ours, not ready
+            return False
+        return True
 
     def health(self) -> dict:
         return requests.get(f"{self.url}{self.prefix}/", timeout=5).json()
