@@ -112,8 +112,7 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers",
         "serial: asserts latency (a p99, a bound in ms) that other test processes sharing the "
-        "CPU would distort: scripts/test runs these in one process at normal priority, beside "
-        "the parallel part's niced ones",
+        "CPU would distort: scripts/test runs these alone, after the parallel part",
     )
 
 
