@@ -97,9 +97,7 @@ class RecentMessages:
             ring.append((now, item))
             self._bytes += len(item.frame)
         while ring and (len(ring) > self._max_items or self._bytes > self._max_bytes):
-            at, old = ring.popleft()
-            self._bytes -= len(old.frame)
-            self.dropped_at = at
+            self._drop_oldest()
 
     def expire(self, now: float) -> int:
         """Drop what went out over ``max_age`` before ``now`` (the broadcaster calls it
@@ -109,11 +107,16 @@ class RecentMessages:
         horizon = now - self._max_age
         dropped = 0
         while ring and ring[0][0] < horizon:
-            at, old = ring.popleft()
-            dropped += len(old.frame)
-            self.dropped_at = at
-        self._bytes -= dropped
+            dropped += self._drop_oldest()
         return dropped
+
+    def _drop_oldest(self) -> int:
+        """Forget the oldest entry (the ring then vouches only for what went out after it);
+        its frame's size."""
+        at, old = self._ring.popleft()
+        self._bytes -= len(old.frame)
+        self.dropped_at = at
+        return len(old.frame)
 
     def after(self, room: str, order: tuple, since: float) -> list[Broadcast] | None:
         """``room``'s messages after ``order`` delivered at or after monotonic time
