@@ -371,9 +371,9 @@ class ThreadWorker(_GthreadWorker):
         listener registered would spin on it. Instead the listeners leave the poller for
         ``_ACCEPT_PAUSE`` (the waiting connections stay in the kernel's backlog until
         descriptors are free again) and the operator is told, at most once a minute."""
-        self._accept_paused_until = time.monotonic() + _ACCEPT_PAUSE
-        self.set_accept_enabled(False)
         now = time.monotonic()
+        self._accept_paused_until = now + _ACCEPT_PAUSE
+        self.set_accept_enabled(False)
         if now >= self._accept_warned_at + 60.0:
             self._accept_warned_at = now
             self.log.warning(
