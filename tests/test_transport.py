@@ -315,6 +315,25 @@ def test_release_makes_the_librarys_close_write_nothing(accept):
     assert released.nothing_more()
 
 
+def test_detaching_lets_go_of_the_library_and_its_close_writes_nothing(accept):
+    """Before a session that runs after the request returned (``worker.RUN_AFTER_REQUEST``):
+    the transport keeps no reference to simple-websocket's ``Server`` (which holds the
+    request's environ), flask-sock's ``close()`` right after the route writes nothing, and
+    the session's own ``release()`` at its end is harmless."""
+    accepted = accept(GOOD)
+    transport = Transport(accepted.ws)
+    server = weakref.ref(accepted.ws)
+    transport.detach_library()
+    with pytest.raises(simple_websocket.ConnectionClosed):
+        accepted.ws.close()
+    assert accepted.nothing_more()
+    del accepted.ws
+    gc.collect()
+    assert server() is None
+    transport.release()
+    assert transport.sock is accepted.ours
+
+
 # -- InboundDeflate: a client's compressed messages ---------------------------------------------
 
 

@@ -12,13 +12,16 @@ import os
 import re
 import selectors
 import socket
+import sys
 import threading
 import time
+import traceback
 from typing import Any, Iterator
 
 import pytest
 from gunicorn.config import Config
 from gunicorn.glogging import Logger
+from rawws import OP_CLOSE, client_frame
 from support import wait_for
 
 from wsserver.broadcaster import Broadcaster
@@ -394,6 +397,41 @@ def test_an_answer_the_socket_cannot_take_at_once_is_finished_by_the_pool(worker
             received += client.recv(65536)
     finally:
         client.close()
+
+
+_UPGRADE = (
+    b"GET /ws?rooms=news HTTP/1.1\r\nHost: 127.0.0.1:8000\r\nUpgrade: websocket\r\n"
+    b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+    b"Sec-WebSocket-Version: 13\r\n\r\n"
+)
+# frames of the request that must be gone from a WebSocket's thread while its session runs
+_REQUEST_FRAMES = {"handle_request", "wsgi_app", "full_dispatch_request", "websocket_route"}
+
+
+def test_a_websocket_session_runs_on_its_thread_once_the_request_has_returned(worker):
+    """The upgrade is an ordinary request on a pool thread; its session then runs on that
+    thread from :meth:`ThreadWorker.handle`, after gunicorn's, Flask's and flask-sock's
+    frames returned (they held the parsed request, the environ and Flask's contexts for the
+    connection's life: ~7 KB per idle connection). The parser, which keeps the last request
+    it parsed, is dropped too. Closing the WebSocket ends the connection as before."""
+    client, conn = _connect(worker, _UPGRADE)
+    done = worker.tpool.submit(worker.handle, conn)
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += client.recv(4096)
+    assert head.startswith(b"HTTP/1.1 101")
+    hub = worker.service.hub
+    wait_for(lambda: hub.audience(("news",), None) == 1, timeout=WAIT)
+    stacks = [traceback.extract_stack(f) for f in sys._current_frames().values()]
+    serving = [s for s in stacks if any(f.name == "serve_connection" for f in s)]
+    assert len(serving) == 1, "one thread serves the WebSocket"
+    names = [f.name for f in serving[0]]
+    assert "handle" in names and not _REQUEST_FRAMES & set(names), names
+    assert conn.parser is None
+    client.sendall(client_frame(OP_CLOSE, (1000).to_bytes(2, "big")))
+    assert not done.result(WAIT)  # the connection is closed, not kept alive
+    assert hub.audience(("news",), None) == 0
+    client.close()
 
 
 def test_pipelined_requests_are_read_on_later_turns_of_the_loop(worker):

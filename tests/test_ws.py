@@ -9,10 +9,12 @@ tests/test_handshake.py; here: what the client reads, and what decides which ans
 
 from __future__ import annotations
 
+import gc
 import json
 import socket
 import threading
 import time
+import weakref
 from typing import Any
 
 import jwt
@@ -26,6 +28,7 @@ from wsserver.frames import deflate_payload
 from wsserver.handshake import negotiate_compression
 from wsserver.protocol import Notification
 from wsserver.transport import Transport, defer_upgrade_response, server_options
+from wsserver.worker import RUN_AFTER_REQUEST
 from wsserver.ws import check_upgrade, serve_connection
 
 pytestmark = pytest.mark.timeout(15)
@@ -427,6 +430,59 @@ def test_the_101_goes_out_only_once_the_client_is_in_the_hub_and_its_rooms(make_
     peer.close()
     serving.join(5)
     assert not serving.is_alive()
+
+
+class _Marker:
+    """Something only the request's environ refers to (a dict takes no weak reference)."""
+
+
+def test_under_wsserver_worker_the_session_runs_after_the_request_let_go_of_it(make_app):
+    """With ``RUN_AFTER_REQUEST`` in the environ (wsserver's worker puts it there), the route
+    hands over the session instead of running it: the request returns first, and with it
+    go gunicorn's parsed request, the environ, Flask's contexts and simple-websocket's
+    ``Server`` (~7 KB of every idle connection, docs/performance.md). Nothing the session
+    keeps may still reach the environ; the session then serves the client as before."""
+    app = make_app(env="development")
+    service = app.extensions["wsserver"]
+    service.ensure_started()
+    ours, peer = socket.socketpair()
+    peer.settimeout(5)
+    handed: list = []
+    marker = _Marker()
+    environ_gone = weakref.ref(marker)
+    answer = app.test_client().get(
+        "/ws?rooms=news", headers=UPGRADE,
+        environ_base={"REMOTE_ADDR": REMOTE, "werkzeug.socket": ours,
+                      RUN_AFTER_REQUEST: handed.append, "test.marker": marker},
+    )
+    del answer, marker  # the test client's response keeps its request's environ
+    gc.collect()
+    assert len(handed) == 1, "the route ran the session itself"
+    assert environ_gone() is None, [type(r).__name__ for r in gc.get_referrers(environ_gone())]
+    peer.setblocking(False)
+    with pytest.raises(BlockingIOError):
+        peer.recv(1)  # the 101 is still held: the client is not registered yet
+    peer.setblocking(True)
+    serving = threading.Thread(target=handed.pop(), daemon=True)
+    serving.start()
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += peer.recv(4096)
+    assert head.startswith(b"HTTP/1.1 101")
+    assert service.hub.audience(("news",), None) == 1
+    service.publish(Notification("after", "", None, rooms=("news",)))
+    parser = rawws.FrameParser()
+    frames = parser.feed(head.split(b"\r\n\r\n", 1)[1])
+    deadline = time.monotonic() + 5
+    while not any(op == OP_TEXT for op, _ in frames) and time.monotonic() < deadline:
+        frames += parser.feed(peer.recv(65536))
+    assert [json.loads(p)["event"] for op, p in frames if op == OP_TEXT] == ["after"]
+    peer.sendall(client_frame(OP_CLOSE, (1000).to_bytes(2, "big")))
+    serving.join(5)
+    assert not serving.is_alive()
+    assert service.hub.audience(("news",), None) == 0
+    peer.close()
+    ours.close()
 
 
 def test_a_client_that_negotiated_deflate_gets_compressed_notifications_and_sends_them(

@@ -342,8 +342,16 @@ class Transport:
         opened = _forget_handshake(ws)
         self.protocol: Any = inbound_protocol(True, max_message_size) if deflate else opened
 
+    def detach_library(self) -> None:
+        """Let go of simple-websocket's ``Server`` (and through it the request's environ):
+        the session will run after the request returned. flask-sock's ``close()`` then
+        writes nothing."""
+        self._ws.connected = False
+        self._ws = None
+
     def release(self) -> None:
         """Tell simple-websocket the connection is over, so flask-sock's ``close()`` after our
         route returns writes nothing: we already sent (or received) the close frame, and
         gunicorn half-closes and drains the socket itself."""
-        self._ws.connected = False
+        if self._ws is not None:
+            self._ws.connected = False

@@ -53,12 +53,17 @@ from .intake import LingeringCloses, PendingConnections, request_end
 from .notify import NOWAIT, nowait_app
 from .service import WouldBlock
 
-__all__ = ["WEBSOCKET_STARTED", "DaemonThreadPool", "ThreadWorker"]
+__all__ = ["RUN_AFTER_REQUEST", "WEBSOCKET_STARTED", "DaemonThreadPool", "ThreadWorker"]
 
 #: environ key of a callable the app calls once a request has become a WebSocket: from then on
 #: the request deadline (WSSERVER_REQUEST_TIMEOUT) no longer applies to it. Absent under other
 #: servers and under ``-k gthread``.
 WEBSOCKET_STARTED = "wsserver.websocket_started"
+# environ key: a callable taking the WebSocket's session (a no-argument callable), which runs
+# it on this request's thread once the request has returned: an idle connection then keeps
+# nothing of gunicorn's request, Flask's contexts or simple-websocket's Server (~7 KB each,
+# docs/performance.md). Absent (another server, a test client): the route runs it itself.
+RUN_AFTER_REQUEST = "wsserver.run_after_request"
 
 _RECV_BYTES = 65536
 # accept() failing for want of descriptors or kernel memory: accepting pauses this long
@@ -308,6 +313,7 @@ class ThreadWorker(_GthreadWorker):
             conn = getattr(local, "conn", None)
             if conn is not None:
                 environ[WEBSOCKET_STARTED] = partial(_mark_websocket, conn)
+                environ[RUN_AFTER_REQUEST] = partial(setattr, local, "after")
             return app(environ, start_response)
 
         # gunicorn_conf finds the app (and its wsserver service) through this
@@ -718,12 +724,26 @@ class ThreadWorker(_GthreadWorker):
         return True
 
     def handle(self, conn: _Conn) -> Any:
-        """Runs on a pool thread: remember the connection for the WSGI wrapper."""
-        self._local.conn = conn
+        """Runs on a pool thread: remember the connection for the WSGI wrapper; a WebSocket's
+        session runs here once the request has returned (:data:`RUN_AFTER_REQUEST`)."""
+        local = self._local
+        local.conn = conn
+        local.after = None
         try:
-            return super().handle(conn)
+            result = super().handle(conn)
+            after = local.after
         finally:
-            self._local.conn = None
+            local.conn = local.after = None
+        if after is None:
+            return result
+        # a WebSocket: its session runs here, now that gunicorn's, Flask's and flask-sock's
+        # frames have returned and let go of the request (RUN_AFTER_REQUEST)
+        conn.parser = None  # it holds the upgrade's parsed request; never read again
+        try:
+            after()
+        except Exception:  # noqa: BLE001 - as a route's error: logged, the connection goes
+            self.log.exception("Error serving a WebSocket")
+        return False
 
     def _cut_overdue(self, now: float) -> None:
         """Shut down the socket of every request past ``WSSERVER_REQUEST_TIMEOUT`` that did

@@ -8,6 +8,7 @@ must be refused with a plain HTTP status (origin, token, rooms, limits) is check
 from __future__ import annotations
 
 import logging
+from functools import partial
 from typing import Any
 
 from flask import Flask, current_app, g, request
@@ -23,7 +24,7 @@ from .protocol import error_frame, parse_room_list
 from .service import NotificationService
 from .session import run_session
 from .transport import Transport, defer_upgrade_response, server_options
-from .worker import WEBSOCKET_STARTED
+from .worker import RUN_AFTER_REQUEST, WEBSOCKET_STARTED
 
 __all__ = ["init_app"]
 
@@ -65,15 +66,23 @@ def init_app(app: Flask) -> None:
             started()
         service: NotificationService = current_app.extensions["wsserver"]
         deflate = g.get("wsserver_deflate")
-        serve_connection(
+        transport = Transport(ws, deflate is not None, service.settings.max_message_size)
+        session = partial(
+            serve_connection,
             service,
-            Transport(ws, deflate is not None, service.settings.max_message_size),
+            transport,
             request.remote_addr or "?",
             g.get("wsserver_rooms", ()),
             g.get("wsserver_identity"),
             request.args.get("since") or None,
             None if deflate is None else deflate.window_bits,
         )
+        run_after = request.environ.get(RUN_AFTER_REQUEST)
+        if run_after is None:  # another server, a test client: on this request's frames
+            session()
+        else:  # wsserver's worker: once the request has returned (see RUN_AFTER_REQUEST)
+            transport.detach_library()
+            run_after(session)
 
 
 def check_upgrade(
