@@ -69,8 +69,13 @@ class Connections:
             return conn
         if generation != self._generation:
             conn.disconnect()  # made before a reconnect: reconnect (to the current master)
-        elif time.monotonic() - since > _CHECK_IDLE_AFTER and conn.can_read():
-            conn.disconnect()  # closed by the server meanwhile, or data nobody asked for
+        elif time.monotonic() - since > _CHECK_IDLE_AFTER:
+            try:
+                stale = conn.can_read()  # data nobody asked for, or the server's close
+            except (redis.ConnectionError, redis.TimeoutError, OSError):
+                stale = True  # closed by the server meanwhile
+            if stale:
+                conn.disconnect()  # the next command reconnects it
         return conn
 
     def give(self, conn: Any) -> None:
