@@ -704,14 +704,12 @@ class RedisBroker(Broker):
                     if self._master_moved(pubsub):
                         # reconnect (to the master they name) and catch up from the bus log
                         raise redis.ConnectionError("the sentinels name another master")
-                message = pubsub.get_message(timeout=_POLL)
-                if message is not None:
-                    if self._received(message):
-                        backoff = _BACKOFF_MIN
-                    # then everything else already received, queued together (one queue
-                    # item per _OUTBOX_MAX messages, not one each)
-                    rediswire.drain(pubsub, self._deliver, self._received)
+                # wait up to _POLL for a reply, then read every one already received,
+                # the messages queued together (one queue item per _OUTBOX_MAX, not one each)
+                if rediswire.drain(pubsub, self._deliver, self._received, timeout=_POLL):
                     self._flush()
+                    if self._connected.is_set():  # subscribed (again)
+                        backoff = _BACKOFF_MIN
             except (redis.RedisError, OSError) as exc:
                 self._flush()
                 if self._connected.is_set():
@@ -728,11 +726,11 @@ class RedisBroker(Broker):
                 log.exception("redis: listener error")
         _close_quietly(pubsub)
 
-    def _received(self, message: dict | None) -> bool:
-        """A pub/sub message as redis-py's ``handle_message`` returns it: True when it is
-        the confirmation of our subscription."""
+    def _received(self, message: dict | None) -> None:
+        """A reply other than a message, as redis-py's ``handle_message`` returns it: the
+        confirmation of our subscription is acted on."""
         kind = message.get("type") if message is not None else None
-        if kind == "message":
+        if kind == "message":  # (drain hands messages to _deliver itself)
             self._deliver(message["data"])  # type: ignore[index]
         elif kind == "subscribe":
             # subscribed (again): first replay what was missed while not, then open
@@ -740,8 +738,6 @@ class RedisBroker(Broker):
             self._flush()
             self._connections.reset()  # the server may have changed: reconnect to it
             self._subscribed()
-            return True
-        return False
 
     def _master_moved(self, pubsub: Any) -> bool:
         """Whether the sentinels now name a master other than the server ``pubsub`` is

@@ -160,19 +160,21 @@ def _values(keys: Sequence[Arg], args: Sequence[Arg], encoding: str,
 
 
 def drain(pubsub: Any, on_data: Callable[[bytes], None],
-          on_other: Callable[[Any], object], limit: int = 1000) -> int:
-    """Hand every pub/sub message already received on ``pubsub``'s connection (in the
-    parser's buffer or the socket's) to ``on_data`` (its payload), in order, without
-    waiting for more; anything else (a subscribe confirmation, a pong) goes through redis-py's
-    ``handle_message`` (which keeps ``pubsub``'s state) to ``on_other``. At most ``limit``
-    replies, so a stop or a sentinel check is never held off for long. Returns how many were
-    read. Errors are redis-py's; a message the reply was cut in the middle of is read to its
-    end within the connection's socket timeout."""
+          on_other: Callable[[Any], object], timeout: float = 0.0, limit: int = 1000) -> int:
+    """Wait up to ``timeout`` seconds for a reply on ``pubsub``'s connection, then hand
+    every pub/sub message already received (in the parser's buffer or the socket's) to
+    ``on_data`` (its payload), in order, without waiting for more; anything else (a
+    subscribe confirmation, a pong) goes through redis-py's ``handle_message`` (which keeps
+    ``pubsub``'s state) to ``on_other``. At most ``limit`` replies, so a stop or a sentinel
+    check is never held off for long. Returns how many were read. Errors are redis-py's (the
+    caller reconnects); a reply cut in the middle is read to its end within the
+    connection's socket timeout. This replaces ``get_message``, which per message went
+    through a retry wrapper, a readiness poll and a dict."""
     conn = pubsub.connection
     if conn is None:
         return 0
     read = 0
-    while read < limit and conn.can_read(timeout=0):
+    while read < limit and conn.can_read(timeout=timeout if not read else 0):
         reply = conn.read_response(disconnect_on_error=False, push_request=True)
         read += 1
         if isinstance(reply, list) and len(reply) == 3 and reply[0] in (b"message", "message"):
