@@ -288,3 +288,21 @@ def test_a_publish_to_a_hung_redis_times_out_then_works_again(own_redis):
         own_redis.resume()
         broker.stop()
         broadcaster.stop(2)
+
+
+def test_a_server_down_raises_connection_errors_then_the_same_connection_serves_again(own_redis):
+    client = redis.Redis.from_url(own_redis.url, socket_timeout=2.0, socket_connect_timeout=2.0)
+    lean, _script, connections = packed(client, ECHO % "down")
+    try:
+        assert lean(["k"], ["v"])[1] == b"k"
+        own_redis.kill()
+        with pytest.raises(redis.ConnectionError):
+            lean(["k"], ["v"])  # on the connection it had
+        with pytest.raises(redis.ConnectionError):
+            lean(["k"], ["v"])  # connecting again is refused
+        own_redis.start()
+        assert lean(["k"], ["v"])[1] == b"k"
+        assert len(connections._made) == 1  # nothing leaked while Redis was down
+    finally:
+        connections.close()
+        client.close()

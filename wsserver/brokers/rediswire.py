@@ -49,7 +49,7 @@ class Connections:
     Thread-safety: ``take``/``give`` from any thread (a list's ``pop`` and ``append`` are
     atomic); a connection taken belongs to its taker until given back. ``reset`` from any
     thread. A connection is given back only with no reply pending: after an error other
-    than an error reply it is disconnected first (it reconnects on its next command)."""
+    than an error reply it is disconnected first (``take`` connects it again)."""
 
     def __init__(self, pool: Any) -> None:
         self._pool = pool
@@ -66,7 +66,7 @@ class Connections:
             with self._lock:
                 conn = self._pool.make_connection()
                 self._made.append(conn)
-            return conn
+            return self._connected(conn)
         if generation != self._generation:
             conn.disconnect()  # made before a reconnect: reconnect (to the current master)
         elif time.monotonic() - since > _CHECK_IDLE_AFTER:
@@ -75,7 +75,20 @@ class Connections:
             except (redis.ConnectionError, redis.TimeoutError, OSError):
                 stale = True  # closed by the server meanwhile
             if stale:
-                conn.disconnect()  # the next command reconnects it
+                conn.disconnect()
+        return self._connected(conn)
+
+    def _connected(self, conn: Any) -> Any:
+        """``conn``, connected (a no-op when it is). Not left to ``send_packed_command``,
+        which connects a disconnected connection itself but, in redis-py 8, around the
+        connection class's ``connect()``: a sentinel-managed one would then skip asking the
+        sentinels for the master and connect to its default address (seen in
+        tests/e2e/test_sentinel.py). When it cannot connect it goes back to the stack."""
+        try:
+            conn.connect()
+        except BaseException:
+            self.give(conn)
+            raise
         return conn
 
     def give(self, conn: Any) -> None:
