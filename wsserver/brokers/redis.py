@@ -6,9 +6,12 @@ to that audience's stream (``XADD``, capped at ``WSSERVER_HISTORY_SIZE`` entries
 channel every worker listens to. One channel and an atomic script mean every worker sees
 messages in the order the streams numbered them: in order per room, on every worker.
 
-Each worker runs a listener thread (``wsserver-redis-listener``, redis-py ``PubSub`` polled
-every 0.2 s, which bounds how long a stop waits) that hands messages to its broadcaster,
-reconnects with backoff and re-subscribes after Redis restarts.
+Each worker runs a listener thread (``wsserver-redis-listener``, a redis-py ``PubSub`` read
+with :func:`~wsserver.brokers.rediswire.drain`, each wait at most 0.2 s, which bounds how long
+a stop waits) that hands messages to its broadcaster, what arrived together as one queue item,
+reconnects with backoff and re-subscribes after Redis restarts. The publish script is sent as
+a hand-packed ``EVALSHA`` (:class:`~wsserver.brokers.rediswire.PackedScript`): the two paths
+every notification takes skip redis-py's client layer, not its connections or its parser.
 
 Several workers are one service to every observer: a reporter thread
 (``wsserver-redis-reporter``) writes this worker's counts (clients, per room, per user, its
@@ -285,8 +288,9 @@ def check_redis(url: str, timeout: float = 2.0) -> None:
 
 
 class RedisBroker(Broker):
-    """Thread-safety: redis-py clients are thread-safe (a connection pool); the listener's
-    PubSub object is used by the listener thread only."""
+    """Thread-safety: redis-py clients are thread-safe (a connection pool), and so is the
+    publish scripts' connection stack (``rediswire.Connections``); the listener's PubSub
+    object, its outbox and its bus position are the listener thread's only."""
 
     kind = "redis"
 
