@@ -6,9 +6,12 @@ to that audience's stream (``XADD``, capped at ``WSSERVER_HISTORY_SIZE`` entries
 channel every worker listens to. One channel and an atomic script mean every worker sees
 messages in the order the streams numbered them: in order per room, on every worker.
 
-Each worker runs a listener thread (``wsserver-redis-listener``, redis-py ``PubSub`` polled
-every 0.2 s, which bounds how long a stop waits) that hands messages to its broadcaster,
-reconnects with backoff and re-subscribes after Redis restarts.
+Each worker runs a listener thread (``wsserver-redis-listener``, a redis-py ``PubSub`` read
+with :func:`~wsserver.brokers.rediswire.drain`, each wait at most 0.2 s, which bounds how long
+a stop waits) that hands messages to its broadcaster, what arrived together as one queue item,
+reconnects with backoff and re-subscribes after Redis restarts. The publish script is sent as
+a hand-packed ``EVALSHA`` (:class:`~wsserver.brokers.rediswire.PackedScript`): the two paths
+every notification takes skip redis-py's client layer, not its connections or its parser.
 
 Several workers are one service to every observer: a reporter thread
 (``wsserver-redis-reporter``) writes this worker's counts (clients, per room, per user, its
@@ -79,6 +82,7 @@ from . import (
     key_reused,
     order_of,
     page_of,
+    rediswire,
 )
 
 if TYPE_CHECKING:
@@ -89,6 +93,10 @@ if TYPE_CHECKING:
 __all__ = ["RedisBroker", "check_redis"]
 
 log = logging.getLogger(__name__)
+
+# a message's meta ([room, user, prefix]) as json.dumps(..., ensure_ascii=False) writes it,
+# without building an encoder per call
+_encode_meta = json.JSONEncoder(ensure_ascii=False).encode
 
 # KEYS: one stream per message, then the bus log (last). ARGV: channel, maxlen, ttl_ms, then a
 # meta string per message. Returns the ids. A message on the channel is "<bus id> <id> <meta>"
@@ -248,6 +256,9 @@ _REPLY_POLL = 0.5
 # how long the listener waits for a message before checking whether it should stop: it bounds
 # how long shutdown waits for this thread (a 1 s poll made every stop take a second)
 _POLL = 0.2
+# the listener queues the messages it finds already received together, up to this many in
+# one queue item (the broadcaster's own batch size)
+_OUTBOX_MAX = 64
 # with sentinels: how often the listener asks them which server is the master. A master that
 # is paused (SIGSTOP, a frozen VM) keeps its sockets open: the sentinels promote a replica and
 # publishing moves there, while a subscription to the old one would wait, deaf, for as long as
@@ -277,8 +288,9 @@ def check_redis(url: str, timeout: float = 2.0) -> None:
 
 
 class RedisBroker(Broker):
-    """Thread-safety: redis-py clients are thread-safe (a connection pool); the listener's
-    PubSub object is used by the listener thread only."""
+    """Thread-safety: redis-py clients are thread-safe (a connection pool), and so is the
+    publish scripts' connection stack (``rediswire.Connections``); the listener's PubSub
+    object, its outbox and its bus position are the listener thread's only."""
 
     kind = "redis"
 
@@ -293,9 +305,17 @@ class RedisBroker(Broker):
         self._maxlen = settings.history_size + 1
         self._ttl_ms = max(int(settings.history_ttl * 1000), 1)
         self._redis = self._client()
-        self._script = self._redis.register_script(_PUBLISH % _BUS_LENGTH)
+        # publishing: EVALSHA packed by hand on connections of its own (rediswire), redis-py's
+        # Script as the fallback that loads the script when Redis answers NOSCRIPT
+        self._connections = rediswire.Connections(self._redis.connection_pool)
+        encoder = self._redis.connection_pool.get_encoder()
+        self._script = rediswire.PackedScript(
+            self._redis.register_script(_PUBLISH % _BUS_LENGTH), self._connections,
+            encoder.encoding, encoder.encoding_errors)
         self._bus = f"{self._prefix}:log"
-        self._idempotent = self._redis.register_script(_PUBLISH_IDEMPOTENT)
+        self._idempotent = rediswire.PackedScript(
+            self._redis.register_script(_PUBLISH_IDEMPOTENT), self._connections,
+            encoder.encoding, encoder.encoding_errors)
         self._presence = bool(settings.presence_prefix)
         self._announce = self._redis.register_script(_ANNOUNCE)
         self._reap = self._redis.register_script(_REAP)
@@ -321,6 +341,9 @@ class RedisBroker(Broker):
         # message at or before it came by the catch-up: its live copy is skipped)
         self._position: str | None = None
         self._replayed_to: tuple | None = None
+        # messages read but not queued yet, and the bus id of the last of them that has one
+        self._outbox: list[Broadcast] = []
+        self._outbox_position: str | None = None
         self.replayed = 0  # messages a catch-up delivered (tests, logs)
         self.gaps = 0  # catch-ups that could not replay everything (their clients closed)
         self._thread: threading.Thread | None = None
@@ -393,6 +416,7 @@ class RedisBroker(Broker):
             self._redis.zrem(self._workers_key, self._worker)
         except (redis.RedisError, OSError):
             pass
+        self._connections.close()
         self._redis.close()
         self._listener_redis.close()
 
@@ -440,7 +464,7 @@ class RedisBroker(Broker):
             raise BrokerUnavailable("redis: not subscribed yet")
         keys = [self._stream(audience_key(m.room, m.user)) for m in messages]
         keys.append(self._bus)
-        metas = [json.dumps([m.room, m.user, m.prefix], ensure_ascii=False) for m in messages]
+        metas = [_encode_meta([m.room, m.user, m.prefix]) for m in messages]
         args: list[Any] = [self._channel, self._maxlen, self._ttl_ms, *metas]
         script = self._script
         if idempotency is not None:
@@ -684,16 +708,14 @@ class RedisBroker(Broker):
                     if self._master_moved(pubsub):
                         # reconnect (to the master they name) and catch up from the bus log
                         raise redis.ConnectionError("the sentinels name another master")
-                message = pubsub.get_message(timeout=_POLL)
-                kind = message.get("type") if message is not None else None
-                if kind == "message":
-                    self._deliver(message["data"])
-                elif kind == "subscribe":
-                    # subscribed (again): first replay what was missed while not, then open
-                    # publishing (a 200 before this would precede a lost message)
-                    self._subscribed()
-                    backoff = _BACKOFF_MIN
+                # wait up to _POLL for a reply, then read every one already received,
+                # the messages queued together (one queue item per _OUTBOX_MAX, not one each)
+                if rediswire.drain(pubsub, self._deliver, self._received, timeout=_POLL):
+                    self._flush()
+                    if self._connected.is_set():  # subscribed (again)
+                        backoff = _BACKOFF_MIN
             except (redis.RedisError, OSError) as exc:
+                self._flush()
                 if self._connected.is_set():
                     log.warning("redis: connection lost (%s); reconnecting", exc.__class__.__name__)
                 self._connected.clear()
@@ -704,8 +726,22 @@ class RedisBroker(Broker):
                 self._stop.wait(random.uniform(backoff / 2, backoff))
                 backoff = min(backoff * 2, _BACKOFF_MAX)
             except Exception:  # a bad message must not kill the listener
+                self._flush()
                 log.exception("redis: listener error")
         _close_quietly(pubsub)
+
+    def _received(self, message: dict | None) -> None:
+        """A reply other than a message, as redis-py's ``handle_message`` returns it: the
+        confirmation of our subscription is acted on."""
+        kind = message.get("type") if message is not None else None
+        if kind == "message":  # (drain hands messages to _deliver itself)
+            self._deliver(message["data"])  # type: ignore[index]
+        elif kind == "subscribe":
+            # subscribed (again): first replay what was missed while not, then open
+            # publishing (a 200 before this would precede a lost message)
+            self._flush()
+            self._connections.reset()  # the server may have changed: reconnect to it
+            self._subscribed()
 
     def _master_moved(self, pubsub: Any) -> bool:
         """Whether the sentinels now name a master other than the server ``pubsub`` is
@@ -828,15 +864,17 @@ class RedisBroker(Broker):
         self._replayed_to = order_of(self._position)
 
     def _deliver(self, data: bytes) -> None:
+        """One message off the channel: a broadcast goes to the outbox (queued by
+        :meth:`_flush`), a control task is queued at once, after the outbox."""
         if data[:1] == b"!":
-            self._submit(Broadcast(data[1:], time.monotonic()))
+            self._post(Broadcast(data[1:], time.monotonic()), None)
             return
         if data[:1] == b"@":  # a presence event: no id, not in the bus log
-            self._submit(_presence_broadcast(data[1:]))
+            self._post(_presence_broadcast(data[1:]), None)
             return
         head, _, rest = data.partition(b" ")
         if rest[:1] == b"[":  # "<id> <meta>": from a worker that keeps no bus log
-            self._submit(_broadcast(head.decode(), rest))
+            self._post(_broadcast(head.decode(), rest), None)
             return
         bus_id = head.decode()
         if self._replayed_to is not None:
@@ -848,10 +886,35 @@ class RedisBroker(Broker):
             self._position = bus_id
             return
         mid, _, meta = rest.partition(b" ")
-        self._submit(_broadcast(mid.decode(), meta))
-        self._position = bus_id
+        self._post(_broadcast(mid.decode(), meta), bus_id)
+
+    def _post(self, item: Broadcast, bus_id: str | None) -> None:
+        """Listener thread: ``item`` joins the outbox; a full outbox is queued."""
+        self._outbox.append(item)
+        if bus_id is not None:
+            self._outbox_position = bus_id
+        if len(self._outbox) >= _OUTBOX_MAX:
+            self._flush()
+
+    def _flush(self) -> None:
+        """Listener thread: queue the outbox as one item (its broadcasts in order; the
+        broadcaster fans them out as it would the same messages queued one by one), then
+        record the last bus id in it as handed on."""
+        outbox = self._outbox
+        if not outbox:
+            return
+        self._outbox = []
+        self._submit_now(outbox[0] if len(outbox) == 1 else tuple(outbox))
+        if self._outbox_position is not None:
+            self._position = self._outbox_position
+            self._outbox_position = None
 
     def _submit(self, item: QueueItem) -> None:
+        """Listener thread: queue ``item`` after whatever the outbox holds."""
+        self._flush()
+        self._submit_now(item)
+
+    def _submit_now(self, item: QueueItem) -> None:
         assert self._broadcaster is not None
         # never drop what Redis accepted: wait for room in the local queue
         while not self._broadcaster.submit(item, 1.0):

@@ -1,0 +1,308 @@
+"""wsserver.brokers.rediswire: the Redis broker's hand-packed EVALSHA and its listener's bulk
+read, against real Redis servers (the shared 127.0.0.1:6379 with a key prefix of the test's
+own, or a redis-server of the test's own where a test flushes scripts, kills clients or hangs
+the server)."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+
+import pytest
+import redis
+from rawws import FrameParser
+from support import RedisProcess, delete_redis_keys, wait_for
+
+from wsserver.broadcaster import Broadcast, Broadcaster
+from wsserver.brokers import Outgoing, make_broker, order_of
+from wsserver.brokers.rediswire import Connections, PackedScript, drain
+from wsserver.config import load_settings
+from wsserver.exceptions import BrokerTimedOut
+from wsserver.hub import Hub
+from wsserver.protocol import Notification
+
+REDIS_URL = "redis://127.0.0.1:6379/0"
+# returns what it was given, so a reply shows the command arrived as packed
+ECHO = "return {#KEYS, KEYS[1], KEYS[#KEYS], ARGV[1], ARGV[#ARGV], '%s'}"
+
+
+@pytest.fixture
+def prefix():
+    value = f"wstest-wire-{uuid.uuid4().hex[:10]}"
+    yield value
+    delete_redis_keys(REDIS_URL, value)
+
+
+@pytest.fixture
+def own_redis():
+    server = RedisProcess().start()
+    yield server
+    server.stop()
+
+
+class CountingScript:
+    """redis-py's Script, counting the calls that reach it (the fallback path)."""
+
+    def __init__(self, script: object) -> None:
+        self.script = script
+        self.sha = script.sha  # type: ignore[attr-defined]
+        self.calls = 0
+
+    def __call__(self, keys: list, args: list) -> object:
+        self.calls += 1
+        return self.script(keys=keys, args=args)  # type: ignore[operator]
+
+
+def packed(client: redis.Redis, text: str) -> tuple[PackedScript, CountingScript, Connections]:
+    connections = Connections(client.connection_pool)
+    script = CountingScript(client.register_script(text))
+    return PackedScript(script, connections), script, connections
+
+
+def test_the_packed_command_is_the_one_redis_py_packs():
+    client = redis.Redis.from_url(REDIS_URL)
+    lean, script, connections = packed(client, ECHO % "x")
+    keys = ["k:1", "k:é", b"k:\x00raw"]
+    args = ["chan", 101, 60000, '["r", null, "{\\"x\\": \\"ü\\""]', b"", -5]
+    conn = client.connection_pool.make_connection()
+    try:
+        expected = b"".join(conn.pack_command("EVALSHA", script.sha, len(keys), *keys, *args))
+    finally:
+        conn.disconnect()
+        connections.close()
+        client.close()
+    assert lean.pack(keys, args) == expected
+
+
+def test_a_packed_call_answers_as_the_script_call(prefix):
+    client = redis.Redis.from_url(REDIS_URL, socket_timeout=2.0)
+    lean, script, connections = packed(client, ECHO % prefix)
+    keys = [f"{prefix}:a", f"{prefix}:é"]
+    args = [f"{prefix}:chan", 7, "méta"]
+    try:
+        first = lean(keys, args)  # the server may not know it yet: the fallback loads it
+        again = [lean(keys, args) for _ in range(3)]
+        direct = script.script(keys=keys, args=args)
+        assert first == direct and all(reply == direct for reply in again)
+        assert direct == [2, f"{prefix}:a".encode(), f"{prefix}:é".encode(),
+                          f"{prefix}:chan".encode(), "méta".encode(), prefix.encode()]
+        assert script.calls <= 1  # at most the first, the others lean
+    finally:
+        connections.close()
+        client.close()
+
+
+def test_noscript_after_script_flush_loads_the_script_and_goes_lean_again(own_redis):
+    client = redis.Redis.from_url(own_redis.url, socket_timeout=2.0)
+    lean, script, connections = packed(client, ECHO % "flush")
+    try:
+        client.script_load(ECHO % "flush")
+        reply = lean(["k"], ["v"])
+        assert script.calls == 0
+        client.script_flush()
+        assert lean(["k"], ["v"]) == reply  # NOSCRIPT -> redis-py's Script loads it
+        assert script.calls == 1
+        assert client.script_exists(script.sha) == [True]
+        assert lean(["k"], ["v"]) == reply and script.calls == 1
+    finally:
+        connections.close()
+        client.close()
+
+
+def test_an_error_reply_is_raised_and_the_connection_stays_usable(prefix):
+    client = redis.Redis.from_url(REDIS_URL, socket_timeout=2.0)
+    connections = Connections(client.connection_pool)
+    failing = PackedScript(client.register_script(f"return redis.error_reply('no {prefix}')"),
+                           connections)
+    lean = PackedScript(client.register_script(ECHO % prefix), connections)
+    try:
+        lean(["k"], ["v"])
+        with pytest.raises(redis.ResponseError, match=f"no {prefix}"):
+            failing(["k"], ["v"])
+        with pytest.raises(redis.ResponseError, match=f"no {prefix}"):
+            failing(["k"], ["v"])  # the script is loaded by now: a plain error reply
+        assert lean(["k"], ["v"])[-1] == prefix.encode()
+        assert len(connections._made) == 1  # one connection served every call
+    finally:
+        connections.close()
+        client.close()
+
+
+def test_a_hung_server_times_out_and_the_next_call_starts_clean(own_redis):
+    client = redis.Redis.from_url(own_redis.url, socket_timeout=0.5)
+    lean, _script, connections = packed(client, ECHO % "hang")
+    try:
+        reply = lean(["k"], ["v"])
+        own_redis.hang()
+        started = time.monotonic()
+        with pytest.raises(redis.TimeoutError):
+            lean(["k"], ["v"])
+        assert time.monotonic() - started < 2.0
+        own_redis.resume()
+        # the late reply to the timed-out call must not be read as this call's
+        assert lean(["k2"], ["v2"]) == [1, b"k2", b"k2", b"v2", b"v2", b"hang"]
+        assert reply[1] == b"k"
+    finally:
+        own_redis.resume()
+        connections.close()
+        client.close()
+
+
+def test_an_idle_connection_the_server_closed_is_replaced(own_redis, monkeypatch):
+    from wsserver.brokers import rediswire
+
+    monkeypatch.setattr(rediswire, "_CHECK_IDLE_AFTER", 0.0)
+    client = redis.Redis.from_url(own_redis.url, socket_timeout=2.0)
+    lean, _script, connections = packed(client, ECHO % "idle")
+    try:
+        lean(["k"], ["v"])
+        admin = redis.Redis.from_url(own_redis.url)
+        assert admin.client_kill_filter(_type="normal", skipme=True) >= 1
+        wait_for(lambda: len(admin.client_list(_type="normal")) == 1, timeout=5,
+                 message="the server to close every other connection")
+        admin.close()
+        assert lean(["k"], ["v"])[1] == b"k"
+    finally:
+        connections.close()
+        client.close()
+
+
+def test_after_a_reset_every_idle_connection_reconnects(own_redis):
+    client = redis.Redis.from_url(own_redis.url, socket_timeout=2.0)
+    lean, _script, connections = packed(client, ECHO % "reset")
+    try:
+        lean(["k"], ["v"])
+        conn = connections._idle[-1][0]
+        sock = conn._sock
+        connections.reset()
+        assert lean(["k"], ["v"])[1] == b"k"
+        assert conn._sock is not None and conn._sock is not sock
+    finally:
+        connections.close()
+        client.close()
+
+
+def test_drain_reads_every_buffered_message_in_order(prefix):
+    client = redis.Redis.from_url(REDIS_URL, socket_timeout=2.0)
+    pubsub = client.pubsub()
+    channel = f"{prefix}:bus"
+    try:
+        pubsub.subscribe(channel)
+        others: list = []
+        wait_for(lambda: drain(pubsub, lambda data: None, others.append) or others,
+                 timeout=5, message="the subscription's confirmation")
+        assert others[0]["type"] == "subscribe"
+        sent = [f"{i} " .encode() + b"x" * (i % 700) for i in range(2000)]
+        pipe = client.pipeline(transaction=False)
+        for data in sent:
+            pipe.publish(channel, data)
+        pipe.execute()
+        got: list[bytes] = []
+        rounds = 0
+
+        def more() -> bool:
+            nonlocal rounds
+            rounds += 1
+            drain(pubsub, got.append, others.append, limit=300)
+            return len(got) >= len(sent)
+
+        wait_for(more, timeout=10, interval=0.001, message="every message")
+        assert got == sent
+        assert len(others) == 1
+        assert drain(pubsub, got.append, others.append) == 0  # nothing left, nothing waited for
+    finally:
+        pubsub.close()
+        client.close()
+
+
+class RecordingBroadcaster(Broadcaster):
+    """A real broadcaster that also keeps every item queued, in order."""
+
+    def __init__(self, hub: Hub) -> None:
+        super().__init__(hub, 1000, on_slow=lambda conn: None)
+        self.items: list = []
+
+    def submit(self, item, timeout):  # noqa: ANN001, ANN201
+        accepted = super().submit(item, timeout)
+        if accepted:
+            self.items.append(item)
+        return accepted
+
+
+def test_the_listener_queues_messages_received_together_as_one_item_in_order(prefix):
+    settings = load_settings({"WSSERVER_REDIS_URL": REDIS_URL, "WSSERVER_REDIS_PREFIX": prefix,
+                              "WSSERVER_HISTORY_SIZE": "500"})
+    hub = Hub(10)
+    broadcaster = RecordingBroadcaster(hub)
+    broadcaster.start()
+    broker = make_broker(settings)
+    broker.start(broadcaster, hub)
+    try:
+        wait_for(lambda: broker.ready, message="broker ready")
+        now = int(time.time() * 1000)
+        messages = tuple(
+            Outgoing("r", None, Notification("e", "", i).envelope_prefix("r", now))
+            for i in range(300)
+        )
+        ids = broker.publish(messages, 2)  # one script: 300 PUBLISHes back to back
+        assert ids is not None and len(ids) == 300
+
+        def delivered() -> list[Broadcast]:
+            out: list[Broadcast] = []
+            for item in list(broadcaster.items):
+                out.extend(item if isinstance(item, tuple) else
+                           [item] if isinstance(item, Broadcast) else [])
+            return [b for b in out if b.presence is None]
+
+        wait_for(lambda: len(delivered()) >= 300, timeout=10, message="every message queued")
+        got = delivered()
+        assert [json.loads(FrameParser().feed(b.frame)[0][1])["id"] for b in got] == ids
+        assert [b.order for b in got] == [order_of(i) for i in ids]
+        assert len(broadcaster.items) < 300  # read together, queued together
+        assert broker._position is not None and order_of(broker._position) is not None
+    finally:
+        broker.stop()
+        broadcaster.stop(2)
+
+
+def test_a_publish_to_a_hung_redis_times_out_then_works_again(own_redis):
+    settings = load_settings({"WSSERVER_REDIS_URL": own_redis.url,
+                              "WSSERVER_REDIS_PREFIX": "wstest-wire"})
+    hub = Hub(10)
+    broadcaster = Broadcaster(hub, 100, on_slow=lambda conn: None)
+    broadcaster.start()
+    broker = make_broker(settings)
+    broker.start(broadcaster, hub)
+    prefix = Notification("e", "", 1).envelope_prefix("r", int(time.time() * 1000))
+    try:
+        wait_for(lambda: broker.ready, message="broker ready")
+        assert broker.publish((Outgoing("r", None, prefix),), 1)
+        own_redis.hang()
+        with pytest.raises(BrokerTimedOut):
+            broker.publish((Outgoing("r", None, prefix),), 1)
+        own_redis.resume()
+        wait_for(lambda: broker.ready, timeout=10, message="broker ready again")
+        assert broker.publish((Outgoing("r", None, prefix),), 1)
+    finally:
+        own_redis.resume()
+        broker.stop()
+        broadcaster.stop(2)
+
+
+def test_a_server_down_raises_connection_errors_then_the_same_connection_serves_again(own_redis):
+    client = redis.Redis.from_url(own_redis.url, socket_timeout=2.0, socket_connect_timeout=2.0)
+    lean, _script, connections = packed(client, ECHO % "down")
+    try:
+        assert lean(["k"], ["v"])[1] == b"k"
+        own_redis.kill()
+        with pytest.raises(redis.ConnectionError):
+            lean(["k"], ["v"])  # on the connection it had
+        with pytest.raises(redis.ConnectionError):
+            lean(["k"], ["v"])  # connecting again is refused
+        own_redis.start()
+        assert lean(["k"], ["v"])[1] == b"k"
+        assert len(connections._made) == 1  # nothing leaked while Redis was down
+    finally:
+        connections.close()
+        client.close()
