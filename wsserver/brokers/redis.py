@@ -305,25 +305,12 @@ class RedisBroker(Broker):
         self._maxlen = settings.history_size + 1
         self._ttl_ms = max(int(settings.history_ttl * 1000), 1)
         self._redis = self._client()
-        # publishing: EVALSHA packed by hand on connections of its own (rediswire), redis-py's
-        # Script as the fallback that loads the script when Redis answers NOSCRIPT
-        self._connections = rediswire.Connections(self._redis.connection_pool)
-        encoder = self._redis.connection_pool.get_encoder()
-        self._script = rediswire.PackedScript(
-            self._redis.register_script(_PUBLISH % _BUS_LENGTH), self._connections,
-            encoder.encoding, encoder.encoding_errors)
+        self._register_scripts()
         self._bus = f"{self._prefix}:log"
-        self._idempotent = rediswire.PackedScript(
-            self._redis.register_script(_PUBLISH_IDEMPOTENT), self._connections,
-            encoder.encoding, encoder.encoding_errors)
         self._presence = bool(settings.presence_prefix)
-        self._announce = self._redis.register_script(_ANNOUNCE)
-        self._reap = self._redis.register_script(_REAP)
-        self._members = self._redis.register_script(_MEMBERS)
         # called (reporter thread) when Redis no longer had our report: what we announced
         # may be gone with it (wsserver.presence.Presence.reannounce)
         self.on_report_lost: Callable[[], None] | None = None
-        self._control = self._redis.register_script(_CONTROL % _BUS_LENGTH)
         # (reply list, count) from this worker's control tasks, pushed by the replier thread
         self._replies: queue.Queue[tuple[str, int]] = queue.Queue()
         self._replier: threading.Thread | None = None
@@ -358,6 +345,26 @@ class RedisBroker(Broker):
         # health bookkeeping (monotonic times; plain floats, written by any thread)
         self._failed_at = float("-inf")  # the last Redis call that failed or timed out
         self._round_started: float | None = None  # the reporter's round waiting for Redis
+
+    def _register_scripts(self) -> None:
+        """The Lua scripts, on the publish client. The two publishes (every notification's)
+        are ``EVALSHA`` packed by hand on connections of their own (:mod:`.rediswire`), with
+        redis-py's ``Script`` as the fallback that loads a script when Redis answers
+        ``NOSCRIPT``; the rest go through redis-py's ``Script``."""
+        client = self._redis
+        self._connections = rediswire.Connections(client.connection_pool)
+        encoder = client.connection_pool.get_encoder()
+
+        def packed(source: str) -> rediswire.PackedScript:
+            return rediswire.PackedScript(client.register_script(source), self._connections,
+                                          encoder.encoding, encoder.encoding_errors)
+
+        self._script = packed(_PUBLISH % _BUS_LENGTH)
+        self._idempotent = packed(_PUBLISH_IDEMPOTENT)
+        self._announce = client.register_script(_ANNOUNCE)
+        self._reap = client.register_script(_REAP)
+        self._members = client.register_script(_MEMBERS)
+        self._control = client.register_script(_CONTROL % _BUS_LENGTH)
 
     def _client(self, **options: Any) -> redis.Redis:
         """A client of the configured Redis: the URL's, or the sentinels' current master
