@@ -18,7 +18,7 @@ from typing import Any, Iterator
 import pytest
 from flask import Flask
 from flask.testing import FlaskClient
-from support import delete_redis_keys
+from support import RedisProcess, delete_redis_keys
 
 from wsserver import audit, cli, create_app
 
@@ -45,6 +45,15 @@ def redis_prefix() -> Iterator[str]:
     value = f"wstest-{uuid.uuid4().hex[:12]}"
     yield value
     delete_redis_keys(REDIS_URL, value)
+
+
+@pytest.fixture
+def private_redis() -> Iterator[RedisProcess]:
+    """A redis-server of this test's own on a free loopback port (for a test that hangs,
+    kills or flushes it, which the shared one must never see), stopped after the test."""
+    server = RedisProcess().start()
+    yield server
+    server.stop()
 
 
 @pytest.fixture(autouse=True)

@@ -7,12 +7,11 @@ from __future__ import annotations
 
 import json
 import time
-import uuid
 
 import pytest
 import redis
 from rawws import FrameParser
-from support import RedisProcess, delete_redis_keys, wait_for
+from support import wait_for
 
 from wsserver.broadcaster import Broadcast, Broadcaster
 from wsserver.brokers import Outgoing, make_broker, order_of
@@ -25,20 +24,6 @@ from wsserver.protocol import Notification
 REDIS_URL = "redis://127.0.0.1:6379/0"
 # returns what it was given, so a reply shows the command arrived as packed
 ECHO = "return {#KEYS, KEYS[1], KEYS[#KEYS], ARGV[1], ARGV[#ARGV], '%s'}"
-
-
-@pytest.fixture
-def prefix():
-    value = f"wstest-wire-{uuid.uuid4().hex[:10]}"
-    yield value
-    delete_redis_keys(REDIS_URL, value)
-
-
-@pytest.fixture
-def own_redis():
-    server = RedisProcess().start()
-    yield server
-    server.stop()
 
 
 class CountingScript:
@@ -54,15 +39,31 @@ class CountingScript:
         return self.script(keys=keys, args=args)  # type: ignore[operator]
 
 
-def packed(client: redis.Redis, text: str) -> tuple[PackedScript, CountingScript, Connections]:
-    connections = Connections(client.connection_pool)
+@pytest.fixture
+def opened():
+    """``opened(thing)`` returns ``thing`` (a client, a connection stack, a pub/sub), closed
+    after the test, the newest first."""
+    things: list = []
+
+    def track(thing):  # noqa: ANN001, ANN202
+        things.append(thing)
+        return thing
+
+    yield track
+    for thing in reversed(things):
+        thing.close()
+
+
+def packed(opened, client: redis.Redis,  # noqa: ANN001
+           text: str) -> tuple[PackedScript, CountingScript, Connections]:
+    connections = opened(Connections(client.connection_pool))
     script = CountingScript(client.register_script(text))
     return PackedScript(script, connections), script, connections
 
 
-def test_the_packed_command_is_the_one_redis_py_packs():
-    client = redis.Redis.from_url(REDIS_URL)
-    lean, script, connections = packed(client, ECHO % "x")
+def test_the_packed_command_is_the_one_redis_py_packs(opened):
+    client = opened(redis.Redis.from_url(REDIS_URL))
+    lean, script, _connections = packed(opened, client, ECHO % "x")
     keys = ["k:1", "k:é", b"k:\x00raw"]
     args = ["chan", 101, 60000, '["r", null, "{\\"x\\": \\"ü\\""]', b"", -5]
     conn = client.connection_pool.make_connection()
@@ -70,150 +71,119 @@ def test_the_packed_command_is_the_one_redis_py_packs():
         expected = b"".join(conn.pack_command("EVALSHA", script.sha, len(keys), *keys, *args))
     finally:
         conn.disconnect()
-        connections.close()
-        client.close()
     assert lean.pack(keys, args) == expected
 
 
-def test_a_packed_call_answers_as_the_script_call(prefix):
-    client = redis.Redis.from_url(REDIS_URL, socket_timeout=2.0)
-    lean, script, connections = packed(client, ECHO % prefix)
-    keys = [f"{prefix}:a", f"{prefix}:é"]
-    args = [f"{prefix}:chan", 7, "méta"]
-    try:
-        first = lean(keys, args)  # the server may not know it yet: the fallback loads it
-        again = [lean(keys, args) for _ in range(3)]
-        direct = script.script(keys=keys, args=args)
-        assert first == direct and all(reply == direct for reply in again)
-        assert direct == [2, f"{prefix}:a".encode(), f"{prefix}:é".encode(),
-                          f"{prefix}:chan".encode(), "méta".encode(), prefix.encode()]
-        assert script.calls <= 1  # at most the first, the others lean
-    finally:
-        connections.close()
-        client.close()
+def test_a_packed_call_answers_as_the_script_call(redis_prefix, opened):
+    client = opened(redis.Redis.from_url(REDIS_URL, socket_timeout=2.0))
+    lean, script, _connections = packed(opened, client, ECHO % redis_prefix)
+    keys = [f"{redis_prefix}:a", f"{redis_prefix}:é"]
+    args = [f"{redis_prefix}:chan", 7, "méta"]
+    first = lean(keys, args)  # the server may not know it yet: the fallback loads it
+    again = [lean(keys, args) for _ in range(3)]
+    direct = script.script(keys=keys, args=args)
+    assert first == direct and all(reply == direct for reply in again)
+    assert direct == [2, f"{redis_prefix}:a".encode(), f"{redis_prefix}:é".encode(),
+                      f"{redis_prefix}:chan".encode(), "méta".encode(), redis_prefix.encode()]
+    assert script.calls <= 1  # at most the first, the others lean
 
 
-def test_noscript_after_script_flush_loads_the_script_and_goes_lean_again(own_redis):
-    client = redis.Redis.from_url(own_redis.url, socket_timeout=2.0)
-    lean, script, connections = packed(client, ECHO % "flush")
-    try:
-        client.script_load(ECHO % "flush")
-        reply = lean(["k"], ["v"])
-        assert script.calls == 0
-        client.script_flush()
-        assert lean(["k"], ["v"]) == reply  # NOSCRIPT -> redis-py's Script loads it
-        assert script.calls == 1
-        assert client.script_exists(script.sha) == [True]
-        assert lean(["k"], ["v"]) == reply and script.calls == 1
-    finally:
-        connections.close()
-        client.close()
+def test_noscript_after_script_flush_loads_the_script_and_goes_lean_again(private_redis, opened):
+    client = opened(redis.Redis.from_url(private_redis.url, socket_timeout=2.0))
+    lean, script, _connections = packed(opened, client, ECHO % "flush")
+    client.script_load(ECHO % "flush")
+    reply = lean(["k"], ["v"])
+    assert script.calls == 0
+    client.script_flush()
+    assert lean(["k"], ["v"]) == reply  # NOSCRIPT -> redis-py's Script loads it
+    assert script.calls == 1
+    assert client.script_exists(script.sha) == [True]
+    assert lean(["k"], ["v"]) == reply and script.calls == 1
 
 
-def test_an_error_reply_is_raised_and_the_connection_stays_usable(prefix):
-    client = redis.Redis.from_url(REDIS_URL, socket_timeout=2.0)
-    connections = Connections(client.connection_pool)
-    failing = PackedScript(client.register_script(f"return redis.error_reply('no {prefix}')"),
+def test_an_error_reply_is_raised_and_the_connection_stays_usable(redis_prefix, opened):
+    client = opened(redis.Redis.from_url(REDIS_URL, socket_timeout=2.0))
+    connections = opened(Connections(client.connection_pool))
+    failing = PackedScript(client.register_script(f"return redis.error_reply('no {redis_prefix}')"),
                            connections)
-    lean = PackedScript(client.register_script(ECHO % prefix), connections)
-    try:
-        lean(["k"], ["v"])
-        with pytest.raises(redis.ResponseError, match=f"no {prefix}"):
-            failing(["k"], ["v"])
-        with pytest.raises(redis.ResponseError, match=f"no {prefix}"):
-            failing(["k"], ["v"])  # the script is loaded by now: a plain error reply
-        assert lean(["k"], ["v"])[-1] == prefix.encode()
-        assert len(connections._made) == 1  # one connection served every call
-    finally:
-        connections.close()
-        client.close()
+    lean = PackedScript(client.register_script(ECHO % redis_prefix), connections)
+    lean(["k"], ["v"])
+    with pytest.raises(redis.ResponseError, match=f"no {redis_prefix}"):
+        failing(["k"], ["v"])
+    with pytest.raises(redis.ResponseError, match=f"no {redis_prefix}"):
+        failing(["k"], ["v"])  # the script is loaded by now: a plain error reply
+    assert lean(["k"], ["v"])[-1] == redis_prefix.encode()
+    assert len(connections._made) == 1  # one connection served every call
 
 
-def test_a_hung_server_times_out_and_the_next_call_starts_clean(own_redis):
-    client = redis.Redis.from_url(own_redis.url, socket_timeout=0.5)
-    lean, _script, connections = packed(client, ECHO % "hang")
+def test_a_hung_server_times_out_and_the_next_call_starts_clean(private_redis, opened):
+    client = opened(redis.Redis.from_url(private_redis.url, socket_timeout=0.5))
+    lean, _script, _connections = packed(opened, client, ECHO % "hang")
     try:
         reply = lean(["k"], ["v"])
-        own_redis.hang()
+        private_redis.hang()
         started = time.monotonic()
         with pytest.raises(redis.TimeoutError):
             lean(["k"], ["v"])
         assert time.monotonic() - started < 2.0
-        own_redis.resume()
+        private_redis.resume()
         # the late reply to the timed-out call must not be read as this call's
         assert lean(["k2"], ["v2"]) == [1, b"k2", b"k2", b"v2", b"v2", b"hang"]
         assert reply[1] == b"k"
     finally:
-        own_redis.resume()
-        connections.close()
-        client.close()
+        private_redis.resume()
 
 
-def test_an_idle_connection_the_server_closed_is_replaced(own_redis, monkeypatch):
+def test_an_idle_connection_the_server_closed_is_replaced(private_redis, monkeypatch, opened):
     from wsserver.brokers import rediswire
 
     monkeypatch.setattr(rediswire, "_CHECK_IDLE_AFTER", 0.0)
-    client = redis.Redis.from_url(own_redis.url, socket_timeout=2.0)
-    lean, _script, connections = packed(client, ECHO % "idle")
-    try:
-        lean(["k"], ["v"])
-        admin = redis.Redis.from_url(own_redis.url)
-        assert admin.client_kill_filter(_type="normal", skipme=True) >= 1
-        wait_for(lambda: len(admin.client_list(_type="normal")) == 1, timeout=5,
-                 message="the server to close every other connection")
-        admin.close()
-        assert lean(["k"], ["v"])[1] == b"k"
-    finally:
-        connections.close()
-        client.close()
+    client = opened(redis.Redis.from_url(private_redis.url, socket_timeout=2.0))
+    lean, _script, connections = packed(opened, client, ECHO % "idle")
+    lean(["k"], ["v"])
+    admin = redis.Redis.from_url(private_redis.url)
+    assert admin.client_kill_filter(_type="normal", skipme=True) >= 1
+    wait_for(lambda: len(admin.client_list(_type="normal")) == 1, timeout=5,
+             message="the server to close every other connection")
+    admin.close()
+    assert lean(["k"], ["v"])[1] == b"k"
 
 
-def test_after_a_reset_every_idle_connection_reconnects(own_redis):
-    client = redis.Redis.from_url(own_redis.url, socket_timeout=2.0)
-    lean, _script, connections = packed(client, ECHO % "reset")
-    try:
-        lean(["k"], ["v"])
-        conn = connections._idle[-1][0]
-        sock = conn._sock
-        connections.reset()
-        assert lean(["k"], ["v"])[1] == b"k"
-        assert conn._sock is not None and conn._sock is not sock
-    finally:
-        connections.close()
-        client.close()
+def test_after_a_reset_every_idle_connection_reconnects(private_redis, opened):
+    client = opened(redis.Redis.from_url(private_redis.url, socket_timeout=2.0))
+    lean, _script, connections = packed(opened, client, ECHO % "reset")
+    lean(["k"], ["v"])
+    conn = connections._idle[-1][0]
+    sock = conn._sock
+    connections.reset()
+    assert lean(["k"], ["v"])[1] == b"k"
+    assert conn._sock is not None and conn._sock is not sock
 
 
-def test_drain_reads_every_buffered_message_in_order(prefix):
-    client = redis.Redis.from_url(REDIS_URL, socket_timeout=2.0)
-    pubsub = client.pubsub()
-    channel = f"{prefix}:bus"
-    try:
-        pubsub.subscribe(channel)
-        others: list = []
-        wait_for(lambda: drain(pubsub, lambda data: None, others.append) or others,
-                 timeout=5, message="the subscription's confirmation")
-        assert others[0]["type"] == "subscribe"
-        sent = [f"{i} " .encode() + b"x" * (i % 700) for i in range(2000)]
-        pipe = client.pipeline(transaction=False)
-        for data in sent:
-            pipe.publish(channel, data)
-        pipe.execute()
-        got: list[bytes] = []
-        rounds = 0
+def test_drain_reads_every_buffered_message_in_order(redis_prefix, opened):
+    client = opened(redis.Redis.from_url(REDIS_URL, socket_timeout=2.0))
+    pubsub = opened(client.pubsub())
+    channel = f"{redis_prefix}:bus"
+    pubsub.subscribe(channel)
+    others: list = []
+    wait_for(lambda: drain(pubsub, lambda data: None, others.append) or others,
+             timeout=5, message="the subscription's confirmation")
+    assert others[0]["type"] == "subscribe"
+    sent = [f"{i} " .encode() + b"x" * (i % 700) for i in range(2000)]
+    pipe = client.pipeline(transaction=False)
+    for data in sent:
+        pipe.publish(channel, data)
+    pipe.execute()
+    got: list[bytes] = []
 
-        def more() -> bool:
-            nonlocal rounds
-            rounds += 1
-            drain(pubsub, got.append, others.append, limit=300)
-            return len(got) >= len(sent)
+    def more() -> bool:
+        drain(pubsub, got.append, others.append, limit=300)
+        return len(got) >= len(sent)
 
-        wait_for(more, timeout=10, interval=0.001, message="every message")
-        assert got == sent
-        assert len(others) == 1
-        assert drain(pubsub, got.append, others.append) == 0  # nothing left, nothing waited for
-    finally:
-        pubsub.close()
-        client.close()
+    wait_for(more, timeout=10, interval=0.001, message="every message")
+    assert got == sent
+    assert len(others) == 1
+    assert drain(pubsub, got.append, others.append) == 0  # nothing left, nothing waited for
 
 
 class RecordingBroadcaster(Broadcaster):
@@ -230,8 +200,9 @@ class RecordingBroadcaster(Broadcaster):
         return accepted
 
 
-def test_the_listener_queues_messages_received_together_as_one_item_in_order(prefix):
-    settings = load_settings({"WSSERVER_REDIS_URL": REDIS_URL, "WSSERVER_REDIS_PREFIX": prefix,
+def test_the_listener_queues_messages_received_together_as_one_item_in_order(redis_prefix):
+    settings = load_settings({"WSSERVER_REDIS_URL": REDIS_URL,
+                              "WSSERVER_REDIS_PREFIX": redis_prefix,
                               "WSSERVER_HISTORY_SIZE": "500"})
     hub = Hub(10)
     broadcaster = RecordingBroadcaster(hub)
@@ -266,8 +237,8 @@ def test_the_listener_queues_messages_received_together_as_one_item_in_order(pre
         broadcaster.stop(2)
 
 
-def test_a_publish_to_a_hung_redis_times_out_then_works_again(own_redis):
-    settings = load_settings({"WSSERVER_REDIS_URL": own_redis.url,
+def test_a_publish_to_a_hung_redis_times_out_then_works_again(private_redis):
+    settings = load_settings({"WSSERVER_REDIS_URL": private_redis.url,
                               "WSSERVER_REDIS_PREFIX": "wstest-wire"})
     hub = Hub(10)
     broadcaster = Broadcaster(hub, 100, on_slow=lambda conn: None)
@@ -278,31 +249,30 @@ def test_a_publish_to_a_hung_redis_times_out_then_works_again(own_redis):
     try:
         wait_for(lambda: broker.ready, message="broker ready")
         assert broker.publish((Outgoing("r", None, prefix),), 1)
-        own_redis.hang()
+        private_redis.hang()
         with pytest.raises(BrokerTimedOut):
             broker.publish((Outgoing("r", None, prefix),), 1)
-        own_redis.resume()
+        private_redis.resume()
         wait_for(lambda: broker.ready, timeout=10, message="broker ready again")
         assert broker.publish((Outgoing("r", None, prefix),), 1)
     finally:
-        own_redis.resume()
+        private_redis.resume()
         broker.stop()
         broadcaster.stop(2)
 
 
-def test_a_server_down_raises_connection_errors_then_the_same_connection_serves_again(own_redis):
-    client = redis.Redis.from_url(own_redis.url, socket_timeout=2.0, socket_connect_timeout=2.0)
-    lean, _script, connections = packed(client, ECHO % "down")
-    try:
-        assert lean(["k"], ["v"])[1] == b"k"
-        own_redis.kill()
-        with pytest.raises(redis.ConnectionError):
-            lean(["k"], ["v"])  # on the connection it had
-        with pytest.raises(redis.ConnectionError):
-            lean(["k"], ["v"])  # connecting again is refused
-        own_redis.start()
-        assert lean(["k"], ["v"])[1] == b"k"
-        assert len(connections._made) == 1  # nothing leaked while Redis was down
-    finally:
-        connections.close()
-        client.close()
+def test_a_server_down_raises_connection_errors_then_the_same_connection_serves_again(
+    private_redis, opened
+):
+    client = opened(redis.Redis.from_url(private_redis.url, socket_timeout=2.0,
+                                         socket_connect_timeout=2.0))
+    lean, _script, connections = packed(opened, client, ECHO % "down")
+    assert lean(["k"], ["v"])[1] == b"k"
+    private_redis.kill()
+    with pytest.raises(redis.ConnectionError):
+        lean(["k"], ["v"])  # on the connection it had
+    with pytest.raises(redis.ConnectionError):
+        lean(["k"], ["v"])  # connecting again is refused
+    private_redis.start()
+    assert lean(["k"], ["v"])[1] == b"k"
+    assert len(connections._made) == 1  # nothing leaked while Redis was down

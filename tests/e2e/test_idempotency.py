@@ -14,21 +14,13 @@ import threading
 import time
 from collections import Counter
 
-import pytest
-from support import GunicornServer, RedisProcess, wait_for
+from support import GunicornServer, wait_for
 
 from wsserver.client import Publisher, Subscriber
 
 HANG = 6.0  # seconds Redis is stopped: three 2 s publish timeouts in a row
 PUBLISHERS = 3
 EACH = 5  # notifications per publisher thread
-
-
-@pytest.fixture
-def private_redis():
-    server = RedisProcess().start()
-    yield server
-    server.stop()
 
 
 class Collector:

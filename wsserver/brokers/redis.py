@@ -738,12 +738,11 @@ class RedisBroker(Broker):
         _close_quietly(pubsub)
 
     def _received(self, message: dict | None) -> None:
-        """A reply other than a message, as redis-py's ``handle_message`` returns it: the
-        confirmation of our subscription is acted on."""
+        """A reply other than a message (``drain`` hands those to :meth:`_deliver`), as
+        redis-py's ``handle_message`` returns it: the confirmation of our subscription is
+        acted on."""
         kind = message.get("type") if message is not None else None
-        if kind == "message":  # (drain hands messages to _deliver itself)
-            self._deliver(message["data"])  # type: ignore[index]
-        elif kind == "subscribe":
+        if kind == "subscribe":
             # subscribed (again): first replay what was missed while not, then open
             # publishing (a 200 before this would precede a lost message)
             self._flush()
