@@ -6,6 +6,8 @@ the server)."""
 from __future__ import annotations
 
 import json
+import selectors
+import threading
 import time
 
 import pytest
@@ -15,13 +17,14 @@ from support import wait_for
 
 from wsserver.broadcaster import Broadcast, Broadcaster
 from wsserver.brokers import Outgoing, make_broker, order_of
-from wsserver.brokers.rediswire import Connections, PackedScript, drain
+from wsserver.brokers.rediswire import Connections, PackedScript, Pipeline, drain
 from wsserver.config import load_settings
 from wsserver.exceptions import BrokerTimedOut
 from wsserver.hub import Hub
 from wsserver.protocol import Notification
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
+WAIT = 10
 # returns what it was given, so a reply shows the command arrived as packed
 ECHO = "return {#KEYS, KEYS[1], KEYS[#KEYS], ARGV[1], ARGV[#ARGV], '%s'}"
 
@@ -276,3 +279,193 @@ def test_a_server_down_raises_connection_errors_then_the_same_connection_serves_
     private_redis.start()
     assert lean(["k"], ["v"])[1] == b"k"
     assert len(connections._made) == 1  # nothing leaked while Redis was down
+
+
+# -- Pipeline: many calls in flight on one non-blocking connection ------------------------
+
+
+class Driven:
+    """A Pipeline as the worker drives it: a poller of its own, ``turn`` one poll."""
+
+    def __init__(self, connections: Connections, timeout: float = 2.0, limit: int = 1000):
+        self.poller = selectors.DefaultSelector()
+        self.pipeline = Pipeline(connections, timeout, limit)
+        self.pipeline.watch = self.watch
+        self.watched: list[int] = []  # every events value the pipeline asked for
+
+    def watch(self, sock, events: int) -> None:  # noqa: ANN001
+        self.watched.append(events)
+        if not events:
+            self.poller.unregister(sock)
+        elif sock in self.poller.get_map():
+            self.poller.modify(sock, events)
+        else:
+            self.poller.register(sock, events)
+
+    def turn(self, timeout: float = 0.05) -> None:
+        if self.poller.get_map():
+            for _key, _events in self.poller.select(timeout):
+                self.pipeline.on_ready()
+        self.pipeline.expire(time.monotonic())
+
+    def until(self, done, timeout: float = 10.0) -> None:  # noqa: ANN001
+        deadline = time.monotonic() + timeout
+        while not done():
+            assert time.monotonic() < deadline, "the pipeline answered in time"
+            self.turn()
+
+    def close(self) -> None:
+        self.pipeline.close()
+        self.poller.close()
+
+
+def connected(opened, client: redis.Redis, text: str):  # noqa: ANN001, ANN201
+    """(PackedScript, Driven) on one stack, whose one connection a blocking call made."""
+    lean, _script, connections = packed(opened, client, text)
+    lean(["warm"], ["up"])  # as the worker's first publish, on a pool thread
+    driven = opened(Driven(connections))
+    assert driven.pipeline.can_send()  # it takes that connection
+    return lean, driven
+
+
+def test_a_pipeline_takes_only_a_connection_already_connected_and_never_connects(opened):
+    client = opened(redis.Redis.from_url(REDIS_URL))
+    lean, _script, connections = packed(opened, client, ECHO % "take")
+    driven = opened(Driven(connections))
+    assert not driven.pipeline.can_send()  # nothing connected yet: the caller waits elsewhere
+    assert connections._made == []
+    lean(["k"], ["v"])
+    assert driven.pipeline.can_send()
+    assert driven.watched == [selectors.EVENT_READ]
+    unwatched = opened(Driven(connections))
+    unwatched.pipeline.watch = None
+    assert not unwatched.pipeline.can_send()  # nobody would drive it
+
+
+def test_replies_come_back_in_order_each_to_its_own_caller(redis_prefix, opened):
+    client = opened(redis.Redis.from_url(REDIS_URL))
+    lean, driven = connected(opened, client, ECHO % redis_prefix)
+    replies: dict[int, object] = {}
+    for i in range(300):  # all written before any is read
+        assert driven.pipeline.can_send()
+        driven.pipeline.send(lean.pack([f"k{i}"], [f"v{i}"]), lambda r, i=i: replies.__setitem__(i, r))
+    assert driven.pipeline.in_flight == 300
+    driven.until(lambda: len(replies) == 300)
+    for i in range(300):
+        assert replies[i] == [1, f"k{i}".encode(), f"k{i}".encode(), f"v{i}".encode(),
+                              f"v{i}".encode(), redis_prefix.encode()]
+    assert driven.pipeline.in_flight == 0
+
+
+def test_an_error_reply_goes_to_its_caller_only(redis_prefix, opened):
+    client = opened(redis.Redis.from_url(REDIS_URL))
+    lean, driven = connected(opened, client, ECHO % redis_prefix)
+    failing = PackedScript(client.register_script("return redis.error_reply('nope')"),
+                           lean._connections)
+    client.script_load("return redis.error_reply('nope')")
+    got: list = []
+    driven.pipeline.send(lean.pack(["a"], ["1"]), got.append)
+    driven.pipeline.send(failing.pack(["b"], ["2"]), got.append)
+    driven.pipeline.send(lean.pack(["c"], ["3"]), got.append)
+    driven.until(lambda: len(got) == 3)
+    assert got[0][1] == b"a" and got[2][1] == b"c"
+    assert isinstance(got[1], redis.ResponseError) and "nope" in str(got[1])
+
+
+def test_noscript_is_handed_to_the_caller_as_an_error_reply(private_redis, opened):
+    client = opened(redis.Redis.from_url(private_redis.url))
+    lean, driven = connected(opened, client, ECHO % "noscript")
+    client.script_flush()
+    got: list = []
+    driven.pipeline.send(lean.pack(["a"], ["1"]), got.append)
+    driven.until(lambda: got)
+    assert isinstance(got[0], redis.ResponseError) and str(got[0]).startswith("NOSCRIPT")
+
+
+def test_a_hung_server_answers_everything_in_flight_with_a_timeout_and_no_late_reply_is_matched(
+    private_redis, opened
+):
+    client = opened(redis.Redis.from_url(private_redis.url, socket_timeout=2.0))
+    lean, _script, connections = packed(opened, client, ECHO % "hang")
+    lean(["warm"], ["up"])
+    driven = opened(Driven(connections, timeout=0.5))
+    got: list = []
+    try:
+        private_redis.hang()
+        started = time.monotonic()
+        for i in range(5):
+            assert driven.pipeline.can_send()
+            driven.pipeline.send(lean.pack([f"k{i}"], ["v"]), got.append)
+        assert time.monotonic() - started < 0.2  # sending never waits
+        driven.until(lambda: len(got) == 5, timeout=5)
+        assert 0.4 < time.monotonic() - started < 2.0
+        assert all(isinstance(r, redis.TimeoutError) for r in got)
+        assert driven.watched[-1] == 0  # the connection left the poller, dropped
+        private_redis.resume()
+        # the late replies went to the dropped connection: a blocking call reconnects and
+        # hands a connection back; the pipeline's next call gets its own reply
+        lean(["again"], ["v"])
+        later: list = []
+        assert driven.pipeline.can_send()
+        driven.pipeline.send(lean.pack(["mine"], ["v"]), later.append)
+        driven.until(lambda: later)
+        assert later[0][1] == b"mine"
+    finally:
+        private_redis.resume()
+
+
+def test_a_killed_server_answers_everything_in_flight_with_a_connection_error(
+    private_redis, opened
+):
+    client = opened(redis.Redis.from_url(private_redis.url, socket_timeout=2.0))
+    lean, driven = connected(opened, client, ECHO % "kill")
+    got: list = []
+    private_redis.hang()  # nothing answered before the kill
+    for i in range(3):
+        driven.pipeline.send(lean.pack([f"k{i}"], ["v"]), got.append)
+    private_redis.kill()
+    driven.until(lambda: len(got) == 3, timeout=5)
+    assert all(isinstance(r, redis.ConnectionError) for r in got)
+    assert not driven.pipeline.can_send()  # no connected connection left to take
+
+
+def test_at_the_limit_can_send_says_no_and_a_reset_moves_to_a_new_connection(
+    redis_prefix, opened
+):
+    client = opened(redis.Redis.from_url(REDIS_URL))
+    lean, _script, connections = packed(opened, client, ECHO % redis_prefix)
+    lean(["warm"], ["up"])
+    driven = opened(Driven(connections, limit=2))
+    got: list = []
+    for i in range(2):
+        assert driven.pipeline.can_send()
+        driven.pipeline.send(lean.pack([f"k{i}"], ["v"]), got.append)
+    assert not driven.pipeline.can_send()
+    held = driven.pipeline._conn
+    connections.reset()  # the listener resubscribed: maybe another server
+    assert not driven.pipeline.can_send()  # the old server's replies first
+    driven.until(lambda: len(got) == 2)
+    assert not driven.pipeline.can_send()  # released; the only connection is stale now
+    assert held._sock is None
+    lean(["k"], ["v"])  # a blocking call reconnects it
+    assert driven.pipeline.can_send() and driven.pipeline._conn is held
+    assert held._sock is not None
+
+
+def test_closing_the_stack_from_another_thread_leaves_the_pipelines_connection_alone(
+    redis_prefix, opened
+):
+    client = opened(redis.Redis.from_url(REDIS_URL))
+    lean, driven = connected(opened, client, ECHO % redis_prefix)
+    assert driven.pipeline.can_send()
+    sock = driven.pipeline._sock
+    closer = threading.Thread(target=lean._connections.close)
+    closer.start()
+    closer.join(WAIT)
+    assert sock.fileno() >= 0  # still open, still registered in the owner's poller
+    got: list = []
+    driven.pipeline.send(lean.pack(["after"], ["v"]), got.append)
+    driven.until(lambda: got)
+    assert got[0][1] == b"after"
+    driven.pipeline.close()
+    assert sock.fileno() == -1 and driven.watched[-1] == 0

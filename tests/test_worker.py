@@ -19,6 +19,7 @@ import traceback
 from typing import Any, Iterator
 
 import pytest
+import redis
 from gunicorn.config import Config
 from gunicorn.glogging import Logger
 from rawws import OP_CLOSE, client_frame
@@ -201,7 +202,10 @@ def worker(make_app: Any, monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> Ite
     """A ThreadWorker in this process, its loop not running: the test drives the main
     thread's callbacks itself (``_await_request`` as the poller would call them)."""
     monkeypatch.setenv("WSSERVER_ENV", "development")
-    app = make_app(env="development", queue_size=4, enqueue_timeout=5.0)
+    yield from _worker(make_app(env="development", queue_size=4, enqueue_timeout=5.0), tmp_path)
+
+
+def _worker(app: Any, tmp_path: Any) -> Iterator[Any]:
     service = app.extensions["wsserver"]
     service.ensure_started()
     cfg = Config()
@@ -457,7 +461,7 @@ def test_pipelined_requests_are_read_on_later_turns_of_the_loop(worker):
 def test_a_failure_on_the_main_thread_closes_that_connection_only(worker, monkeypatch):
     """Whatever fails while a request is served on the main thread (a bug) must not escape
     into the loop: the connection is closed, as a failed pool request's is."""
-    monkeypatch.setattr(worker, "_notify_answer", lambda *args: 1 / 0)
+    monkeypatch.setattr(worker, "_notify_done", lambda *args: 1 / 0)
     client, conn = _connect(worker, _notify(b'{"event":"e"}'))
     conns = worker.nr_conns
     try:
@@ -520,3 +524,137 @@ def test_running_out_of_descriptors_pauses_accepting_instead_of_ending_the_worke
         client.close()
         worker.set_accept_enabled(False)
         listener.close()
+
+
+# -- POST /notify with Redis: published through the broker's pipeline in the poller ----------
+
+
+@pytest.fixture
+def redis_worker(make_app: Any, monkeypatch: pytest.MonkeyPatch, tmp_path: Any,
+                 request: pytest.FixtureRequest) -> Iterator[Any]:
+    """The worker of ``worker`` with the Redis broker: the shared Redis under the test's
+    prefix, or, when the test asks for ``private_redis``, that one."""
+    monkeypatch.setenv("WSSERVER_ENV", "development")
+    if "private_redis" in request.fixturenames:
+        url = request.getfixturevalue("private_redis").url
+    else:
+        url = "redis://127.0.0.1:6379/0"
+    prefix = request.getfixturevalue("redis_prefix")
+    app = make_app(env="development", redis_url=url, redis_prefix=prefix)
+    yield from _worker(app, tmp_path)
+
+
+def _turn(w: Any, until: Any, timeout: float = WAIT) -> float:
+    """Run the poller's callbacks and the worker's deadlines until ``until()``; seconds taken."""
+    started = time.monotonic()
+    while not until():
+        assert time.monotonic() - started < timeout, "answered in time"
+        for key, _events in w.poller.select(0.05):
+            key.data(key.fileobj)
+        w.murder_pending()
+    return time.monotonic() - started
+
+
+def _readable(client: socket.socket) -> bool:
+    return bool(selectors.select.select([client], [], [], 0)[0])
+
+
+def _warm(w: Any) -> None:
+    """The first publish goes to the pool (no Redis connection is connected yet; making one
+    waits) and leaves its connection for the pipeline."""
+    client, conn = _connect(w, _notify(b'{"event":"warm"}'))
+    try:
+        w._await_request(conn, b"")
+        head, body = _answer(client)
+        assert body["status"] == "ok" and w.tpool.submitted == ["_serve_notify"]
+    finally:
+        client.close()
+
+
+def test_with_redis_a_notify_is_published_through_the_pipeline_on_the_main_thread(
+    redis_worker,
+):
+    w = redis_worker
+    assert w.service.broker.wait_ready(WAIT)
+    assert w._inline_app is not None and w._pipeline is not None
+    _warm(w)
+    key = b"Idempotency-Key: pipelined-1\r\n"
+    client, conn = _connect(w, _notify(b'{"event":"e","rooms":["r"]}', key))
+    try:
+        w._await_request(conn, b"")
+        assert w._pipeline.in_flight == 1 and not _readable(client)  # sent, not waited for
+        _turn(w, lambda: _readable(client))
+        head, body = _answer(client)
+        assert head.startswith(b"HTTP/1.1 200 OK\r\n") and b"keep-alive" in head
+        assert body["status"] == "ok" and body["id"] and "repeated" not in body
+        assert conn in w.keepalived_conns
+        # the same key again: Redis' script answers the first id (through the pipeline too)
+        w.keepalived_conns.remove(conn)
+        w.poller.unregister(conn.sock)
+        client.sendall(_notify(b'{"event":"e","rooms":["r"]}', key))
+        w._await_request(conn, b"")
+        _turn(w, lambda: _readable(client))
+        _, again = _answer(client)
+        assert again["id"] == body["id"] and again["repeated"] is True
+        assert w.tpool.submitted == ["_serve_notify"]  # only the warm-up's
+    finally:
+        client.close()
+
+
+@pytest.mark.timeout(60)
+def test_with_redis_hung_the_main_thread_never_waits_and_each_publish_in_flight_gets_503(
+    redis_worker, private_redis
+):
+    w = redis_worker
+    assert w.service.broker.wait_ready(WAIT)
+    _warm(w)
+    clients = []
+    try:
+        private_redis.hang()
+        started = time.monotonic()
+        for i in range(3):
+            client, conn = _connect(w, _notify(b'{"event":"e%d"}' % i))
+            clients.append(client)
+            w._await_request(conn, b"")
+        assert time.monotonic() - started < 0.5  # three publishes sent, none waited for
+        assert w._pipeline.in_flight == 3
+        _turn(w, lambda: all(_readable(c) for c in clients))
+        waited = time.monotonic() - started
+        assert 1.5 < waited < 5.0, waited  # the Redis socket timeout (2 s)
+        for client in clients:
+            head, body = _answer(client)
+            assert head.startswith(b"HTTP/1.1 503 ") and body["code"] == "broker_unavailable"
+        assert w.tpool.submitted == ["_serve_notify"]
+        private_redis.resume()  # (the broker says "degraded" for a while: not waited for)
+        wait_for(w.service.broker._connected.is_set, timeout=WAIT, message="subscribed")
+        # the dropped connection is reconnected on the pool, then the pipeline takes it again
+        client, conn = _connect(w, _notify(b'{"event":"after"}'))
+        clients.append(client)
+        w._await_request(conn, b"")
+        _, body = _answer(client)
+        assert body["status"] == "ok"
+    finally:
+        private_redis.resume()
+        for client in clients:
+            client.close()
+
+
+def test_with_redis_noscript_sends_the_notify_to_the_pool_which_loads_the_script(
+    redis_worker, private_redis
+):
+    w = redis_worker
+    assert w.service.broker.wait_ready(WAIT)
+    _warm(w)
+    admin = redis.Redis.from_url(private_redis.url)
+    admin.script_flush()
+    admin.close()
+    client, conn = _connect(w, _notify(b'{"event":"e"}', b"Idempotency-Key: after-flush\r\n"))
+    try:
+        w._await_request(conn, b"")
+        assert w._pipeline.in_flight == 1
+        _turn(w, lambda: w._pipeline.in_flight == 0)
+        head, body = _answer(client)  # answered by the pool thread
+        assert body["status"] == "ok" and "repeated" not in body  # published once, there
+        assert w.tpool.submitted == ["_serve_notify", "_serve_notify"]
+    finally:
+        client.close()

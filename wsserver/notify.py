@@ -20,12 +20,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
+from functools import partial
 from typing import Any, Callable
 
 from flask import Flask
 from werkzeug.http import parse_options_header
 
 from .auth import AccessPolicy
+from .brokers import Deferred
 from .codes import ErrorCode
 from .errors import error_document, wsgi_json, wsgi_refusal
 from .exceptions import BadRequest, PublishRefused, Refusal
@@ -43,6 +45,7 @@ __all__ = [
     "check_json",
     "check_origin",
     "nowait_app",
+    "nowait_pipeline",
     "read_body",
 ]
 
@@ -82,6 +85,10 @@ class NotifyEndpoint:
         self._service = service
 
     @property
+    def service(self) -> NotificationService:
+        return self._service
+
+    @property
     def publishes_nowait(self) -> bool:
         """Whether a :data:`NOWAIT` request can be published here, rather than always
         raise :class:`WouldBlock`."""
@@ -93,30 +100,55 @@ class NotifyEndpoint:
         method = environ.get("REQUEST_METHOD")
         policy = self._service.policy
         headers = policy.cors_headers(environ.get("HTTP_ORIGIN"), preflight=method == "OPTIONS")
-        try:
-            if method == "POST":
+        return self._answer(environ, start_response, headers, partial(self._dispatch, environ))
+
+    def _dispatch(self, environ: dict) -> tuple[int, dict | None, Headers]:
+        """(status, document, headers to add); raises a :class:`Refusal`."""
+        method = environ.get("REQUEST_METHOD")
+        if method == "POST":
+            try:
                 status, document = self._post(environ)
-            elif method == "OPTIONS":
-                # a preflight is answered for allowed origins only
-                check_origin(policy, environ)
-                headers.append(("Allow", _ALLOW))
-                return wsgi_json(start_response, 200, None, headers)
-            else:
-                raise BadRequest(
-                    405,
-                    ErrorCode.METHOD_NOT_ALLOWED,
-                    f"method {method} is not allowed here; use POST",
-                    headers=[("Allow", _ALLOW)],
-                )
+            except Deferred as deferred:
+                raise deferred.wrap(lambda finish, reply: (*finish(reply), [])) from None
+            return status, document, []
+        if method == "OPTIONS":
+            # a preflight is answered for allowed origins only
+            check_origin(self._service.policy, environ)
+            return 200, None, [("Allow", _ALLOW)]
+        raise BadRequest(
+            405,
+            ErrorCode.METHOD_NOT_ALLOWED,
+            f"method {method} is not allowed here; use POST",
+            headers=[("Allow", _ALLOW)],
+        )
+
+    def _answer(
+        self,
+        environ: dict,
+        start_response: Callable,
+        headers: Headers,
+        produce: Callable[[], tuple[int, dict | None, Headers]],
+    ) -> Iterable[bytes]:
+        """The WSGI answer to what ``produce`` returns or raises. A :class:`Deferred` publish
+        (Redis, on the worker's main thread) goes on with this answer as its ``finish``."""
+        try:
+            status, document, more = produce()
         except Refusal as exc:
             return wsgi_refusal(exc, environ, start_response, headers)
         except WouldBlock:
             raise  # not an answer: the server serves the request again (NOWAIT)
+        except Deferred as deferred:  # not an answer yet: the server sends, then finishes
+            raise deferred.wrap(
+                lambda finish, reply: self._answer(
+                    environ, start_response, headers, partial(finish, reply)
+                )
+            ) from None
         except Exception:  # a bug must still get a JSON answer, and a log line
             log.exception("unhandled error in POST /notify")
             status = 500
             document = error_document(ErrorCode.INTERNAL_ERROR, "internal server error")
-        return wsgi_json(start_response, status, document, headers)
+            more = []
+        return wsgi_json(start_response, status, document, headers + more)
 
     def _post(self, environ: dict) -> tuple[int, dict]:
         """Raises a :class:`Refusal` (AccessDenied, BadRequest, PublishRefused) for a refusal.
@@ -139,23 +171,41 @@ class NotifyEndpoint:
         body = parse_notify_body(raw)
         if isinstance(body, list):
             return _publish_batch(service, body, key, len(raw), wait)
-        return 200, _accepted(service.publish(parse_notification(body), key, wait))
+        try:
+            return 200, _accepted(service.publish(parse_notification(body), key, wait))
+        except Deferred as deferred:
+            raise deferred.wrap(lambda finish, reply: (200, _accepted(finish(reply)))) from None
 
 
 def nowait_app(app: Any) -> WSGIApp | None:
     """The WSGI callable a server may call with :data:`NOWAIT` for ``POST /notify``: the
     Flask app's ``wsgi_app`` when everything between it and the :class:`NotifyEndpoint` is
     wsserver's own (nothing, or :class:`~wsserver.proxies.ClientAddress`) and the broker
-    can publish without waiting (memory). None otherwise: a user's middleware could not
-    tell :class:`WouldBlock` from a bug, and would see a request served twice; with Redis
-    every publish waits for a round trip."""
+    can publish without waiting (memory; Redis through its pipeline, see
+    :func:`nowait_pipeline`). None otherwise: a user's middleware could not tell
+    :class:`WouldBlock` or :class:`Deferred` from a bug, and would see a request served
+    twice."""
+    endpoint = _own_endpoint(app)
+    if endpoint is None or not endpoint.publishes_nowait:
+        return None
+    return app.wsgi_app  # type: ignore[no-any-return]
+
+
+def nowait_pipeline(app: Any) -> Any | None:
+    """The broker's :class:`~wsserver.brokers.rediswire.Pipeline` that the server calling
+    :func:`nowait_app` must drive (a :class:`Deferred` publish is sent on it), or None."""
+    endpoint = _own_endpoint(app)
+    if endpoint is None or not endpoint.publishes_nowait:
+        return None
+    return getattr(endpoint.service.broker, "pipeline", None)
+
+
+def _own_endpoint(app: Any) -> NotifyEndpoint | None:
     if not isinstance(app, Flask) or type(app).__call__ is not Flask.__call__:
         return None
     chain = app.wsgi_app
     endpoint = chain._app if isinstance(chain, ClientAddress) else chain
-    if not isinstance(endpoint, NotifyEndpoint) or not endpoint.publishes_nowait:
-        return None
-    return chain  # type: ignore[no-any-return]
+    return endpoint if isinstance(endpoint, NotifyEndpoint) else None
 
 
 def check_origin(policy: AccessPolicy, environ: dict) -> None:

@@ -17,6 +17,8 @@ import os
 import socket
 import threading
 import time
+from functools import partial
+from typing import Any, Callable
 
 from . import audit, metrics
 from .admission import Admission
@@ -26,6 +28,7 @@ from .brokers import (
     Broker,
     BrokerUnavailable,
     Census,
+    Deferred,
     Idempotency,
     Outgoing,
     Repeated,
@@ -248,7 +251,8 @@ class NotificationService:
 
         ``wait`` False: never wait (the worker's main thread publishes this way): raises
         :class:`WouldBlock`, having published nothing, where it would wait for a lock, queue
-        room, the broker's network or the service's start."""
+        room, the broker's network or the service's start; with Redis, :class:`Deferred`
+        (nothing sent yet), whose ``finish(reply)`` answers what this would have."""
         self._can_start(wait)
         key = notification.idempotency_key or idempotency_key
         idempotency = None if key is None else Idempotency(key, notification.fingerprint())
@@ -258,7 +262,17 @@ class NotificationService:
             Outgoing(room, notification.user, notification.envelope_prefix(room, now_ms))
             for room in targets
         )
-        ids = self._broker_publish(messages, idempotency, 1, wait)
+        try:
+            ids = self._broker_publish(messages, idempotency, 1, wait)
+        except Deferred as deferred:  # Redis on the worker's main thread: the rest comes later
+            raise deferred.wrap(
+                lambda finish, reply: self._published(notification, targets, finish(reply))
+            ) from None
+        return self._published(notification, targets, ids)
+
+    def _published(
+        self, notification: Notification, targets: tuple[str | None, ...], ids: list[str]
+    ) -> Published:
         mine = self.hub.audience(notification.rooms, notification.user)
         peers = self.broker.peers()
         clients = mine + (peers.audience(notification.rooms, notification.user) if peers else 0)
@@ -286,7 +300,10 @@ class NotificationService:
                 Outgoing(room, notification.user, notification.envelope_prefix(room, now_ms))
                 for room in rooms
             )
-        ids = self._broker_publish(tuple(messages), None, len(notifications), wait)
+        try:
+            ids = self._broker_publish(tuple(messages), None, len(notifications), wait)
+        except Deferred:  # nothing was sent: a batch is published where it may wait
+            raise WouldBlock("a batch is not published through a pipeline") from None
         peers = self.broker.peers()
         out: list[Published] = []
         audiences: dict[tuple, tuple[int, int]] = {}  # the same audience, counted once
@@ -305,8 +322,9 @@ class NotificationService:
 
     @property
     def publishes_nowait(self) -> bool:
-        """Whether ``publish(..., wait=False)`` can ever publish (the memory broker), rather
-        than always raise :class:`WouldBlock` (Redis)."""
+        """Whether ``publish(..., wait=False)`` can ever publish (the memory broker) or
+        raise :class:`Deferred` (Redis through its pipeline), rather than always raise
+        :class:`WouldBlock`."""
         return self.broker.publishes_nowait
 
     def _can_start(self, wait: bool) -> None:
@@ -326,7 +344,10 @@ class NotificationService:
         notification refused (``count`` of them) in ``wsserver_publish_rejected``; ``wait``
         False: :meth:`Broker.publish_nowait` (:class:`WouldBlock` is not a refusal)."""
         if not wait:
-            return self.broker.publish_nowait(messages, idempotency)
+            try:
+                return self.broker.publish_nowait(messages, idempotency)
+            except Deferred as deferred:
+                raise deferred.wrap(partial(self._finish_publish, count=count)) from None
         try:
             ids = self.broker.publish(messages, self.settings.enqueue_timeout, idempotency)
         except BrokerUnavailable:
@@ -343,6 +364,16 @@ class NotificationService:
                 f"WSSERVER_ENQUEUE_TIMEOUT={settings.enqueue_timeout:g}"
             )
         return ids
+
+    @staticmethod
+    def _finish_publish(finish: Callable[[Any], list[str]], reply: Any, count: int) -> list[str]:
+        """A deferred publish's ids, its broker refusal counted as :meth:`_broker_publish`
+        counts it."""
+        try:
+            return finish(reply)
+        except BrokerUnavailable:
+            metrics.PUBLISH_REJECTED.labels("broker_unavailable").inc(count)
+            raise
 
     def _rejected(self, count: int = 1) -> None:
         metrics.PUBLISH_REJECTED.labels("queue_full").inc(count)

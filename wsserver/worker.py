@@ -40,6 +40,7 @@ from gunicorn.workers.gthread import _DEFER, STOP_KEEPALIVE_LINGER, TConn
 from gunicorn.workers.gthread import ThreadWorker as _GthreadWorker
 
 from . import audit
+from .brokers import Deferred
 from .config import load_settings
 from .errors import encode_document, error_document, http_error_bytes
 from .fastpath import (
@@ -50,7 +51,7 @@ from .fastpath import (
     response_bytes,
 )
 from .intake import LingeringCloses, PendingConnections, request_end
-from .notify import NOWAIT, nowait_app
+from .notify import NOWAIT, nowait_app, nowait_pipeline
 from .service import WouldBlock
 
 __all__ = ["RUN_AFTER_REQUEST", "WEBSOCKET_STARTED", "DaemonThreadPool", "ThreadWorker"]
@@ -282,6 +283,9 @@ class ThreadWorker(_GthreadWorker):
         # the app's WSGI callable for a POST /notify served on the main thread (memory
         # broker, wsserver's own middleware only: notify.nowait_app), set by load_wsgi
         self._inline_app: Callable[..., Any] | None = None
+        # the Redis broker's pipeline (rediswire.Pipeline) when it publishes through this
+        # poller (a Deferred from the inline app), set by load_wsgi
+        self._pipeline: Any = None
         self._keepalive = bool(cfg.keepalive)  # read once: Config.__getattr__ is not free
         # a scheme header gunicorn is configured to read (from trusted peers) is its call
         self._gunicorn_only = GUNICORN_ONLY | {
@@ -307,6 +311,10 @@ class ThreadWorker(_GthreadWorker):
         }
         app = self.wsgi
         self._inline_app = nowait_app(app) if self._fast else None
+        pipeline = nowait_pipeline(app) if self._inline_app is not None else None
+        if pipeline is not None:  # Redis: its publishes go out and come back in this poller
+            pipeline.watch = self._watch_pipeline
+        self._pipeline = pipeline
         local = self._local
 
         def wsgi(environ: dict, start_response: Callable) -> Any:
@@ -633,11 +641,45 @@ class ThreadWorker(_GthreadWorker):
     def _answer_inline(self, conn: _Conn, request: NotifyRequest) -> None:
         app = self._inline_app
         assert app is not None
+        environ, answer, started = self._fast_environ(conn, request, True)
         try:
-            done = self._notify_answer(conn, request, app, True)
+            done = self._notify_done(request, answer, environ, started,
+                                     partial(app, environ, answer.start_response), True)
         except WouldBlock:
             self._submit(conn, self._serve_notify, conn, request)
             return
+        except Deferred as deferred:  # Redis: the answer comes with the script's reply
+            deferred.pipeline.send(deferred.command, partial(
+                self._published, conn, request, deferred,
+                partial(self._notify_done, request, answer, environ, started),
+            ))
+            return
+        self._write_inline(conn, request, done)
+
+    def _published(
+        self,
+        conn: _Conn,
+        request: NotifyRequest,
+        deferred: Deferred,
+        done_with: Callable[[Callable[[], Any], bool], _Done],
+        reply: Any,
+    ) -> None:
+        """Main thread, from the pipeline: the reply to a :class:`Deferred` publish is in;
+        answer it as :meth:`_answer_inline` would have (or serve the request again on the
+        pool when the publish would block after all: ``NOSCRIPT``, nothing published)."""
+        try:
+            done = done_with(partial(deferred.finish, reply), True)
+        except WouldBlock:
+            self._submit(conn, self._serve_notify, conn, request)
+            return
+        except Exception:  # noqa: BLE001 - as _serve_inline: a bug must not stop the loop
+            self.log.exception("Error serving /notify on the main thread")
+            self.nr_conns -= 1
+            conn.close()
+            return
+        self._write_inline(conn, request, done)
+
+    def _write_inline(self, conn: _Conn, request: NotifyRequest, done: _Done) -> None:
         data = done.data
         try:
             sent = conn.sock.send(data)  # non-blocking: a kept-alive socket's buffer has room
@@ -659,6 +701,19 @@ class ThreadWorker(_GthreadWorker):
         else:
             self._keep_alive(conn, defer=True)
 
+    def _watch_pipeline(self, sock: socket.socket, events: int) -> None:
+        """The pipeline's ``watch``: its socket in this poller, for ``events`` (0: out)."""
+        poller = self.poller
+        if not events:
+            poller.unregister(sock)
+        elif sock in poller.get_map():
+            poller.modify(sock, events, self._pipeline_ready)
+        else:
+            poller.register(sock, events, self._pipeline_ready)
+
+    def _pipeline_ready(self, _sock: socket.socket) -> None:
+        self._pipeline.on_ready()
+
     @staticmethod
     def _send_rest(conn: _Conn, rest: memoryview, close: bool) -> bool:
         """Runs on a pool thread: the part of an answer the socket did not take at once."""
@@ -671,25 +726,44 @@ class ThreadWorker(_GthreadWorker):
     ) -> _Done:
         """The answer to a fast-path ``POST /notify``: ``app`` called with gunicorn's
         environ (and :data:`~wsserver.notify.NOWAIT` when ``nowait``; then
-        :class:`WouldBlock` escapes, and nothing of the request was counted), and what
-        gunicorn's ``handle_request`` decides around it: the request count
-        (``max_requests``), keep-alive or close."""
+        :class:`WouldBlock` or :class:`Deferred` escapes, and nothing of the request was
+        counted), and what gunicorn's ``handle_request`` decides around it."""
+        environ, answer, started = self._fast_environ(conn, request, nowait)
+        return self._notify_done(request, answer, environ, started,
+                                 partial(app, environ, answer.start_response), nowait)
+
+    def _fast_environ(
+        self, conn: _Conn, request: NotifyRequest, nowait: bool
+    ) -> tuple[dict, _Answer, datetime | None]:
         timed = getattr(self.log, "access_log_enabled", True)
         started = datetime.now() if timed else None
         environ = environ_for(request, conn.client, conn.server, self._fast_base)
         environ["gunicorn.socket"] = conn.sock
         if nowait:
             environ[NOWAIT] = True
-        answer = _Answer()
+        return environ, _Answer(), started
+
+    def _notify_done(
+        self,
+        request: NotifyRequest,
+        answer: _Answer,
+        environ: dict,
+        started: datetime | None,
+        call: Callable[[], Any],
+        nowait: bool,
+    ) -> _Done:
+        """``call()`` (the app, or a :class:`Deferred`'s ``finish``) answered into
+        ``answer``, and what gunicorn's ``handle_request`` decides around it: the request
+        count (``max_requests``), keep-alive or close."""
         close = request.close
         try:
-            chunks = app(environ, answer.start_response)
+            chunks = call()
             try:
                 body = b"".join(chunks)
             finally:
                 if hasattr(chunks, "close"):
                     chunks.close()
-        except WouldBlock:
+        except (WouldBlock, Deferred):
             if nowait:
                 raise
             close = self._internal_error(answer)  # a NOWAIT signal without NOWAIT: a bug
@@ -830,6 +904,8 @@ class ThreadWorker(_GthreadWorker):
                 horizon = float("inf")
         self._expire_pending(horizon)
         self._cut_overdue(now)
+        if self._pipeline is not None:
+            self._pipeline.expire(now)
         if self._lingering is not None:
             self._lingering.reap(now)
 

@@ -32,7 +32,7 @@ published, history cannot be read: answer 503); it is defined with every other r
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
 from ..exceptions import BadRequest, BrokerUnavailable
 from ..frames import OP_TEXT, encode_frame
@@ -49,6 +49,7 @@ __all__ = [
     "Broker",
     "BrokerUnavailable",
     "Census",
+    "Deferred",
     "Idempotency",
     "Outgoing",
     "Recovery",
@@ -90,6 +91,31 @@ class WouldBlock(Exception):
     was published: the caller may do the whole request again where waiting is allowed.
     Not a refusal (nobody is answered with it); see :mod:`wsserver.worker`, which serves a
     ``POST /notify`` on its main thread only when publishing cannot block there."""
+
+
+class Deferred(Exception):
+    """:meth:`Broker.publish_nowait` can publish without waiting, but its answer comes later:
+    the caller (a thread that drives ``pipeline``, :class:`~wsserver.brokers.rediswire.Pipeline`:
+    the worker's main thread) writes ``command`` with ``pipeline.send(command, on_reply)``
+    and, on that thread, once the reply is in, calls ``finish(reply)`` for what
+    ``publish_nowait`` would have returned or raised (:class:`WouldBlock` included: nothing
+    was published, serve the request again where waiting is allowed).
+
+    Each layer between the broker and the caller that has work left after the publish adds
+    it with :meth:`wrap` and lets the exception go on, so ``finish`` answers the whole
+    request. Not a refusal and not an error: nothing has been sent when it is raised."""
+
+    def __init__(self, pipeline: Any, command: bytes, finish: Callable[[Any], Any]) -> None:
+        super().__init__("publish deferred to a pipeline")
+        self.pipeline = pipeline
+        self.command = command
+        self.finish = finish
+
+    def wrap(self, outer: Callable[[Callable[[Any], Any], Any], Any]) -> Deferred:
+        """``finish`` becomes ``outer(previous finish, reply)``; returns self (re-raise it)."""
+        inner = self.finish
+        self.finish = lambda reply: outer(inner, reply)
+        return self
 
 
 class Repeated(list):

@@ -72,11 +72,13 @@ from . import (
     Broker,
     BrokerUnavailable,
     Census,
+    Deferred,
     Idempotency,
     Outgoing,
     Recovery,
     Repeated,
     RoomHistory,
+    WouldBlock,
     audience_key,
     envelope_frame,
     key_reused,
@@ -131,6 +133,8 @@ _REPLAY_BUDGET = 2.0
 # is drawn from [half, all] of it so that workers cut off together do not come back together
 _BACKOFF_MIN = 0.1
 _BACKOFF_MAX = 2.0
+# every Redis command's bound (connect, reply): a publish past it is answered 503
+_SOCKET_TIMEOUT = 2.0
 # -- idempotency (h-idem): a second script, composed of a head, _PUBLISH untouched (run as a
 # closure) and a tail; _PUBLISH itself does not change. The caller appends the idempotency
 # record's key to KEYS and the fingerprint and TTL (ms) to ARGV; the head removes them before
@@ -360,6 +364,12 @@ class RedisBroker(Broker):
                                           encoder.encoding, encoder.encoding_errors)
 
         self._script = packed(_PUBLISH % _BUS_LENGTH)
+        pool = client.connection_pool
+        self._pipeline = (
+            rediswire.Pipeline(self._connections, _SOCKET_TIMEOUT)
+            if rediswire.Pipeline.supported(pool)
+            else None
+        )
         self._idempotent = packed(_PUBLISH_IDEMPOTENT)
         self._announce = client.register_script(_ANNOUNCE)
         self._reap = client.register_script(_REAP)
@@ -373,7 +383,8 @@ class RedisBroker(Broker):
         from ..config import redis_client
 
         return redis_client(self._url, self._sentinels, self._master,
-                            socket_timeout=2.0, socket_connect_timeout=2.0, **options)
+                            socket_timeout=_SOCKET_TIMEOUT,
+                            socket_connect_timeout=_SOCKET_TIMEOUT, **options)
 
     def describe(self) -> str:
         """``redis 127.0.0.1:6379/0 prefix wsserver``, or ``redis sentinel master mymaster/0
@@ -469,6 +480,53 @@ class RedisBroker(Broker):
         if not self._connected.is_set():
             # this worker's listener is not subscribed: it would miss its own message
             raise BrokerUnavailable("redis: not subscribed yet")
+        script, keys, args = self._script_call(messages, idempotency)
+        try:
+            reply = script(keys=keys, args=args)
+        except (redis.RedisError, OSError) as exc:
+            reply = exc
+        return self._published(reply)
+
+    @property
+    def publishes_nowait(self) -> bool:  # type: ignore[override]
+        """True where the publish scripts can go through a :class:`rediswire.Pipeline`
+        (``hiredis``, no TLS): :meth:`publish_nowait` then raises :class:`Deferred`."""
+        return self._pipeline is not None
+
+    @property
+    def pipeline(self) -> rediswire.Pipeline | None:
+        """The pipeline :meth:`publish_nowait` publishes through; its owner's thread drives
+        it (sets ``watch``, calls ``on_ready``/``expire``): the worker's main thread."""
+        return self._pipeline
+
+    def publish_nowait(
+        self, messages: tuple[Outgoing, ...], idempotency: Idempotency | None = None
+    ) -> list[str]:
+        """Raises :class:`Deferred` with the script call packed for the pipeline, whose
+        ``finish(reply)`` answers as :meth:`publish` would (:class:`WouldBlock` on
+        ``NOSCRIPT``: the script did not run; the caller publishes where it may wait, and
+        redis-py's ``Script`` loads it). :class:`WouldBlock` when the pipeline cannot take a
+        command now (no connected connection idle yet, too many in flight, the listener not
+        subscribed, stopping): the caller publishes where it may wait, as before."""
+        pipeline = self._pipeline
+        if (
+            pipeline is None
+            or not self._connected.is_set()
+            or self._stop.is_set()
+            or not pipeline.can_send()
+        ):
+            raise WouldBlock("redis: the pipeline cannot take a publish now")
+        script, keys, args = self._script_call(messages, idempotency)
+        raise Deferred(pipeline, script.pack(keys, args), self._pipelined)
+
+    def _pipelined(self, reply: Any) -> list[str]:
+        if isinstance(reply, redis.ResponseError) and str(reply).startswith("NOSCRIPT"):
+            raise WouldBlock("redis: NOSCRIPT (the script is loaded where waiting is allowed)")
+        return self._published(reply)
+
+    def _script_call(
+        self, messages: tuple[Outgoing, ...], idempotency: Idempotency | None
+    ) -> tuple[rediswire.PackedScript, list[str], list[Any]]:
         keys = [self._stream(audience_key(m.room, m.user)) for m in messages]
         keys.append(self._bus)
         metas = [_encode_meta([m.room, m.user, m.prefix]) for m in messages]
@@ -478,14 +536,17 @@ class RedisBroker(Broker):
             script = self._idempotent
             keys.append(f"{self._prefix}:idem:{idempotency.key}")
             args += [idempotency.fingerprint, self._ttl_ms]
-        try:
-            ids = [_text(i) for i in script(keys=keys, args=args)]
-        except (redis.TimeoutError, TimeoutError) as exc:
+        return script, keys, args
+
+    def _published(self, reply: Any) -> list[str]:
+        """The ids of a publish script's ``reply`` (or the error it got), or its refusal."""
+        if isinstance(reply, (redis.TimeoutError, TimeoutError)):
             metrics.BROKER_ERRORS.inc()
-            raise BrokerTimedOut(f"redis: {exc.__class__.__name__}") from None
-        except (redis.RedisError, OSError) as exc:
+            raise BrokerTimedOut(f"redis: {reply.__class__.__name__}") from None
+        if isinstance(reply, (redis.RedisError, OSError)):
             self._failed()
-            raise BrokerUnavailable(f"redis: {exc.__class__.__name__}") from None
+            raise BrokerUnavailable(f"redis: {reply.__class__.__name__}") from None
+        ids = [_text(i) for i in reply]
         if ids and ids[0] == "=":
             return Repeated(ids[1:])
         if ids == ["!"]:

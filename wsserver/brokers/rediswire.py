@@ -17,6 +17,9 @@ classes — and drops the rest:
   redis-py's ``Script``, which loads the script and runs it; later calls are lean again.
 - :func:`drain`: every pub/sub message already received, read without a readiness poll
   between them and without building redis-py's message dicts.
+- :class:`Pipeline`: the same packed calls written on one non-blocking connection and their
+  replies read in order as they come, for a thread that must never wait (the worker's main
+  thread, whose poller drives it): many calls in flight, none waited for.
 
 Errors are redis-py's own (``redis.TimeoutError``, ``redis.ConnectionError``,
 ``redis.ResponseError``): the broker maps them exactly as it did through the client API.
@@ -24,13 +27,24 @@ Errors are redis-py's own (``redis.TimeoutError``, ``redis.ConnectionError``,
 
 from __future__ import annotations
 
+import logging
+import selectors
+import socket
 import threading
 import time
+from collections import deque
 from typing import Any, Callable, Iterator, Sequence, Union
 
 import redis
 
-__all__ = ["Connections", "PackedScript", "drain"]
+try:  # redis-py's C parser; the Pipeline parses with it, and is not offered without it
+    import hiredis
+except ImportError:  # pragma: no cover - an install_requires dependency
+    hiredis = None  # type: ignore[assignment]
+
+__all__ = ["Connections", "PackedScript", "Pipeline", "drain"]
+
+log = logging.getLogger(__name__)
 
 # a connection idle in the stack this long is checked (a non-blocking read) before it is
 # used: the server may have closed it meanwhile (its `timeout` setting is whole seconds, at
@@ -93,6 +107,44 @@ class Connections:
 
     def give(self, conn: Any) -> None:
         self._idle.append((conn, time.monotonic(), self._generation))
+
+    def take_connected(self) -> Any | None:
+        """A connection already connected to the current server, without waiting: None when
+        none is idle (the next :meth:`take` on a thread that may wait makes one), or the one
+        on top was made before a reconnect or went stale (it is disconnected and given
+        back). Its idle check is a readiness poll with no timeout. Held for long by one
+        thread's poller (:class:`Pipeline`), it is left out of :meth:`close`, which runs on
+        another thread, until :meth:`give_taken`."""
+        try:
+            conn, since, generation = self._idle.pop()
+        except IndexError:
+            return None
+        if generation != self._generation or getattr(conn, "_sock", None) is None:
+            self._idle.append((conn, since, generation))
+            return None
+        if time.monotonic() - since > _CHECK_IDLE_AFTER:
+            try:
+                stale = conn.can_read(timeout=0)
+            except (redis.ConnectionError, redis.TimeoutError, OSError):
+                stale = True
+            if stale:
+                conn.disconnect()
+                self.give(conn)
+                return None
+        with self._lock:  # the taker's now: close() from another thread leaves it alone
+            self._made.remove(conn)
+        return conn
+
+    def give_taken(self, conn: Any) -> None:
+        """Give back a connection :meth:`take_connected` handed out."""
+        with self._lock:
+            self._made.append(conn)
+        self.give(conn)
+
+    @property
+    def generation(self) -> int:
+        """Bumped by :meth:`reset`: a connection taken before it may talk to an old server."""
+        return self._generation
 
     def reset(self) -> None:
         """The server may have changed (the listener reconnected): every connection idle now
@@ -195,3 +247,188 @@ def drain(pubsub: Any, on_data: Callable[[bytes], None],
         else:
             on_other(pubsub.handle_message(reply))
     return read
+
+
+Watch = Callable[[socket.socket, int], None]
+OnReply = Callable[[Any], None]
+
+
+class Pipeline:
+    """Packed commands written on one non-blocking connection and their replies handed
+    back in order, by a thread that never waits for Redis: the worker's main thread, whose
+    poller tells :meth:`on_ready` when the socket is readable (or writable, while a write is
+    unfinished). Each :meth:`send` is answered exactly once, on that thread, through its
+    ``on_reply``: with the reply (an error reply as a ``redis.ResponseError`` instance), or
+    with a ``redis.TimeoutError``/``redis.ConnectionError`` instance when the reply did not
+    come within ``timeout`` (:meth:`expire`), the connection failed, or :meth:`close`.
+
+    Why: a publish through :class:`PackedScript` needs a pool thread that waits for the
+    round trip, and the hand-off to that thread and back was most of what a Redis publish
+    cost more than a memory one (docs/performance.md, "Publish path"). Here nothing waits,
+    and replies that arrive together are read in one system call.
+
+    The connection is one of :class:`Connections`' already connected (never made here:
+    connecting waits), plain TCP or Unix socket only (TLS reads cannot be driven this way);
+    it goes back to the stack, disconnected (``take`` reconnects it), when it fails, on
+    :meth:`close` and, once nothing is in flight, after :meth:`Connections.reset`. After a
+    timeout or a failure it is dropped with everything in flight: a late reply can never be
+    matched to a later command. ``watch(sock, events)`` (the owner's poller: ``selectors``
+    event bits, 0 to unregister) is called whenever what the socket should be watched for
+    changes; until the owner sets it, :meth:`can_send` answers False.
+
+    Thread-safety: none; every method on the owner's thread."""
+
+    def __init__(self, connections: Connections, timeout: float, limit: int = 1000) -> None:
+        self._connections = connections
+        self._timeout = timeout
+        self._limit = limit
+        self.watch: Watch | None = None
+        self._conn: Any = None
+        self._sock: socket.socket | None = None
+        self._generation = -1
+        self._reader: Any = None
+        self._out = bytearray()
+        self._waiting: deque[tuple[float, OnReply]] = deque()
+        self._events = 0  # what the watcher watches for now
+
+    @staticmethod
+    def supported(pool: Any) -> bool:
+        """Whether connections of ``pool`` can be driven this way: ``hiredis`` importable,
+        no TLS, RESP2 (the replies :meth:`on_ready` expects)."""
+        kwargs = pool.connection_kwargs
+        return (
+            hiredis is not None
+            and not issubclass(pool.connection_class, redis.SSLConnection)
+            and kwargs.get("protocol") in (None, 2, "2")
+        )
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._waiting)
+
+    def can_send(self) -> bool:
+        """Whether :meth:`send` may be called now: a connection is held (or one connected is
+        idle in the stack) and fewer than ``limit`` commands are in flight. No I/O but the
+        stack's idle check."""
+        if self._conn is not None and self._generation != self._connections.generation:
+            if self._waiting:
+                return False  # the old server's replies first
+            self._release()
+        if self.watch is None:
+            return False  # nobody would tell on_ready
+        if self._conn is None:
+            conn = self._connections.take_connected()
+            if conn is None:
+                return False
+            sock = conn._sock
+            if type(sock) is not socket.socket:  # TLS (or a wrapper): not driven here
+                self._connections.give_taken(conn)
+                return False
+            sock.setblocking(False)
+            self._conn, self._sock = conn, sock
+            self._generation = self._connections.generation
+            self._reader = hiredis.Reader(replyError=redis.ResponseError)
+            self._set_events(selectors.EVENT_READ)
+        return len(self._waiting) < self._limit
+
+    def send(self, command: bytes, on_reply: OnReply) -> None:
+        """Write ``command`` (as much as the socket takes now) and call ``on_reply`` with its
+        reply later. Only after :meth:`can_send` answered True on this turn."""
+        assert self._sock is not None, "send() without can_send()"
+        self._waiting.append((time.monotonic() + self._timeout, on_reply))
+        self._out += command
+        if len(self._out) == len(command):  # nothing was waiting to be written
+            self._write()
+
+    def on_ready(self) -> None:
+        """The poller's callback: write what is left, read what came, answer in order."""
+        if self._sock is None:
+            return
+        if self._out:
+            self._write()
+        self._read()
+
+    def expire(self, now: float) -> None:
+        """The oldest command waited past ``timeout``: every one in flight is answered with
+        ``redis.TimeoutError`` and the connection dropped (a reply may still come, to
+        nobody). Called by the owner now and then (the worker: after every poll)."""
+        if self._waiting and self._waiting[0][0] <= now:
+            self._fail(redis.TimeoutError("Timeout reading from socket"))
+
+    def close(self) -> None:
+        """Answer everything in flight with ``redis.ConnectionError`` and give the connection
+        back."""
+        self._fail(redis.ConnectionError("the pipeline closed"))
+
+    def _write(self) -> None:
+        sock = self._sock
+        assert sock is not None
+        try:
+            sent = sock.send(self._out)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError as exc:
+            self._fail(redis.ConnectionError(f"Error writing to socket: {exc}"))
+            return
+        del self._out[:sent]
+        self._set_events(selectors.EVENT_READ | (selectors.EVENT_WRITE if self._out else 0))
+
+    def _read(self) -> None:
+        sock, reader = self._sock, self._reader
+        assert sock is not None
+        while sock is self._sock:
+            try:
+                data = sock.recv(65536)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                self._fail(redis.ConnectionError(f"Error reading from socket: {exc}"))
+                return
+            if not data:
+                self._fail(redis.ConnectionError("Connection closed by server."))
+                return
+            reader.feed(data)
+            try:
+                self._answer(reader)
+            except hiredis.ProtocolError as exc:
+                self._fail(redis.ConnectionError(f"Protocol error: {exc}"))
+                return
+
+    def _answer(self, reader: Any) -> None:
+        while True:
+            reply = reader.gets()
+            if reply is False:
+                return
+            if not self._waiting:
+                raise hiredis.ProtocolError("a reply nobody asked for")
+            _call(self._waiting.popleft()[1], reply)
+
+    def _fail(self, error: Exception) -> None:
+        waiting, self._waiting = self._waiting, deque()
+        self._release()
+        for _deadline, on_reply in waiting:
+            _call(on_reply, error)
+
+    def _release(self) -> None:
+        """Give the connection back, disconnected: a reply may still be on its way to it
+        (``take`` connects it again, on a thread that may wait)."""
+        conn = self._conn
+        if conn is None:
+            return
+        self._set_events(0)
+        self._conn = self._sock = self._reader = None
+        self._out.clear()
+        conn.disconnect()
+        self._connections.give_taken(conn)
+
+    def _set_events(self, events: int) -> None:
+        if events != self._events and self._sock is not None and self.watch is not None:
+            self.watch(self._sock, events)
+        self._events = events if self._sock is not None else 0
+
+
+def _call(on_reply: OnReply, reply: Any) -> None:
+    try:
+        on_reply(reply)
+    except Exception:  # noqa: BLE001 - one caller's bug must not take the others' replies
+        log.exception("error handling a Redis reply")
