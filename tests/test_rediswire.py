@@ -348,7 +348,8 @@ def test_replies_come_back_in_order_each_to_its_own_caller(redis_prefix, opened)
     replies: dict[int, object] = {}
     for i in range(300):  # all written before any is read
         assert driven.pipeline.can_send()
-        driven.pipeline.send(lean.pack([f"k{i}"], [f"v{i}"]), lambda r, i=i: replies.__setitem__(i, r))
+        driven.pipeline.send(lean.pack([f"k{i}"], [f"v{i}"]),
+                             lambda r, i=i: replies.__setitem__(i, r))
     assert driven.pipeline.in_flight == 300
     driven.until(lambda: len(replies) == 300)
     for i in range(300):
