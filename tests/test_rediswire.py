@@ -303,6 +303,7 @@ class Driven:
             self.poller.register(sock, events)
 
     def turn(self, timeout: float = 0.05) -> None:
+        self.pipeline.flush()
         if self.poller.get_map():
             for _key, _events in self.poller.select(timeout):
                 self.pipeline.on_ready()

@@ -549,8 +549,7 @@ def _turn(w: Any, until: Any, timeout: float = WAIT) -> float:
     started = time.monotonic()
     while not until():
         assert time.monotonic() - started < timeout, "answered in time"
-        for key, _events in w.poller.select(0.05):
-            key.data(key.fileobj)
+        w.wait_for_and_dispatch_events(0.05)
         w.murder_pending()
     return time.monotonic() - started
 

@@ -337,8 +337,11 @@ class ThreadWorker(_GthreadWorker):
 
     def wait_for_and_dispatch_events(self, timeout: float) -> None:
         """gthread's poll, at most ``_POLL_CAP`` (0.25 s) instead of 1 s: the parent check
-        (:meth:`is_parent_alive`) and the deadlines of ``murder_pending`` run after each."""
+        (:meth:`is_parent_alive`) and the deadlines of ``murder_pending`` run after each.
+        Then the Redis publishes its callbacks queued go out together (``Pipeline.flush``)."""
         super().wait_for_and_dispatch_events(min(timeout, _POLL_CAP))
+        if self._pipeline is not None:
+            self._pipeline.flush()  # this turn's Redis publishes, in one write
 
     def is_parent_alive(self) -> bool:
         """gthread asks after every poll (at most 0.25 s apart here). When the master is gone

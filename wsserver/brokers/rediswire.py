@@ -332,12 +332,18 @@ class Pipeline:
         return len(self._waiting) < self._limit
 
     def send(self, command: bytes, on_reply: OnReply) -> None:
-        """Write ``command`` (as much as the socket takes now) and call ``on_reply`` with its
-        reply later. Only after :meth:`can_send` answered True on this turn."""
+        """Queue ``command`` for the next :meth:`flush` and call ``on_reply`` with its reply
+        later. Only after :meth:`can_send` answered True on this turn."""
         assert self._sock is not None, "send() without can_send()"
         self._waiting.append((time.monotonic() + self._timeout, on_reply))
         self._out += command
-        if len(self._out) == len(command):  # nothing was waiting to be written
+
+    def flush(self) -> None:
+        """Write what :meth:`send` queued, as much as the socket takes now (the rest when the
+        poller says writable). The owner calls it once per turn of its loop, after the
+        turn's callbacks: the publishes of one turn go out in one system call, and their
+        replies tend to come back in one."""
+        if self._out and not self._events & selectors.EVENT_WRITE:
             self._write()
 
     def on_ready(self) -> None:
