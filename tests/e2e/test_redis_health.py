@@ -114,3 +114,62 @@ def test_resumes_during_a_hang_wait_on_their_own_threads_not_on_delivery(hung):
                                       "missed": 0}
     for ws in [bystander, *resumers]:
         ws.close()
+
+
+@pytest.mark.serial
+def test_publishes_in_flight_to_a_hung_redis_hold_no_thread_and_each_gets_its_503(hung):
+    """Single POSTs are published from the worker's main thread through a non-blocking
+    pipeline (wsserver.brokers.rediswire.Pipeline): with Redis hung, several in flight at
+    once must neither hold up ``GET /`` nor go unanswered: each gets a 503 within the Redis
+    timeout (2 s) and a second, and once Redis answers again publishing works and delivers."""
+    private, server = hung
+    sessions = [requests.Session() for _ in range(8)]
+    try:
+        for session in sessions:  # keep-alive connections; the pipeline has its connection
+            assert session.post(server.url + "/notify", json={"event": "warm"},
+                                timeout=5).status_code == 200
+        private.hang()
+        answers: list[tuple[float, int, str]] = []
+
+        def post(session: requests.Session) -> None:
+            started = time.monotonic()
+            answer = session.post(server.url + "/notify", json={"event": "hung"}, timeout=10)
+            answers.append((time.monotonic() - started, answer.status_code,
+                            answer.json().get("code", "")))
+
+        posters = [threading.Thread(target=post, args=(s,), name="test-post") for s in sessions]
+        for thread in posters:
+            thread.start()
+        slowest = 0.0
+        while any(t.is_alive() for t in posters):
+            took, root = _timed_get(server.url + "/")
+            slowest = max(slowest, took)
+            time.sleep(0.05)
+        for thread in posters:
+            thread.join(10)
+        assert slowest < 0.5, f"GET / waited {slowest:.2f}s while publishes waited on Redis"
+        assert len(answers) == len(sessions)
+        assert all(status == 503 and code == "broker_unavailable" for _, status, code in answers)
+        assert max(took for took, _, _ in answers) < 3.0, answers
+        private.resume()
+        wait_for(lambda: requests.get(server.url + "/readyz", timeout=2).status_code == 200,
+                 timeout=10, message="ready again once Redis answers")
+        ws = connect(server)
+        try:
+            for i, session in enumerate(sessions):
+                answer = session.post(server.url + "/notify",
+                                      json={"event": "after", "data": i}, timeout=5)
+                assert answer.status_code == 200
+            # a 503 for a timeout says "may have been published": the hung ones ran when
+            # Redis resumed and may still arrive here; every accepted one must
+            delivered = []
+            while len(delivered) < len(sessions):
+                message = recv_json(ws)
+                if message["event"] == "after":
+                    delivered.append(message["data"])
+            assert delivered == list(range(len(sessions)))
+        finally:
+            ws.close()
+    finally:
+        for session in sessions:
+            session.close()
