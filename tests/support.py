@@ -19,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -113,7 +114,7 @@ class GunicornServer:
         self.env.update(env or {})
         self.args = args or []
         self.proc: subprocess.Popen | None = None
-        self.log_path = Path(f"/tmp/wsserver-test-{self.port}.log")
+        self.log_path = _server_log(self.port)
 
     @property
     def url(self) -> str:
@@ -136,7 +137,7 @@ class GunicornServer:
                     raise
                 self.port = free_port()
                 self.env["WSSERVER_PORT"] = str(self.port)
-                self.log_path = Path(f"/tmp/wsserver-test-{self.port}.log")
+                self.log_path = _server_log(self.port)
         raise AssertionError("server did not start: its port was taken three times")
 
     def _start(self, timeout: float) -> GunicornServer:
@@ -238,6 +239,12 @@ def recv_json(ws: websocket.WebSocket) -> dict:
 
 def thread_count(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/task"))
+
+
+def _server_log(port: int) -> Path:
+    """A server's log file, named by its port and a token of its own: a later server on the
+    same port (another test's) must not overwrite the log of one that failed."""
+    return Path(f"/tmp/wsserver-test-{port}-{uuid.uuid4().hex[:8]}.log")
 
 
 class RedisProcess:

@@ -65,8 +65,10 @@ TOGETHER_MAX_BYTES = 256 * 1024
 #: environ key: True when the server calls the endpoint on a thread that must never wait (the
 #: worker's main thread, :mod:`wsserver.worker`). The publish is then tried without waiting
 #: and :class:`~wsserver.brokers.WouldBlock` escapes the endpoint, nothing published, where it
-#: would wait (a busy lock, a full queue, Redis, a batch that goes item by item); the server
-#: then serves the request again where waiting is allowed.
+#: would wait (a busy lock, a full queue, Redis without its pipeline, a batch that goes item by
+#: item); the server then serves the request again where waiting is allowed. With Redis,
+#: :class:`~wsserver.brokers.Deferred` escapes instead: the server sends its command and
+#: calls its ``finish`` with the reply for the answer.
 NOWAIT = "wsserver.nowait"
 
 WSGIApp = Callable[[dict, Callable], Iterable[bytes]]

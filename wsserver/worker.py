@@ -630,10 +630,13 @@ class ThreadWorker(_GthreadWorker):
         wait. The app is called with :data:`~wsserver.notify.NOWAIT`: the memory broker's
         lock and the broadcast queue are tried without waiting, and where either is busy (or
         the request needs more than one publish) :class:`WouldBlock` comes back with nothing
-        published and the request goes to the pool as before, where it may wait. The answer
-        is written without blocking; what the socket does not take at once is written by a
-        pool thread (under the request deadline). A pipelined next request is read on a
-        later turn of the loop, so no client keeps the main thread to itself."""
+        published and the request goes to the pool as before, where it may wait. With
+        Redis, :class:`Deferred` comes back: its command goes out on the broker's pipeline,
+        which this poller drives, and the answer is written when the reply is in
+        (:meth:`_published`). The answer is written without blocking; what the socket does
+        not take at once is written by a pool thread (under the request deadline). A
+        pipelined next request is read on a later turn of the loop, so no client keeps the
+        main thread to itself."""
         try:
             self._answer_inline(conn, request)
         except Exception:  # noqa: BLE001 - as finish_request: a bug must not stop the loop
