@@ -655,6 +655,7 @@ class ThreadWorker(_GthreadWorker):
             self._submit(conn, self._serve_notify, conn, request)
             return
         except Deferred as deferred:  # Redis: the answer comes with the script's reply
+            deferred.__traceback__ = None  # its frames are done with; let them go now
             deferred.pipeline.send(deferred.command, partial(
                 self._published, conn, request, deferred,
                 partial(self._notify_done, request, answer, environ, started),
