@@ -471,3 +471,23 @@ def test_closing_the_stack_from_another_thread_leaves_the_pipelines_connection_a
     assert got[0][1] == b"after"
     driven.pipeline.close()
     assert sock.fileno() == -1 and driven.watched[-1] == 0
+
+
+def test_an_idle_pipeline_connection_the_server_kills_leaves_the_poller_quietly(
+    private_redis, opened
+):
+    client = opened(redis.Redis.from_url(private_redis.url, socket_timeout=2.0))
+    lean, driven = connected(opened, client, ECHO % "killed")
+    admin = redis.Redis.from_url(private_redis.url)
+    try:
+        assert admin.client_kill_filter(_type="normal", skipme=True) >= 1
+    finally:
+        admin.close()
+    driven.until(lambda: driven.watched[-1] == 0)  # EOF read, nothing in flight: let go
+    assert driven.pipeline._conn is None and not driven.pipeline.can_send()
+    lean(["k"], ["v"])  # a blocking call connects it again; then the pipeline takes it
+    got: list = []
+    assert driven.pipeline.can_send()
+    driven.pipeline.send(lean.pack(["back"], ["v"]), got.append)
+    driven.until(lambda: got)
+    assert got[0][1] == b"back"
