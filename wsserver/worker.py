@@ -637,52 +637,58 @@ class ThreadWorker(_GthreadWorker):
         not take at once is written by a pool thread (under the request deadline). A
         pipelined next request is read on a later turn of the loop, so no client keeps the
         main thread to itself."""
+        self._guarded(conn, self._start_inline, conn, request)
+
+    def _start_inline(self, conn: _Conn, request: NotifyRequest) -> None:
+        app = self._inline_app
+        assert app is not None
+        environ, answer, started = self._fast_environ(conn, request, True)
+        done_with = partial(self._notify_done, request, answer, environ, started)
+        self._answer_inline(conn, request, done_with,
+                            partial(app, environ, answer.start_response))
+
+    def _published(
+        self,
+        conn: _Conn,
+        request: NotifyRequest,
+        done_with: Callable[[Callable[[], Any], bool], _Done],
+        finish: Callable[[Any], Any],
+        reply: Any,
+    ) -> None:
+        """Main thread, from the pipeline: the reply to a :class:`Deferred` publish is in;
+        answer it as :meth:`_serve_inline` would have (or serve the request again on the
+        pool when the publish would block after all: ``NOSCRIPT``, nothing published)."""
+        self._guarded(conn, self._answer_inline, conn, request, done_with, partial(finish, reply))
+
+    def _guarded(self, conn: _Conn, serve: Callable[..., None], *args: Any) -> None:
+        """``serve(*args)`` on the main thread: whatever fails in it (a bug) closes ``conn``,
+        as a failed pool request's is, and never escapes into the loop."""
         try:
-            self._answer_inline(conn, request)
+            serve(*args)
         except Exception:  # noqa: BLE001 - as finish_request: a bug must not stop the loop
             self.log.exception("Error serving /notify on the main thread")
             self.nr_conns -= 1
             conn.close()
 
-    def _answer_inline(self, conn: _Conn, request: NotifyRequest) -> None:
-        app = self._inline_app
-        assert app is not None
-        environ, answer, started = self._fast_environ(conn, request, True)
+    def _answer_inline(
+        self,
+        conn: _Conn,
+        request: NotifyRequest,
+        done_with: Callable[[Callable[[], Any], bool], _Done],
+        call: Callable[[], Any],
+    ) -> None:
+        """Main thread: answer ``conn`` with what ``call`` (the app, or a deferred publish's
+        ``finish``) gives; to the pool on :class:`WouldBlock`; a :class:`Deferred` is sent
+        and comes back through :meth:`_published`."""
         try:
-            done = self._notify_done(request, answer, environ, started,
-                                     partial(app, environ, answer.start_response), True)
+            done = done_with(call, True)
         except WouldBlock:
             self._submit(conn, self._serve_notify, conn, request)
             return
         except Deferred as deferred:  # Redis: the answer comes with the script's reply
             deferred.__traceback__ = None  # its frames are done with; let them go now
             deferred.pipeline.send(deferred.command, partial(
-                self._published, conn, request, deferred,
-                partial(self._notify_done, request, answer, environ, started),
-            ))
-            return
-        self._write_inline(conn, request, done)
-
-    def _published(
-        self,
-        conn: _Conn,
-        request: NotifyRequest,
-        deferred: Deferred,
-        done_with: Callable[[Callable[[], Any], bool], _Done],
-        reply: Any,
-    ) -> None:
-        """Main thread, from the pipeline: the reply to a :class:`Deferred` publish is in;
-        answer it as :meth:`_answer_inline` would have (or serve the request again on the
-        pool when the publish would block after all: ``NOSCRIPT``, nothing published)."""
-        try:
-            done = done_with(partial(deferred.finish, reply), True)
-        except WouldBlock:
-            self._submit(conn, self._serve_notify, conn, request)
-            return
-        except Exception:  # noqa: BLE001 - as _serve_inline: a bug must not stop the loop
-            self.log.exception("Error serving /notify on the main thread")
-            self.nr_conns -= 1
-            conn.close()
+                self._published, conn, request, done_with, deferred.finish))
             return
         self._write_inline(conn, request, done)
 
